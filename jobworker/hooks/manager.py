@@ -1,0 +1,231 @@
+"""Loading plugins by name, and the typed facade core code calls hooks through.
+
+Core code never touches ``pm.hook``: it calls :class:`Plugins` methods, so mypy checks every
+call site and the gate/observer error rules live in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import structlog
+
+from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
+from jobworker.hooks import PROJECT_NAME, spec
+
+if TYPE_CHECKING:
+    from jobworker.containment import Containment
+    from jobworker.identity import Identity
+    from jobworker.model import Action, JobSpec, JobStatus
+
+log = structlog.get_logger("jobworker.plugins")
+
+#: Built-in plugins, by the name ``--plugin`` takes, and the module that implements them.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "authz": "jobworker.backends.authz",
+    "audit-log": "jobworker.backends.auditlog",
+    "cgroupv2": "jobworker.backends.cgroupv2",
+}
+
+
+def available_plugins() -> list[str]:
+    """Every name ``--plugin`` accepts: built-ins, then installed entry points."""
+    names = list(BUILTIN_PLUGINS)
+    for ep in importlib.metadata.entry_points(group=PROJECT_NAME):
+        if ep.name not in names:
+            names.append(ep.name)
+    return names
+
+
+def _load_object(name: str) -> tuple[object, str | None]:
+    """Import plugin ``name``; return the object to register and its distribution version."""
+    if name in BUILTIN_PLUGINS:
+        return importlib.import_module(BUILTIN_PLUGINS[name]), None
+    matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
+    if not matches:
+        raise ConfigError(
+            f"unknown plugin {name!r}; available: {', '.join(available_plugins())}"
+        )
+    ep = next(iter(matches))
+    obj = ep.load()
+    if isinstance(obj, type):  # a plugin class: one instance per server
+        obj = obj()
+    version = ep.dist.version if ep.dist is not None else None
+    return obj, version
+
+
+class Plugins:
+    """The plugin manager and the typed facade over its hooks."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(spec)
+        self._versions: dict[str, str | None] = {}
+
+    # -- loading -------------------------------------------------------------------------
+
+    def register(self, plugin: object, name: str, version: str | None = None) -> None:
+        """Register an already imported plugin (used by tests and embedders)."""
+        if self.pm.has_plugin(name):
+            return
+        self.pm.register(plugin, name=name)
+        self._versions[name] = version
+
+    def load(self, names: Iterable[str]) -> None:
+        """Load plugins by name, in order, then reject hook implementations with no spec."""
+        for name in names:
+            if self.pm.has_plugin(name):
+                continue
+            try:
+                obj, version = _load_object(name)
+            except JobworkerError:
+                raise
+            except Exception as exc:  # an import error names the plugin, not a traceback
+                raise ConfigError(
+                    f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}"
+                ) from exc
+            self.register(obj, name, version)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from exc
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Name, version and implemented hooks of every loaded plugin (``jobworker plugins``)."""
+        rows = []
+        for name, plugin in self.pm.list_name_plugin():
+            hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+            version = self._versions.get(name)
+            if version is None:
+                from jobworker import __version__
+
+                version = __version__
+            rows.append({"name": name, "version": version, "hooks": hooks})
+        return rows
+
+    def has_impl(self, hook_name: str) -> bool:
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
+    # -- calling helpers -----------------------------------------------------------------
+
+    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
+        # pluggy calls the last registered first; keep that order for gates and observers.
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    def _observe(self, hook_name: str, **kwargs: Any) -> None:
+        """Call each implementation alone so one failing plugin cannot silence the others."""
+        for impl in self._impls(hook_name):
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception:
+                log.exception("plugin_hook_failed", plugin=impl.plugin_name, hook=hook_name)
+
+    def _gate(self, impl: pluggy.HookImpl, hook_name: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except JobworkerError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "plugin_gate_denied", plugin=impl.plugin_name, hook=hook_name, error=str(exc)
+            )
+            raise PermissionDenied(f"denied by plugin {impl.plugin_name!r}: {exc}") from exc
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        self.pm.hook.jobworker_add_options(parser=parser)
+
+    def configure(self, options: argparse.Namespace) -> None:
+        try:
+            self.pm.hook.jobworker_configure(options=options)
+        except JobworkerError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"plugin configuration failed: {exc}") from exc
+
+    def shutdown(self) -> None:
+        self._observe("jobworker_shutdown")
+
+    # -- gates ---------------------------------------------------------------------------
+
+    def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> None:
+        """Raise unless at least one plugin allows and none denies (fail closed)."""
+        allowed = False
+        for impl in self._impls("jobworker_authorize"):
+            kwargs = {"identity": identity, "action": action, "job": job}
+            answer = self._gate(
+                impl,
+                "jobworker_authorize",
+                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
+            )
+            allowed = allowed or answer is True
+        if not allowed:
+            raise PermissionDenied(
+                f"{identity.name!r} is not authorized to {action.value}"
+                " (no authorization plugin allowed it)"
+            )
+
+    def pre_spawn(self, job_id: str, spec: JobSpec, owner: str) -> JobSpec:
+        for impl in self._impls("jobworker_pre_spawn"):
+            kwargs = {"job_id": job_id, "spec": spec, "owner": owner}
+            result = self._gate(
+                impl,
+                "jobworker_pre_spawn",
+                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
+            )
+            if result is not None:
+                spec = result
+        return spec
+
+    def limits_apply(self, job_id: str, spec: JobSpec) -> Containment | None:
+        for impl in self._impls("jobworker_limits_apply"):
+            kwargs = {"job_id": job_id, "spec": spec}
+            result = self._gate(
+                impl,
+                "jobworker_limits_apply",
+                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
+            )
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    # -- observers -----------------------------------------------------------------------
+
+    def decision(
+        self,
+        identity: Identity,
+        action: Action,
+        job_id: str | None,
+        allowed: bool,
+        reason: str,
+    ) -> None:
+        self._observe(
+            "jobworker_decision",
+            identity=identity,
+            action=action,
+            job_id=job_id,
+            allowed=allowed,
+            reason=reason,
+        )
+
+    def job_started(self, status: JobStatus) -> None:
+        self._observe("jobworker_job_started", status=status)
+
+    def output_chunk(self, job_id: str, stream: str, data: bytes) -> None:
+        self._observe("jobworker_output_chunk", job_id=job_id, stream=stream, data=data)
+
+    def on_exit(self, status: JobStatus) -> None:
+        self._observe("jobworker_on_exit", status=status)
+
+
+def load_plugins(names: Sequence[str]) -> Plugins:
+    """A :class:`Plugins` with ``names`` loaded (see :meth:`Plugins.load`)."""
+    plugins = Plugins()
+    plugins.load(names)
+    return plugins

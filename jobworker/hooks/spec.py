@@ -1,0 +1,121 @@
+"""Hook specifications: the life of a job as plugins see it.
+
+Call order:
+
+1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
+2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
+3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
+   ``jobworker_decision(...)`` (observer) with the outcome.
+4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
+   (first result wins) -> the process starts -> ``jobworker_job_started`` ->
+   ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``.
+5. ``jobworker_shutdown()`` -- once, after every job was stopped.
+
+Gate hooks veto by raising: a :class:`jobworker.errors.JobworkerError` keeps its status
+code, any other exception denies with PERMISSION_DENIED and the plugin's message. Observer
+hooks must not block; an exception there is logged with the plugin's name and ignored, so
+it never breaks a job, its output or another plugin.
+
+Hooks are called with keyword arguments. An implementation may take fewer arguments than
+its spec; arguments are only ever added, never removed or renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from jobworker.hooks import hookspec
+
+if TYPE_CHECKING:
+    from jobworker.containment import Containment
+    from jobworker.identity import Identity
+    from jobworker.model import Action, JobSpec, JobStatus
+
+
+# -- set-up -------------------------------------------------------------------------------
+
+
+@hookspec
+def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
+    """Add the plugin's own command-line options to ``jobworker serve``.
+
+    Called once, before arguments are parsed. Use an argument group named after the plugin
+    and ``--plugin-name-*`` style option names to avoid clashes.
+    """
+
+
+@hookspec
+def jobworker_configure(options: argparse.Namespace) -> None:
+    """Read the parsed options and prepare; called once before the server starts.
+
+    May raise :class:`jobworker.errors.ConfigError` to refuse start-up with a message.
+    """
+
+
+@hookspec
+def jobworker_shutdown() -> None:
+    """Release what the plugin holds; called once after every job has been stopped."""
+
+
+# -- authorization ------------------------------------------------------------------------
+
+
+@hookspec
+def jobworker_authorize(identity: Identity, action: Action, job: JobStatus | None) -> bool | None:
+    """Allow or deny ``action`` by ``identity`` on ``job`` (None for start, list, unknown ids).
+
+    Gate. Return True to allow, None to abstain; raise to deny (raise
+    :class:`jobworker.errors.NotFound` to hide that the job exists). The request is allowed
+    only if at least one plugin returned True and none raised: with no opinion, it fails
+    closed.
+    """
+
+
+@hookspec
+def jobworker_decision(
+    identity: Identity, action: Action, job_id: str | None, allowed: bool, reason: str
+) -> None:
+    """Observe an authorization outcome (for audit). Observer."""
+
+
+# -- job life cycle -----------------------------------------------------------------------
+
+
+@hookspec
+def jobworker_pre_spawn(job_id: str, spec: JobSpec, owner: str) -> JobSpec | None:
+    """Inspect a job before anything is created for it; veto by raising.
+
+    Gate. Return a new :class:`JobSpec` to adjust the job (for example to cap its limits);
+    the next plugin sees the adjusted spec. Return None to leave it as it is.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
+    """Create the job's containment and apply its limits, before its process exists.
+
+    First result wins. Return a :class:`jobworker.containment.Containment`; the launcher
+    joins it (``join_path``) before the user's command runs. Raise
+    :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
+    cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
+    answers, to the core's process-group containment.
+    """
+
+
+@hookspec
+def jobworker_job_started(status: JobStatus) -> None:
+    """The job's command is running. Observer."""
+
+
+@hookspec
+def jobworker_output_chunk(job_id: str, stream: str, data: bytes) -> None:
+    """A chunk of output (``stream`` is "stdout" or "stderr") was spooled. Observer.
+
+    Called on the event loop for every chunk: it must return quickly and never block.
+    """
+
+
+@hookspec
+def jobworker_on_exit(status: JobStatus) -> None:
+    """The job is over and every process is gone; ``status.exit`` says how. Observer."""
