@@ -57,3 +57,8 @@ class ResourceExhausted(JobworkerError):
     """A server-side bound was reached (too many jobs, for instance)."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+def job_not_found(job_id: str) -> NotFound:
+    """The one NOT_FOUND message, so a hidden job is indistinguishable from a missing one."""
+    return NotFound(f"job {job_id!r} not found")

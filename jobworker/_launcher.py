@@ -1,0 +1,76 @@
+"""The job launcher: the first program of every job, run as ``python -I -S _launcher.py``.
+
+The server never forks itself (grpcio's threads make fork unsafe); it ``posix_spawn``s this
+script, which runs alone in a fresh session and, in this order:
+
+1. reads its instructions (JSON) from fd 0, then points fd 0 at /dev/null;
+2. joins the job's containment (writes ``0`` to the cgroup's ``cgroup.procs``), so the
+   user's command is contained from its first instruction;
+3. changes directory, closes every descriptor but 0, 1, 2 and the status pipe, and gives
+   signals their default disposition and an empty mask (Python ignores SIGPIPE, and ignored
+   signals survive ``execve``);
+4. ``execve``s the command. The status pipe (fd 3) is close-on-exec: the server reads EOF
+   when the exec succeeded, or one JSON error report when a step failed.
+
+Standard library only, and no ``site``: it must start in milliseconds.
+"""
+
+import json
+import os
+import signal
+
+STATUS_FD = 3
+
+
+def _fail(step: str, err: OSError, what: str) -> None:
+    report = {"step": step, "errno": err.errno, "error": err.strerror or str(err), "what": what}
+    os.write(STATUS_FD, json.dumps(report).encode())
+    os._exit(127)
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while True:
+        part = os.read(fd, 1 << 20)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
+def main() -> None:
+    spec = json.loads(_read_all(0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    join_path = spec.get("join")
+    if join_path:
+        try:
+            with open(join_path, "w") as f:
+                f.write("0")
+        except OSError as err:
+            _fail("join", err, join_path)
+    cwd = spec.get("cwd")
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as err:
+            _fail("cwd", err, cwd)
+    os.set_inheritable(STATUS_FD, False)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > STATUS_FD:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the descriptor listdir itself used
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        os.execvpe(spec["command"], [spec["command"], *spec["args"]], spec["env"])
+    except OSError as err:
+        _fail("exec", err, spec["command"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The job manager: starts, tracks, streams and stops jobs, all on one asyncio loop.
+
+Jobs live in memory by id. A finished job is retained (with its spooled output) until the
+retention bound evicts it, so a long-running server does not grow without limit.
+
+A job is over when its main process has exited, every other process of its containment
+has been killed and is gone, and both output pipes are drained: only then do followers see
+end-of-stream and plugins see ``on_exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import structlog
+
+from jobworker.containment import Containment, ContainmentReport, ProcessGroup
+from jobworker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    job_not_found,
+)
+from jobworker.hooks.manager import Plugins
+from jobworker.model import (
+    ExitInfo,
+    JobSpec,
+    JobState,
+    JobStatus,
+    ResourceUsage,
+    Stream,
+    TerminationReason,
+    new_job_id,
+)
+from jobworker.outputlog import CHUNK_MAX, OutputChunk, OutputLog
+from jobworker.spawn import spawn
+
+log = structlog.get_logger("jobworker.manager")
+
+#: After the processes are gone, how long pipes may stay open (held by a process that left
+#: a process group, which only a cgroup can track) before the server closes them.
+PIPE_DRAIN_TIMEOUT = 2.0
+
+MAX_COMMAND_BYTES = 4096
+MAX_ARGS = 1024
+MAX_ENV = 1024
+MAX_SPEC_BYTES = 256 * 1024
+
+
+def validate_spec(spec: JobSpec) -> None:
+    """Reject a spec the launcher could not run, with a message saying what to change."""
+    if not spec.command:
+        raise InvalidArgument("command is empty: give the program to run")
+    if len(spec.command.encode()) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"command is longer than {MAX_COMMAND_BYTES} bytes")
+    if len(spec.args) > MAX_ARGS:
+        raise InvalidArgument(f"{len(spec.args)} arguments: at most {MAX_ARGS} are accepted")
+    if len(spec.env) > MAX_ENV:
+        raise InvalidArgument(f"{len(spec.env)} environment variables: at most {MAX_ENV}")
+    total = sum(len(a.encode()) for a in spec.args) + sum(
+        len(k.encode()) + len(v.encode()) for k, v in spec.env.items()
+    )
+    if total > MAX_SPEC_BYTES:
+        raise InvalidArgument(
+            f"arguments and environment take {total} bytes: at most {MAX_SPEC_BYTES}"
+        )
+    strings = [("command", spec.command), *(("argument", a) for a in spec.args)]
+    strings += [("environment", f"{k}={v}") for k, v in spec.env.items()]
+    if spec.cwd is not None:
+        strings.append(("cwd", spec.cwd))
+    for what, value in strings:
+        if "\0" in value:
+            raise InvalidArgument(f"{what} contains a NUL byte, which no process can receive")
+    for key in spec.env:
+        if not key or "=" in key:
+            raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
+    if spec.cwd is not None and not spec.cwd.startswith("/"):
+        raise InvalidArgument(f"cwd {spec.cwd!r} must be an absolute path")
+
+
+@attrs.frozen
+class StopResult:
+    status: JobStatus
+    already_finished: bool
+    escalated: bool
+    message: str
+
+
+def describe_end(status: JobStatus) -> str:
+    """A short human phrase for how a finished job ended."""
+    ex = status.exit
+    if ex is None:
+        return "running"
+    how = f"exit code {ex.exit_code}" if ex.signal is None else f"signal {ex.signal}"
+    if ex.reason is TerminationReason.STOPPED:
+        kill = ", SIGKILL after the grace period" if ex.escalated else ""
+        return f"stopped by {ex.stopped_by} ({how}{kill})"
+    if ex.reason is TerminationReason.OOM_KILLED:
+        return f"killed by the OOM killer ({how})"
+    if ex.reason is TerminationReason.SIGNALED:
+        return f"killed by {how}"
+    return f"exited with {how}"
+
+
+@attrs.define(eq=False)
+class _Job:
+    job_id: str
+    spec: JobSpec
+    owner: str
+    containment: Containment
+    pid: int
+    pidfd: int
+    log: OutputLog
+    started_at: float
+    done: asyncio.Event = attrs.Factory(asyncio.Event)
+    ended_at: float | None = None
+    exit: ExitInfo | None = None
+    usage: ResourceUsage | None = None
+    stopped_by: str | None = None
+    escalated: bool = False
+    stop_task: asyncio.Task[None] | None = None
+    pipes: set[int] = attrs.Factory(set)
+    pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
+    output_lost: bool = False
+
+    def snapshot(self) -> JobStatus:
+        return JobStatus(
+            job_id=self.job_id,
+            spec=self.spec,
+            owner=self.owner,
+            state=JobState.EXITED if self.done.is_set() else JobState.RUNNING,
+            pid=self.pid,
+            started_at=self.started_at,
+            containment=self.containment.name,
+            applied_limits=self.containment.applied,
+            ended_at=self.ended_at,
+            exit=self.exit,
+            usage=self.usage,
+            output_bytes=self.log.size,
+        )
+
+
+def _exit_info(job: _Job, code: int, status: int, report: ContainmentReport) -> ExitInfo:
+    killed = code in (os.CLD_KILLED, os.CLD_DUMPED)
+    exit_code = None if killed else status
+    sig = status if killed else None
+    if report.oom_killed:
+        reason = TerminationReason.OOM_KILLED
+    elif job.stopped_by is not None:
+        reason = TerminationReason.STOPPED
+    elif killed:
+        reason = TerminationReason.SIGNALED
+    else:
+        reason = TerminationReason.EXITED
+    return ExitInfo(
+        reason=reason,
+        exit_code=exit_code,
+        signal=sig,
+        stopped_by=job.stopped_by,
+        escalated=job.escalated,
+    )
+
+
+class JobManager:
+    """Owns every job of one server. All methods run on the event loop's thread."""
+
+    def __init__(
+        self,
+        plugins: Plugins,
+        spool_dir: Path,
+        *,
+        default_grace: float = 10.0,
+        max_running: int = 1000,
+        retain_finished: int = 1000,
+        retain_seconds: float = 3600.0,
+    ) -> None:
+        self._plugins = plugins
+        self._spool_dir = spool_dir
+        self.default_grace = default_grace
+        self._max_running = max_running
+        self._retain_finished = retain_finished
+        self._retain_seconds = retain_seconds
+        self._jobs: dict[str, _Job] = {}
+        self._finished: collections.deque[str] = collections.deque()
+        self._supervisors: set[asyncio.Task[None]] = set()
+        self._starting = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._observe_output = plugins.has_impl("jobworker_output_chunk")
+
+    # -- queries -------------------------------------------------------------------------
+
+    def _lookup(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise job_not_found(job_id)
+        return job
+
+    def find(self, job_id: str) -> JobStatus | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else job.snapshot()
+
+    def get(self, job_id: str) -> JobStatus:
+        return self._lookup(job_id).snapshot()
+
+    def list(self) -> list[JobStatus]:
+        self._evict()
+        return [job.snapshot() for job in self._jobs.values()]
+
+    @property
+    def running(self) -> int:
+        return len(self._jobs) - len(self._finished) + self._starting
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def start(self, spec: JobSpec, owner: str) -> JobStatus:
+        """Run ``spec`` for ``owner``; return once the command runs (not a launcher).
+
+        Raises InvalidArgument, SpawnError (with the OS reason), ResourceExhausted, or the
+        error a plugin vetoed with. On any error nothing of the job remains.
+        """
+        if self._closing:
+            raise FailedPrecondition("the server is shutting down; retry on another server")
+        validate_spec(spec)
+        self._evict()
+        if self.running >= self._max_running:
+            raise ResourceExhausted(
+                f"{self.running} jobs are running, the most this server allows"
+                f" ({self._max_running}); stop some or wait for them to finish"
+            )
+        job_id = new_job_id()
+        spec = self._plugins.pre_spawn(job_id, spec, owner)
+        self._starting += 1
+        self._idle.clear()
+        try:
+            containment = self._plugins.limits_apply(job_id, spec)
+            if containment is None:
+                if not spec.limits.is_empty():
+                    raise FailedPrecondition(
+                        "resource limits need a containment plugin, and none is loaded:"
+                        " start the server with --plugin cgroupv2, or drop the limits"
+                    )
+                containment = ProcessGroup()
+            try:
+                output = OutputLog(self._spool_dir / f"{job_id}.out")
+                try:
+                    spawned = await spawn(spec, containment.join_path)
+                except BaseException:
+                    output.remove()
+                    raise
+            except BaseException:
+                containment.kill()
+                containment.release()
+                raise
+        finally:
+            self._starting -= 1
+            if self._starting == 0:
+                self._idle.set()
+        containment.attach(spawned.pid)
+        job = _Job(
+            job_id=job_id,
+            spec=spec,
+            owner=owner,
+            containment=containment,
+            pid=spawned.pid,
+            pidfd=spawned.pidfd,
+            log=output,
+            started_at=time.time(),
+            pipes={spawned.stdout, spawned.stderr},
+        )
+        self._jobs[job_id] = job
+        loop = asyncio.get_running_loop()
+        for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
+            loop.add_reader(fd, self._on_output, job, fd, stream)
+        task = loop.create_task(self._supervise(job), name=f"job-{job_id}")
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+        status = job.snapshot()
+        log.info("job_started", job_id=job_id, owner=owner, command=spec.command, pid=job.pid)
+        self._plugins.job_started(status)
+        return status
+
+    # -- output --------------------------------------------------------------------------
+
+    def _on_output(self, job: _Job, fd: int, stream: Stream) -> None:
+        try:
+            data = os.read(fd, CHUNK_MAX)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_pipe(job, fd)
+            return
+        if not job.output_lost:
+            try:
+                job.log.append(stream, data)
+            except OSError as err:  # spool disk full or gone: keep the job running
+                job.output_lost = True
+                log.error("output_spool_failed", job_id=job.job_id, error=str(err))
+        if self._observe_output:
+            self._plugins.output_chunk(job.job_id, stream.label, data)
+
+    def _close_pipe(self, job: _Job, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        job.pipes.discard(fd)
+        if not job.pipes:
+            job.pipes_closed.set()
+
+    def follow(self, job_id: str, offset: int = 0, follow: bool = True) -> AsyncIterator[OutputChunk]:
+        """Output of ``job_id`` from ``offset``; see :meth:`OutputLog.follow`."""
+        return self._lookup(job_id).log.follow(offset, follow)
+
+    # -- end of a job --------------------------------------------------------------------
+
+    async def _supervise(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(job.pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(job.pidfd)
+        # Look without reaping: while the zombie exists its pid (and process group id)
+        # cannot be reused, so killing the leftovers cannot hit a stranger.
+        info = os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)
+        code, status = (info.si_code, info.si_status) if info else (os.CLD_EXITED, 0)
+        job.containment.kill()
+        os.waitpid(job.pid, 0)
+        os.close(job.pidfd)
+        await job.containment.wait_empty()
+        try:
+            await asyncio.wait_for(job.pipes_closed.wait(), PIPE_DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.warning("job_pipes_held", job_id=job.job_id, reason="a process left the group")
+            for fd in list(job.pipes):
+                self._close_pipe(job, fd)
+        report = job.containment.report()
+        job.containment.release()
+        job.exit = _exit_info(job, code, status, report)
+        job.usage = report.usage
+        job.ended_at = time.time()
+        job.log.close()
+        job.done.set()
+        self._finished.append(job.job_id)
+        final = job.snapshot()
+        log.info(
+            "job_exited",
+            job_id=job.job_id,
+            reason=job.exit.reason.value,
+            exit_code=job.exit.exit_code,
+            signal=job.exit.signal,
+            duration=round(job.ended_at - job.started_at, 3),
+        )
+        self._plugins.on_exit(final)
+        self._evict()
+
+    def _evict(self) -> None:
+        cutoff = time.time() - self._retain_seconds
+        while self._finished:
+            job = self._jobs[self._finished[0]]
+            if len(self._finished) <= self._retain_finished and (job.ended_at or 0) > cutoff:
+                break
+            self._finished.popleft()
+            del self._jobs[job.job_id]
+            job.log.remove()
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def wait(self, job_id: str) -> JobStatus:
+        job = self._lookup(job_id)
+        await job.done.wait()
+        return job.snapshot()
+
+    async def stop(self, job_id: str, by: str, grace: float | None = None) -> StopResult:
+        """SIGTERM every process of the job, then SIGKILL after ``grace`` seconds.
+
+        Concurrent stops share one stop (the first caller's name and grace win); stopping a
+        finished job answers so, without error.
+        """
+        job = self._lookup(job_id)
+        if grace is not None and not 0 <= grace <= 3600:
+            raise InvalidArgument(f"grace {grace} must be between 0 and 3600 seconds")
+        if job.done.is_set():
+            status = job.snapshot()
+            return StopResult(
+                status, True, False, f"job already finished ({describe_end(status)})"
+            )
+        if job.stop_task is None:
+            job.stopped_by = by
+            job.stop_task = asyncio.ensure_future(
+                self._stop(job, self.default_grace if grace is None else grace)
+            )
+            log.info("job_stop_requested", job_id=job_id, by=by, grace=grace)
+        await asyncio.shield(job.stop_task)
+        status = job.snapshot()
+        return StopResult(status, False, job.escalated, describe_end(status))
+
+    async def _stop(self, job: _Job, grace: float) -> None:
+        job.containment.signal(signal.SIGTERM)
+        job.containment.signal(signal.SIGCONT)  # a stopped process must run to see SIGTERM
+        try:
+            await asyncio.wait_for(asyncio.shield(job.done.wait()), grace)
+        except TimeoutError:
+            job.escalated = True
+            job.containment.kill()
+            await job.done.wait()
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop every job (grace, then kill), then remove every spool file."""
+        self._closing = True
+        await self._idle.wait()
+        running = [j for j in self._jobs.values() if not j.done.is_set()]
+        await asyncio.gather(
+            *(self.stop(j.job_id, by="server-shutdown", grace=grace) for j in running)
+        )
+        if self._supervisors:
+            await asyncio.gather(*self._supervisors)
+        for job in self._jobs.values():
+            job.log.remove()
+        self._jobs.clear()
+        self._finished.clear()

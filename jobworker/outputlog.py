@@ -1,0 +1,176 @@
+"""A job's output, spooled to a file and read back by any number of followers.
+
+The file is a sequence of records ``[stream:u8][length:u32 BE][data]`` in arrival order, so
+stdout and stderr keep their relative order and each stays byte-exact. Memory stays bounded
+whatever the job writes: the writer appends to the page cache, and each follower reads with
+``pread`` at its own position, so a slow follower never holds anyone else back.
+
+A position in the file is the follower's resume cursor: every chunk carries the position
+just after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+
+from jobworker.errors import InvalidArgument
+from jobworker.model import Stream
+
+_HEADER = struct.Struct(">BI")
+#: Largest record and largest chunk handed to a follower (one gRPC message).
+CHUNK_MAX = 64 * 1024
+_READ_AHEAD = 4 * CHUNK_MAX
+
+
+@attrs.frozen
+class OutputChunk:
+    stream: Stream
+    data: bytes
+    offset: int  # position just after this chunk: pass it back to resume
+
+
+class OutputLog:
+    """Append-only spool of one job's output with live followers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._size = 0
+        self._closed = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def complete(self) -> bool:
+        return self._closed
+
+    def append(self, stream: Stream, data: bytes) -> None:
+        """Spool ``data``; wakes every waiting follower. Never blocks on followers."""
+        view = memoryview(data)
+        for start in range(0, len(view), CHUNK_MAX):
+            piece = view[start : start + CHUNK_MAX]
+            record = [_HEADER.pack(stream, len(piece)), piece]
+            total = _HEADER.size + len(piece)
+            written = os.pwritev(self._fd, record, self._size)
+            while written < total:  # short writes are rare on regular files, not impossible
+                rest = (_HEADER.pack(stream, len(piece)) + bytes(piece))[written:]
+                written += os.pwrite(self._fd, rest, self._size + written)
+            self._size += total
+        self._wake()
+
+    def close(self) -> None:
+        """No more output: followers finish once they have read everything."""
+        self._closed = True
+        self._wake()
+
+    def remove(self) -> None:
+        """Delete the spool file. Followers still reading keep their own descriptor."""
+        self._closed = True
+        self._wake()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait_beyond(self, position: int) -> None:
+        while self._size <= position and not self._closed:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+
+    def _check_offset(self, fd: int, offset: int) -> None:
+        """An offset must be a record boundary: walk the headers to prove it."""
+        if offset == 0:
+            return
+        if offset > self._size:
+            raise InvalidArgument(
+                f"offset {offset} is beyond the {self._size} bytes of output so far;"
+                " pass the offset of a chunk you received"
+            )
+        position = 0
+        while position < offset:
+            _, length = _HEADER.unpack(os.pread(fd, _HEADER.size, position))
+            position += _HEADER.size + length
+        if position != offset:
+            raise InvalidArgument(
+                f"offset {offset} is not a chunk boundary; pass the offset of a chunk you received"
+            )
+
+    def follow(self, offset: int = 0, follow: bool = True) -> AsyncIterator[OutputChunk]:
+        """Chunks from ``offset``; with ``follow`` until the log is complete, else what exists.
+
+        Validates ``offset`` now (raising InvalidArgument) so a caller learns of a bad cursor
+        before it starts streaming.
+        """
+        if self._fd < 0:
+            raise InvalidArgument("the output of this job was removed")
+        fd = os.dup(self._fd)
+        try:
+            self._check_offset(fd, offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._follow(fd, offset, follow)
+
+    async def _follow(self, fd: int, position: int, follow: bool) -> AsyncIterator[OutputChunk]:
+        end = self._size if not follow else None
+        buf = b""
+        buf_at = position
+        try:
+            while True:
+                limit = self._size if end is None else end
+                if position >= limit:
+                    if end is not None or self._closed:
+                        return
+                    await self._wait_beyond(position)
+                    continue
+                # Refill the read-ahead buffer from the file when it does not hold a record.
+                if position - buf_at + _HEADER.size > len(buf):
+                    buf = os.pread(fd, min(_READ_AHEAD, limit - position), position)
+                    buf_at = position
+                chunk_stream: Stream | None = None
+                parts: list[bytes] = []
+                size = 0
+                while position < limit:
+                    rel = position - buf_at
+                    if rel + _HEADER.size > len(buf):
+                        break
+                    tag, length = _HEADER.unpack_from(buf, rel)
+                    stream = Stream(tag)
+                    if chunk_stream is not None and (
+                        stream is not chunk_stream or size + length > CHUNK_MAX
+                    ):
+                        break
+                    if rel + _HEADER.size + length > len(buf):
+                        if parts:
+                            break
+                        buf = os.pread(fd, _HEADER.size + length, position)
+                        buf_at = position
+                        rel = 0
+                    chunk_stream = stream
+                    parts.append(buf[rel + _HEADER.size : rel + _HEADER.size + length])
+                    size += length
+                    position += _HEADER.size + length
+                if chunk_stream is not None:
+                    yield OutputChunk(chunk_stream, b"".join(parts), position)
+        finally:
+            os.close(fd)
