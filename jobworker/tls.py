@@ -1,0 +1,363 @@
+"""Mutual TLS for jobworker: credentials, TLS 1.3 only, revocation, and the per-RPC check.
+
+grpcio's Python API can neither set a minimum TLS version nor load a CRL
+(grpc/grpc#37305). So:
+
+* TLS 1.2 is refused at the handshake by restricting grpc's TLS 1.2 cipher suites to one
+  that no client can negotiate with this server (see ``TLS12_REFUSING_CIPHER_SUITES``).
+  grpc reads that setting from the environment once, when it is imported, and applies it
+  to every TLS connection of the process. ``server_credentials`` proves it is in force
+  with a real TLS 1.2 handshake and refuses to start otherwise.
+* Revocation is checked per RPC by ``check_peer``, which also re-checks the TLS version.
+
+See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import attrs
+import structlog
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from jobworker.errors import ConfigError, Unauthenticated
+from jobworker.identity import Identity, identity_from_auth_context
+
+TLS12_REFUSING_CIPHER_SUITES = "ECDHE-PSK-CHACHA20-POLY1305"
+"""The only TLS 1.2 suite grpc may use: a PSK suite, and the server has no PSK, so every
+TLS 1.2 handshake fails with NO_SHARED_CIPHER. TLS 1.3 suites are not configurable and
+stay enabled."""
+
+_CIPHER_SUITES_VAR = "GRPC_SSL_CIPHER_SUITES"
+
+# grpc reads GRPC_SSL_CIPHER_SUITES once, when it is first imported, so it must be set
+# before `import grpc`. That works only when this module is the first to import grpc in
+# the process; server_credentials() detects the other case. The previous value is
+# restored straight after, so that the processes we spawn (jobs) do not inherit it.
+_previous_cipher_suites = os.environ.get(_CIPHER_SUITES_VAR)
+os.environ[_CIPHER_SUITES_VAR] = TLS12_REFUSING_CIPHER_SUITES
+
+import grpc  # noqa: E402
+
+if _previous_cipher_suites is None:
+    del os.environ[_CIPHER_SUITES_VAR]
+else:
+    os.environ[_CIPHER_SUITES_VAR] = _previous_cipher_suites
+
+log = structlog.get_logger(__name__)
+
+_TLS13 = b"TLSv1.3"
+_CA_KEY_TYPES = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
+_TLS_HANDSHAKE_RECORD = 0x16
+_PROBE_TIMEOUT_S = 5.0
+
+
+def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@attrs.frozen
+class TlsFiles:
+    """The PEM files of one TLS endpoint: its certificate (chain), its key, the CA
+    bundle that verifies the other side, and optionally a CRL of that CA."""
+
+    cert: Path = attrs.field(converter=Path)
+    key: Path = attrs.field(converter=Path)
+    ca: Path = attrs.field(converter=Path)
+    crl: Path | None = attrs.field(default=None, converter=_optional_path)
+
+
+@attrs.frozen
+class _Material:
+    cert_chain: bytes
+    key: bytes
+    ca: bytes
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path} is not readable by uid {os.getuid()}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    if not data.strip():
+        raise ConfigError(f"{what} {path} is empty")
+    return data
+
+
+def _read_certificates(path: Path, what: str) -> tuple[bytes, list[x509.Certificate]]:
+    data = _read(path, what)
+    try:
+        return data, x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(f"{what} {path} holds no PEM certificate") from None
+
+
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_private_key_matching(path: Path, cert: x509.Certificate, cert_path: Path) -> bytes:
+    """Read a private key, check it is private and matches ``cert``; return its PEM.
+
+    Error messages name the file but never quote its content.
+    """
+    data = _read(path, "private key")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"private key {path} is accessible by other users (mode {stat.filemode(mode)}): "
+            f"run chmod 600 {path}"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"private key {path} is encrypted; grpc needs it unencrypted") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"private key {path} is not a PEM private key") from None
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise ConfigError(f"private key {path} does not belong to certificate {cert_path}")
+    return data
+
+
+def _load_material(files: TlsFiles) -> _Material:
+    cert_chain, chain = _read_certificates(files.cert, "certificate")
+    leaf = chain[0]
+    if leaf.not_valid_after_utc <= datetime.now(UTC):
+        raise ConfigError(
+            f"certificate {files.cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
+        )
+    key = _load_private_key_matching(files.key, leaf, files.cert)
+    ca, _ = _read_certificates(files.ca, "CA bundle")
+    return _Material(cert_chain=cert_chain, key=key, ca=ca)
+
+
+def _tls12_client_hello() -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    # The handshake stops there, waiting for the server; the ClientHello is written.
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _answers_tls12(port: int) -> bool:
+    """Send a TLS 1.2 ClientHello and say whether the server answered with a ServerHello.
+
+    A refusing server sends an alert or just closes the connection.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=_PROBE_TIMEOUT_S) as sock:
+        sock.sendall(_tls12_client_hello())
+        try:
+            first = sock.recv(1)
+        except ConnectionResetError:
+            return False
+    return first == bytes([_TLS_HANDSHAKE_RECORD])
+
+
+def _ensure_tls12_refused(credentials: grpc.ServerCredentials) -> None:
+    """Prove, with a throw-away server and a real handshake, that TLS 1.2 is refused."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        probe = grpc.server(pool)
+        port = probe.add_secure_port("127.0.0.1:0", credentials)
+        if not port:
+            raise ConfigError("cannot listen on 127.0.0.1 to check that TLS 1.2 is refused")
+        probe.start()
+        try:
+            accepted = _answers_tls12(port)
+        except OSError as err:
+            raise ConfigError(f"cannot check that TLS 1.2 is refused: {err}") from None
+        finally:
+            probe.stop(None).wait()
+    if accepted:
+        raise ConfigError(
+            "grpc accepts TLS 1.2 in this process because it was imported before "
+            f"jobworker.tls could set {_CIPHER_SUITES_VAR}: import jobworker.tls before grpc, "
+            f"or start the process with {_CIPHER_SUITES_VAR}={TLS12_REFUSING_CIPHER_SUITES}"
+        )
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Credentials for a TLS 1.3-only server that requires a client certificate from ``ca``.
+
+    Raises ``ConfigError`` naming the file when a file is missing, unreadable, malformed,
+    a key is readable by others or does not match its certificate, the certificate has
+    expired, or TLS 1.2 could not be disabled in this process.
+    """
+    material = _load_material(files)
+    credentials = grpc.ssl_server_credentials(
+        [(material.key, material.cert_chain)],
+        root_certificates=material.ca,
+        require_client_auth=True,
+    )
+    _ensure_tls12_refused(credentials)
+    return credentials
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Client credentials: present ``cert``, verify the server's certificate against ``ca``.
+
+    grpc checks the server's name against the target host name (or the
+    ``grpc.ssl_target_name_override`` channel option).
+    """
+    material = _load_material(files)
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.ca,
+        private_key=material.key,
+        certificate_chain=material.cert_chain,
+    )
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    key = ca.public_key()
+    if ca.subject != crl.issuer or not isinstance(key, _CA_KEY_TYPES):
+        return False
+    return crl.is_signature_valid(key)
+
+
+@attrs.frozen
+class _LoadedCrl:
+    crl: x509.CertificateRevocationList
+    next_update: datetime
+
+
+@attrs.define
+class RevocationList:
+    """A CRL, verified against the CA bundle, checked for each RPC by ``check_peer``.
+
+    Loading (at construction and by ``reload``) raises ``ConfigError`` when the file is
+    unreadable, not a CRL, not signed by a CA of the bundle, or has no next update time;
+    on a failed ``reload`` the previous list stays in force. Once past its next update
+    time the list is stale and every certificate counts as revoked (fail closed) until a
+    fresh CRL is loaded.
+    """
+
+    path: Path = attrs.field(converter=Path)
+    ca: Path = attrs.field(converter=Path)
+    _loaded: _LoadedCrl = attrs.field(init=False)
+    _stale_logged: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        """Read and verify the CRL file again (after the CA published a new one)."""
+        data = _read(self.path, "CRL")
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                crl = x509.load_pem_x509_crl(data)
+            else:
+                crl = x509.load_der_x509_crl(data)
+        except ValueError:
+            raise ConfigError(f"CRL {self.path} is neither a PEM nor a DER CRL") from None
+        _, cas = _read_certificates(self.ca, "CA bundle")
+        if not any(_signed_by(crl, ca) for ca in cas):
+            raise ConfigError(
+                f"CRL {self.path} (issuer {crl.issuer.rfc4514_string()}) is not signed by "
+                f"a CA in {self.ca}"
+            )
+        next_update = crl.next_update_utc
+        if next_update is None:
+            raise ConfigError(f"CRL {self.path} has no next update time")
+        self._loaded = _LoadedCrl(crl=crl, next_update=next_update)
+        self._stale_logged = False
+        log.info(
+            "crl_loaded",
+            path=str(self.path),
+            revoked=len(crl),
+            next_update=next_update.isoformat(),
+        )
+        self._log_if_stale()
+
+    @property
+    def next_update(self) -> datetime:
+        """When the CA promised a fresh CRL; after it, everyone counts as revoked."""
+        return self._loaded.next_update
+
+    def _log_if_stale(self) -> bool:
+        stale = datetime.now(UTC) >= self._loaded.next_update
+        if stale and not self._stale_logged:
+            self._stale_logged = True
+            log.error(
+                "crl_expired",
+                path=str(self.path),
+                next_update=self._loaded.next_update.isoformat(),
+                consequence="every client is refused until a fresh CRL is loaded",
+            )
+        return stale
+
+    def revocation_reason(self, leaf_pem: bytes) -> str | None:
+        """Why the certificate must be refused, or None if the CRL lets it through."""
+        if self._log_if_stale():
+            return (
+                f"the server's CRL expired on {self._loaded.next_update:%Y-%m-%d %H:%M}Z "
+                "and everyone is refused until it is renewed: ask the server operator"
+            )
+        try:
+            cert = x509.load_pem_x509_certificate(leaf_pem)
+        except ValueError:
+            return "the client certificate could not be parsed"
+        crl = self._loaded.crl
+        if cert.issuer != crl.issuer:
+            return (
+                f"no CRL covers the certificate's issuer {cert.issuer.rfc4514_string()}: "
+                "ask the server operator"
+            )
+        revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if revoked is not None:
+            return (
+                f"the client certificate (serial {cert.serial_number:#x}) was revoked on "
+                f"{revoked.revocation_date_utc:%Y-%m-%d %H:%M}Z: ask for a new certificate"
+            )
+        return None
+
+    def is_revoked(self, leaf_pem: bytes) -> bool:
+        """Whether the PEM leaf certificate is revoked (or cannot be cleared: see class)."""
+        return self.revocation_reason(leaf_pem) is not None
+
+
+def check_peer(auth_context: Mapping[str, Sequence[bytes]], crl: RevocationList | None) -> Identity:
+    """Authenticate one RPC from ``context.auth_context()``: TLS 1.3, not revoked.
+
+    Call it before every handler runs. Raises ``Unauthenticated`` saying what to fix.
+    """
+    identity = identity_from_auth_context(auth_context)
+    versions = tuple(auth_context.get("ssl_tls_version", ()))
+    if versions != (_TLS13,):
+        shown = b",".join(versions).decode("ascii", "replace") or "unknown"
+        raise Unauthenticated(
+            f"TLS version {shown} refused: jobworker requires TLS 1.3, upgrade the client"
+        )
+    if crl is not None:
+        reason = crl.revocation_reason(auth_context["x509_pem_cert"][0])
+        if reason is not None:
+            raise Unauthenticated(f"{identity.name}: {reason}")
+    return identity
