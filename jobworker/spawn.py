@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -89,15 +88,9 @@ async def spawn(spec: JobSpec, join_path: str | None) -> Spawned:
     Raises SpawnError with the OS reason when the command cannot be executed; nothing is
     left behind then (the launcher is reaped, every descriptor closed).
     """
-    instructions = json.dumps(
-        {
-            "command": spec.command,
-            "args": list(spec.args),
-            "env": spec.job_env(),
-            "cwd": spec.cwd,
-            "join": join_path,
-        }
-    ).encode()
+    fields = [spec.command, spec.cwd or "", join_path or "", str(len(spec.args)), *spec.args]
+    fields += [f"{k}={v}" for k, v in spec.job_env().items()]
+    instructions = "\0".join(fields).encode("utf-8", "surrogateescape")
     memfd = _above_stdio(os.memfd_create("jobworker-launch", os.MFD_CLOEXEC))
     out_r = out_w = err_r = err_w = st_r = st_w = -1
     pid = pidfd = -1
@@ -137,11 +130,9 @@ async def spawn(spec: JobSpec, join_path: str | None) -> Spawned:
         if report:
             _kill_and_reap(pid, pidfd)
             pid = -1
-            try:
-                info = json.loads(report)
-                message = _STEP_MESSAGES[info["step"]].format(**info)
-            except (ValueError, KeyError):
-                message = f"job launcher failed: {report[:200]!r}"
+            step, _errno, error, what = (report.decode(errors="replace").split("\0") + [""] * 4)[:4]
+            template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
+            message = template.format(error=error, what=what)
             raise SpawnError(message)
         os.set_blocking(out_r, False)
         os.set_blocking(err_r, False)

@@ -1,0 +1,336 @@
+"""The job engine with real processes: start, output, followers, stop, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from jobworker import hookimpl
+from jobworker.errors import InvalidArgument, NotFound, PermissionDenied, SpawnError
+from jobworker.hooks.manager import Plugins
+from jobworker.manager import JobManager
+from jobworker.model import JobSpec, JobState, Stream, TerminationReason
+
+T = TypeVar("T")
+
+
+def run_with_manager(
+    tmp_path: Path, body: Callable[[JobManager], Awaitable[T]], plugins: Plugins | None = None, **kw: Any
+) -> T:
+    """Run ``body`` against a fresh manager and always shut it down."""
+
+    async def main() -> T:
+        manager = JobManager(plugins or Plugins(), tmp_path, **kw)
+        try:
+            return await body(manager)
+        finally:
+            await manager.shutdown()
+            assert list(tmp_path.iterdir()) == [], "shutdown left spool files behind"
+
+    return asyncio.run(asyncio.wait_for(main(), 240))
+
+
+async def collect(manager: JobManager, job_id: str, offset: int = 0) -> list[tuple[Stream, bytes]]:
+    return [(c.stream, c.data) async for c in manager.follow(job_id, offset)]
+
+
+def sh(script: str, **kw: Any) -> JobSpec:
+    return JobSpec("sh", ("-c", script), **kw)
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` is dead: absent, or a zombie its new parent has yet to reap."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_exit_code_and_tagged_output_in_order(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("printf a; printf b >&2; sleep 0.05; printf c; exit 3"), "alice")
+        assert job.state is JobState.RUNNING and job.owner == "alice"
+        chunks = await collect(m, job.job_id)
+        status = m.get(job.job_id)
+        assert chunks == [(Stream.STDOUT, b"a"), (Stream.STDERR, b"b"), (Stream.STDOUT, b"c")]
+        assert status.state is JobState.EXITED
+        assert status.exit is not None and status.exit.reason is TerminationReason.EXITED
+        assert status.exit.exit_code == 3 and status.exit.signal is None
+        assert status.ended_at is not None and status.ended_at >= status.started_at
+
+    run_with_manager(tmp_path, body)
+
+
+def test_environment_is_exactly_what_was_asked(tmp_path: Path) -> None:
+    os.environ["JOBWORKER_TEST_LEAK"] = "server-secret"
+
+    async def body(m: JobManager) -> bytes:
+        job = await m.start(JobSpec("env", env={"ONLY": "this"}, cwd="/"), "a")
+        return b"".join(d for _, d in await collect(m, job.job_id))
+
+    out = run_with_manager(tmp_path, body).decode().splitlines()
+    assert sorted(out) == sorted(["ONLY=this", f"PATH={JobSpec('x').job_env()['PATH']}"])
+
+
+def test_job_gets_its_own_session_devnull_stdin_and_no_inherited_fds(tmp_path: Path) -> None:
+    leaked = os.open("/dev/null", os.O_RDONLY)  # an inheritable descriptor in the server
+    os.set_inheritable(leaked, True)
+    script = "ps -o sid= -p $$; ps -o pgid= -p $$; echo $$; ls /proc/self/fd; readlink /proc/self/fd/0"
+
+    async def body(m: JobManager) -> list[str]:
+        job = await m.start(sh(script), "a")
+        return b"".join(d for _, d in await collect(m, job.job_id)).decode().split()
+
+    try:
+        sid, pgid, pid, *fds, stdin = run_with_manager(tmp_path, body)
+    finally:
+        os.close(leaked)
+    assert sid == pgid == pid
+    assert stdin == "/dev/null"
+    assert sorted(fds) == ["0", "1", "2", "3"]  # 3 is the directory ls reads
+
+
+def test_missing_command_bad_cwd_not_executable_leave_nothing(tmp_path: Path) -> None:
+    script = tmp_path.parent / "not-executable.sh"
+    script.write_text("echo hi\n")
+
+    async def body(m: JobManager) -> None:
+        with pytest.raises(SpawnError, match="No such file or directory"):
+            await m.start(JobSpec("/no/such/program"), "a")
+        with pytest.raises(SpawnError, match="working directory '/no/such/dir'"):
+            await m.start(JobSpec("true", cwd="/no/such/dir"), "a")
+        with pytest.raises(SpawnError, match="Permission denied"):
+            await m.start(JobSpec(str(script)), "a")
+        assert m.list() == []
+        assert list(tmp_path.iterdir()) == []
+
+    run_with_manager(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (JobSpec(""), "command is empty"),
+        (JobSpec("echo", ("a\0b",)), "NUL"),
+        (JobSpec("echo", env={"A=B": "c"}), "contains '='"),
+        (JobSpec("echo", cwd="relative"), "absolute"),
+        (JobSpec("echo", tuple("x" * 1025)), "at most 1024"),
+    ],
+)
+def test_bad_specs_are_rejected(tmp_path: Path, spec: JobSpec, message: str) -> None:
+    async def body(m: JobManager) -> None:
+        with pytest.raises(InvalidArgument, match=message):
+            await m.start(spec, "a")
+        assert m.list() == []
+
+    run_with_manager(tmp_path, body)
+
+
+def test_hundred_concurrent_jobs(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        jobs = await asyncio.gather(
+            *(m.start(sh(f"echo job-{i}; exit {i % 7}"), "a") for i in range(100))
+        )
+        assert len({j.job_id for j in jobs}) == 100
+        outputs = await asyncio.gather(*(collect(m, j.job_id) for j in jobs))
+        for i, (job, out) in enumerate(zip(jobs, outputs, strict=True)):
+            assert out == [(Stream.STDOUT, f"job-{i}\n".encode())]
+            final = await m.wait(job.job_id)
+            assert final.exit is not None and final.exit.exit_code == i % 7
+
+    run_with_manager(tmp_path, body)
+
+
+def test_gigabyte_to_ten_followers_and_a_late_one(tmp_path: Path) -> None:
+    """Every follower gets the job's exact bytes, including one that joins after the end."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = tmp_path / "written.bin"
+    size = 1 << 30
+
+    async def follower(m: JobManager, job_id: str) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        n = 0
+        async for chunk in m.follow(job_id):
+            assert chunk.stream is Stream.STDOUT
+            digest.update(chunk.data)
+            n += len(chunk.data)
+        return n, digest.hexdigest()
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh(f"openssl rand {size} | tee {copy}"), "a")
+        live = await asyncio.gather(*(follower(m, job.job_id) for _ in range(10)))
+        late = await follower(m, job.job_id)
+        expected = hashlib.sha256(copy.read_bytes()).hexdigest()
+        assert set(live) | {late} == {(size, expected)}
+
+    run_with_manager(spool, body)
+
+
+def test_stuck_follower_does_not_stall_the_job(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("head -c 200000000 /dev/zero"), "a")
+        stuck = m.follow(job.job_id)
+        first = await anext(stuck)  # reads one chunk, then never again
+        assert first.data
+        final = await asyncio.wait_for(m.wait(job.job_id), 60)
+        assert final.exit is not None and final.exit.exit_code == 0
+        assert final.output_bytes > 200_000_000
+        await stuck.aclose()
+
+    run_with_manager(tmp_path, body)
+
+
+def test_resume_from_offset_and_no_follow(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("echo one; sleep 0.1; echo two >&2; sleep 30"), "a")
+        first = await anext(m.follow(job.job_id))
+        assert first.data == b"one\n"
+        await asyncio.sleep(0.5)
+        now = [c async for c in m.follow(job.job_id, offset=first.offset, follow=False)]
+        assert [(c.stream, c.data) for c in now] == [(Stream.STDERR, b"two\n")]
+        with pytest.raises(InvalidArgument, match="not a chunk boundary"):
+            m.follow(job.job_id, offset=first.offset - 1)
+        with pytest.raises(InvalidArgument, match="beyond"):
+            m.follow(job.job_id, offset=10**9)
+        await m.stop(job.job_id, by="test", grace=1)
+
+    run_with_manager(tmp_path, body)
+
+
+def test_stop_escalates_when_sigterm_is_ignored(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"), "a")
+        await anext(m.follow(job.job_id))  # the trap is set
+        started = time.monotonic()
+        result = await m.stop(job.job_id, by="bob", grace=0.5)
+        assert 0.5 <= time.monotonic() - started < 5
+        assert result.escalated and not result.already_finished
+        ex = result.status.exit
+        assert ex is not None and ex.reason is TerminationReason.STOPPED
+        assert ex.stopped_by == "bob" and ex.escalated and ex.signal == signal.SIGKILL
+
+    run_with_manager(tmp_path, body)
+
+
+def test_stop_graceful_and_whole_group(tmp_path: Path) -> None:
+    """SIGTERM reaches every process of the group, not only the leader."""
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("sleep 100 & sleep 100 & echo $!; wait"), "a")
+        child = int((await anext(m.follow(job.job_id))).data)
+        result = await m.stop(job.job_id, by="bob", grace=5)
+        assert not result.escalated
+        assert result.status.exit is not None and result.status.exit.signal == signal.SIGTERM
+        assert gone(child)
+
+    run_with_manager(tmp_path, body)
+
+
+def test_stop_finished_job_and_concurrent_stops(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        done = await m.start(JobSpec("true"), "a")
+        await m.wait(done.job_id)
+        again = await m.stop(done.job_id, by="bob")
+        assert again.already_finished and "already finished (exited with exit code 0)" in again.message
+        job = await m.start(JobSpec("sleep", ("100",)), "a")
+        results = await asyncio.gather(*(m.stop(job.job_id, by=f"u{i}", grace=2) for i in range(20)))
+        assert {r.status.exit.stopped_by for r in results if r.status.exit} == {"u0"}
+        with pytest.raises(NotFound):
+            await m.stop("no-such-job", by="bob")
+
+    run_with_manager(tmp_path, body)
+
+
+def test_main_exit_kills_leftover_group_members(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("sleep 100 & echo $!"), "a")
+        out = await collect(m, job.job_id)
+        assert gone(int(out[0][1]))
+
+    run_with_manager(tmp_path, body)
+
+
+def test_shutdown_stops_everything(tmp_path: Path) -> None:
+    pids: list[int] = []
+
+    async def body(m: JobManager) -> None:
+        for _ in range(5):
+            job = await m.start(sh("trap '' TERM; sleep 100"), "a")
+            pids.append(job.pid)
+        await m.shutdown(grace=0.2)
+        assert m.list() == []
+
+    run_with_manager(tmp_path, body)
+    assert all(gone(pid) for pid in pids)
+
+
+def test_retention_evicts_oldest_finished(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        ids = []
+        for _ in range(5):
+            job = await m.start(JobSpec("true"), "a")
+            await m.wait(job.job_id)
+            ids.append(job.job_id)
+        assert [j.job_id for j in m.list()] == ids[-2:]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.out" for i in ids[-2:])
+        with pytest.raises(NotFound):
+            m.get(ids[0])
+
+    run_with_manager(tmp_path, body, retain_finished=2)
+
+
+class Veto:
+    @hookimpl
+    def jobworker_pre_spawn(self, spec: JobSpec) -> None:
+        if spec.command == "rm":
+            raise PermissionDenied("rm is not allowed here")
+
+
+class Boom:
+    @hookimpl
+    def jobworker_output_chunk(self, data: bytes) -> None:
+        raise RuntimeError("observer bug")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    @hookimpl
+    def jobworker_output_chunk(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+def test_pre_spawn_veto_and_crashing_observer(tmp_path: Path) -> None:
+    plugins = Plugins()
+    recorder = Recorder()
+    plugins.register(Veto(), "veto")
+    plugins.register(Boom(), "boom")
+    plugins.register(recorder, "recorder")
+
+    async def body(m: JobManager) -> None:
+        with pytest.raises(PermissionDenied, match="rm is not allowed"):
+            await m.start(JobSpec("rm", ("-rf", "/tmp/x")), "a")
+        assert m.list() == []
+        job = await m.start(JobSpec("echo", ("fine",)), "a")
+        assert await collect(m, job.job_id) == [(Stream.STDOUT, b"fine\n")]
+        final = await m.wait(job.job_id)
+        assert final.exit is not None and final.exit.exit_code == 0
+
+    run_with_manager(tmp_path, body, plugins=plugins)
+    assert recorder.data == [b"fine\n"]
