@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 import grpc
 import pytest
 from cryptography import x509
@@ -248,13 +249,9 @@ def test_der_crl_accepted(pki: PkiPaths) -> None:
 def test_missing_files_are_named(pki: PkiPaths, tmp_path: Path) -> None:
     files = pki.server()
     for field in ("cert", "key", "ca"):
-        broken = TlsFiles(**{**_as_dict(files), field: tmp_path / f"missing-{field}.pem"})
+        broken = attrs.evolve(files, **{field: tmp_path / f"missing-{field}.pem"})
         with pytest.raises(ConfigError, match=rf"missing-{field}\.pem does not exist"):
             server_credentials(broken)
-
-
-def _as_dict(files: TlsFiles) -> dict[str, Path | None]:
-    return {"cert": files.cert, "key": files.key, "ca": files.ca, "crl": files.crl}
 
 
 def test_mismatched_key_is_named_without_its_content(pki: PkiPaths) -> None:
