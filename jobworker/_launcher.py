@@ -17,7 +17,7 @@ Instructions and reports are NUL-separated fields (no job string may hold a NUL)
 built-in modules, and no ``site``: it must start in milliseconds.
 """
 
-import _signal
+import _signal  # type: ignore[import-not-found]
 import os
 
 STATUS_FD = 3
@@ -30,7 +30,7 @@ def _fail(step: str, err: OSError, what: str) -> None:
 
 
 def _read_all(fd: int) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         part = os.read(fd, 1 << 20)
         if not part:

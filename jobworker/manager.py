@@ -25,7 +25,6 @@ from jobworker.containment import Containment, ContainmentReport, ProcessGroup
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     job_not_found,
 )
@@ -41,7 +40,7 @@ from jobworker.model import (
     new_job_id,
 )
 from jobworker.outputlog import CHUNK_MAX, OutputChunk, OutputLog
-from jobworker.spawn import spawn
+from jobworker.spawn import resolve_future, spawn
 
 log = structlog.get_logger("jobworker.manager")
 
@@ -315,7 +314,9 @@ class JobManager:
         if not job.pipes:
             job.pipes_closed.set()
 
-    def follow(self, job_id: str, offset: int = 0, follow: bool = True) -> AsyncIterator[OutputChunk]:
+    def follow(
+        self, job_id: str, offset: int = 0, follow: bool = True
+    ) -> AsyncIterator[OutputChunk]:
         """Output of ``job_id`` from ``offset``; see :meth:`OutputLog.follow`."""
         return self._lookup(job_id).log.follow(offset, follow)
 
@@ -324,17 +325,18 @@ class JobManager:
     async def _supervise(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(job.pidfd, lambda: exited.done() or exited.set_result(None))
+        loop.add_reader(job.pidfd, resolve_future, exited)
         try:
             await exited
         finally:
             loop.remove_reader(job.pidfd)
         # Look without reaping: while the zombie exists its pid (and process group id)
         # cannot be reused, so killing the leftovers cannot hit a stranger.
-        info = os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)
+        # The pidfd said the process exited, so neither wait blocks.
+        info = os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
         code, status = (info.si_code, info.si_status) if info else (os.CLD_EXITED, 0)
         job.containment.kill()
-        os.waitpid(job.pid, 0)
+        os.waitpid(job.pid, 0)  # noqa: ASYNC222
         os.close(job.pidfd)
         await job.containment.wait_empty()
         try:
@@ -391,9 +393,7 @@ class JobManager:
             raise InvalidArgument(f"grace {grace} must be between 0 and 3600 seconds")
         if job.done.is_set():
             status = job.snapshot()
-            return StopResult(
-                status, True, False, f"job already finished ({describe_end(status)})"
-            )
+            return StopResult(status, True, False, f"job already finished ({describe_end(status)})")
         if job.stop_task is None:
             job.stopped_by = by
             job.stop_task = asyncio.ensure_future(

@@ -58,11 +58,11 @@ class OutputLog:
         view = memoryview(data)
         for start in range(0, len(view), CHUNK_MAX):
             piece = view[start : start + CHUNK_MAX]
-            record = [_HEADER.pack(stream, len(piece)), piece]
+            header = _HEADER.pack(stream, len(piece))
             total = _HEADER.size + len(piece)
-            written = os.pwritev(self._fd, record, self._size)
+            written = os.pwritev(self._fd, [header, piece], self._size)
             while written < total:  # short writes are rare on regular files, not impossible
-                rest = (_HEADER.pack(stream, len(piece)) + bytes(piece))[written:]
+                rest = (header + bytes(piece))[written:]
                 written += os.pwrite(self._fd, rest, self._size + written)
             self._size += total
         self._wake()

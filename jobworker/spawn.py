@@ -54,10 +54,15 @@ def _pipe() -> tuple[int, int]:
     return _above_stdio(r), _above_stdio(w)
 
 
+def resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def _wait_readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    loop.add_reader(fd, resolve_future, fut)
     try:
         await fut
     finally:
@@ -65,7 +70,7 @@ async def _wait_readable(fd: int) -> None:
 
 
 async def _read_to_eof(fd: int) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         await _wait_readable(fd)
         part = os.read(fd, 65536)
@@ -106,7 +111,7 @@ async def spawn(spec: JobSpec, join_path: str | None) -> Spawned:
             except OSError:
                 pass  # over /proc/sys/fs/pipe-max-size for unprivileged users: keep default
         try:
-            pid = os.posix_spawn(
+            pid = os.posix_spawn(  # noqa: ASYNC221 (vfork+exec: returns at once)
                 sys.executable,
                 [sys.executable, "-I", "-S", LAUNCHER],
                 {},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -48,9 +48,7 @@ def _load_object(name: str) -> tuple[object, str | None]:
         return importlib.import_module(BUILTIN_PLUGINS[name]), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
-        raise ConfigError(
-            f"unknown plugin {name!r}; available: {', '.join(available_plugins())}"
-        )
+        raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
     ep = next(iter(matches))
     obj = ep.load()
     if isinstance(obj, type):  # a plugin class: one instance per server
@@ -125,9 +123,10 @@ class Plugins:
             except Exception:
                 log.exception("plugin_hook_failed", plugin=impl.plugin_name, hook=hook_name)
 
-    def _gate(self, impl: pluggy.HookImpl, hook_name: str, call: Callable[[], Any]) -> Any:
+    def _gate(self, impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
+        """Call one gate implementation; a foreign exception becomes PERMISSION_DENIED."""
         try:
-            return call()
+            return impl.function(*[kwargs[a] for a in impl.argnames])
         except JobworkerError:
             raise
         except Exception as exc:
@@ -158,11 +157,8 @@ class Plugins:
         """Raise unless at least one plugin allows and none denies (fail closed)."""
         allowed = False
         for impl in self._impls("jobworker_authorize"):
-            kwargs = {"identity": identity, "action": action, "job": job}
             answer = self._gate(
-                impl,
-                "jobworker_authorize",
-                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
+                impl, "jobworker_authorize", identity=identity, action=action, job=job
             )
             allowed = allowed or answer is True
         if not allowed:
@@ -173,24 +169,14 @@ class Plugins:
 
     def pre_spawn(self, job_id: str, spec: JobSpec, owner: str) -> JobSpec:
         for impl in self._impls("jobworker_pre_spawn"):
-            kwargs = {"job_id": job_id, "spec": spec, "owner": owner}
-            result = self._gate(
-                impl,
-                "jobworker_pre_spawn",
-                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
-            )
+            result = self._gate(impl, "jobworker_pre_spawn", job_id=job_id, spec=spec, owner=owner)
             if result is not None:
                 spec = result
         return spec
 
     def limits_apply(self, job_id: str, spec: JobSpec) -> Containment | None:
         for impl in self._impls("jobworker_limits_apply"):
-            kwargs = {"job_id": job_id, "spec": spec}
-            result = self._gate(
-                impl,
-                "jobworker_limits_apply",
-                lambda impl=impl, kw=kwargs: impl.function(*[kw[a] for a in impl.argnames]),
-            )
+            result = self._gate(impl, "jobworker_limits_apply", job_id=job_id, spec=spec)
             if result is not None:
                 return result  # type: ignore[no-any-return]
         return None

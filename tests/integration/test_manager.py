@@ -23,7 +23,10 @@ T = TypeVar("T")
 
 
 def run_with_manager(
-    tmp_path: Path, body: Callable[[JobManager], Awaitable[T]], plugins: Plugins | None = None, **kw: Any
+    tmp_path: Path,
+    body: Callable[[JobManager], Awaitable[T]],
+    plugins: Plugins | None = None,
+    **kw: Any,
 ) -> T:
     """Run ``body`` against a fresh manager and always shut it down."""
 
@@ -89,7 +92,9 @@ def test_environment_is_exactly_what_was_asked(tmp_path: Path) -> None:
 def test_job_gets_its_own_session_devnull_stdin_and_no_inherited_fds(tmp_path: Path) -> None:
     leaked = os.open("/dev/null", os.O_RDONLY)  # an inheritable descriptor in the server
     os.set_inheritable(leaked, True)
-    script = "ps -o sid= -p $$; ps -o pgid= -p $$; echo $$; ls /proc/self/fd; readlink /proc/self/fd/0"
+    script = (
+        "ps -o sid= -p $$; ps -o pgid= -p $$; echo $$; ls /proc/self/fd; readlink /proc/self/fd/0"
+    )
 
     async def body(m: JobManager) -> list[str]:
         job = await m.start(sh(script), "a")
@@ -246,9 +251,13 @@ def test_stop_finished_job_and_concurrent_stops(tmp_path: Path) -> None:
         done = await m.start(JobSpec("true"), "a")
         await m.wait(done.job_id)
         again = await m.stop(done.job_id, by="bob")
-        assert again.already_finished and "already finished (exited with exit code 0)" in again.message
+        assert (
+            again.already_finished and "already finished (exited with exit code 0)" in again.message
+        )
         job = await m.start(JobSpec("sleep", ("100",)), "a")
-        results = await asyncio.gather(*(m.stop(job.job_id, by=f"u{i}", grace=2) for i in range(20)))
+        results = await asyncio.gather(
+            *(m.stop(job.job_id, by=f"u{i}", grace=2) for i in range(20))
+        )
         assert {r.status.exit.stopped_by for r in results if r.status.exit} == {"u0"}
         with pytest.raises(NotFound):
             await m.stop("no-such-job", by="bob")

@@ -25,10 +25,7 @@ def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         "[jobworker]\nfake = jw_fake_plugin\nbroken = jw_fake_broken\nmisspelled = jw_fake_typo\n"
     )
     (tmp_path / "jw_fake_plugin.py").write_text(
-        "from jobworker import hookimpl\n"
-        "@hookimpl\n"
-        "def jobworker_on_exit(status):\n"
-        "    pass\n"
+        "from jobworker import hookimpl\n@hookimpl\ndef jobworker_on_exit(status):\n    pass\n"
     )
     (tmp_path / "jw_fake_broken.py").write_text("raise ImportError('needs libfoo')\n")
     (tmp_path / "jw_fake_typo.py").write_text(
@@ -61,7 +58,9 @@ def test_unknown_name_lists_available(fake_distribution: Path) -> None:
 
 
 def test_import_failure_names_the_plugin(fake_distribution: Path) -> None:
-    with pytest.raises(ConfigError, match=r"plugin 'broken' failed to load: ImportError: needs libfoo"):
+    with pytest.raises(
+        ConfigError, match=r"plugin 'broken' failed to load: ImportError: needs libfoo"
+    ):
         load_plugins(["broken"])
 
 
