@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install what the tests need into .venv and run every check: lint, types, generated code,
+# the host test suite, then the cgroup v2 suite inside a throw-away VM.
+# JOBWORKER_SKIP_VM=1 skips the VM suite (it needs QEMU and takes minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v ps >/dev/null || need_apt+=(procps)
+if ((${#need_apt[@]})); then
+  step "installing ${need_apt[*]}"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+step "python environment (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+export PATH="$PWD/.venv/bin:$PATH"
+
+step "lint (ruff)"
+ruff check .
+ruff format --check .
+
+step "types (mypy --strict)"
+mypy
+
+step "generated protobuf code is up to date"
+tools/gen_proto.sh
+git diff --exit-code -- jobworker/v1 || {
+  echo "generated code differs from proto/: run tools/gen_proto.sh and commit" >&2
+  exit 1
+}
+
+step "tests on the host"
+python -m pytest -m "not cgroup" -p no:cacheprovider
+
+if [ "${JOBWORKER_SKIP_VM:-0}" != 1 ]; then
+  step "cgroup v2 tests inside a QEMU VM"
+  python tests/vm/run_vm.py --timeout 1200 --retries 1 -- \
+    "$PWD/.venv/bin/python" -m pytest -m cgroup -p no:cacheprovider tests/vm
+fi
