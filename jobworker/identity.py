@@ -41,8 +41,9 @@ class Identity:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name a whitelist entry may match: the CN (if any), then the SANs."""
-        return ((self.common_name,) if self.common_name else ()) + self.sans
+        """Every name a whitelist entry may match: the CN (if any), then the SANs, once each."""
+        cn = (self.common_name,) if self.common_name else ()
+        return tuple(dict.fromkeys(cn + self.sans))
 
 
 def _decode(values: Sequence[bytes], prop: str) -> tuple[str, ...]:

@@ -50,7 +50,7 @@ def test_identity_from_mtls_peer(alice_pem: bytes) -> None:
     )
     assert identity == Identity("alice", ("alice", "alice@example.org", "10.0.0.1"))
     assert identity.name == "alice"
-    assert identity.names == ("alice", "alice", "alice@example.org", "10.0.0.1")
+    assert identity.names == ("alice", "alice@example.org", "10.0.0.1")
 
 
 def test_name_falls_back_to_first_san(alice_pem: bytes) -> None:
