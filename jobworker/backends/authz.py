@@ -1,0 +1,165 @@
+"""The ``authz`` built-in plugin: who may do what, from a TOML whitelist.
+
+Always loaded by the server, and fail closed: without a whitelist the server refuses to
+start. The file (``--authz FILE``, or ``$JOBWORKER_AUTHZ``)::
+
+    [[clients]]
+    identity = "alice"   # matched against the certificate CN or any SAN
+    role = "user"        # "user": only its own jobs; "admin": every job
+
+A caller none of whose names is listed is denied everything (PERMISSION_DENIED). A user
+may start jobs, list (and sees only its own jobs), and act on its own jobs; another
+owner's job answers NOT_FOUND with the very message of an unknown id, so a user cannot
+probe which ids exist. An admin may do everything.
+
+:class:`Authz` holds one loaded whitelist and is a plugin on its own (tests and embedders
+register ``Authz.from_file(path)`` under the name "authz"); the module-level hook
+implementations, used by ``--plugin authz``, delegate to the instance configured by
+``jobworker_configure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+
+from jobworker.errors import ConfigError, PermissionDenied, job_not_found
+from jobworker.hooks import hookimpl
+from jobworker.identity import Identity
+from jobworker.model import Action, JobStatus
+
+log = structlog.get_logger("jobworker.authz")
+
+ENV_VAR = "JOBWORKER_AUTHZ"
+
+
+class Role(enum.Enum):
+    USER = "user"
+    ADMIN = "admin"
+
+
+_ENTRY_KEYS = {"identity", "role"}
+
+
+def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, Role]:
+    where = f"{path}: clients entry {index + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} is not a table: write [[clients]] then identity and role")
+    unknown = sorted(set(entry) - _ENTRY_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected identity and role")
+    identity = entry.get("identity")
+    if not isinstance(identity, str) or not identity.strip():
+        raise ConfigError(f"{where}: identity must be a non-empty string (a CN or SAN)")
+    role = entry.get("role")
+    roles = ", ".join(repr(r.value) for r in Role)
+    if role not in {r.value for r in Role}:
+        raise ConfigError(f"{where} ({identity!r}): role {role!r} is not one of {roles}")
+    return identity, Role(role)
+
+
+@attrs.frozen
+class Authz:
+    """A loaded whitelist: the role of each identity."""
+
+    path: Path
+    roles: Mapping[str, Role]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Authz:
+        """Load and validate a whitelist; raises ``ConfigError`` naming the file and entry."""
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"authorization whitelist {path} does not exist") from None
+        except OSError as err:
+            raise ConfigError(
+                f"cannot read authorization whitelist {path}: {err.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        unknown = sorted(set(doc) - {"clients"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected [[clients]] entries")
+        entries = doc.get("clients", [])
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(
+                f"{path} lists no clients, so nobody could call the server: add "
+                '[[clients]] entries with identity = "NAME" and role = "user" or "admin"'
+            )
+        roles: dict[str, Role] = {}
+        for index, entry in enumerate(entries):
+            identity, role = _parse_entry(path, index, entry)
+            if identity in roles:
+                raise ConfigError(
+                    f"{path}: clients entry {index + 1}: identity {identity!r} is listed twice"
+                )
+            roles[identity] = role
+        return cls(path=path, roles=roles)
+
+    def role_of(self, identity: Identity) -> Role | None:
+        """The role of the first of the identity's names (CN, then SANs) that is listed."""
+        for name in identity.names:
+            if name in self.roles:
+                return self.roles[name]
+        return None
+
+    @hookimpl(specname="jobworker_authorize")
+    def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> bool:
+        """Allow (True) or raise: PermissionDenied for strangers, NotFound to hide a job."""
+        role = self.role_of(identity)
+        if role is None:
+            raise PermissionDenied(f"{identity.name} is not on the authorization whitelist")
+        if role is Role.ADMIN or job is None or job.owner == identity.name:
+            return True
+        raise job_not_found(job.job_id)
+
+
+_active: Authz | None = None
+
+
+def configure(path: str | os.PathLike[str]) -> Authz:
+    """Load the whitelist the module-level hooks use from now on."""
+    global _active
+    _active = Authz.from_file(path)
+    log.info("authz_loaded", path=str(_active.path), clients=len(_active.roles))
+    return _active
+
+
+@hookimpl
+def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("authz")
+    group.add_argument(
+        "--authz",
+        metavar="FILE",
+        default=os.environ.get(ENV_VAR),
+        help=f"TOML whitelist of client identities and roles (required; env {ENV_VAR})",
+    )
+
+
+@hookimpl
+def jobworker_configure(options: argparse.Namespace) -> None:
+    path = getattr(options, "authz", None)
+    if not path:
+        raise ConfigError(
+            "no authorization whitelist: pass --authz FILE (or set "
+            f"{ENV_VAR}); the server refuses to start without one"
+        )
+    configure(path)
+
+
+@hookimpl
+def jobworker_authorize(identity: Identity, action: Action, job: JobStatus | None) -> bool:
+    if _active is None:  # registered but never configured: deny, never guess
+        raise PermissionDenied("the authorization whitelist is not loaded")
+    return _active.authorize(identity, action, job)

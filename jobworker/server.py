@@ -1,0 +1,196 @@
+"""The jobworker server: mutual TLS, the job service, health and reflection, clean shutdown.
+
+:func:`serve` runs until SIGTERM or SIGINT (or ``stop_event``), then stops accepting RPCs,
+stops every job (grace, then kill), lets plugins release what they hold, removes the spool
+directory it created, and returns normally.
+"""
+
+from __future__ import annotations
+
+# First: jobworker.tls sets how grpc refuses TLS 1.2, which grpc reads once, when imported.
+from jobworker import tls  # isort: split
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobworker.errors import ConfigError
+from jobworker.hooks.manager import Plugins
+from jobworker.manager import JobManager
+from jobworker.service import JobService
+from jobworker.v1 import jobworker_pb2, jobworker_pb2_grpc
+
+log = structlog.get_logger("jobworker.server")
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+#: Once every job is stopped, how long open RPCs (streams ending) get before cancellation.
+RPC_DRAIN_SECONDS = 5.0
+_SERVICE_NAME = jobworker_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"listen address {listen!r} is not HOST:PORT (e.g. 127.0.0.1:50051, [::1]:0)"
+        )
+    return host, int(port)
+
+
+def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value: str) -> None:
+    _split_listen(value)
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """What ``jobworker serve`` was told; ``spool_dir`` None means a private temporary one."""
+
+    listen: str = attrs.field(default=DEFAULT_LISTEN, validator=_check_listen)
+    tls: tls.TlsFiles
+    spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    default_grace: float = 10.0
+    max_running: int = 1000
+
+
+@contextmanager
+def _spool_directory(requested: Path | None) -> Iterator[Path]:
+    """The job output spool: private (0700), and removed at exit if this server made it."""
+    if requested is None:
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        if base is None or not os.path.isdir(base):
+            base = None  # tempfile's default, usually /tmp
+        path = Path(tempfile.mkdtemp(prefix="jobworker-spool-", dir=base))
+        created = True
+    else:
+        path = requested
+        created = not path.exists()
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create spool directory {path}: {err.strerror}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"spool directory {path} is not writable by uid {os.getuid()}")
+    try:
+        yield path
+    finally:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop``; only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def serve(
+    config: ServerConfig,
+    plugins: Plugins,
+    *,
+    ready: Callable[[str], None] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Run the server until SIGTERM/SIGINT or ``stop_event``; ``plugins`` are configured.
+
+    ``ready`` is called with the address actually listened on (the port resolved when
+    ``listen`` asks for port 0) once RPCs are accepted. Raises ``ConfigError`` before
+    listening for bad TLS files, a CRL that does not verify, no authorization plugin, or an
+    address that cannot be bound.
+    """
+    if not plugins.has_impl("jobworker_authorize"):
+        raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+    host, _ = _split_listen(config.listen)
+    credentials = await asyncio.to_thread(tls.server_credentials, config.tls)
+    crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
+    stop = stop_event or asyncio.Event()
+
+    with _spool_directory(config.spool_dir) as spool_dir:
+        manager = JobManager(
+            plugins,
+            spool_dir,
+            default_grace=config.default_grace,
+            max_running=config.max_running,
+        )
+        # Without this, grpc lets a second server share a busy port (SO_REUSEPORT) and the
+        # kernel splits connections between them.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(manager, plugins, crl), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        try:
+            port = server.add_secure_port(config.listen, credentials)
+        except RuntimeError as err:
+            raise ConfigError(f"cannot listen on {config.listen}: {err}") from None
+        if not port:
+            raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
+        address = f"{host}:{port}"
+
+        await server.start()
+        try:
+            await health_servicer.set(_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            _log_started(config, plugins, address, spool_dir)
+            if ready is not None:
+                ready(address)
+            with _stop_on_signals(stop):
+                await stop.wait()
+            log.info("server_stopping", address=address)
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            # New RPCs are refused at once; streams of running jobs end as the jobs stop.
+            stopping = asyncio.ensure_future(server.stop(config.default_grace + RPC_DRAIN_SECONDS))
+            try:
+                await manager.shutdown()
+            finally:
+                await stopping
+                plugins.shutdown()
+    log.info("server_stopped", address=address)
+
+
+def _log_started(config: ServerConfig, plugins: Plugins, address: str, spool_dir: Path) -> None:
+    files = config.tls
+    log.info(
+        "server_started",
+        address=address,
+        plugins=[row["name"] for row in plugins.describe()],
+        tls_cert=str(files.cert),
+        tls_key=str(files.key),
+        tls_ca=str(files.ca),
+        tls_crl=None if files.crl is None else str(files.crl),
+        spool_dir=str(spool_dir),
+    )
+    if not plugins.has_impl("jobworker_limits_apply"):
+        log.warning(
+            "jobs_uncontained",
+            reason="no plugin implements jobworker_limits_apply",
+            consequence="jobs run in a process group: no resource limits, and a process "
+            "that calls setsid escapes stop; load --plugin cgroupv2",
+        )
