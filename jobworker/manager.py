@@ -47,6 +47,8 @@ log = structlog.get_logger("jobworker.manager")
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.
 PIPE_DRAIN_TIMEOUT = 2.0
+#: How long killed processes may take to disappear (one stuck in uninterruptible IO).
+SETTLE_TIMEOUT = 30.0
 
 MAX_COMMAND_BYTES = 4096
 MAX_ARGS = 1024
@@ -295,6 +297,9 @@ class JobManager:
             data = os.read(fd, CHUNK_MAX)
         except BlockingIOError:
             return
+        except OSError as err:
+            log.warning("job_output_read_failed", job_id=job.job_id, error=str(err))
+            data = b""
         if not data:
             self._close_pipe(job, fd)
             return
@@ -323,6 +328,24 @@ class JobManager:
     # -- end of a job --------------------------------------------------------------------
 
     async def _supervise(self, job: _Job) -> None:
+        """Wait for the main process, then end the job; it always ends, whatever fails."""
+        code, status, report = os.CLD_KILLED, int(signal.SIGKILL), ContainmentReport()
+        try:
+            code, status = await self._reap(job)
+            await self._settle(job)
+            report = job.containment.report()
+        except Exception:
+            log.exception("job_supervision_failed", job_id=job.job_id)
+        finally:
+            for fd in list(job.pipes):
+                self._close_pipe(job, fd)
+            try:
+                job.containment.release()
+            except Exception:
+                log.exception("containment_release_failed", job_id=job.job_id)
+        self._finish(job, code, status, report)
+
+    async def _reap(self, job: _Job) -> tuple[int, int]:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         loop.add_reader(job.pidfd, resolve_future, exited)
@@ -334,19 +357,25 @@ class JobManager:
         # cannot be reused, so killing the leftovers cannot hit a stranger.
         # The pidfd said the process exited, so neither wait blocks.
         info = os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
-        code, status = (info.si_code, info.si_status) if info else (os.CLD_EXITED, 0)
         job.containment.kill()
         os.waitpid(job.pid, 0)  # noqa: ASYNC222
         os.close(job.pidfd)
-        await job.containment.wait_empty()
+        if info is None:  # cannot happen after the pidfd fired; be explicit anyway
+            return os.CLD_KILLED, int(signal.SIGKILL)
+        return info.si_code, info.si_status
+
+    async def _settle(self, job: _Job) -> None:
+        """Wait until no process of the job remains and its pipes are drained (bounded)."""
+        try:
+            await asyncio.wait_for(job.containment.wait_empty(), SETTLE_TIMEOUT)
+        except TimeoutError:
+            log.error("job_processes_linger", job_id=job.job_id, containment=job.containment.name)
         try:
             await asyncio.wait_for(job.pipes_closed.wait(), PIPE_DRAIN_TIMEOUT)
         except TimeoutError:
             log.warning("job_pipes_held", job_id=job.job_id, reason="a process left the group")
-            for fd in list(job.pipes):
-                self._close_pipe(job, fd)
-        report = job.containment.report()
-        job.containment.release()
+
+    def _finish(self, job: _Job, code: int, status: int, report: ContainmentReport) -> None:
         job.exit = _exit_info(job, code, status, report)
         job.usage = report.usage
         job.ended_at = time.time()
