@@ -21,6 +21,7 @@ from jobworker.hooks import PROJECT_NAME, spec
 if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.identity import Identity
+    from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
@@ -147,6 +148,9 @@ class Plugins:
             raise
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
+
+    def manager_ready(self, manager: JobManager) -> None:
+        self._observe("jobworker_manager_ready", manager=manager)
 
     def shutdown(self) -> None:
         self._observe("jobworker_shutdown")

@@ -4,6 +4,7 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
+   ``jobworker_manager_ready(manager)`` -- once, when the job manager exists.
 3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
@@ -30,6 +31,7 @@ from jobworker.hooks import hookspec
 if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.identity import Identity
+    from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 
@@ -50,6 +52,16 @@ def jobworker_configure(options: argparse.Namespace) -> None:
     """Read the parsed options and prepare; called once before the server starts.
 
     May raise :class:`jobworker.errors.ConfigError` to refuse start-up with a message.
+    """
+
+
+@hookspec
+def jobworker_manager_ready(manager: JobManager) -> None:
+    """The server's job manager exists; keep it to act on jobs later. Observer.
+
+    Called once, after ``jobworker_configure`` and before the first request. A plugin that
+    stops jobs (at a deadline, say) calls ``await manager.stop(job_id, by=..., grace=...)``
+    from the event loop, so the stop is recorded like any other.
     """
 
 
