@@ -40,7 +40,7 @@ from jobworker.model import (
     new_job_id,
 )
 from jobworker.outputlog import CHUNK_MAX, OutputChunk, OutputLog
-from jobworker.spawn import resolve_future, spawn
+from jobworker.spawn import Spawner, resolve_future
 
 log = structlog.get_logger("jobworker.manager")
 
@@ -197,6 +197,7 @@ class JobManager:
         self._idle.set()
         self._closing = False
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
+        self._spawner = Spawner()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -254,7 +255,7 @@ class JobManager:
             try:
                 output = OutputLog(self._spool_dir / f"{job_id}.out")
                 try:
-                    spawned = await spawn(spec, containment.join_path)
+                    spawned = await self._spawner.spawn(spec, containment.join_path)
                 except BaseException:
                     output.remove()
                     raise
@@ -459,3 +460,4 @@ class JobManager:
             job.log.remove()
         self._jobs.clear()
         self._finished.clear()
+        self._spawner.close()

@@ -1,9 +1,16 @@
 """Starting a job's process without forking the server.
 
-``os.posix_spawn`` (glibc's ``clone(CLONE_VM|CLONE_VFORK)``) runs no Python code in the child,
-so it is safe beside grpcio's threads where ``fork`` and ``preexec_fn`` are not
-(grpc/grpc#37259). The spawned program is :mod:`jobworker._launcher`, which joins the job's
-containment and ``execve``s the command; see docs/spawning.md for the reasoning and costs.
+The server never forks (grpcio's threads make ``fork`` and ``preexec_fn`` unsafe,
+grpc/grpc#37259). Two ways in, both ending in :func:`jobworker._launcher.launch`, which
+joins the job's containment and ``execve``s the command:
+
+* the **zygote**: a single-threaded helper process, ``posix_spawn``ed once, that copies
+  itself per job with ``clone(CLONE_PARENT)`` so the job is still the server's child
+  (about 2 ms a start);
+* the **launcher**: ``posix_spawn`` of ``python -I -S _launcher.py`` per job (about 20 ms:
+  the interpreter's start-up), used when the zygote is unavailable.
+
+See docs/spawning.md for the reasoning and the measured costs.
 """
 
 from __future__ import annotations
@@ -11,23 +18,31 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import platform
 import signal
+import socket
+import struct
 import sys
 from pathlib import Path
 
 import attrs
+import structlog
 
 from jobworker.errors import SpawnError
 from jobworker.model import JobSpec
 
+log = structlog.get_logger("jobworker.spawn")
+
 LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
 #: Bigger pipes let a chatty job run ahead of the reader between event-loop turns.
 PIPE_SIZE = 1 << 20
+_ZYGOTE_MACHINES = ("x86_64", "aarch64")  # where the zygote knows clone's syscall number
 _STEP_MESSAGES = {
     "exec": "cannot execute {what!r}: {error}",
     "cwd": "cannot use working directory {what!r}: {error}",
     "join": "cannot join the job's containment {what!r}: {error}",
 }
+_SIGNALS_TO_DEFAULT = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
 
 @attrs.frozen
@@ -40,8 +55,14 @@ class Spawned:
     stderr: int
 
 
+def resolve_future(fut: asyncio.Future[None]) -> None:
+    """Reader callback: wake whoever awaits ``fut``."""
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _above_stdio(fd: int) -> int:
-    """Move ``fd`` above 0-3 so the child's dup2 plan cannot clobber it."""
+    """Move ``fd`` above 0-3 so a child's dup2 plan cannot clobber it."""
     if fd > 3:
         return fd
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 4)
@@ -52,11 +73,6 @@ def _above_stdio(fd: int) -> int:
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
     return _above_stdio(r), _above_stdio(w)
-
-
-def resolve_future(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 async def _wait_readable(fd: int) -> None:
@@ -79,74 +95,188 @@ async def _read_to_eof(fd: int) -> bytes:
         parts.append(part)
 
 
-def _kill_and_reap(pid: int, pidfd: int) -> None:
+def _kill_and_reap(pid: int) -> None:
+    """Our child, not yet reaped: its pid cannot have been reused."""
     try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    os.waitpid(pid, 0)  # the launcher dies at once: no real wait
+    os.waitpid(pid, 0)  # dies at once: no real wait
 
 
-async def spawn(spec: JobSpec, join_path: str | None) -> Spawned:
-    """Start ``spec`` through the launcher; return once the command itself is running.
-
-    Raises SpawnError with the OS reason when the command cannot be executed; nothing is
-    left behind then (the launcher is reaped, every descriptor closed).
-    """
+def _instructions(spec: JobSpec, join_path: str | None) -> bytes:
     fields = [spec.command, spec.cwd or "", join_path or "", str(len(spec.args)), *spec.args]
     fields += [f"{k}={v}" for k, v in spec.job_env().items()]
-    instructions = "\0".join(fields).encode("utf-8", "surrogateescape")
-    memfd = _above_stdio(os.memfd_create("jobworker-launch", os.MFD_CLOEXEC))
-    out_r = out_w = err_r = err_w = st_r = st_w = -1
-    pid = pidfd = -1
-    try:
-        os.write(memfd, instructions)
-        os.lseek(memfd, 0, os.SEEK_SET)
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
-        st_r, st_w = _pipe()
-        for w in (out_w, err_w):
-            try:
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-max-size for unprivileged users: keep default
+    return "\0".join(fields).encode("utf-8", "surrogateescape")
+
+
+def _posix_spawn_launcher(args: list[str], fd_plan: list[int], setsid: bool) -> int:
+    """posix_spawn ``python -I -S _launcher.py ARGS`` with fd ``i`` = ``fd_plan[i]``."""
+    return os.posix_spawn(
+        sys.executable,
+        [sys.executable, "-I", "-S", LAUNCHER, *args],
+        {},
+        file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fd_plan)],
+        setsid=setsid,
+        setsigmask=(),
+        setsigdef=_SIGNALS_TO_DEFAULT,
+    )
+
+
+class _Zygote:
+    """The helper process and the request/reply exchange with it."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        devnull = _above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+        theirs_fd = _above_stdio(theirs.detach())
         try:
-            pid = os.posix_spawn(  # noqa: ASYNC221 (vfork+exec: returns at once)
-                sys.executable,
-                [sys.executable, "-I", "-S", LAUNCHER],
-                {},
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, memfd, 0),
-                    (os.POSIX_SPAWN_DUP2, out_w, 1),
-                    (os.POSIX_SPAWN_DUP2, err_w, 2),
-                    (os.POSIX_SPAWN_DUP2, st_w, 3),
-                ],
-                setsid=True,
-                setsigmask=(),
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
+            # fd 3 taken too, so descriptors it receives never land on 0-3.
+            stderr = 2 if _fd_open(2) else devnull
+            self.pid = _posix_spawn_launcher(
+                ["--zygote"], [theirs_fd, devnull, stderr, devnull], setsid=True
             )
-        except OSError as err:
-            raise SpawnError(f"cannot start the job launcher: {err.strerror}") from err
-        pidfd = os.pidfd_open(pid)
-        for fd in (memfd, out_w, err_w, st_w):
-            os.close(fd)
-        memfd = out_w = err_w = st_w = -1
-        report = await _read_to_eof(st_r)
-        if report:
-            _kill_and_reap(pid, pidfd)
-            pid = -1
-            step, _errno, error, what = (report.decode(errors="replace").split("\0") + [""] * 4)[:4]
-            template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
-            message = template.format(error=error, what=what)
-            raise SpawnError(message)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        spawned = Spawned(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r)
-        pid = pidfd = out_r = err_r = -1  # ownership passes to the caller
-        return spawned
+        finally:
+            os.close(theirs_fd)
+            os.close(devnull)
+        ours.setblocking(False)
+        self._sock = ours
+        self._lock = asyncio.Lock()
+
+    async def start(self, payload: bytes, fds: tuple[int, int, int]) -> int:
+        """Ask for one job process; its pid. Cancellation-safe: a late pid is killed."""
+        exchange = asyncio.ensure_future(self._exchange(payload, fds))
+        try:
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            exchange.add_done_callback(_reap_abandoned)
+            raise
+
+    async def _exchange(self, payload: bytes, fds: tuple[int, int, int]) -> int:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            header = struct.pack(">I", len(payload))
+            while True:
+                try:
+                    socket.send_fds(self._sock, [header], list(fds))
+                    break
+                except BlockingIOError:
+                    await _wait_writable(self._sock.fileno())
+            await loop.sock_sendall(self._sock, payload)
+            reply = b""
+            while len(reply) < 8:
+                part = await loop.sock_recv(self._sock, 8 - len(reply))
+                if not part:
+                    raise ConnectionError("the spawn helper exited")
+                reply += part
+        (pid,) = struct.unpack(">q", reply)
+        if pid < 0:
+            raise SpawnError(f"cannot start the job: {os.strerror(-pid)}")
+        return int(pid)
+
+    def close(self) -> None:
+        """EOF ends the helper; reap it (it exits at once)."""
+        self._sock.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def _wait_writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, resolve_future, fut)
+    try:
+        await fut
     finally:
-        if pid > 0:  # cancelled or failed after the launcher started: leave nothing behind
-            _kill_and_reap(pid, pidfd)
-        for fd in (memfd, out_r, out_w, err_r, err_w, st_r, st_w, pidfd):
-            if fd >= 0:
+        loop.remove_writer(fd)
+
+
+def _reap_abandoned(exchange: asyncio.Future[int]) -> None:
+    if not exchange.cancelled() and exchange.exception() is None:
+        _kill_and_reap(exchange.result())
+
+
+class Spawner:
+    """Starts job processes: through the zygote when it works, else the launcher."""
+
+    def __init__(self, use_zygote: bool = True) -> None:
+        self._use_zygote = use_zygote and platform.machine() in _ZYGOTE_MACHINES
+        self._zygote: _Zygote | None = None
+
+    def close(self) -> None:
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+
+    async def _start(self, payload: bytes, out_w: int, err_w: int, st_w: int) -> int:
+        if self._use_zygote:
+            try:
+                if self._zygote is None:
+                    self._zygote = _Zygote()
+                return await self._zygote.start(payload, (out_w, err_w, st_w))
+            except (OSError, ConnectionError) as err:
+                log.warning("spawn_helper_failed", error=str(err), fallback="launcher")
+                self.close()  # a fresh helper is started for the next job
+        memfd = _above_stdio(os.memfd_create("jobworker-launch", os.MFD_CLOEXEC))
+        try:
+            os.write(memfd, payload)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            return _posix_spawn_launcher([], [memfd, out_w, err_w, st_w], setsid=True)
+        finally:
+            os.close(memfd)
+
+    async def spawn(self, spec: JobSpec, join_path: str | None) -> Spawned:
+        """Start ``spec``; return once the command itself is running.
+
+        Raises SpawnError with the OS reason when the command cannot be executed; nothing
+        is left behind then (the process is reaped, every descriptor closed).
+        """
+        payload = _instructions(spec, join_path)
+        out_r = out_w = err_r = err_w = st_r = st_w = -1
+        pid = pidfd = -1
+        try:
+            out_r, out_w = _pipe()
+            err_r, err_w = _pipe()
+            st_r, st_w = _pipe()
+            for w in (out_w, err_w):
+                try:
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                except OSError:
+                    pass  # over /proc/sys/fs/pipe-max-size when unprivileged: keep default
+            try:
+                pid = await self._start(payload, out_w, err_w, st_w)
+            except OSError as err:
+                raise SpawnError(f"cannot start the job: {err.strerror}") from err
+            for fd in (out_w, err_w, st_w):
                 os.close(fd)
+            out_w = err_w = st_w = -1
+            pidfd = os.pidfd_open(pid)
+            report = await _read_to_eof(st_r)
+            if report:
+                _kill_and_reap(pid)
+                pid = -1
+                fields = [*report.decode(errors="replace").split("\0"), "", "", "", ""]
+                step, _errno, error, what = fields[:4]
+                template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
+                raise SpawnError(template.format(error=error, what=what))
+            os.set_blocking(out_r, False)
+            os.set_blocking(err_r, False)
+            spawned = Spawned(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r)
+            pid = pidfd = out_r = err_r = -1  # ownership passes to the caller
+            return spawned
+        finally:
+            if pid > 0:  # cancelled or failed after the process started: leave nothing
+                _kill_and_reap(pid)
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w, pidfd):
+                if fd >= 0:
+                    os.close(fd)
