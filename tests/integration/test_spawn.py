@@ -1,0 +1,94 @@
+"""Both ways a job's process starts: the zygote and the posix_spawned launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from jobworker.errors import SpawnError
+from jobworker.model import JobSpec
+from jobworker.spawn import Spawned, Spawner
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, True)
+    parts = []
+    while part := os.read(fd, 65536):
+        parts.append(part)
+    return b"".join(parts)
+
+
+def finish(sp: Spawned) -> tuple[bytes, bytes, int]:
+    out, err = read_all(sp.stdout), read_all(sp.stderr)
+    _, status = os.waitpid(sp.pid, 0)
+    for fd in (sp.stdout, sp.stderr, sp.pidfd):
+        os.close(fd)
+    return out, err, status
+
+
+@pytest.fixture(params=[True, False], ids=["zygote", "launcher"])
+def spawner(request: pytest.FixtureRequest) -> Spawner:
+    return Spawner(use_zygote=request.param)
+
+
+def test_child_of_server_in_own_session(spawner: Spawner) -> None:
+    script = "echo $PPID; ps -o sid= -p $$; echo $$; echo oops >&2; exit 4"
+
+    async def main() -> tuple[bytes, bytes, int]:
+        try:
+            return finish(await spawner.spawn(JobSpec("sh", ("-c", script)), None))
+        finally:
+            spawner.close()
+
+    out, err, status = asyncio.run(main())
+    ppid, sid, pid = out.split()
+    assert int(ppid) == os.getpid()  # the server reaps it, whichever path started it
+    assert sid == pid
+    assert err == b"oops\n"
+    assert os.waitstatus_to_exitcode(status) == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (JobSpec("no-such-command-xyz"), "cannot execute 'no-such-command-xyz': No such file"),
+        (JobSpec("true", cwd="/no/such"), "cannot use working directory '/no/such': No such"),
+        (JobSpec("/etc/passwd"), "cannot execute '/etc/passwd': Permission denied"),
+    ],
+)
+def test_exec_failures_carry_the_os_reason(spawner: Spawner, spec: JobSpec, message: str) -> None:
+    async def main() -> None:
+        try:
+            with pytest.raises(SpawnError, match=message):
+                await spawner.spawn(spec, None)
+        finally:
+            spawner.close()
+
+    before = set(os.listdir("/proc/self/fd"))
+    asyncio.run(main())
+    assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor leaked
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # and no child left to reap
+
+
+def test_dead_zygote_falls_back_then_recovers() -> None:
+    spawner = Spawner()
+
+    async def main() -> list[bytes]:
+        outs = []
+        try:
+            outs.append(finish(await spawner.spawn(JobSpec("echo", ("1",)), None))[0])
+            zygote = spawner._zygote
+            assert zygote is not None
+            os.kill(zygote.pid, signal.SIGKILL)
+            outs.append(finish(await spawner.spawn(JobSpec("echo", ("2",)), None))[0])
+            outs.append(finish(await spawner.spawn(JobSpec("echo", ("3",)), None))[0])
+            assert spawner._zygote is not None and spawner._zygote.pid != zygote.pid
+        finally:
+            spawner.close()
+        return outs
+
+    assert asyncio.run(main()) == [b"1\n", b"2\n", b"3\n"]
