@@ -32,8 +32,9 @@ import attrs
 
 from jobworker import __version__
 from jobworker.client import JobClient, JobStatusView
-from jobworker.errors import JobworkerError
+from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks.manager import Plugins, available_plugins
+from jobworker.logs import LEVELS, configure_logging
 from jobworker.model import IoLimit, Limits
 from jobworker.pki import ROLES, PkiPaths, default_pki_dir, init_pki
 from jobworker.tls import TlsFiles
@@ -49,7 +50,6 @@ from jobworker.units import (
 DEFAULT_SERVER = "127.0.0.1:50051"
 #: The client of the dev PKI that client commands use when given no certificate.
 DEV_CLIENT = "admin"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
@@ -224,7 +224,7 @@ def _add_serve(commands: Any, plugins: Plugins) -> None:
         metavar="SECONDS",
         help="default stop grace period (default %(default)s)",
     )
-    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))
     plugins.add_options(serve)
 
@@ -278,12 +278,13 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
     plugins_cmd = commands.add_parser(
         "plugins",
         help="list plugins",
-        description="Without --plugin: every available plugin. With: those `serve "
-        "--plugin ...` would load (authz and the given ones).",
+        description="Without --plugin: every available plugin (built-ins and installed "
+        "entry points). With: those `serve --plugin ...` would load (authz and the given "
+        "ones).",
     )
     plugins_cmd.add_argument("--plugin", action="append", default=[], metavar="NAME")
     plugins_cmd.add_argument("--json", action="store_true", help="machine-readable output")
-    plugins_cmd.set_defaults(handler=functools.partial(_plugins, plugins))
+    plugins_cmd.set_defaults(handler=_plugins)
 
     certs = commands.add_parser("certs", help="manage a dev PKI")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
@@ -307,19 +308,15 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
 
 
 def _preload_plugins(argv: Sequence[str]) -> Plugins:
-    """Phase one of parsing: load the plugins named on a ``serve``/``plugins`` command line,
-    so that phase two can parse the options they add."""
+    """Phase one of parsing ``serve``: load the plugins it names, so that phase two can
+    parse the options they add."""
     plugins = Plugins()
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    if command not in ("serve", "plugins"):
+    if next((arg for arg in argv if not arg.startswith("-")), None) != "serve":
         return plugins
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--plugin", action="append", default=[])
     names: list[str] = finder.parse_known_args(argv)[0].plugin
-    if command == "plugins" and not names:
-        plugins.load(available_plugins())
-    else:
-        plugins.load(["authz", *names])
+    plugins.load(["authz", *names])
     return plugins
 
 
@@ -468,7 +465,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def _human(key: str, value: Any) -> str:
-    if value is None:
+    if value is None or value == []:
         return "-"
     if key.endswith("_at"):
         return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
@@ -521,22 +518,42 @@ def _list(client: JobClient, options: argparse.Namespace) -> int:
         )
         for view in views
     ]
+    # Pad every column but the last, so that a long command line is never followed by blanks.
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)))
+        print(
+            "  ".join(
+                [
+                    *(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)),
+                    row[-1],
+                ]
+            )
+        )
     return 0
 
 
 # -- local commands -----------------------------------------------------------------------
 
 
-def _plugins(plugins: Plugins, options: argparse.Namespace) -> int:
-    rows = plugins.describe()
+def _plugins(options: argparse.Namespace) -> int:
+    """Describe plugins without starting anything; one broken plugin does not hide the rest."""
+    plugins = Plugins()
+    rows: list[dict[str, Any]] = []
+    if options.plugin:
+        plugins.load(["authz", *options.plugin])
+    else:
+        for name in available_plugins():
+            try:
+                plugins.load([name])
+            except ConfigError as err:
+                rows.append({"name": name, "version": None, "hooks": [], "error": str(err)})
+    rows = plugins.describe() + rows
     if options.json:
         _print_json(rows)
         return 0
     for row in rows:
-        print(f"{row['name']} {row['version']}: {', '.join(row['hooks']) or '(no hooks)'}")
+        details = row.get("error") or ", ".join(row["hooks"]) or "(no hooks)"
+        print(f"{row['name']} {row['version'] or '-'}: {details}")
     return 0
 
 
@@ -604,7 +621,6 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
 
     import structlog
 
-    from jobworker.logs import configure_logging
     from jobworker.server import ServerConfig, serve
 
     configure_logging(options.log_level)

@@ -16,11 +16,6 @@ server's message, so callers never handle ``grpc.RpcError``.
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc, so it must be
-# imported first (see jobworker.tls).
-from jobworker.tls import TlsFiles, channel_credentials
-
-# isort: split
 import builtins
 import enum
 from collections.abc import Generator, Mapping, Sequence
@@ -32,6 +27,7 @@ import grpc
 
 from jobworker import errors
 from jobworker.model import IoLimit, JobState, Limits, ResourceUsage, TerminationReason
+from jobworker.tls import TlsFiles, channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
