@@ -1,0 +1,218 @@
+"""The cgroupv2 plugin on a hybrid host: real containment and tree-kill, limits refused.
+
+On a hybrid host /sys/fs/cgroup/unified is a cgroup2 mount without cpu, memory, io or pids
+(they are bound to v1), so a job cgroup there can hold, signal, kill and watch processes but
+enforce no limit. Every test works under its own fresh child of that mount and removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobworker.backends.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
+from jobworker.errors import FailedPrecondition
+from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
+
+UNIFIED = Path("/sys/fs/cgroup/unified")
+
+
+def _skip_reason() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        mounts = cgroup2_mounts(f.read())
+    if UNIFIED not in mounts:
+        return f"{UNIFIED} is not a cgroup2 mount (not a hybrid-cgroup host)"
+    if not os.access(UNIFIED, os.W_OK):
+        return f"{UNIFIED} is not writable (needs root)"
+    if set((UNIFIED / "cgroup.controllers").read_text().split()) & {"cpu", "memory", "pids"}:
+        return f"{UNIFIED} offers limit controllers: these tests assume a hybrid host"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+def _force_remove(path: Path) -> None:
+    """Teardown of last resort: kill and remove whatever a failed test left."""
+    if not path.exists():
+        return
+    (path / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 5
+    while "populated 1" in (path / "cgroup.events").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for parent, dirs, _files in os.walk(path, topdown=False):
+        for name in dirs:
+            os.rmdir(os.path.join(parent, name))
+    os.rmdir(path)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = UNIFIED / f"jobworker-test-{secrets.token_hex(4)}"
+    try:
+        yield path
+    finally:
+        _force_remove(path)
+
+
+@pytest.fixture
+def plugin(root: Path) -> Iterator[CgroupV2Plugin]:
+    plugin = CgroupV2Plugin(root=root)
+    plugin.setup()
+    try:
+        yield plugin
+    finally:
+        plugin.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has run its last instruction
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+
+
+def _spawn_tree(cgroup: JobCgroup, tmp_path: Path) -> tuple[subprocess.Popen[str], set[int]]:
+    """Join ``cgroup`` first, like the launcher, then fork a tree that leaves the session.
+
+    Every process prints its pid once it runs: the main shell, a setsid'd shell with two
+    children, a setsid'd orphan (its parent subshell exits) and a plain child: six lines.
+    """
+    leaf = tmp_path / "leaf.sh"
+    leaf.write_text("echo $$; exec sleep 1000\n")
+    script = (
+        f"echo 0 > {cgroup.join_path} || exit 1\n"
+        f"setsid sh -c 'sh {leaf} & sh {leaf} & echo $$; wait' &\n"
+        f"(setsid sh {leaf} &)\n"
+        f"sh {leaf} &\n"
+        "echo $$\n"
+        "wait\n"
+    )
+    proc = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    pids = {int(proc.stdout.readline()) for _ in range(6)}
+    cgroup.attach(proc.pid)
+    return proc, pids
+
+
+def test_kill_stops_a_setsid_double_forked_tree(
+    plugin: CgroupV2Plugin, root: Path, tmp_path: Path
+) -> None:
+    cgroup = plugin.create(new_job_id(), JobSpec("sh"))
+    proc, pids = _spawn_tree(cgroup, tmp_path)
+    try:
+        assert pids <= set(cgroup.pids())
+        assert len({os.getsid(pid) for pid in pids}) >= 3  # two sessions escaped the job's
+
+        async def kill_while_waiting() -> float:
+            waiter = asyncio.create_task(cgroup.wait_empty())
+            await asyncio.sleep(0.2)
+            assert not waiter.done()  # populated: the watch is armed and blocked
+            killed_at = time.monotonic()
+            cgroup.kill()
+            await asyncio.wait_for(waiter, timeout=5)
+            return time.monotonic() - killed_at
+
+        elapsed = asyncio.run(kill_while_waiting())
+    finally:
+        _reap(proc)
+    # The kill takes milliseconds; the bound only leaves room for a loaded CI machine.
+    assert elapsed < 2, f"wait_empty took {elapsed:.3f}s after cgroup.kill"
+    assert not [pid for pid in pids if _alive(pid)]
+    assert "populated 0" in (cgroup.path / "cgroup.events").read_text()
+    report = cgroup.report()
+    assert report.oom_killed is False
+    assert report.usage is not None and report.usage.cpu_usage_usec is not None
+    cgroup.release()
+    assert not cgroup.path.exists()
+    cgroup.release()  # idempotent
+
+
+def test_signal_reaches_processes_outside_the_session(
+    plugin: CgroupV2Plugin, tmp_path: Path
+) -> None:
+    cgroup = plugin.create(new_job_id(), JobSpec("sh"))
+    proc, pids = _spawn_tree(cgroup, tmp_path)
+    try:
+        cgroup.signal(signal.SIGTERM)
+        asyncio.run(asyncio.wait_for(cgroup.wait_empty(), timeout=5))
+    finally:
+        _reap(proc)
+    assert not [pid for pid in pids if _alive(pid)]
+    cgroup.release()
+
+
+def test_leftovers_of_a_crashed_run_are_removed(root: Path, tmp_path: Path) -> None:
+    crashed = CgroupV2Plugin(root=root)
+    cgroup = crashed.create(new_job_id(), JobSpec("sh"))
+    proc, pids = _spawn_tree(cgroup, tmp_path)
+    try:
+        restarted = CgroupV2Plugin(root=root)
+        restarted.setup()  # the server starting again after a crash
+    finally:
+        _reap(proc)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert not cgroup.path.exists()
+    restarted.shutdown()
+    assert root.exists()  # the restarted server found it, so it is not its to remove
+
+
+def _whole_disk() -> str | None:
+    for entry in sorted(Path("/sys/dev/block").iterdir()):
+        if not (entry / "partition").exists():
+            return entry.name
+    return None
+
+
+@pytest.mark.parametrize(
+    ("limits", "controller"),
+    [
+        (Limits(memory=64 << 20), "memory"),
+        (Limits(cpu=0.5), "cpu"),
+        (Limits(cpu_weight=50), "cpu"),
+        (Limits(pids=10), "pids"),
+        pytest.param(
+            Limits(io=[IoLimit(device=_whole_disk() or "", wbps=1 << 20)]),
+            "io",
+            marks=pytest.mark.skipif(_whole_disk() is None, reason="no block device"),
+        ),
+    ],
+)
+def test_limits_are_refused_naming_the_controller(
+    plugin: CgroupV2Plugin, root: Path, limits: Limits, controller: str
+) -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        plugin.create(new_job_id(), JobSpec("true", limits=limits))
+    message = str(info.value)
+    assert f"cgroup v2 {controller!r} controller is not available at {UNIFIED}" in message
+    assert "hugetlb" in message  # what the host does offer
+    assert [p for p in root.iterdir() if p.is_dir()] == []  # nothing half-created
+
+
+def test_no_limits_still_contains_without_a_pids_default(plugin: CgroupV2Plugin) -> None:
+    cgroup = plugin.create(new_job_id(), JobSpec("true"))
+    try:
+        assert cgroup.applied == Limits()  # no pids controller: the default is not in force
+        assert cgroup.name == f"cgroupv2:{cgroup.path}"
+        assert plugin.enabled == frozenset()
+    finally:
+        cgroup.release()
