@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_counts_cores_and_seconds() -> None:
         (parse_seconds, "inf"),
     ]:
         with pytest.raises(ValueError, match="invalid"):
-            parse(text)  # type: ignore[operator]
+            parse(text)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_bad_device_values(text: str) -> None:
         split_device_value(text)
 
 
-def _parse(*argv: str) -> object:
+def _parse(*argv: str) -> argparse.Namespace:
     return cli.build_parser(Plugins()).parse_args(argv)
 
 
@@ -116,11 +117,11 @@ def test_limits_flags_build_one_limits_with_io_merged_per_device() -> None:
         "--io-write-iops", "/dev/sda=50",
         "--", "dd", "if=/dev/zero",
     )  # fmt: skip
-    assert cli._limits(options) == Limits(  # type: ignore[arg-type]
+    assert cli._limits(options) == Limits(
         cpu=0.5,
         memory=256 << 20,
         pids=64,
-        io=(
+        io=(  # type: ignore[arg-type]  # mypy cannot type model.Limits' tuple converter
             IoLimit(device="/dev/sda", rbps=10 << 20, wbps=1 << 20, wiops=50),
             IoLimit(device="8:16", riops=100),
         ),
@@ -128,14 +129,14 @@ def test_limits_flags_build_one_limits_with_io_merged_per_device() -> None:
 
 
 def test_no_limits_flags_send_no_limits() -> None:
-    assert cli._limits(_parse("start", "--", "true")) is None  # type: ignore[arg-type]
+    assert cli._limits(_parse("start", "--", "true")) is None
 
 
 def test_command_after_double_dash_keeps_its_own_options() -> None:
     options = _parse("run", "--env", "A=b=c", "--", "sh", "-c", "echo -- --cpu 1")
-    assert options.command == ["sh", "-c", "echo -- --cpu 1"]  # type: ignore[attr-defined]
-    assert options.env == [("A", "b=c")]  # type: ignore[attr-defined]
-    assert options.cpu is None  # type: ignore[attr-defined]
+    assert options.command == ["sh", "-c", "echo -- --cpu 1"]
+    assert options.env == [("A", "b=c")]
+    assert options.cpu is None
 
 
 def _error_of(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
