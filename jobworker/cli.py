@@ -390,7 +390,7 @@ def _limits(options: argparse.Namespace) -> Limits | None:
         cpu=options.cpu,
         memory=options.memory,
         pids=options.pids,
-        io=io,  # type: ignore[arg-type]  # mypy cannot type model.Limits' tuple converter
+        io=io,
     )
     return None if limits.is_empty() else limits
 

@@ -154,7 +154,7 @@ def _limits_from_pb(limits: pb.Limits) -> Limits:
         memory=limits.memory_bytes or None,
         memory_high=limits.memory_high_bytes or None,
         pids=limits.pids or None,
-        io=io,  # type: ignore[arg-type]  # mypy cannot type model.Limits' tuple converter
+        io=io,
     )
 
 

@@ -145,7 +145,7 @@ class _Job:
             ended_at=self.ended_at,
             exit=self.exit,
             usage=self.usage,
-            output_bytes=self.log.size,
+            output_bytes=self.log.payload_bytes,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import secrets
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -18,8 +18,22 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def new_job_id() -> str:
-    """A unique, unguessable, URL-safe id (128 random bits)."""
-    return secrets.token_urlsafe(16)
+    """A unique, unguessable, URL-safe id (128 random bits).
+
+    Never starting with "-", so a command line cannot mistake it for an option.
+    """
+    while True:
+        job_id = secrets.token_urlsafe(16)
+        if not job_id.startswith("-"):
+            return job_id
+
+
+def _io_tuple(items: Iterable[IoLimit]) -> tuple[IoLimit, ...]:
+    return tuple(items)
+
+
+def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
 
 
 def _freeze_env(env: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -83,7 +97,7 @@ class Limits:
     memory: int | None = None  # bytes
     memory_high: int | None = None  # bytes
     pids: int | None = None
-    io: tuple[IoLimit, ...] = attrs.field(default=(), converter=tuple)
+    io: tuple[IoLimit, ...] = attrs.field(default=(), converter=_io_tuple)
 
     def is_empty(self) -> bool:
         return self == Limits()
@@ -94,7 +108,7 @@ class JobSpec:
     """What to run. ``env`` is the whole environment of the job (PATH defaulted)."""
 
     command: str
-    args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    args: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env, eq=False)
     cwd: str | None = None
     limits: Limits = attrs.field(factory=Limits)
@@ -144,4 +158,4 @@ class JobStatus:
     ended_at: float | None = None
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
-    output_bytes: int = 0
+    output_bytes: int = 0  # what the job wrote, stdout and stderr together

@@ -42,12 +42,18 @@ class OutputLog:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._size = 0
+        self._payload = 0
         self._closed = False
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes the job wrote (the file also holds a 5-byte header per record)."""
+        return self._payload
 
     @property
     def complete(self) -> bool:
@@ -65,6 +71,7 @@ class OutputLog:
                 rest = (header + bytes(piece))[written:]
                 written += os.pwrite(self._fd, rest, self._size + written)
             self._size += total
+        self._payload += len(view)
         self._wake()
 
     def close(self) -> None:

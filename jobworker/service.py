@@ -129,7 +129,7 @@ def limits_from_pb(limits: pb.Limits) -> Limits:
         memory=_limit(limits.memory_bytes, "memory_bytes"),
         memory_high=_limit(limits.memory_high_bytes, "memory_high_bytes"),
         pids=_limit(limits.pids, "pids"),
-        io=tuple(_io_limit_from_pb(io) for io in limits.io),  # type: ignore[misc]  # as above
+        io=tuple(_io_limit_from_pb(io) for io in limits.io),
     )
 
 
@@ -137,7 +137,7 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
     """The job a StartJob request asks for, validated; raises InvalidArgument saying why."""
     spec = JobSpec(
         command=request.command,
-        args=tuple(request.args),  # type: ignore[arg-type]  # attrs converter=tuple
+        args=tuple(request.args),
         env=dict(request.env),
         cwd=request.cwd or None,
         limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
