@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import os
 import signal
 import time
@@ -283,7 +284,11 @@ class JobManager:
         loop = asyncio.get_running_loop()
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
             loop.add_reader(fd, self._on_output, job, fd, stream)
-        task = loop.create_task(self._supervise(job), name=f"job-{job_id}")
+        # A fresh context: the job outlives the RPC that started it, and its log lines
+        # must not carry that RPC's identity and name.
+        task = loop.create_task(
+            self._supervise(job), name=f"job-{job_id}", context=contextvars.Context()
+        )
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
         status = job.snapshot()

@@ -47,15 +47,22 @@ _CIPHER_SUITES_VAR = "GRPC_SSL_CIPHER_SUITES"
 # before `import grpc`. That works only when this module is the first to import grpc in
 # the process; server_credentials() detects the other case. The previous value is
 # restored straight after, so that the processes we spawn (jobs) do not inherit it.
-_previous_cipher_suites = os.environ.get(_CIPHER_SUITES_VAR)
-os.environ[_CIPHER_SUITES_VAR] = TLS12_REFUSING_CIPHER_SUITES
+# GRPC_VERBOSITY is read the same way: grpc's C core would otherwise print INFO lines
+# (such as the handshake failure of our own TLS 1.2 probe) in the middle of our JSON logs.
+_GRPC_IMPORT_ENV = {
+    _CIPHER_SUITES_VAR: TLS12_REFUSING_CIPHER_SUITES,
+    "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR"),
+}
+_previous_env = {name: os.environ.get(name) for name in _GRPC_IMPORT_ENV}
+os.environ.update(_GRPC_IMPORT_ENV)
 
 import grpc  # noqa: E402
 
-if _previous_cipher_suites is None:
-    del os.environ[_CIPHER_SUITES_VAR]
-else:
-    os.environ[_CIPHER_SUITES_VAR] = _previous_cipher_suites
+for _name, _value in _previous_env.items():
+    if _value is None:
+        del os.environ[_name]
+    else:
+        os.environ[_name] = _value
 
 log = structlog.get_logger(__name__)
 
