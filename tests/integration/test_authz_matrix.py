@@ -1,0 +1,195 @@
+"""Who may do what, for every RPC: users, another user's job, admins, strangers.
+
+alice and bob are users, root is an admin, mallory has a certificate of the same CA but
+is not on the whitelist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import grpc
+import pytest
+
+from jobworker.backends.authz import Authz, Role
+from jobworker.errors import ConfigError, NotFound, PermissionDenied, job_not_found
+from jobworker.identity import Identity
+from jobworker.model import Action, JobSpec, JobState, JobStatus, new_job_id
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job
+
+T = RPC_TIMEOUT_S
+JOB_RPCS = ("GetStatus", "StreamOutput", "StopJob")
+
+
+def call_job_rpc(stub: pb_grpc.JobServiceStub, rpc: str, job_id: str) -> Any:
+    """Call one RPC about ``job_id``; StopJob with a short grace, StreamOutput to its end."""
+    if rpc == "GetStatus":
+        return stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
+    if rpc == "StreamOutput":
+        return list(stub.StreamOutput(pb.JobRequest(job_id=job_id, no_follow=True), timeout=T))
+    return stub.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
+
+
+def refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture
+def alice_job(api_server: RunningServer) -> Iterator[str]:
+    """A running job of alice's, stopped at the end by the admin."""
+    job_id = start_job(api_server.stub("alice"), "sh", "-c", "echo mine; exec sleep 60")
+    yield job_id
+    api_server.stub("root").StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
+
+
+def is_running(server: RunningServer, job_id: str) -> bool:
+    status = server.stub("root").GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
+    return bool(status.status == "running")
+
+
+@pytest.mark.parametrize("rpc", JOB_RPCS)
+def test_user_may_use_own_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
+    call_job_rpc(api_server.stub("alice"), rpc, alice_job)
+
+
+@pytest.mark.parametrize("rpc", JOB_RPCS)
+def test_user_sees_other_users_job_as_unknown(
+    api_server: RunningServer, alice_job: str, rpc: str
+) -> None:
+    bob = api_server.stub("bob")
+    unknown = new_job_id()
+    code, message = refusal(lambda: call_job_rpc(bob, rpc, alice_job))
+    unknown_code, unknown_message = refusal(lambda: call_job_rpc(bob, rpc, unknown))
+    assert code == unknown_code == grpc.StatusCode.NOT_FOUND
+    assert message.replace(alice_job, "ID") == unknown_message.replace(unknown, "ID")
+    assert is_running(api_server, alice_job)
+
+
+@pytest.mark.parametrize("rpc", JOB_RPCS)
+def test_admin_may_use_any_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
+    call_job_rpc(api_server.stub("root"), rpc, alice_job)
+
+
+def test_admin_stop_is_recorded(api_server: RunningServer, alice_job: str) -> None:
+    reply = api_server.stub("root").StopJob(pb.JobRequest(job_id=alice_job), timeout=T)
+    assert reply.success
+    assert (reply.status.owner, reply.status.stopped_by) == ("alice", "root")
+
+
+def test_list_shows_users_only_their_jobs_and_admins_all(
+    api_server: RunningServer, alice_job: str
+) -> None:
+    bob_job = start_job(api_server.stub("bob"), "true")
+
+    def listed(name: str) -> dict[str, str]:
+        jobs = api_server.stub(name).ListJobs(pb.ListJobsRequest(), timeout=T).jobs
+        return {job.job_id: job.owner for job in jobs}
+
+    assert alice_job in listed("alice") and bob_job not in listed("alice")
+    assert set(listed("alice").values()) == {"alice"}
+    assert bob_job in listed("bob") and alice_job not in listed("bob")
+    assert {alice_job, bob_job} <= set(listed("root"))
+
+
+def test_users_and_admins_may_start(api_server: RunningServer) -> None:
+    for name in ("alice", "bob", "root"):
+        assert start_job(api_server.stub(name), "true")
+
+
+@pytest.mark.parametrize("job", ["existing", "unknown", "malformed"])
+def test_not_whitelisted_is_denied_every_rpc(
+    api_server: RunningServer, alice_job: str, job: str
+) -> None:
+    mallory = api_server.stub("mallory")
+    job_id = {"existing": alice_job, "unknown": new_job_id(), "malformed": "../x"}[job]
+    calls: dict[str, Callable[[], Any]] = {
+        rpc: lambda rpc=rpc: call_job_rpc(mallory, rpc, job_id) for rpc in JOB_RPCS
+    }
+    calls["StartJob"] = lambda: mallory.StartJob(pb.StartJobRequest(command="true"), timeout=T)
+    calls["ListJobs"] = lambda: mallory.ListJobs(pb.ListJobsRequest(), timeout=T)
+    for rpc, call in calls.items():
+        code, message = refusal(call)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, rpc
+        assert message == "mallory is not on the authorization whitelist", rpc
+    assert is_running(api_server, alice_job)
+
+
+# -- the whitelist itself ------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "authz.toml"
+    path.write_text(text)
+    return path
+
+
+def test_identity_matches_common_name_or_any_san(tmp_path: Path) -> None:
+    authz = Authz.from_file(
+        write(
+            tmp_path,
+            '[[clients]]\nidentity = "ci.example.com"\nrole = "admin"\n'
+            '[[clients]]\nidentity = "alice"\nrole = "user"\n',
+        )
+    )
+    assert authz.role_of(Identity("ci-runner", sans=("spiffe://x", "ci.example.com"))) is Role.ADMIN
+    assert authz.role_of(Identity("alice")) is Role.USER
+    assert authz.role_of(Identity("eve", sans=("alice.example.com",))) is None
+
+
+def test_user_rules(tmp_path: Path) -> None:
+    authz = Authz.from_file(write(tmp_path, '[[clients]]\nidentity = "bob"\nrole = "user"\n'))
+    job_id = new_job_id()
+    alices = JobStatus(
+        job_id=job_id,
+        spec=JobSpec("true"),
+        owner="alice",
+        state=JobState.RUNNING,
+        pid=1,
+        started_at=0.0,
+        containment="process-group",
+    )
+    bob = Identity("bob")
+    assert authz.authorize(bob, Action.START, None) is True
+    assert authz.authorize(bob, Action.STATUS, None) is True  # unknown id: NOT_FOUND later
+    assert authz.authorize(bob, Action.STATUS, attrs.evolve(alices, owner="bob")) is True
+    with pytest.raises(NotFound) as hidden:
+        authz.authorize(bob, Action.STOP, alices)
+    assert str(hidden.value) == str(job_not_found(job_id))
+    with pytest.raises(PermissionDenied, match="eve is not on the authorization whitelist"):
+        authz.authorize(Identity("eve"), Action.LIST, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "lists no clients"),
+        ("clients = []\n", "lists no clients"),
+        ('[[clients]]\nidentity = "a"\nrole = "root"\n', "entry 1 ('a'): role 'root' is not one"),
+        ('[[clients]]\nidentity = ""\nrole = "user"\n', "entry 1: identity must be"),
+        ('[[clients]]\nidentity = "a"\nrol = "user"\n', "unknown key 'rol'"),
+        (
+            '[[clients]]\nidentity = "a"\nrole = "user"\n[[clients]]\nidentity = "a"\nrole = "admin"\n',
+            "entry 2: identity 'a' is listed twice",
+        ),
+        ("[[clients]\n", "is not valid TOML"),
+        ('[[client]]\nidentity = "a"\nrole = "user"\n', "unknown key 'client'"),
+    ],
+)
+def test_bad_whitelist_refuses_start_up(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        Authz.from_file(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_whitelist_refuses_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Authz.from_file(tmp_path / "nope.toml")
