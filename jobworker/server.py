@@ -11,14 +11,17 @@ from __future__ import annotations
 from jobworker import tls  # isort: split
 
 import asyncio
+import functools
+import inspect
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import grpc
@@ -26,7 +29,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobworker.errors import ConfigError
+from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.manager import Plugins
 from jobworker.manager import JobManager
 from jobworker.service import JobService
@@ -62,6 +65,50 @@ class ServerConfig:
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
+
+
+class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Health and reflection get the job service's per-RPC certificate check (TLS 1.3, not
+    revoked), so a revoked client gets nothing; they need no whitelist entry.
+
+    The job service does its own check (see ``jobworker.service``). grpc.aio interceptors
+    never see the servicer context, so the check wraps the handler itself.
+    """
+
+    def __init__(self, crl: tls.RevocationList | None) -> None:
+        self._crl = crl
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{_SERVICE_NAME}/"):
+            return handler
+        wrap = functools.partial(self._wrap, streaming=handler.response_streaming)
+        return grpc.experimental.wrap_server_method_handler(wrap, handler)
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            tls.check_peer(context.auth_context(), self._crl)
+        except Unauthenticated as err:
+            log.warning("rpc_unauthenticated", peer=context.peer(), reason=str(err))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+
+    def _wrap(self, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(context)
+            return await behavior(request, context)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._check(context)
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a coroutine that answers with context.write()
+                await result
+
+        return stream if streaming else unary
 
 
 @contextmanager
@@ -136,7 +183,10 @@ async def serve(
         )
         # Without this, grpc lets a second server share a busy port (SO_REUSEPORT) and the
         # kernel splits connections between them.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=[_AuthenticateOtherServices(crl)],
+            options=[("grpc.so_reuseport", 0)],
+        )
         jobworker_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(manager, plugins, crl), server
         )

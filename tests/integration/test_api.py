@@ -359,6 +359,16 @@ def test_revoked_client_is_unauthenticated_on_every_rpc(api_pki: PkiPaths, tmp_p
             "StopJob": lambda: alice.StopJob(pb.JobRequest(job_id=job_id), timeout=T),
             "StreamOutput": lambda: list(alice.StreamOutput(pb.JobRequest(job_id=job_id))),
             "ListJobs": lambda: alice.ListJobs(pb.ListJobsRequest(), timeout=T),
+            "Health": lambda: health_pb2_grpc.HealthStub(server.channel("alice")).Check(
+                health_pb2.HealthCheckRequest(), timeout=T
+            ),
+            "Reflection": lambda: list(
+                reflection_pb2_grpc.ServerReflectionStub(
+                    server.channel("alice")
+                ).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=T
+                )
+            ),
         }
         for rpc, call in calls.items():
             err = rpc_error(call)
@@ -371,7 +381,8 @@ def test_revoked_client_is_unauthenticated_on_every_rpc(api_pki: PkiPaths, tmp_p
 
 
 def test_health_and_reflection(api_server: RunningServer) -> None:
-    channel = api_server.channel("alice")
+    """They need a valid certificate, not a whitelist entry: mallory may use them."""
+    channel = api_server.channel("mallory")
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "jobworker.v1.JobService"):
         answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=T)
