@@ -181,6 +181,7 @@ async def serve(
             default_grace=config.default_grace,
             max_running=config.max_running,
         )
+        plugins.manager_ready(manager)
         # Without this, grpc lets a second server share a busy port (SO_REUSEPORT) and the
         # kernel splits connections between them.
         server = grpc.aio.server(

@@ -312,6 +312,25 @@ class _BrokenPlugin:
         return 42  # not a JobSpec
 
 
+class _ManagerKeeper:
+    def __init__(self) -> None:
+        self.managers: list[Any] = []
+
+    @hookimpl
+    def jobworker_manager_ready(self, manager: Any) -> None:
+        self.managers.append(manager)
+
+
+def test_plugins_get_the_manager_before_requests(api_pki: PkiPaths) -> None:
+    keeper = _ManagerKeeper()
+    plugins = authz_plugins(api_pki.authz)
+    plugins.register(keeper, name="keeper")
+    with running_server(api_pki, plugins=plugins) as server:
+        assert len(keeper.managers) == 1
+        job_id = start_job(server.stub("alice"), "true")
+        assert server.call(keeper.managers[0].wait(job_id)).owner == "alice"
+
+
 def test_unexpected_error_is_internal_without_details(
     api_pki: PkiPaths, capsys: pytest.CaptureFixture[str]
 ) -> None:
