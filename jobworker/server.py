@@ -169,10 +169,21 @@ async def serve(
     """
     if not plugins.has_impl("jobworker_authorize"):
         raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+    stop = stop_event or asyncio.Event()
+    # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
+    with _stop_on_signals(stop):
+        await _serve_until(stop, config, plugins, ready)
+
+
+async def _serve_until(
+    stop: asyncio.Event,
+    config: ServerConfig,
+    plugins: Plugins,
+    ready: Callable[[str], None] | None,
+) -> None:
     host, _ = _split_listen(config.listen)
     credentials = await asyncio.to_thread(tls.server_credentials, config.tls)
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
-    stop = stop_event or asyncio.Event()
 
     with _spool_directory(config.spool_dir) as spool_dir:
         manager = JobManager(
@@ -181,8 +192,7 @@ async def serve(
             default_grace=config.default_grace,
             max_running=config.max_running,
         )
-        plugins.manager_ready(manager)
-        # Without this, grpc lets a second server share a busy port (SO_REUSEPORT) and the
+        # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         server = grpc.aio.server(
             interceptors=[_AuthenticateOtherServices(crl)],
@@ -204,6 +214,7 @@ async def serve(
             raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
         address = f"{host}:{port}"
 
+        plugins.manager_ready(manager)
         await server.start()
         try:
             await health_servicer.set(_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -211,8 +222,7 @@ async def serve(
             _log_started(config, plugins, address, spool_dir)
             if ready is not None:
                 ready(address)
-            with _stop_on_signals(stop):
-                await stop.wait()
+            await stop.wait()
             log.info("server_stopping", address=address)
         finally:
             await health_servicer.enter_graceful_shutdown()
