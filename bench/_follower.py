@@ -1,0 +1,85 @@
+"""One follower process: streams a job's output (or the bare ceiling RPC) and reports.
+
+It connects first (so the TLS handshake is done), prints ``ready``, and with ``--job -``
+then reads the job id (bare mode: the byte count) from stdin: the benchmark can start its
+followers before the job. It prints one JSON line when the stream ends: bytes received,
+seconds from the call to the last byte, and the sha256 of the data with ``--digest``.
+``--mode stall`` reads the first chunk and then nothing more until it is killed (a client
+that stopped reading).
+"""
+
+from __future__ import annotations
+
+# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.tls import channel_credentials  # isort: split
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from jobworker.client import JobClient
+from jobworker.pki import PkiPaths
+
+CLIENT = "bench"
+
+
+def bare_chunks(address: str, pki: Path, go: str) -> Iterable[bytes]:
+    with grpc.secure_channel(address, channel_credentials(PkiPaths(pki).client(CLIENT))) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        print("ready", flush=True)
+        total = int(input().strip() if go == "-" else go)
+        yield b""
+        yield from ch.unary_stream("/bench.Bare/Stream")(str(total).encode())
+
+
+def job_chunks(address: str, pki: Path, job_id: str) -> Iterable[bytes]:
+    with JobClient(address, PkiPaths(pki).client(CLIENT)) as client:
+        client.list()
+        print("ready", flush=True)
+        if job_id == "-":
+            job_id = input().strip()
+        yield b""
+        for _stream, data, _offset in client.stream(job_id):
+            yield data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("address")
+    p.add_argument("pki", type=Path)
+    p.add_argument(
+        "--job",
+        default="-",
+        help="job id (bare: bytes to ask for), or - to read it from stdin",
+    )
+    p.add_argument("--mode", choices=["read", "stall", "bare"], default="read")
+    p.add_argument("--digest", action="store_true")
+    options = p.parse_args()
+    if options.mode == "bare":
+        chunks = iter(bare_chunks(options.address, options.pki, options.job))
+    else:
+        chunks = iter(job_chunks(options.address, options.pki, options.job))
+    next(chunks)  # connected
+    digest = hashlib.sha256() if options.digest else None
+    received = 0
+    began = time.perf_counter()
+    for data in chunks:
+        if options.mode == "stall":
+            time.sleep(3600)  # killed by the benchmark
+        received += len(data)
+        if digest is not None:
+            digest.update(data)
+    seconds = time.perf_counter() - began
+    result: dict[str, object] = {"bytes": received, "seconds": seconds}
+    if digest is not None:
+        result["sha256"] = digest.hexdigest()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""A jobworker server for the benchmarks: ``serve()`` as ``jobworker serve`` runs it.
+
+Differences from the CLI, all for measuring: it listens on an ephemeral port of 127.0.0.1
+and prints the address on stdout once serving, and the job table's retention bound is a
+flag (the scale benchmark keeps 10000 finished jobs; the server's default is 1000).
+"""
+
+from __future__ import annotations
+
+# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker import tls  # isort: split
+
+import argparse
+import asyncio
+import functools
+from pathlib import Path
+
+import jobworker.server
+from jobworker.backends.authz import Authz
+from jobworker.hooks.manager import Plugins
+from jobworker.logs import configure_logging
+from jobworker.manager import JobManager
+from jobworker.pki import PkiPaths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--pki", type=Path, required=True)
+    p.add_argument("--retain", type=int, default=1000)
+    p.add_argument("--max-running", type=int, default=1000)
+    p.add_argument("--log-level", default="info")
+    options = p.parse_args()
+    configure_logging(options.log_level, json=True)
+    pki = PkiPaths(options.pki)
+    plugins = Plugins()
+    plugins.register(Authz.from_file(pki.authz), name="authz")
+    plugins.load(["authz"])
+    # serve() builds its JobManager with the default retention: widen it for this process.
+    jobworker.server.JobManager = functools.partial(  # type: ignore[misc]
+        JobManager, retain_finished=options.retain
+    )
+    config = jobworker.server.ServerConfig(
+        listen="127.0.0.1:0",
+        tls=pki.server(),
+        default_grace=5.0,
+        max_running=options.max_running,
+    )
+
+    def ready(address: str) -> None:
+        print(address, flush=True)
+
+    asyncio.run(jobworker.server.serve(config, plugins, ready=ready))
+
+
+if __name__ == "__main__":
+    assert tls
+    main()

@@ -1,0 +1,92 @@
+"""Start latency: StartJob over mTLS until the command runs, against a local spawn.
+
+``JobClient.start`` returns when the server answers, and the server answers once the
+launcher has ``execve``d the command (docs/spawning.md), so the round trip is "until the
+process is running". Baselines in the same run: ``subprocess.Popen`` of the same command
+(which also returns after a successful exec), the interpreter start-up that the launcher
+pays (``python -I -S -c pass``), and one GetStatus round trip (the RPC's own cost).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from _common import (
+    CLIENT,
+    header,
+    jobworker_server,
+    make_pki,
+    ms,
+    parser,
+    percentile,
+    row,
+    workdir,
+)
+
+from jobworker.client import JobClient
+
+COMMAND = ["true"]
+
+
+def timed(action: Callable[[], object], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def local_spawn() -> None:
+    proc = subprocess.Popen(COMMAND)
+    proc.wait()  # inside the timing too: the zombie is reaped by the same call
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--starts", type=int, default=500)
+    options = p.parse_args()
+    starts = 100 if options.quick else options.starts
+    header(f"start latency: {starts} sequential starts of {' '.join(COMMAND)!r}")
+    with workdir() as work:
+        pki = make_pki(work / "pki")
+        with (
+            jobworker_server(pki, work, retain=starts + 100) as server,
+            JobClient(server.address, pki.client(CLIENT)) as client,
+        ):
+            job = client.start(*COMMAND)
+            for _ in range(20):  # warm-up: connection, code paths, page cache
+                client.start(*COMMAND)
+            rpc = timed(lambda: client.status(job), starts)
+            jobs = timed(lambda: client.start(*COMMAND), starts)
+    local = timed(local_spawn, starts)
+    interp = timed(
+        lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True),
+        max(20, starts // 5),
+    )
+    for label, samples in (
+        ("StartJob over mTLS (jobworker)", jobs),
+        ("subprocess.Popen + wait (local baseline)", local),
+        ("python -I -S -c pass (launcher floor)", interp),
+        ("GetStatus round trip (RPC floor)", rpc),
+    ):
+        row(
+            label,
+            f"p50 {ms(percentile(samples, 0.5))}",
+            f"p99 {ms(percentile(samples, 0.99))}",
+            f"max {ms(max(samples))}",
+        )
+    p50, p99 = percentile(jobs, 0.5), percentile(jobs, 0.99)
+    row("ratio StartJob / local spawn (p50)", f"{p50 / percentile(local, 0.5):.1f}x")
+    row(
+        "StartJob p50 minus launcher floor and RPC",
+        ms(p50 - percentile(interp, 0.5) - percentile(rpc, 0.5)),
+    )
+    row("target p50 <= 15 ms, p99 <= 50 ms", f"p50 {ms(p50)}", f"p99 {ms(p99)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Stream throughput: one job's stdout to followers over mTLS, against the stack's ceiling.
+
+* ceiling: a bare grpc.aio server-streaming RPC over the same mTLS set-up, 64 KiB
+  messages, no protobuf and no work per message (``_bare_server.py``);
+* jobworker, one follower: ``head -c SIZE /dev/zero`` as a job, read through
+  ``jobworker.client.JobClient.stream`` in a process of its own;
+* jobworker, ten concurrent followers of one job: aggregate MB/s and fairness (slowest
+  follower's rate over the fastest's).
+
+Followers connect before the job starts and time from their call to their last byte.
+Ceiling and jobworker runs alternate, so that load from elsewhere hits both alike; the
+server's CPU seconds per GiB sent are reported too, being less sensitive to that load.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from _common import (
+    CLIENT,
+    MB,
+    GiB,
+    bare_server,
+    cpu_seconds,
+    followers,
+    header,
+    jobworker_server,
+    make_pki,
+    parser,
+    row,
+    workdir,
+)
+
+from jobworker.client import JobClient
+
+MESSAGE = 64 * 1024
+
+
+def rate(result: dict[str, float]) -> float:
+    return result["bytes"] / result["seconds"] / MB
+
+
+def measured(pid: int, size: int, run: Callable[[], list[dict[str, float]]]) -> tuple[float, float]:
+    """(MB/s of the one follower, server CPU seconds per GiB) of one run."""
+    before = cpu_seconds(pid)
+    (result,) = run()
+    assert result["bytes"] == size, result
+    return rate(result), (cpu_seconds(pid) - before) * GiB / size
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--size", type=float, default=2.0, help="GiB per job (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each, median reported")
+    p.add_argument("--fanout", type=int, default=10)
+    options = p.parse_args()
+    size = int((0.25 if options.quick else options.size) * GiB)
+    repeat = 1 if options.quick else options.repeat
+    header(f"stream throughput: {size / GiB:g} GiB per job, median of {repeat} alternating runs")
+    command = ("head", ["-c", str(size), "/dev/zero"])
+    ceiling_runs: list[tuple[float, float]] = []
+    single_runs: list[tuple[float, float]] = []
+    with workdir() as work:
+        pki = make_pki(work / "pki")
+        with (
+            bare_server(pki, work, MESSAGE) as bare,
+            jobworker_server(pki, work) as server,
+            JobClient(server.address, pki.client(CLIENT)) as client,
+        ):
+
+            def bare_run() -> list[dict[str, float]]:
+                one = followers(bare.address, pki, 1, mode="bare")
+                one.go(str(size))
+                return one.results()
+
+            def job_run() -> list[dict[str, float]]:
+                one = followers(server.address, pki, 1)
+                one.go(client.start(*command))
+                return one.results()
+
+            for _ in range(repeat):
+                ceiling_runs.append(measured(bare.pid, size, bare_run))
+                single_runs.append(measured(server.pid, size, job_run))
+            many = followers(server.address, pki, options.fanout)
+            many.go(client.start(*command))
+            results = many.results()
+            assert all(r["bytes"] == size for r in results), results
+            rss = server.status()
+    ceiling = statistics.median(r for r, _ in ceiling_runs)
+    ceiling_cpu = statistics.median(c for _, c in ceiling_runs)
+    single = statistics.median(r for r, _ in single_runs)
+    single_cpu = statistics.median(c for _, c in single_runs)
+    rates = [rate(r) for r in results]
+    aggregate = options.fanout * size / max(r["seconds"] for r in results) / MB
+    row(
+        "ceiling: bare grpc.aio stream, 64 KiB msgs",
+        f"{ceiling:.0f} MB/s",
+        f"server CPU {ceiling_cpu:.2f} s/GiB",
+        "runs:",
+        [round(r) for r, _ in ceiling_runs],
+    )
+    row(
+        "jobworker, 1 follower",
+        f"{single:.0f} MB/s",
+        f"server CPU {single_cpu:.2f} s/GiB",
+        "runs:",
+        [round(r) for r, _ in single_runs],
+    )
+    row("ratio jobworker / ceiling (target >= 0.90)", f"{single / ceiling:.2f}")
+    row("ratio of server CPU per GiB, ceiling / jobworker", f"{ceiling_cpu / single_cpu:.2f}")
+    row(
+        f"jobworker, {options.fanout} followers of one job",
+        f"aggregate {aggregate:.0f} MB/s",
+        f"per follower min {min(rates):.0f} / max {max(rates):.0f} MB/s",
+    )
+    row("fairness (slowest / fastest follower)", f"{min(rates) / max(rates):.2f}")
+    row("aggregate / ceiling", f"{aggregate / ceiling:.2f}")
+    row("server VmHWM after the runs", f"{rss['VmHWM'] / (1 << 20):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
