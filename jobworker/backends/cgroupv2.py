@@ -129,6 +129,11 @@ def _is_populated(path: Path) -> bool:
     return _read_keyed(path / "cgroup.events").get("populated", 0) != 0
 
 
+def _unescape(text: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` for a space)."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), text)
+
+
 def cgroup2_mounts(mountinfo: str) -> dict[Path, str]:
     """Every cgroup2 mount point, with the hierarchy path it shows (usually ``/``)."""
     mounts: dict[Path, str] = {}
@@ -136,11 +141,7 @@ def cgroup2_mounts(mountinfo: str) -> dict[Path, str]:
         fields = line.split()
         separator = fields.index("-")
         if fields[separator + 1] == "cgroup2":
-
-            def unescape(text: str) -> str:
-                return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), text)
-
-            mounts[Path(unescape(fields[4]))] = unescape(fields[3])
+            mounts[Path(_unescape(fields[4]))] = _unescape(fields[3])
     return mounts
 
 
@@ -613,8 +614,7 @@ class CgroupV2Plugin:
             if limits.memory is not None and not self.allow_swap:
                 writes.append(("memory.swap.max", "0"))
             writes.append(("memory.oom.group", "1"))
-        # mypy cannot type model.Limits' tuple converter
-        applied = attrs.evolve(limits, cpu=cpu, pids=pids, io=io)  # type: ignore[arg-type]
+        applied = attrs.evolve(limits, cpu=cpu, pids=pids, io=io)
         return _Plan(writes=writes, applied=applied)
 
     def _plan_io(
