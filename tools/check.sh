@@ -40,5 +40,5 @@ python -m pytest -m "not cgroup" -p no:cacheprovider
 if [ "${JOBWORKER_SKIP_VM:-0}" != 1 ]; then
   step "cgroup v2 tests inside a QEMU VM"
   python tests/vm/run_vm.py --timeout 1200 --retries 1 -- \
-    "$PWD/.venv/bin/python" -m pytest -m cgroup -p no:cacheprovider tests/vm
+    "$PWD/.venv/bin/python" -m pytest -p pytest_timeout -p no:cacheprovider -m cgroup tests/vm
 fi
