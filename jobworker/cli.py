@@ -224,6 +224,27 @@ def _add_serve(commands: Any, plugins: Plugins) -> None:
         metavar="SECONDS",
         help="default stop grace period (default %(default)s)",
     )
+    serve.add_argument(
+        "--max-jobs",
+        type=_argument(parse_count),
+        default=1000,
+        metavar="N",
+        help="most jobs running at once; more get RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retain-jobs",
+        type=_argument(parse_count),
+        default=1000,
+        metavar="N",
+        help="finished jobs (and their output) kept for status and logs (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retain-seconds",
+        type=_argument(parse_seconds),
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a finished job is kept at most (default %(default)s)",
+    )
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))
     plugins.add_options(serve)
@@ -637,7 +658,13 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
         )
     plugins.configure(options)
     config = ServerConfig(
-        listen=options.listen, tls=tls, spool_dir=options.spool_dir, default_grace=options.grace
+        listen=options.listen,
+        tls=tls,
+        spool_dir=options.spool_dir,
+        default_grace=options.grace,
+        max_running=options.max_jobs,
+        retain_finished=options.retain_jobs,
+        retain_seconds=options.retain_seconds,
     )
     asyncio.run(serve(config, plugins))
     return 0

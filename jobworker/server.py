@@ -65,6 +65,8 @@ class ServerConfig:
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
+    retain_finished: int = 1000
+    retain_seconds: float = 3600.0
 
 
 class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -191,6 +193,8 @@ async def _serve_until(
             spool_dir,
             default_grace=config.default_grace,
             max_running=config.max_running,
+            retain_finished=config.retain_finished,
+            retain_seconds=config.retain_seconds,
         )
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.

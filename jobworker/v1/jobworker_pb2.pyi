@@ -327,7 +327,7 @@ class JobStatusResponse(_message.Message):
     status: _builtins.str
     """"running" | "exited" """
     exit_code: _builtins.int
-    """valid when reason is "exited" """
+    """the exit code; 128+N when a signal N ended the job"""
     reason: _builtins.str
     """Extensions.
     "" while running; "exited" | "signaled" | "stopped" | "oom_killed"
