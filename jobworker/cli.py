@@ -180,6 +180,12 @@ def _job_options() -> _Parser:
     limits.add_argument(
         "--memory", type=_argument(parse_size), metavar="SIZE", help="e.g. 256M, 1G"
     )
+    limits.add_argument(
+        "--memory-high", type=_argument(parse_size), metavar="SIZE", help="throttle above this"
+    )
+    limits.add_argument(
+        "--cpu-weight", type=_argument(parse_count), metavar="N", help="CPU share, 1-10000"
+    )
     limits.add_argument("--pids", type=_argument(parse_count), metavar="N", help="max processes")
     for flag, field, parse, metavar, help_ in (
         ("--io-read-bps", "rbps", _device_rate, "DEV=RATE", "read bytes per second, e.g. 10M"),
@@ -409,7 +415,9 @@ def _limits(options: argparse.Namespace) -> Limits | None:
     )
     limits = Limits(
         cpu=options.cpu,
+        cpu_weight=options.cpu_weight,
         memory=options.memory,
+        memory_high=options.memory_high,
         pids=options.pids,
         io=io,
     )

@@ -92,7 +92,8 @@ class Plugins:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from exc
+            name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise ConfigError(f"plugin {name!r}: {exc}") from exc
 
     def describe(self) -> list[dict[str, Any]]:
         """Name, version and implemented hooks of every loaded plugin (``jobworker plugins``)."""

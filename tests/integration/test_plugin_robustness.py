@@ -185,11 +185,6 @@ def broken_distribution(tmp_path: Path) -> Path:
         pytest.param(
             "typo",
             "plugin 'typo'.*jobworker_on_exitt",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Plugins.load reports check_pending()'s plugin object (a module repr),"
-                " not its name: needs pm.get_name(exc.plugin) in jobworker/hooks/manager.py",
-            ),
         ),
         ("no-such", "unknown plugin 'no-such'; available: authz, audit-log"),
     ],
