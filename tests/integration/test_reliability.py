@@ -85,7 +85,14 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 class ServeProcess:
     """``jobworker serve`` as a subprocess, listening on an ephemeral port of 127.0.0.1."""
 
-    def __init__(self, pki: PkiPaths, spool_dir: Path, log_path: Path, grace: float = 2.0):
+    def __init__(
+        self,
+        pki: PkiPaths,
+        spool_dir: Path,
+        log_path: Path,
+        grace: float = 2.0,
+        extra: tuple[str, ...] = (),
+    ):
         self.pki = pki
         self.spool_dir = spool_dir
         self.log_path = log_path
@@ -93,6 +100,7 @@ class ServeProcess:
         args = ["serve", "--listen", "127.0.0.1:0", "--spool-dir", str(spool_dir)]
         args += ["--tls-cert", str(files.cert), "--tls-key", str(files.key)]
         args += ["--tls-ca", str(files.ca), "--authz", str(pki.authz), "--grace", str(grace)]
+        args += extra
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jobworker", *args],
@@ -175,12 +183,9 @@ def serve_process(api_pki: PkiPaths, tmp_path: Path) -> Iterator[Any]:
     """A factory of ``jobworker serve`` processes; each is stopped (or killed) at the end."""
     started: list[ServeProcess] = []
 
-    def start(grace: float = 2.0, spool_dir: Path | None = None) -> ServeProcess:
+    def start(grace: float = 2.0, extra: tuple[str, ...] = ()) -> ServeProcess:
         server = ServeProcess(
-            api_pki,
-            spool_dir or tmp_path / "spool",
-            tmp_path / f"server-{len(started)}.log",
-            grace,
+            api_pki, tmp_path / "spool", tmp_path / f"server-{len(started)}.log", grace, extra
         )
         started.append(server)
         return server
@@ -607,3 +612,35 @@ def test_server_healthy_after_fuzzing(fuzz_server: Fuzzed) -> None:
     assert_healthy(fuzz_server.server)
     threads = threading.active_count()
     assert threads < 100
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_with_cgroupv2_kills_the_leftovers(
+    serve_process: Any, tmp_path: Path
+) -> None:
+    """With the cgroupv2 plugin (here: the hybrid host's /sys/fs/cgroup/unified, or a pure
+    cgroup v2 host) every job is in a cgroup, which outlives the server: the restarted
+    server finds the previous server's job cgroups at start-up and ``cgroup.kill``s them."""
+    extra = ("--plugin", "cgroupv2", "--cgroup-root", str(_cgroup_root()))
+    try:
+        server: ServeProcess = serve_process(extra=extra)
+    except AssertionError as err:
+        pytest.skip(f"the cgroupv2 plugin cannot run here: {str(err)[-300:]}")
+    alice = server.stub("alice")
+    jobs = [start_job(alice, "sh", "-c", "setsid sleep 600 & sleep 600") for _ in range(3)]
+    pids = job_pids(alice, jobs)
+    server.kill()
+    try:
+        assert all(alive(p) for p in pids)
+        restarted: ServeProcess = serve_process(extra=extra)
+        wait_for(lambda: not any(alive(p) for p in pids), 10, "leftover jobs killed")
+        assert restarted.terminate() == 0
+    finally:
+        for pid in pids:
+            kill_group(pid)
+
+
+def _cgroup_root() -> Path:
+    unified = Path("/sys/fs/cgroup/unified")
+    base = unified if (unified / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+    return base / f"jobworker-test-{os.getpid()}"
