@@ -1,8 +1,7 @@
 """A jobworker server for the benchmarks: ``serve()`` as ``jobworker serve`` runs it.
 
 Differences from the CLI, all for measuring: it listens on an ephemeral port of 127.0.0.1
-and prints the address on stdout once serving, and the job table's retention bound is a
-flag (the scale benchmark keeps 10000 finished jobs; the server's default is 1000).
+and prints the address on stdout once serving, and logs JSON to stderr at any level.
 """
 
 from __future__ import annotations
@@ -12,14 +11,12 @@ from jobworker import tls  # isort: split
 
 import argparse
 import asyncio
-import functools
 from pathlib import Path
 
 import jobworker.server
 from jobworker.backends.authz import Authz
 from jobworker.hooks.manager import Plugins
 from jobworker.logs import configure_logging
-from jobworker.manager import JobManager
 from jobworker.pki import PkiPaths
 
 
@@ -35,15 +32,12 @@ def main() -> None:
     plugins = Plugins()
     plugins.register(Authz.from_file(pki.authz), name="authz")
     plugins.load(["authz"])
-    # serve() builds its JobManager with the default retention: widen it for this process.
-    jobworker.server.JobManager = functools.partial(  # type: ignore[misc]
-        JobManager, retain_finished=options.retain
-    )
     config = jobworker.server.ServerConfig(
         listen="127.0.0.1:0",
         tls=pki.server(),
         default_grace=5.0,
         max_running=options.max_running,
+        retain_finished=options.retain,
     )
 
     def ready(address: str) -> None:
