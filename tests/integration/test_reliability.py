@@ -621,7 +621,8 @@ def test_sigkill_then_restart_with_cgroupv2_kills_the_leftovers(
     """With the cgroupv2 plugin (here: the hybrid host's /sys/fs/cgroup/unified, or a pure
     cgroup v2 host) every job is in a cgroup, which outlives the server: the restarted
     server finds the previous server's job cgroups at start-up and ``cgroup.kill``s them."""
-    extra = ("--plugin", "cgroupv2", "--cgroup-root", str(_cgroup_root()))
+    root = _cgroup_root()
+    extra = ("--plugin", "cgroupv2", "--cgroup-root", str(root))
     try:
         server: ServeProcess = serve_process(extra=extra)
     except AssertionError as err:
@@ -638,6 +639,11 @@ def test_sigkill_then_restart_with_cgroupv2_kills_the_leftovers(
     finally:
         for pid in pids:
             kill_group(pid)
+        # The restarted server did not create the root (the killed one did), so it leaves it.
+        for directory in sorted(root.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    assert not root.exists()
 
 
 def _cgroup_root() -> Path:
