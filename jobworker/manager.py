@@ -26,6 +26,7 @@ from jobworker.containment import Containment, ContainmentReport, ProcessGroup
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
+    JobworkerError,
     ResourceExhausted,
     job_not_found,
 )
@@ -229,8 +230,18 @@ class JobManager:
         """Run ``spec`` for ``owner``; return once the command runs (not a launcher).
 
         Raises InvalidArgument, SpawnError (with the OS reason), ResourceExhausted, or the
-        error a plugin vetoed with. On any error nothing of the job remains.
+        error a plugin vetoed with; plugins hear of it through ``start_refused``. On any
+        error nothing of the job remains.
         """
+        job_id = new_job_id()
+        try:
+            return await self._start(job_id, spec, owner)
+        except JobworkerError as err:
+            log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
+            self._plugins.start_refused(job_id, spec, owner, err)
+            raise
+
+    async def _start(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
         if self._closing:
             raise FailedPrecondition("the server is shutting down; retry on another server")
         validate_spec(spec)
@@ -240,7 +251,6 @@ class JobManager:
                 f"{self.running} jobs are running, the most this server allows"
                 f" ({self._max_running}); stop some or wait for them to finish"
             )
-        job_id = new_job_id()
         spec = self._plugins.pre_spawn(job_id, spec, owner)
         self._starting += 1
         self._idle.clear()
@@ -254,7 +264,12 @@ class JobManager:
                     )
                 containment = ProcessGroup()
             try:
-                output = OutputLog(self._spool_dir / f"{job_id}.out")
+                try:
+                    output = OutputLog(self._spool_dir / f"{job_id}.out")
+                except OSError as err:
+                    raise FailedPrecondition(
+                        f"cannot create the job's output spool in {self._spool_dir}: {err}"
+                    ) from err
                 try:
                     spawned = await self._spawner.spawn(spec, containment.join_path)
                 except BaseException:

@@ -30,10 +30,10 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.errors import ConfigError
+from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
 from jobworker.identity import Identity
-from jobworker.model import Action, JobStatus, Limits
+from jobworker.model import Action, JobSpec, JobStatus, Limits
 
 log = structlog.get_logger("jobworker.auditlog")
 
@@ -175,6 +175,23 @@ class AuditLog:
             }
         )
 
+    @hookimpl(specname="jobworker_start_refused")
+    def start_refused(self, job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
+        self.write(
+            {
+                "audit": "job_refused",
+                "job_id": job_id,
+                "owner": owner,
+                "command": spec.command,
+                "args": list(spec.args),
+                "cwd": spec.cwd,
+                "env_names": sorted(spec.env),
+                "limits": _limits(spec.limits),
+                "code": error.code,
+                "error": str(error),
+            }
+        )
+
     @hookimpl(specname="jobworker_on_exit")
     def on_exit(self, status: JobStatus) -> None:
         ex = status.exit
@@ -264,6 +281,11 @@ def jobworker_decision(
 @hookimpl
 def jobworker_job_started(status: JobStatus) -> None:
     _audit().job_started(status)
+
+
+@hookimpl
+def jobworker_start_refused(job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
+    _audit().start_refused(job_id, spec, owner, error)
 
 
 @hookimpl

@@ -205,6 +205,9 @@ class Plugins:
             reason=reason,
         )
 
+    def start_refused(self, job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
+        self._observe("jobworker_start_refused", job_id=job_id, spec=spec, owner=owner, error=error)
+
     def job_started(self, status: JobStatus) -> None:
         self._observe("jobworker_job_started", status=status)
 

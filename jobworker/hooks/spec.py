@@ -9,7 +9,8 @@ Call order:
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
    (first result wins) -> the process starts -> ``jobworker_job_started`` ->
-   ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``.
+   ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
+   on the way (any error before the command runs) calls ``jobworker_start_refused``.
 5. ``jobworker_shutdown()`` -- once, after every job was stopped.
 
 Gate hooks veto by raising: a :class:`jobworker.errors.JobworkerError` keeps its status
@@ -30,6 +31,7 @@ from jobworker.hooks import hookspec
 
 if TYPE_CHECKING:
     from jobworker.containment import Containment
+    from jobworker.errors import JobworkerError
     from jobworker.identity import Identity
     from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
@@ -112,6 +114,14 @@ def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
     :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
     cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
     answers, to the core's process-group containment.
+    """
+
+
+@hookspec
+def jobworker_start_refused(job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
+    """A start was refused after authorization allowed it: bad input, a full server, a
+    ``jobworker_pre_spawn`` veto, limits that cannot be enforced, or a command that cannot
+    be executed. ``error`` is what the caller receives. Nothing of the job remains. Observer.
     """
 
 

@@ -29,7 +29,7 @@ import structlog
 from jobworker import hookimpl
 from jobworker.backends import auditlog
 from jobworker.backends.auditlog import AuditLog
-from jobworker.errors import ConfigError, PermissionDenied
+from jobworker.errors import ConfigError, PermissionDenied, SpawnError
 from jobworker.hooks.manager import Plugins
 from jobworker.identity import Identity
 from jobworker.manager import JobManager
@@ -274,6 +274,50 @@ def test_audit_records_of_real_jobs(tmp_path: Path) -> None:
         True,
     )
     assert (exited2["exit_code"], exited2["signal"]) == (None, signal.SIGKILL)
+
+
+class DenyRm:
+    @hookimpl
+    def jobworker_pre_spawn(self, spec: JobSpec) -> None:
+        if spec.command == "rm":
+            raise PermissionDenied("rm is not allowed here")
+
+
+def test_audit_records_refused_starts(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    plugins = Plugins()
+    plugins.register(audit, "audit-log")
+    plugins.register(DenyRm(), "deny-rm")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    async def body(m: JobManager) -> None:
+        with pytest.raises(PermissionDenied):
+            await m.start(JobSpec("rm", ("-rf", "/tmp/x")), "mallory")
+        with pytest.raises(SpawnError):
+            await m.start(JobSpec("/no/such/tool", env={"KEY": "s3cret"}), "alice")
+        assert m.list() == []
+
+    run_with_manager(spool, body, plugins=plugins)
+    audit.close()
+    vetoed, missing = records(path)
+    assert {k: vetoed[k] for k in ("audit", "owner", "command", "args", "code", "error")} == {
+        "audit": "job_refused",
+        "owner": "mallory",
+        "command": "rm",
+        "args": ["-rf", "/tmp/x"],
+        "code": "PERMISSION_DENIED",
+        "error": "rm is not allowed here",
+    }
+    assert (missing["audit"], missing["owner"], missing["code"]) == (
+        "job_refused",
+        "alice",
+        "FAILED_PRECONDITION",
+    )
+    assert "No such file or directory" in missing["error"]
+    assert missing["env_names"] == ["KEY"] and "s3cret" not in path.read_text()
+    assert vetoed["job_id"] != missing["job_id"]
 
 
 def test_audit_records_every_decision_of_a_real_server(api_pki: PkiPaths, tmp_path: Path) -> None:
