@@ -32,15 +32,14 @@ from grpc_reflection.v1alpha import reflection
 from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.manager import Plugins
 from jobworker.manager import JobManager
-from jobworker.service import JobService
-from jobworker.v1 import jobworker_pb2, jobworker_pb2_grpc
+from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
+from jobworker.v1 import jobworker_pb2_grpc
 
 log = structlog.get_logger("jobworker.server")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 #: Once every job is stopped, how long open RPCs (streams ending) get before cancellation.
 RPC_DRAIN_SECONDS = 5.0
-_SERVICE_NAME = jobworker_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -84,7 +83,7 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(f"/{_SERVICE_NAME}/"):
+        if handler is None or details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
         wrap = functools.partial(self._wrap, streaming=handler.response_streaming)
         return grpc.experimental.wrap_server_method_handler(wrap, handler)
@@ -199,7 +198,7 @@ async def _serve_until(
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         server = grpc.aio.server(
-            interceptors=[_AuthenticateOtherServices(crl)],
+            interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0)],
         )
         jobworker_pb2_grpc.add_JobServiceServicer_to_server(
@@ -208,7 +207,7 @@ async def _serve_until(
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            [_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         try:
             port = server.add_secure_port(config.listen, credentials)
@@ -221,7 +220,7 @@ async def _serve_until(
         plugins.manager_ready(manager)
         await server.start()
         try:
-            await health_servicer.set(_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             _log_started(config, plugins, address, spool_dir)
             if ready is not None:

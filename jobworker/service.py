@@ -230,6 +230,43 @@ class Caller:
         return self.job
 
 
+@attrs.frozen
+class Undecodable:
+    """Stands for a request whose bytes are not the RPC's protobuf message."""
+
+    error: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or anything a malformed message provokes
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Let the job service answer undecodable requests itself.
+
+    grpc.aio decodes a request before any handler runs and answers a failure with UNKNOWN.
+    This swaps in a decoder that hands the handler an :class:`Undecodable` instead, so the
+    caller is authenticated and authorized first and then told INVALID_ARGUMENT.
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+
+
 class _Admission:
     """``async with`` around one RPC: admits the caller, maps every error to a status."""
 
@@ -286,7 +323,8 @@ class _Admission:
         structlog.contextvars.bind_contextvars(identity=identity.name)
         job_id: str | None = None
         job: JobStatus | None = None
-        if self._action in _JOB_ACTIONS:
+        undecodable = isinstance(self._request, Undecodable)
+        if self._action in _JOB_ACTIONS and not undecodable:
             job_id = self._request.job_id
             structlog.contextvars.bind_contextvars(job_id=job_id[:64])
             job = service.manager.find(job_id)
@@ -296,6 +334,11 @@ class _Admission:
             self._decided(identity, job_id, allowed=False, reason=str(err))
             raise
         self._decided(identity, job_id, allowed=True, reason="allowed")
+        if isinstance(self._request, Undecodable):
+            raise InvalidArgument(
+                f"the request is not a valid {self._rpc} message ({self._request.error});"
+                " use a client generated from jobworker/v1/jobworker.proto"
+            )
         if job_id is not None and job is None:
             _check_job_id(job_id)
             raise job_not_found(job_id)
