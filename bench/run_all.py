@@ -13,7 +13,7 @@ BENCHMARKS = [
     "bench_impact.py",
     "bench_memory.py",
     "bench_scale.py",
-    "bench_zygote.py",
+    "bench_spawn.py",
 ]
 
 

@@ -41,8 +41,8 @@ from jobworker.model import (
     TerminationReason,
     new_job_id,
 )
-from jobworker.outputlog import CHUNK_MAX, OutputChunk, OutputLog
-from jobworker.spawn import Spawner, resolve_future
+from jobworker.outputlog import OutputChunk, OutputLog
+from jobworker.spawn import PIPE_SIZE, Spawner, resolve_future
 
 log = structlog.get_logger("jobworker.manager")
 
@@ -315,7 +315,9 @@ class JobManager:
 
     def _on_output(self, job: _Job, fd: int, stream: Stream) -> None:
         try:
-            data = os.read(fd, CHUNK_MAX)
+            # All the pipe holds, in one read: a chatty job gets its pipe emptied once per
+            # event-loop turn however many followers take turns too (the log splits records).
+            data = os.read(fd, PIPE_SIZE)
         except BlockingIOError:
             return
         except OSError as err:
