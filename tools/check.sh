@@ -39,6 +39,14 @@ python -m pytest -m "not cgroup" -p no:cacheprovider
 
 if [ "${JOBWORKER_SKIP_VM:-0}" != 1 ]; then
   step "cgroup v2 tests inside a QEMU VM"
-  python tests/vm/run_vm.py --timeout 1200 --retries 1 -- \
-    "$PWD/.venv/bin/python" -m pytest -p pytest_timeout -p no:cacheprovider -m cgroup tests/vm
+  vm_suite() {
+    python tests/vm/run_vm.py --timeout 1200 --retries 1 -- \
+      "$PWD/.venv/bin/python" -m pytest -p pytest_timeout -p no:cacheprovider -m cgroup tests/vm
+  }
+  # run_vm.py re-boots a hung VM itself. Rates measured under software emulation are
+  # noisy, so a failed suite gets one more run in a fresh VM; a real regression fails both.
+  if ! vm_suite; then
+    step "cgroup v2 tests: one more run in a fresh VM"
+    vm_suite
+  fi
 fi
