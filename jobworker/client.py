@@ -30,6 +30,7 @@ from jobworker.model import IoLimit, JobState, Limits, ResourceUsage, Terminatio
 from jobworker.tls import TlsFiles, channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from jobworker.wire import limits_to_pb
 
 #: Largest message accepted either way; well above the server's output chunks, small
 #: enough that a misbehaving server cannot make the client allocate without bound.
@@ -114,26 +115,6 @@ class StopView:
     already_finished: bool
     escalated: bool
     status: JobStatusView | None
-
-
-def _limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpu=limits.cpu or 0.0,
-        cpu_weight=limits.cpu_weight or 0,
-        memory_bytes=limits.memory or 0,
-        memory_high_bytes=limits.memory_high or 0,
-        pids=limits.pids or 0,
-        io=[
-            pb.IoDeviceLimit(
-                device=io.device,
-                read_bps=io.rbps or 0,
-                write_bps=io.wbps or 0,
-                read_iops=io.riops or 0,
-                write_iops=io.wiops or 0,
-            )
-            for io in limits.io
-        ],
-    )
 
 
 def _limits_from_pb(limits: pb.Limits) -> Limits:
@@ -253,7 +234,7 @@ class JobClient:
             args=args,
             env=env or {},
             cwd=cwd or "",
-            limits=_limits_to_pb(limits) if limits is not None else None,
+            limits=limits_to_pb(limits) if limits is not None else None,
         )
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)

@@ -47,6 +47,7 @@ from jobworker.model import (
 )
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from jobworker.wire import limits_to_pb
 
 log = structlog.get_logger("jobworker.service")
 
@@ -158,26 +159,6 @@ def _check_job_id(job_id: str) -> None:
 
 
 # -- translation: domain -> protobuf --------------------------------------------------------
-
-
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpu=limits.cpu or 0.0,
-        cpu_weight=limits.cpu_weight or 0,
-        memory_bytes=limits.memory or 0,
-        memory_high_bytes=limits.memory_high or 0,
-        pids=limits.pids or 0,
-        io=[
-            pb.IoDeviceLimit(
-                device=io.device,
-                read_bps=io.rbps or 0,
-                write_bps=io.wbps or 0,
-                read_iops=io.riops or 0,
-                write_iops=io.wiops or 0,
-            )
-            for io in limits.io
-        ],
-    )
 
 
 def _usage_to_pb(usage: ResourceUsage) -> pb.ResourceUsage:
