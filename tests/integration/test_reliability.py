@@ -233,14 +233,16 @@ def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
     out.mkdir()
 
     def start(i: int) -> str:
+        # The pause lets all 200 run at once, with most followers attached before output.
         size = random.randint(1, 400_000)
-        script = f"head -c {size} /dev/urandom | tee {out}/{i}; sleep 0.$((RANDOM % 5))"
+        script = f"sleep 3; head -c {size} /dev/urandom | tee {out}/{i}; sleep 0.$((RANDOM % 5))"
         return start_job(alice, "bash", "-c", script)
 
     with ThreadPoolExecutor(16) as pool:
         jobs = list(pool.map(start, range(200)))
-        streams = [(alice, j) for j in jobs] + [(root, j) for j in jobs]
-        random.shuffle(streams)
+    streams = [(alice, j) for j in jobs] + [(root, j) for j in jobs]
+    random.shuffle(streams)
+    with ThreadPoolExecutor(100) as pool:
         digests = list(pool.map(lambda s: (s[1], sha256_of_stream(*s)), streams))
 
     for job_id, (digest, size) in digests:
@@ -463,7 +465,7 @@ _start_requests = st.builds(
 )
 
 _FUZZ = settings(
-    max_examples=400,
+    max_examples=700,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=False,
