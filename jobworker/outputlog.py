@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 
-from jobworker.errors import InvalidArgument
+from jobworker.errors import FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
 
 _HEADER = struct.Struct(">BI")
@@ -44,6 +44,7 @@ class OutputLog:
         self._size = 0
         self._payload = 0
         self._closed = False
+        self._removed = False
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -75,18 +76,27 @@ class OutputLog:
         self._wake()
 
     def close(self) -> None:
-        """No more output: followers finish once they have read everything."""
+        """No more output: followers finish once they have read everything.
+
+        The writer's descriptor goes too, so a retained finished job holds no descriptor;
+        later followers open the file by name.
+        """
         self._closed = True
         self._wake()
+        self._close_fd()
 
     def remove(self) -> None:
         """Delete the spool file. Followers still reading keep their own descriptor."""
         self._closed = True
+        self._removed = True
         self._wake()
+        self._close_fd()
+        self.path.unlink(missing_ok=True)
+
+    def _close_fd(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.path.unlink(missing_ok=True)
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -128,9 +138,15 @@ class OutputLog:
         Validates ``offset`` now (raising InvalidArgument) so a caller learns of a bad cursor
         before it starts streaming.
         """
-        if self._fd < 0:
+        if self._removed:
             raise InvalidArgument("the output of this job was removed")
-        fd = os.dup(self._fd)
+        try:
+            # Once complete the file no longer changes: a new descriptor by name will do.
+            fd = os.dup(self._fd) if self._fd >= 0 else os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"the spooled output of this job is gone from {self.path.parent}"
+            ) from None
         try:
             self._check_offset(fd, offset)
         except BaseException:

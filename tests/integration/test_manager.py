@@ -343,3 +343,23 @@ def test_pre_spawn_veto_and_crashing_observer(tmp_path: Path) -> None:
 
     run_with_manager(tmp_path, body, plugins=plugins)
     assert recorder.data == [b"fine\n"]
+
+
+def test_finished_job_holds_no_descriptor_and_still_streams(tmp_path: Path) -> None:
+    def spool_fds() -> list[str]:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:
+                pass
+        return [t for t in targets if t.startswith(str(tmp_path))]
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("echo kept"), "a")
+        await m.wait(job.job_id)
+        assert spool_fds() == []
+        assert await collect(m, job.job_id) == [(Stream.STDOUT, b"kept\n")]
+        assert spool_fds() == []
+
+    run_with_manager(tmp_path, body)
