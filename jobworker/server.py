@@ -14,9 +14,7 @@ import asyncio
 import functools
 import inspect
 import os
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.manager import Plugins
 from jobworker.manager import JobManager
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
+from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
 
 log = structlog.get_logger("jobworker.server")
@@ -57,7 +56,8 @@ def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value
 
 @attrs.frozen(kw_only=True)
 class ServerConfig:
-    """What ``jobworker serve`` was told; ``spool_dir`` None means a private temporary one."""
+    """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
+    (see :mod:`jobworker.spool`)."""
 
     listen: str = attrs.field(default=DEFAULT_LISTEN, validator=_check_listen)
     tls: tls.TlsFiles
@@ -113,31 +113,6 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
 
 
 @contextmanager
-def _spool_directory(requested: Path | None) -> Iterator[Path]:
-    """The job output spool: private (0700), and removed at exit if this server made it."""
-    if requested is None:
-        base = os.environ.get("XDG_RUNTIME_DIR")
-        if base is None or not os.path.isdir(base):
-            base = None  # tempfile's default, usually /tmp
-        path = Path(tempfile.mkdtemp(prefix="jobworker-spool-", dir=base))
-        created = True
-    else:
-        path = requested
-        created = not path.exists()
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"cannot create spool directory {path}: {err.strerror}") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"spool directory {path} is not writable by uid {os.getuid()}")
-    try:
-        yield path
-    finally:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
 def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     """SIGTERM and SIGINT set ``stop``; only the main thread can own signal handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -186,7 +161,7 @@ async def _serve_until(
     credentials = await asyncio.to_thread(tls.server_credentials, config.tls)
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
 
-    with _spool_directory(config.spool_dir) as spool_dir:
+    with spool_run(config.spool_dir) as spool_dir:
         manager = JobManager(
             plugins,
             spool_dir,
@@ -244,6 +219,7 @@ def _log_started(config: ServerConfig, plugins: Plugins, address: str, spool_dir
     log.info(
         "server_started",
         address=address,
+        pid=os.getpid(),
         plugins=[row["name"] for row in plugins.describe()],
         tls_cert=str(files.cert),
         tls_key=str(files.key),

@@ -128,6 +128,16 @@ class ServeProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def run_dir(self) -> Path:
+        """This server's own spool directory under ``spool_dir`` (see jobworker.spool)."""
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "server_started" and event.get("pid") == self.pid:
+                    return Path(event["spool_dir"])
+        raise AssertionError("no server_started line with this server's spool directory")
+
     def stub(self, name: str) -> pb_grpc.JobServiceStub:
         channel = grpc.secure_channel(self.address, client_credentials(self.pki.client(name)))
         self._channels.append(channel)
@@ -252,17 +262,17 @@ def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
         status = alice.GetStatus(pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
         assert (status.status, status.exit_code, status.output_bytes > 0) == ("exited", 0, True)
 
-    spool = sorted(p.name for p in server.spool_dir.iterdir())
-    assert spool == sorted(f"{j}.out" for j in [warm, *jobs]), "spool files of no job"
+    spool = sorted(p.name for p in server.run_dir.iterdir())
+    assert spool == sorted([".lock", *(f"{j}.out" for j in [warm, *jobs])]), "stray files"
     wait_for(lambda: not server.children() or _only_helper(server), 10, "children reaped")
     assert [s for s in server.children().values() if s == "Z"] == [], "zombies"
     now = server.fds()
     extra = _multiset_minus(now, baseline)
-    # Each retained job keeps one descriptor on its spool file; nothing else may remain.
-    assert sorted(extra) == sorted(str(server.spool_dir / f"{j}.out") for j in jobs), extra
+    # A retained finished job holds no descriptor: nothing may remain.
+    assert extra == [], extra
 
     assert server.terminate() == 0
-    assert not server.spool_dir.exists() or list(server.spool_dir.iterdir()) == []
+    assert list(server.spool_dir.iterdir()) == []
 
 
 def _only_helper(server: ServeProcess) -> bool:
@@ -385,19 +395,23 @@ def test_sigterm_with_50_jobs_running_stops_them_all_and_exits_0(serve_process: 
     for pid in left:
         kill_group(pid)
     assert left == []
-    assert not server.spool_dir.exists() or list(server.spool_dir.iterdir()) == []
+    assert list(server.spool_dir.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_sigkill_then_restart(serve_process: Any, tmp_path: Path) -> None:
     """A SIGKILLed server runs no clean-up. Without the cgroupv2 plugin its jobs are plain
-    process groups that nothing tracks once it is gone: they live on, and their spool files
-    stay. A restarted server on the same spool directory must start and work regardless;
-    it cannot find the old processes (documented in docs/performance.md)."""
+    process groups that nothing tracks once it is gone: they live on (documented in
+    docs/performance.md). Its spool run is reclaimed by the next server on the same spool
+    root, whose own jobs work as usual."""
     server: ServeProcess = serve_process()
     alice = server.stub("alice")
     jobs = [start_job(alice, "sleep", "600") for _ in range(5)]
     pids = job_pids(alice, jobs)
+    killed_run = server.run_dir
+    assert sorted(p.name for p in killed_run.iterdir()) == sorted(
+        [".lock", *(f"{j}.out" for j in jobs)]
+    )
     server.kill()
     try:
         restarted: ServeProcess = serve_process()
@@ -408,14 +422,16 @@ def test_sigkill_then_restart(serve_process: Any, tmp_path: Path) -> None:
             alice.GetStatus(pb.JobRequest(job_id=jobs[0]), timeout=RPC_TIMEOUT_S)
         assert err.value.code() is grpc.StatusCode.NOT_FOUND
         orphans = [p for p in pids if alive(p)]
-        stale = sorted(p.name for p in restarted.spool_dir.iterdir() if p.name != f"{job}.out")
+        runs = list(restarted.spool_dir.iterdir())
+        restarted_run = restarted.run_dir
         assert restarted.terminate() == 0
     finally:
         for pid in pids:
             kill_group(pid)
     # What the process-group fallback leaves after SIGKILL (asserted so a change is noticed).
     assert orphans == pids
-    assert stale == sorted(f"{j}.out" for j in jobs)
+    assert not killed_run.exists()  # the restarted server reclaimed the dead one's output
+    assert runs == [restarted_run]
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -527,7 +543,7 @@ def test_start_job_bad_input_gets_an_error_or_a_whole_job(
         status = bob.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=0), timeout=RPC_TIMEOUT_S)
         assert status.status.status == "exited" and status.status.job_id == job_id
         assert bob_jobs(bob) == before | {job_id}
-    spooled = {p.name.removesuffix(".out") for p in fuzz_server.spool.iterdir()}
+    spooled = {p.name.removesuffix(".out") for p in fuzz_server.spool.glob("run-*/*.out")}
     every_job = fuzz_server.root.ListJobs(pb.ListJobsRequest(), timeout=RPC_TIMEOUT_S).jobs
     assert spooled <= {j.job_id for j in every_job}, "a spool file of no job"
 

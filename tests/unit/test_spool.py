@@ -1,0 +1,57 @@
+"""Spool runs: a crashed server's run is reclaimed, a live server's never is."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from jobworker.errors import ConfigError
+from jobworker.spool import spool_run
+
+
+def test_run_is_private_and_removed_at_exit(tmp_path: Path) -> None:
+    with spool_run(tmp_path / "root") as run:
+        assert run.parent == tmp_path / "root"
+        assert (run.parent.stat().st_mode & 0o777) == 0o700
+        (run / "job.out").write_bytes(b"x")
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_dead_servers_run_is_reclaimed_live_ones_kept(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    dead = root / "run-dead"
+    dead.mkdir(parents=True)
+    (dead / ".lock").touch()  # nobody holds its lock: its server is gone
+    (dead / "job.out").write_bytes(b"orphaned output")
+    live = root / "run-live"
+    live.mkdir()
+    (live / ".lock").touch()
+    (live / "job.out").write_bytes(b"someone's output")
+    held = os.open(live / ".lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as the other, running server does
+    try:
+        with spool_run(root) as run:
+            assert not dead.exists()
+            assert (live / "job.out").read_bytes() == b"someone's output"
+            assert sorted(p.name for p in root.iterdir()) == sorted(["run-live", run.name])
+    finally:
+        os.close(held)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the directory to another uid")
+def test_root_planted_by_another_user_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir(mode=0o777)
+    os.chown(root, 65534, 65534)
+    with pytest.raises(ConfigError, match="belongs to uid 65534"), spool_run(root):
+        pass
+
+
+def test_symlinked_root_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="not a directory"), spool_run(tmp_path / "root"):
+        pass
