@@ -1,7 +1,9 @@
 """Stream throughput: one job's stdout to followers over mTLS, against the stack's ceiling.
 
 * ceiling: a bare grpc.aio server-streaming RPC over the same mTLS set-up, 64 KiB
-  messages, no protobuf and no work per message (``_bare_server.py``);
+  messages, no protobuf and no work per message (``_bare_server.py``); and the same with
+  256 KiB messages, the largest chunk jobworker sends a follower, so that message size
+  alone cannot explain a ratio;
 * jobworker, one follower: ``head -c SIZE /dev/zero`` as a job, read through
   ``jobworker.client.JobClient.stream`` in a process of its own;
 * jobworker, ten concurrent followers of one job: aggregate MB/s and fairness (slowest
@@ -33,8 +35,10 @@ from _common import (
 )
 
 from jobworker.client import JobClient
+from jobworker.outputlog import FOLLOW_CHUNK_MAX
 
 MESSAGE = 64 * 1024
+LARGE_MESSAGE = FOLLOW_CHUNK_MAX
 
 
 def rate(result: dict[str, float]) -> float:
@@ -60,17 +64,24 @@ def main() -> None:
     header(f"stream throughput: {size / GiB:g} GiB per job, median of {repeat} alternating runs")
     command = ("head", ["-c", str(size), "/dev/zero"])
     ceiling_runs: list[tuple[float, float]] = []
+    large_runs: list[tuple[float, float]] = []
     single_runs: list[tuple[float, float]] = []
     with workdir() as work:
         pki = make_pki(work / "pki")
         with (
             bare_server(pki, work, MESSAGE) as bare,
+            bare_server(pki, work, LARGE_MESSAGE) as bare_large,
             jobworker_server(pki, work) as server,
             JobClient(server.address, pki.client(CLIENT)) as client,
         ):
 
             def bare_run() -> list[dict[str, float]]:
                 one = followers(bare.address, pki, 1, mode="bare")
+                one.go(str(size))
+                return one.results()
+
+            def bare_large_run() -> list[dict[str, float]]:
+                one = followers(bare_large.address, pki, 1, mode="bare")
                 one.go(str(size))
                 return one.results()
 
@@ -81,6 +92,7 @@ def main() -> None:
 
             for _ in range(repeat):
                 ceiling_runs.append(measured(bare.pid, size, bare_run))
+                large_runs.append(measured(bare_large.pid, size, bare_large_run))
                 single_runs.append(measured(server.pid, size, job_run))
             many = followers(server.address, pki, options.fanout)
             many.go(client.start(*command))
@@ -89,6 +101,7 @@ def main() -> None:
             rss = server.status()
     ceiling = statistics.median(r for r, _ in ceiling_runs)
     ceiling_cpu = statistics.median(c for _, c in ceiling_runs)
+    large = statistics.median(r for r, _ in large_runs)
     single = statistics.median(r for r, _ in single_runs)
     single_cpu = statistics.median(c for _, c in single_runs)
     rates = [rate(r) for r in results]
@@ -101,6 +114,12 @@ def main() -> None:
         [round(r) for r, _ in ceiling_runs],
     )
     row(
+        f"bare grpc.aio stream, {LARGE_MESSAGE // 1024} KiB msgs",
+        f"{large:.0f} MB/s",
+        "runs:",
+        [round(r) for r, _ in large_runs],
+    )
+    row(
         "jobworker, 1 follower",
         f"{single:.0f} MB/s",
         f"server CPU {single_cpu:.2f} s/GiB",
@@ -108,6 +127,7 @@ def main() -> None:
         [round(r) for r, _ in single_runs],
     )
     row("ratio jobworker / ceiling (target >= 0.90)", f"{single / ceiling:.2f}")
+    row(f"ratio jobworker / bare with {LARGE_MESSAGE // 1024} KiB msgs", f"{single / large:.2f}")
     row("ratio of server CPU per GiB, ceiling / jobworker", f"{ceiling_cpu / single_cpu:.2f}")
     row(
         f"jobworker, {options.fanout} followers of one job",

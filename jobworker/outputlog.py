@@ -25,7 +25,10 @@ from jobworker.model import Stream
 _HEADER = struct.Struct(">BI")
 #: Largest record and largest chunk handed to a follower (one gRPC message).
 CHUNK_MAX = 64 * 1024
-_READ_AHEAD = 4 * CHUNK_MAX
+#: Largest chunk handed to a follower (one gRPC message): adjacent records of one stream
+#: are merged up to this, since every message costs a trip through the stack.
+FOLLOW_CHUNK_MAX = 256 * 1024
+_READ_AHEAD = 4 * FOLLOW_CHUNK_MAX
 
 
 @attrs.frozen
@@ -180,7 +183,7 @@ class OutputLog:
                     tag, length = _HEADER.unpack_from(buf, rel)
                     stream = Stream(tag)
                     if chunk_stream is not None and (
-                        stream is not chunk_stream or size + length > CHUNK_MAX
+                        stream is not chunk_stream or size + length > FOLLOW_CHUNK_MAX
                     ):
                         break
                     if rel + _HEADER.size + length > len(buf):
