@@ -66,15 +66,19 @@ class OutputLog:
     def append(self, stream: Stream, data: bytes) -> None:
         """Spool ``data``; wakes every waiting follower. Never blocks on followers."""
         view = memoryview(data)
+        # Every record of this read in one system call: the per-call cost dominates.
+        parts: list[bytes | memoryview] = []
         for start in range(0, len(view), CHUNK_MAX):
             piece = view[start : start + CHUNK_MAX]
-            header = _HEADER.pack(stream, len(piece))
-            total = _HEADER.size + len(piece)
-            written = os.pwritev(self._fd, [header, piece], self._size)
-            while written < total:  # short writes are rare on regular files, not impossible
-                rest = (header + bytes(piece))[written:]
-                written += os.pwrite(self._fd, rest, self._size + written)
-            self._size += total
+            parts += [_HEADER.pack(stream, len(piece)), piece]
+        total = sum(len(p) for p in parts)
+        written = os.pwritev(self._fd, parts, self._size)
+        if written < total:  # short writes are rare on regular files, not impossible
+            rest = b"".join(parts)[written:]
+            while rest:
+                done = os.pwrite(self._fd, rest, self._size + total - len(rest))
+                rest = rest[done:]
+        self._size += total
         self._payload += len(view)
         self._wake()
 
