@@ -644,7 +644,16 @@ def _server_tls(options: argparse.Namespace) -> tuple[TlsFiles, PkiPaths | None]
     return files, None
 
 
+def _stop_before_serving(signum: int, frame: object) -> NoReturn:
+    """SIGTERM/SIGINT while the server is still setting up: nothing runs yet, exit 0."""
+    raise SystemExit(0)
+
+
 def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
+    # Until serve() installs its own handlers (which stop jobs first), a stop request
+    # unwinds the set-up cleanly instead of dying with 143.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_serving)
     # Imported here so that client commands do not pay for loading the server.
     import asyncio
 
