@@ -12,6 +12,7 @@ just after it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ CHUNK_MAX = 64 * 1024
 #: are merged up to this, since every message costs a trip through the stack.
 FOLLOW_CHUNK_MAX = 256 * 1024
 _READ_AHEAD = 4 * FOLLOW_CHUNK_MAX
+_MARK_EVERY = 256
 
 
 @attrs.frozen
@@ -48,6 +50,10 @@ class OutputLog:
         self._payload = 0
         self._closed = False
         self._removed = False
+        self._records = 0
+        # Every _MARK_EVERY-th record boundary, so that checking a resume offset reads a
+        # bounded number of headers, however long the log (a few KiB for 10 GiB).
+        self._marks: list[int] = [0]
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -68,10 +74,16 @@ class OutputLog:
         view = memoryview(data)
         # Every record of this read in one system call: the per-call cost dominates.
         parts: list[bytes | memoryview] = []
+        marks: list[int] = []
+        position, records = self._size, self._records
         for start in range(0, len(view), CHUNK_MAX):
             piece = view[start : start + CHUNK_MAX]
             parts += [_HEADER.pack(stream, len(piece)), piece]
-        total = sum(len(p) for p in parts)
+            position += _HEADER.size + len(piece)
+            records += 1
+            if records % _MARK_EVERY == 0:
+                marks.append(position)
+        total = position - self._size
         written = os.pwritev(self._fd, parts, self._size)
         if written < total:  # short writes are rare on regular files, not impossible
             rest = b"".join(parts)[written:]
@@ -79,6 +91,8 @@ class OutputLog:
                 done = os.pwrite(self._fd, rest, self._size + total - len(rest))
                 rest = rest[done:]
         self._size += total
+        self._records = records
+        self._marks += marks
         self._payload += len(view)
         self._wake()
 
@@ -130,7 +144,7 @@ class OutputLog:
                 f"offset {offset} is beyond the {self._size} bytes of output so far;"
                 " pass the offset of a chunk you received"
             )
-        position = 0
+        position = self._marks[bisect.bisect_right(self._marks, offset) - 1]
         while position < offset:
             _, length = _HEADER.unpack(os.pread(fd, _HEADER.size, position))
             position += _HEADER.size + length
