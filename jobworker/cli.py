@@ -33,7 +33,7 @@ import attrs
 from jobworker import __version__
 from jobworker.client import JobClient, JobStatusView
 from jobworker.errors import ConfigError, JobworkerError
-from jobworker.hooks.manager import Plugins, available_plugins
+from jobworker.hooks.manager import ESSENTIAL_PLUGINS, Plugins, available_plugins
 from jobworker.logs import LEVELS, configure_logging
 from jobworker.model import IoLimit, Limits
 from jobworker.pki import ROLES, PkiPaths, default_pki_dir, init_pki
@@ -168,6 +168,16 @@ def _job_options() -> _Parser:
         help="the job's environment, one variable per flag (PATH defaults if unset)",
     )
     job.add_argument("--cwd", metavar="DIR", help="working directory on the server")
+    job.add_argument(
+        "--user",
+        metavar="NAME",
+        help="Unix account to run as (one the whitelist's run_as lists for you)",
+    )
+    job.add_argument(
+        "--network",
+        choices=("host", "none"),
+        help="the host's network, or none (only a loopback); default: the server's",
+    )
     job.add_argument(
         "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
     )
@@ -343,7 +353,7 @@ def _preload_plugins(argv: Sequence[str]) -> Plugins:
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--plugin", action="append", default=[])
     names: list[str] = finder.parse_known_args(argv)[0].plugin
-    plugins.load(["authz", *names])
+    plugins.load([*ESSENTIAL_PLUGINS, *names])
     return plugins
 
 
@@ -427,7 +437,13 @@ def _limits(options: argparse.Namespace) -> Limits | None:
 def _start_job(client: JobClient, options: argparse.Namespace) -> str:
     command, *args = options.command
     return client.start(
-        command, args, env=dict(options.env), cwd=options.cwd, limits=_limits(options)
+        command,
+        args,
+        env=dict(options.env),
+        cwd=options.cwd,
+        limits=_limits(options),
+        user=options.user,
+        network=options.network,
     )
 
 
@@ -569,7 +585,7 @@ def _plugins(options: argparse.Namespace) -> int:
     plugins = Plugins()
     rows: list[dict[str, Any]] = []
     if options.plugin:
-        plugins.load(["authz", *options.plugin])
+        plugins.load([*ESSENTIAL_PLUGINS, *options.plugin])
     else:
         for name in available_plugins():
             try:
@@ -663,6 +679,8 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
 
     configure_logging(options.log_level)
     tls, dev_pki = _server_tls(options)
+    # Plugins see the files in use (the isolation plugin hides them from jobs).
+    options.tls_cert, options.tls_key, options.tls_ca = tls.cert, tls.key, tls.ca
     if dev_pki is not None:
         if options.authz is None:
             options.authz = dev_pki.authz

@@ -91,6 +91,9 @@ class JobStatusView:
     containment: str
     output_bytes: int
     pid: int
+    user: str | None  # the account the job runs as (None: the server's own, not isolated)
+    uid: int | None
+    isolation: str
 
     @property
     def shell_exit_code(self) -> int | None:
@@ -175,6 +178,9 @@ def _status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         containment=status.containment,
         output_bytes=status.output_bytes,
         pid=status.pid,
+        user=status.user or None,
+        uid=None if status.uid < 0 else status.uid,
+        isolation=status.isolation or "none",
     )
 
 
@@ -227,6 +233,8 @@ class JobClient:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         limits: Limits | None = None,
+        user: str | None = None,
+        network: str | None = None,
     ) -> str:
         """Start ``command`` and return the job id; ``env`` is the job's whole environment."""
         request = pb.StartJobRequest(
@@ -235,6 +243,8 @@ class JobClient:
             env=env or {},
             cwd=cwd or "",
             limits=limits_to_pb(limits) if limits is not None else None,
+            user=user or "",
+            network=network or "",
         )
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)

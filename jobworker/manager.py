@@ -31,6 +31,7 @@ from jobworker.errors import (
     job_not_found,
 )
 from jobworker.hooks.manager import Plugins
+from jobworker.isolation import IsolationPlan, Network
 from jobworker.model import (
     ExitInfo,
     JobSpec,
@@ -42,15 +43,19 @@ from jobworker.model import (
     new_job_id,
 )
 from jobworker.outputlog import OutputChunk, OutputLog
-from jobworker.spawn import PIPE_SIZE, Spawner, resolve_future
+from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
 
 log = structlog.get_logger("jobworker.manager")
 
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.
 PIPE_DRAIN_TIMEOUT = 2.0
-#: How long killed processes may take to disappear (one stuck in uninterruptible IO).
-SETTLE_TIMEOUT = 30.0
+#: How long killed processes may take to disappear (one stuck in uninterruptible IO)
+#: before the job ends anyway, with an error log naming what is left.
+SETTLE_TIMEOUT = 5.0
+#: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
+KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
+MAX_USER_BYTES = 256
 
 MAX_COMMAND_BYTES = 4096
 MAX_ARGS = 1024
@@ -87,6 +92,13 @@ def validate_spec(spec: JobSpec) -> None:
             raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
     if spec.cwd is not None and not spec.cwd.startswith("/"):
         raise InvalidArgument(f"cwd {spec.cwd!r} must be an absolute path")
+    if spec.user is not None and (
+        not spec.user or len(spec.user) > MAX_USER_BYTES or not spec.user.isprintable()
+    ):
+        raise InvalidArgument(f"user {spec.user!r} is not an account name")
+    networks = [n.value for n in Network]
+    if spec.network is not None and spec.network not in networks:
+        raise InvalidArgument(f"network {spec.network!r} is not one of {', '.join(networks)}")
 
 
 @attrs.frozen
@@ -120,9 +132,11 @@ class _Job:
     owner: str
     containment: Containment
     pid: int
-    pidfd: int
+    pidfd: int  # -1 once the main process is reaped
+    exit_report: int
     log: OutputLog
     started_at: float
+    plan: IsolationPlan | None
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     ended_at: float | None = None
     exit: ExitInfo | None = None
@@ -148,7 +162,18 @@ class _Job:
             exit=self.exit,
             usage=self.usage,
             output_bytes=self.log.payload_bytes,
+            user=None if self.plan is None else self.plan.account.name,
+            uid=os.getuid() if self.plan is None else self.plan.account.uid,
+            isolation="none" if self.plan is None else self.plan.describe(),
         )
+
+
+def _from_wait_status(raw: int) -> tuple[int, int]:
+    """``waitid``'s (si_code, si_status) for a raw ``wait`` status."""
+    if os.WIFSIGNALED(raw):
+        code = os.CLD_DUMPED if os.WCOREDUMP(raw) else os.CLD_KILLED
+        return code, os.WTERMSIG(raw)
+    return os.CLD_EXITED, os.WEXITSTATUS(raw)
 
 
 def _exit_info(job: _Job, code: int, status: int, report: ContainmentReport) -> ExitInfo:
@@ -264,6 +289,7 @@ class JobManager:
                     )
                 containment = ProcessGroup()
             try:
+                plan = self._plugins.isolate(job_id, spec, owner)
                 try:
                     output = OutputLog(self._spool_dir / f"{job_id}.out")
                 except OSError as err:
@@ -271,7 +297,7 @@ class JobManager:
                         f"cannot create the job's output spool in {self._spool_dir}: {err}"
                     ) from err
                 try:
-                    spawned = await self._spawner.spawn(spec, containment.join_path)
+                    spawned = await self._spawner.spawn(spec, containment.join_path, plan)
                 except BaseException:
                     output.remove()
                     raise
@@ -291,8 +317,10 @@ class JobManager:
             containment=containment,
             pid=spawned.pid,
             pidfd=spawned.pidfd,
+            exit_report=spawned.exit_report,
             log=output,
             started_at=time.time(),
+            plan=plan,
             pipes={spawned.stdout, spawned.stderr},
         )
         self._jobs[job_id] = job
@@ -307,7 +335,14 @@ class JobManager:
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
         status = job.snapshot()
-        log.info("job_started", job_id=job_id, owner=owner, command=spec.command, pid=job.pid)
+        log.info(
+            "job_started",
+            job_id=job_id,
+            owner=owner,
+            command=spec.command,
+            pid=job.pid,
+            isolation=status.isolation,
+        )
         self._plugins.job_started(status)
         return status
 
@@ -383,6 +418,12 @@ class JobManager:
         job.containment.kill()
         os.waitpid(job.pid, 0)  # noqa: ASYNC222
         os.close(job.pidfd)
+        job.pidfd = -1
+        # An isolated job's main process is its PID 1, which reports the command's status.
+        reported = read_exit_report(job.exit_report)
+        os.close(job.exit_report)
+        if reported is not None:
+            return _from_wait_status(reported)
         if info is None:  # cannot happen after the pidfd fired; be explicit anyway
             return os.CLD_KILLED, int(signal.SIGKILL)
         return info.si_code, info.si_status
@@ -464,7 +505,20 @@ class JobManager:
         except TimeoutError:
             job.escalated = True
             job.containment.kill()
-            await job.done.wait()
+            if job.pidfd >= 0:
+                # The main process too, even if it left its containment: an isolated job's
+                # PID 1 takes every process of its namespace with it.
+                signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
+            except TimeoutError:
+                log.error(
+                    "job_unkillable",
+                    job_id=job.job_id,
+                    pid=job.pid,
+                    containment=job.containment.name,
+                    waited=KILL_TIMEOUT,
+                )
 
     # -- shutdown ------------------------------------------------------------------------
 

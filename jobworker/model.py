@@ -112,6 +112,10 @@ class JobSpec:
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env, eq=False)
     cwd: str | None = None
     limits: Limits = attrs.field(factory=Limits)
+    #: The Unix account to run as; None: the default the whitelist gives the client.
+    user: str | None = None
+    #: "host" or "none" (only a loopback); None: the server's default.
+    network: str | None = None
 
     def job_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -159,3 +163,8 @@ class JobStatus:
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
     output_bytes: int = 0  # what the job wrote, stdout and stderr together
+    #: The account the job runs as and its uid on the host (None: the server's own).
+    user: str | None = None
+    uid: int | None = None
+    #: How the job is isolated, e.g. "namespaces, user nobody(65534), network host".
+    isolation: str = "none"

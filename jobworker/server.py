@@ -145,6 +145,11 @@ async def serve(
     """
     if not plugins.has_impl("jobworker_authorize"):
         raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+    if not plugins.has_impl("jobworker_isolate"):
+        raise ConfigError(
+            "no isolation plugin is loaded, so jobs would run with the server's own power:"
+            " load 'isolation' (to run them unisolated on purpose: --no-isolation)"
+        )
     stop = stop_event or asyncio.Event()
     # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
     with _stop_on_signals(stop):

@@ -142,6 +142,8 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
         env=dict(request.env),
         cwd=request.cwd or None,
         limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
+        user=request.user or None,
+        network=request.network or None,
     )
     validate_spec(spec)
     return spec
@@ -180,6 +182,9 @@ def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
         limits=limits_to_pb(status.applied_limits),
         output_bytes=status.output_bytes,
         pid=status.pid,
+        user=status.user or "",
+        uid=-1 if status.uid is None else status.uid,
+        isolation=status.isolation,
     )
     if status.exit is not None:
         ex = status.exit

@@ -23,7 +23,7 @@ import attrs
 import grpc
 
 from jobworker.backends.authz import Authz
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.manager import ESSENTIAL_PLUGINS, Plugins
 from jobworker.pki import PkiPaths, init_pki
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
@@ -51,10 +51,11 @@ def make_api_pki(directory: Path) -> PkiPaths:
 
 
 def authz_plugins(whitelist: Path) -> Plugins:
-    """Plugins as ``jobworker serve --authz FILE`` loads them (no containment plugin)."""
+    """Plugins as ``jobworker serve --authz FILE`` loads them (no containment plugin):
+    the whitelist, and isolation with its defaults (jobs run as nobody, in namespaces)."""
     plugins = Plugins()
     plugins.register(Authz.from_file(whitelist), name="authz")
-    plugins.load(["authz"])
+    plugins.load(ESSENTIAL_PLUGINS)
     return plugins
 
 

@@ -6,6 +6,10 @@ start. The file (``--authz FILE``, or ``$JOBWORKER_AUTHZ``)::
     [[clients]]
     identity = "alice"   # matched against the certificate CN or any SAN
     role = "user"        # "user": only its own jobs; "admin": every job
+    run_as = ["alice", "nobody"]  # optional: Unix accounts its jobs may use, default first
+
+A client without ``run_as`` runs its jobs as the server's ``--job-user``; ``root`` is
+never implied, only listed.
 
 A caller none of whose names is listed is denied everything (PERMISSION_DENIED). A user
 may start jobs, list (and sees only its own jobs), and act on its own jobs; another
@@ -46,16 +50,32 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
-_ENTRY_KEYS = {"identity", "role"}
+_ENTRY_KEYS = {"identity", "role", "run_as"}
 
 
-def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, Role]:
+def _parse_run_as(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v and v.isprintable() for v in value)
+    ):
+        raise ConfigError(
+            f'{where}: run_as must be a non-empty list of account names, e.g. ["alice"]'
+        )
+    return tuple(value)
+
+
+def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, Role, tuple[str, ...]]:
     where = f"{path}: clients entry {index + 1}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where} is not a table: write [[clients]] then identity and role")
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected identity and role")
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; expected identity, role and run_as"
+        )
     identity = entry.get("identity")
     if not isinstance(identity, str) or not identity.strip():
         raise ConfigError(f"{where}: identity must be a non-empty string (a CN or SAN)")
@@ -63,15 +83,16 @@ def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, Role]:
     roles = ", ".join(repr(r.value) for r in Role)
     if role not in {r.value for r in Role}:
         raise ConfigError(f"{where} ({identity!r}): role {role!r} is not one of {roles}")
-    return identity, Role(role)
+    return identity, Role(role), _parse_run_as(f"{where} ({identity!r})", entry.get("run_as"))
 
 
 @attrs.frozen
 class Authz:
-    """A loaded whitelist: the role of each identity."""
+    """A loaded whitelist: the role of each identity, and the accounts it may run as."""
 
     path: Path
     roles: Mapping[str, Role]
+    run_as: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Authz:
@@ -98,14 +119,17 @@ class Authz:
                 '[[clients]] entries with identity = "NAME" and role = "user" or "admin"'
             )
         roles: dict[str, Role] = {}
+        run_as: dict[str, tuple[str, ...]] = {}
         for index, entry in enumerate(entries):
-            identity, role = _parse_entry(path, index, entry)
+            identity, role, accounts = _parse_entry(path, index, entry)
             if identity in roles:
                 raise ConfigError(
                     f"{path}: clients entry {index + 1}: identity {identity!r} is listed twice"
                 )
             roles[identity] = role
-        return cls(path=path, roles=roles)
+            if accounts:
+                run_as[identity] = accounts
+        return cls(path=path, roles=roles, run_as=run_as)
 
     def role_of(self, identity: Identity) -> Role | None:
         """The role of the first of the identity's names (CN, then SANs) that is listed."""
@@ -113,6 +137,11 @@ class Authz:
             if name in self.roles:
                 return self.roles[name]
         return None
+
+    @hookimpl(specname="jobworker_accounts")
+    def accounts(self, owner: str) -> tuple[str, ...] | None:
+        """The ``run_as`` list of the job's owner, if the whitelist gives one."""
+        return self.run_as.get(owner)
 
     @hookimpl(specname="jobworker_authorize")
     def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> bool:
@@ -163,3 +192,8 @@ def jobworker_authorize(identity: Identity, action: Action, job: JobStatus | Non
     if _active is None:  # registered but never configured: deny, never guess
         raise PermissionDenied("the authorization whitelist is not loaded")
     return _active.authorize(identity, action, job)
+
+
+@hookimpl
+def jobworker_accounts(owner: str) -> tuple[str, ...] | None:
+    return None if _active is None else _active.accounts(owner)

@@ -21,6 +21,7 @@ from jobworker.hooks import PROJECT_NAME, spec
 if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.identity import Identity
+    from jobworker.isolation import IsolationPlan
     from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
@@ -31,7 +32,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "authz": "jobworker.backends.authz",
     "audit-log": "jobworker.backends.auditlog",
     "cgroupv2": "jobworker.backends.cgroupv2",
+    "isolation": "jobworker.backends.isolation",
 }
+#: Loaded by every server, before the plugins named with ``--plugin``.
+ESSENTIAL_PLUGINS = ("authz", "isolation")
 
 
 def available_plugins() -> list[str]:
@@ -46,7 +50,9 @@ def available_plugins() -> list[str]:
 def _load_object(name: str) -> tuple[object, str | None]:
     """Import plugin ``name``; return the object to register and its distribution version."""
     if name in BUILTIN_PLUGINS:
-        return importlib.import_module(BUILTIN_PLUGINS[name]), None
+        module = importlib.import_module(BUILTIN_PLUGINS[name])
+        factory = getattr(module, "Plugin", None)
+        return (module if factory is None else factory()), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
         raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
@@ -178,6 +184,16 @@ class Plugins:
             if result is not None:
                 spec = result
         return spec
+
+    def isolate(self, job_id: str, spec: JobSpec, owner: str) -> IsolationPlan | None:
+        accounts: Sequence[str] | None = self.pm.hook.jobworker_accounts(owner=owner)
+        plan: IsolationPlan | None = None
+        for impl in self._impls("jobworker_isolate"):
+            kwargs = {"job_id": job_id, "spec": spec, "owner": owner, "plan": plan}
+            result = self._gate(impl, "jobworker_isolate", accounts=accounts, **kwargs)
+            if result is not None:
+                plan = result
+        return plan
 
     def limits_apply(self, job_id: str, spec: JobSpec) -> Containment | None:
         for impl in self._impls("jobworker_limits_apply"):

@@ -8,7 +8,9 @@ Call order:
 3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
-   (first result wins) -> the process starts -> ``jobworker_job_started`` ->
+   (first result wins) -> ``jobworker_accounts`` (first result wins) ->
+   ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
+   ``jobworker_job_started`` ->
    ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
    on the way (any error before the command runs) calls ``jobworker_start_refused``.
 5. ``jobworker_shutdown()`` -- once, after every job was stopped.
@@ -25,6 +27,7 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from jobworker.hooks import hookspec
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
     from jobworker.identity import Identity
+    from jobworker.isolation import IsolationPlan
     from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
@@ -114,6 +118,39 @@ def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
     :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
     cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
     answers, to the core's process-group containment.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_accounts(owner: str) -> Sequence[str] | None:
+    """The Unix accounts ``owner``'s jobs may run as, its default first; None: no opinion.
+
+    First result wins. The ``authz`` plugin answers from the whitelist's ``run_as`` lists;
+    a client with none runs as the server's default (``--job-user``).
+    """
+
+
+@hookspec
+def jobworker_isolate(
+    job_id: str,
+    spec: JobSpec,
+    owner: str,
+    accounts: Sequence[str] | None,
+    plan: IsolationPlan | None,
+) -> IsolationPlan | None:
+    """Decide how the job's process is isolated: namespaces, account, filesystem view.
+
+    ``accounts`` is what ``jobworker_accounts`` answered for the owner: the Unix accounts
+    it may run jobs as, its default first (None: the server's default account only).
+
+    Gate, chained like ``jobworker_pre_spawn``: each implementation sees the plan the one
+    before returned (None before the first) and may return a replacement, usually
+    ``attrs.evolve(plan, ...)`` to add hidden paths, force ``network=Network.NONE`` or
+    prepend an exec ``wrapper`` (a seccomp or Landlock loader, ``aa-exec``). The launcher
+    applies the final plan in the job's first process, before the command runs; see
+    :mod:`jobworker.isolation`. The built-in ``isolation`` plugin runs first
+    (``tryfirst``). Raise to refuse the job (PermissionDenied for an account the client
+    may not use). With no plan, the job runs with the server's own uid and namespaces.
     """
 
 
