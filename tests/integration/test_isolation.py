@@ -226,7 +226,7 @@ def test_server_key_ca_key_whitelist_audit_log_and_spool_are_hidden(
     script = "".join(f"cat {t} && echo LEAKED {t}; " for t in targets)
     script += f"echo rogue >> {pki.authz} && echo WROTE; : > {state_dir / 'log' / 'audit.log'} && echo TRUNCATED; "
     script += f"ls -A {pki.directory} {state_dir / 'spool'}; ls /proc/1/cwd/ && echo CWD-LISTED"
-    status, out, err = run_sh(server, "alice", script)
+    _, out, _ = run_sh(server, "alice", script)
     assert "LEAKED" not in out and "BEGIN" not in out
     assert "WROTE" not in out and "TRUNCATED" not in out and "CWD-LISTED" not in out
     assert "ca-key.pem" not in out and victim[0] not in out
