@@ -217,11 +217,11 @@ def _mount_view(libc: _Libc, plan: list[str], in_cgroup: bool) -> None:
             libc.mount(path, path, "", MS_BIND | MS_REC)
             libc.set_mount_attrs(path, 0, MOUNT_ATTR_RDONLY)
     libc.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # Cover the host's hierarchy first: cgroup2 cannot be mounted on itself (EBUSY).
+    _hide(libc, "/sys/fs/cgroup")
     if in_cgroup:
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
         libc.mount("cgroup2", "/sys/fs/cgroup", "cgroup2", flags)
-    else:
-        _hide(libc, "/sys/fs/cgroup")
     for path in _plan_values(plan, "hide"):
         _hide(libc, path)
     for path in _plan_values(plan, "tmp"):

@@ -23,12 +23,14 @@ import attrs
 import grpc
 
 from jobworker.backends.authz import Authz
+from jobworker.backends.isolation import Isolation
 from jobworker.hooks.manager import ESSENTIAL_PLUGINS, Plugins
 from jobworker.pki import PkiPaths, init_pki
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.jobpaths import JOB_VISIBLE_ROOT
 
 RPC_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
@@ -55,6 +57,7 @@ def authz_plugins(whitelist: Path) -> Plugins:
     the whitelist, and isolation with its defaults (jobs run as nobody, in namespaces)."""
     plugins = Plugins()
     plugins.register(Authz.from_file(whitelist), name="authz")
+    plugins.register(Isolation(writable=(str(JOB_VISIBLE_ROOT),)), name="isolation")
     plugins.load(ESSENTIAL_PLUGINS)
     return plugins
 

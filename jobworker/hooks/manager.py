@@ -111,7 +111,11 @@ class Plugins:
                 from jobworker import __version__
 
                 version = __version__
-            rows.append({"name": name, "version": version, "hooks": hooks})
+            row: dict[str, Any] = {"name": name, "version": version, "hooks": hooks}
+            mode = getattr(plugin, "mode", None)
+            if isinstance(mode, str):  # what the plugin has in effect, e.g. isolation's
+                row["mode"] = mode
+            rows.append(row)
         return rows
 
     def has_impl(self, hook_name: str) -> bool:

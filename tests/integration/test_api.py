@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker import hookimpl
+from jobworker.backends.authz import Authz
 from jobworker.errors import ConfigError
 from jobworker.hooks.manager import Plugins
 from jobworker.model import JobSpec
@@ -475,3 +476,10 @@ def test_refuses_to_start_without_authorization(api_pki: PkiPaths) -> None:
     plugins.load(["authz"])
     with pytest.raises(ConfigError, match="no authorization whitelist"):
         plugins.configure(argparse.Namespace(authz=None))
+
+
+def test_refuses_to_start_without_isolation(api_pki: PkiPaths) -> None:
+    plugins = Plugins()
+    plugins.register(Authz.from_file(api_pki.authz), name="authz")
+    with pytest.raises(ConfigError, match="no isolation plugin is loaded"):
+        asyncio.run(serve(ServerConfig(tls=api_pki.server()), plugins))
