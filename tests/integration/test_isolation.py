@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -385,3 +387,75 @@ def test_quiet_network_none_job_reports_cleanly(server: RunningServer) -> None:
     )
     assert out == "ok\n" and status.exit_code == 0
     assert status.isolation.endswith("network none")
+
+
+# -- a server that is not root: user namespaces -----------------------------------------
+
+UNPRIVILEGED_SERVER = """
+import asyncio, sys
+from pathlib import Path
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from jobworker.backends.isolation import Isolation
+from jobworker.hooks.manager import Plugins
+from jobworker.manager import JobManager
+from jobworker.model import JobSpec
+from jobworker.spawn import Spawner
+
+async def main(state, zygote):
+    plugins = Plugins()
+    # As root this forces what a server that is not root does on its own.
+    plugins.register(Isolation(hide=(state + "/pki",), user_namespace=True), "isolation")
+    manager = JobManager(plugins, Path(state) / "spool")
+    manager._spawner = Spawner(use_zygote=zygote == "zygote")
+    try:
+        script = (
+            f"id -u; grep CapEff /proc/self/status; cat {state}/pki/ca-key.pem;"
+            " ls /proc | grep -c '^[0-9]'; echo x > /etc/jobworker-test || echo ro"
+        )
+        job = await manager.start(JobSpec("sh", ("-c", script)), "alice")
+        out = b"".join([c.data async for c in manager.follow(job.job_id) if c.stream == 1])
+        final = await manager.wait(job.job_id)
+        print(job.isolation, final.exit.exit_code, sep="\\n")
+        sys.stdout.write(out.decode())
+    finally:
+        await manager.shutdown()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("path", ["zygote", "launcher"])
+def test_server_that_is_not_root_hides_its_files_in_a_user_namespace(
+    path: str, job_tmp_path: Path
+) -> None:
+    """The Quickstart as a normal user: the dev PKI in its home is readable by the server's
+    uid, which the job shares outside its user namespace; the mount namespace hides it.
+
+    Run as nobody where nobody can execute this interpreter; where it cannot (CI's Python
+    lives in root's 0700 home), the same code path runs as root with user namespaces forced.
+    """
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = "import os, sys; sys.exit(not os.access(sys.executable, os.X_OK))"
+    as_nobody = subprocess.run([*drop, sys.executable, "-c", probe], check=False).returncode == 0
+    (job_tmp_path / "pki").mkdir()
+    (job_tmp_path / "pki" / "ca-key.pem").write_text("PRIVATE KEY\n")
+    (job_tmp_path / "pki" / "ca-key.pem").chmod(0o644)
+    (job_tmp_path / "spool").mkdir()
+    if as_nobody:
+        subprocess.run(["chown", "-R", "65534:65534", str(job_tmp_path)], check=True)
+    args = [str(job_tmp_path), path]
+    result = subprocess.run(
+        [*(drop if as_nobody else []), sys.executable, "-c", UNPRIVILEGED_SERVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    lines = result.stdout.splitlines()
+    owner = "nobody(65534)" if as_nobody else "root(0)"
+    assert lines[:2] == [f"user namespace, user {owner}, network host", "0"], result
+    # nobody inside, no capabilities, its own PID 1, sh, ls and grep, a read-only host.
+    assert lines[2:] == ["65534", "CapEff:\t0000000000000000", "4", "ro"], result
+    assert "PRIVATE KEY" not in result.stdout
