@@ -14,10 +14,10 @@ import asyncio
 from pathlib import Path
 
 import jobworker.server
-from jobworker.backends.authz import Authz
-from jobworker.hooks.manager import Plugins
-from jobworker.logs import configure_logging
+from jobworker.hooks.host import Plugins
+from jobworker.logconfig import configure_logging
 from jobworker.pki import PkiPaths
+from jobworker.plugins.authz import Authz
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ import attrs
 from jobworker import __version__
 from jobworker.client import JobClient, JobStatusView
 from jobworker.errors import ConfigError, JobworkerError
-from jobworker.hooks.manager import Plugins, available_plugins
-from jobworker.logs import LEVELS, configure_logging
+from jobworker.hooks.host import Plugins, available_plugins
+from jobworker.logconfig import LEVELS, configure_logging
 from jobworker.model import IoLimit, Limits
 from jobworker.pki import ROLES, PkiPaths, default_pki_dir, init_pki
 from jobworker.tls import TlsFiles

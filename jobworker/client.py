@@ -16,6 +16,9 @@ server's message, so callers never handle ``grpc.RpcError``.
 
 from __future__ import annotations
 
+# First: grpc reads process-wide settings once, when it is imported (jobworker.grpcenv).
+from jobworker.grpcenv import grpc  # isort: split
+
 import builtins
 import enum
 from collections.abc import Generator, Mapping, Sequence
@@ -23,7 +26,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import attrs
-import grpc
 
 from jobworker import errors
 from jobworker.model import IoLimit, JobState, Limits, ResourceUsage, TerminationReason

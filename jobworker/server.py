@@ -7,8 +7,8 @@ directory it created, and returns normally.
 
 from __future__ import annotations
 
-# First: jobworker.tls sets how grpc refuses TLS 1.2, which grpc reads once, when imported.
-from jobworker import tls  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
+from jobworker.grpcenv import grpc  # isort: split
 
 import asyncio
 import functools
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jobworker import tls
 from jobworker.errors import ConfigError, Unauthenticated
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc

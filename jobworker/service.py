@@ -18,8 +18,8 @@ client as INTERNAL "internal error".
 
 from __future__ import annotations
 
-# First: jobworker.tls sets how grpc refuses TLS 1.2, which grpc reads once, when imported.
-from jobworker import tls  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
+from jobworker.grpcenv import grpc  # isort: split
 
 import contextlib
 import functools
@@ -30,13 +30,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import attrs
-import grpc
 import structlog
 
+from jobworker import tls
 from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.manager import JobManager, validate_spec
+from jobworker.jobs import JobManager, validate_spec
 from jobworker.model import (
     Action,
     IoLimit,

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import attrs
 import grpc
 
-from jobworker.backends.authz import Authz
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.pki import PkiPaths, init_pki
+from jobworker.plugins.authz import Authz
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb

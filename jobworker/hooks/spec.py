@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
     from jobworker.identity import Identity
-    from jobworker.manager import JobManager
+    from jobworker.jobs import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 

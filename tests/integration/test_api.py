@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker import hookimpl
 from jobworker.errors import ConfigError
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.model import JobSpec
 from jobworker.pki import PkiPaths, write_crl
 from jobworker.server import ServerConfig, serve

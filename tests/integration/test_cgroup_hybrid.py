@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.backends.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
 from jobworker.errors import FailedPrecondition
 from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
+from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
 

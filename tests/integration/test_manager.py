@@ -15,8 +15,8 @@ import pytest
 
 from jobworker import hookimpl
 from jobworker.errors import InvalidArgument, NotFound, PermissionDenied, SpawnError
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobState, Stream, TerminationReason
 
 T = TypeVar("T")

@@ -27,14 +27,14 @@ import pytest
 import structlog
 
 from jobworker import hookimpl
-from jobworker.backends import auditlog
-from jobworker.backends.auditlog import AuditLog
 from jobworker.errors import ConfigError, PermissionDenied, SpawnError
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.manager import JobManager
+from jobworker.jobs import JobManager
 from jobworker.model import Action, JobSpec, JobStatus, Stream
 from jobworker.pki import PkiPaths
+from jobworker.plugins import auditlog
+from jobworker.plugins.auditlog import AuditLog
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.test_manager import collect, run_with_manager, sh
 from tests.serverfixtures import (

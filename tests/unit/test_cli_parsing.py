@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobworker import cli
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.model import IoLimit, Limits
 from jobworker.units import (
     parse_cores,

@@ -10,7 +10,7 @@ import pytest
 
 from jobworker import hookimpl
 from jobworker.errors import ConfigError, NotFound, PermissionDenied
-from jobworker.hooks.manager import BUILTIN_PLUGINS, Plugins, available_plugins, load_plugins
+from jobworker.hooks.host import BUILTIN_PLUGINS, Plugins, available_plugins, load_plugins
 from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec
 

@@ -30,7 +30,7 @@ from jobworker.errors import (
     ResourceExhausted,
     job_not_found,
 )
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.model import (
     ExitInfo,
     JobSpec,
@@ -44,7 +44,7 @@ from jobworker.model import (
 from jobworker.outputlog import OutputChunk, OutputLog
 from jobworker.spawn import PIPE_SIZE, Spawner, resolve_future
 
-log = structlog.get_logger("jobworker.manager")
+log = structlog.get_logger("jobworker.jobs")
 
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.

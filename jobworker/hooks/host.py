@@ -21,16 +21,16 @@ from jobworker.hooks import PROJECT_NAME, spec
 if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.identity import Identity
-    from jobworker.manager import JobManager
+    from jobworker.jobs import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
 
 #: Built-in plugins, by the name ``--plugin`` takes, and the module that implements them.
 BUILTIN_PLUGINS: dict[str, str] = {
-    "authz": "jobworker.backends.authz",
-    "audit-log": "jobworker.backends.auditlog",
-    "cgroupv2": "jobworker.backends.cgroupv2",
+    "authz": "jobworker.plugins.authz",
+    "audit-log": "jobworker.plugins.auditlog",
+    "cgroupv2": "jobworker.plugins.cgroupv2",
 }
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import attrs
 import structlog
 
-from jobworker.backends._inotify import wait_until, wait_until_blocking
 from jobworker.containment import ContainmentReport
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
+from jobworker.inotify import wait_until, wait_until_blocking
 from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
 
 log = structlog.get_logger("jobworker.cgroupv2")
