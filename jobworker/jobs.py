@@ -36,12 +36,15 @@ from jobworker.model import (
     JobSpec,
     JobState,
     JobStatus,
+    OutputChunk,
     ResourceUsage,
+    StopResult,
     Stream,
     TerminationReason,
+    describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputChunk, OutputLog
+from jobworker.outputlog import OutputLog
 from jobworker.spawn import PIPE_SIZE, Spawner, resolve_future
 
 log = structlog.get_logger("jobworker.jobs")
@@ -87,30 +90,6 @@ def validate_spec(spec: JobSpec) -> None:
             raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
     if spec.cwd is not None and not spec.cwd.startswith("/"):
         raise InvalidArgument(f"cwd {spec.cwd!r} must be an absolute path")
-
-
-@attrs.frozen
-class StopResult:
-    status: JobStatus
-    already_finished: bool
-    escalated: bool
-    message: str
-
-
-def describe_end(status: JobStatus) -> str:
-    """A short human phrase for how a finished job ended."""
-    ex = status.exit
-    if ex is None:
-        return "running"
-    how = f"exit code {ex.exit_code}" if ex.signal is None else f"signal {ex.signal}"
-    if ex.reason is TerminationReason.STOPPED:
-        kill = ", SIGKILL after the grace period" if ex.escalated else ""
-        return f"stopped by {ex.stopped_by} ({how}{kill})"
-    if ex.reason is TerminationReason.OOM_KILLED:
-        return f"killed by the OOM killer ({how})"
-    if ex.reason is TerminationReason.SIGNALED:
-        return f"killed by {how}"
-    return f"exited with {how}"
 
 
 @attrs.define(eq=False)

@@ -78,6 +78,15 @@ class Action(enum.Enum):
 
 
 @attrs.frozen
+class OutputChunk:
+    """A piece of one job's output, as followers receive it."""
+
+    stream: Stream
+    data: bytes
+    offset: int  # position just after this chunk: pass it back to resume
+
+
+@attrs.frozen
 class IoLimit:
     """Block IO caps for one device, given as ``MAJ:MIN`` once resolved."""
 
@@ -159,3 +168,29 @@ class JobStatus:
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
     output_bytes: int = 0  # what the job wrote, stdout and stderr together
+
+
+@attrs.frozen
+class StopResult:
+    """The answer to a stop request: the job after it, and how it went."""
+
+    status: JobStatus
+    already_finished: bool
+    escalated: bool
+    message: str
+
+
+def describe_end(status: JobStatus) -> str:
+    """A short human phrase for how a finished job ended."""
+    ex = status.exit
+    if ex is None:
+        return "running"
+    how = f"exit code {ex.exit_code}" if ex.signal is None else f"signal {ex.signal}"
+    if ex.reason is TerminationReason.STOPPED:
+        kill = ", SIGKILL after the grace period" if ex.escalated else ""
+        return f"stopped by {ex.stopped_by} ({how}{kill})"
+    if ex.reason is TerminationReason.OOM_KILLED:
+        return f"killed by the OOM killer ({how})"
+    if ex.reason is TerminationReason.SIGNALED:
+        return f"killed by {how}"
+    return f"exited with {how}"

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobworker import tls
+from jobworker.backend import JobBackend
 from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.host import Plugins
 from jobworker.jobs import JobManager
@@ -66,6 +67,22 @@ class ServerConfig:
     max_running: int = 1000
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
+
+
+#: Builds the job engine of one server run, given its plugins and spool directory.
+BackendFactory = Callable[[ServerConfig, Plugins, Path], JobBackend]
+
+
+def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> JobBackend:
+    """The default engine: jobs on this host (:class:`jobworker.jobs.JobManager`)."""
+    return JobManager(
+        plugins,
+        spool_dir,
+        default_grace=config.default_grace,
+        max_running=config.max_running,
+        retain_finished=config.retain_finished,
+        retain_seconds=config.retain_seconds,
+    )
 
 
 class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -133,13 +150,15 @@ async def serve(
     config: ServerConfig,
     plugins: Plugins,
     *,
+    backend: BackendFactory = local_backend,
     ready: Callable[[str], None] | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
     """Run the server until SIGTERM/SIGINT or ``stop_event``; ``plugins`` are configured.
 
-    ``ready`` is called with the address actually listened on (the port resolved when
-    ``listen`` asks for port 0) once RPCs are accepted. Raises ``ConfigError`` before
+    ``backend`` builds the job engine (jobs on this host by default). ``ready`` is called
+    with the address actually listened on (the port resolved when ``listen`` asks for
+    port 0) once RPCs are accepted. Raises ``ConfigError`` before
     listening for bad TLS files, a CRL that does not verify, no authorization plugin, or an
     address that cannot be bound.
     """
@@ -148,13 +167,14 @@ async def serve(
     stop = stop_event or asyncio.Event()
     # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
     with _stop_on_signals(stop):
-        await _serve_until(stop, config, plugins, ready)
+        await _serve_until(stop, config, plugins, backend, ready)
 
 
 async def _serve_until(
     stop: asyncio.Event,
     config: ServerConfig,
     plugins: Plugins,
+    backend: BackendFactory,
     ready: Callable[[str], None] | None,
 ) -> None:
     host, _ = _split_listen(config.listen)
@@ -162,23 +182,14 @@ async def _serve_until(
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
 
     with spool_run(config.spool_dir) as spool_dir:
-        manager = JobManager(
-            plugins,
-            spool_dir,
-            default_grace=config.default_grace,
-            max_running=config.max_running,
-            retain_finished=config.retain_finished,
-            retain_seconds=config.retain_seconds,
-        )
+        jobs = backend(config, plugins, spool_dir)
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         server = grpc.aio.server(
             interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0)],
         )
-        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(manager, plugins, crl), server
-        )
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(JobService(jobs, plugins, crl), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -192,7 +203,7 @@ async def _serve_until(
             raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
         address = f"{host}:{port}"
 
-        plugins.manager_ready(manager)
+        plugins.manager_ready(jobs)
         await server.start()
         try:
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -207,7 +218,7 @@ async def _serve_until(
             # New RPCs are refused at once; streams of running jobs end as the jobs stop.
             stopping = asyncio.ensure_future(server.stop(config.default_grace + RPC_DRAIN_SECONDS))
             try:
-                await manager.shutdown()
+                await jobs.shutdown()
             finally:
                 await stopping
                 plugins.shutdown()

@@ -33,10 +33,11 @@ import attrs
 import structlog
 
 from jobworker import tls
+from jobworker.backend import JobBackend
 from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.jobs import JobManager, validate_spec
+from jobworker.jobs import validate_spec
 from jobworker.model import (
     Action,
     IoLimit,
@@ -308,7 +309,7 @@ class _Admission:
         if self._action in _JOB_ACTIONS and not undecodable:
             job_id = self._request.job_id
             structlog.contextvars.bind_contextvars(job_id=job_id[:64])
-            job = service.manager.find(job_id)
+            job = service.backend.find(job_id)
         try:
             service.plugins.authorize(identity, self._action, job)
         except JobworkerError as err:
@@ -397,24 +398,24 @@ def _streaming(
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    """``jobworker.v1.JobService`` over a :class:`JobManager`."""
+    """``jobworker.v1.JobService`` over a :class:`jobworker.backend.JobBackend`."""
 
     def __init__(
-        self, manager: JobManager, plugins: Plugins, crl: tls.RevocationList | None = None
+        self, backend: JobBackend, plugins: Plugins, crl: tls.RevocationList | None = None
     ) -> None:
-        self.manager = manager
+        self.backend = backend
         self.plugins = plugins
         self.crl = crl
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
-        status = await self.manager.start(spec_from_pb(request), owner=caller.identity.name)
+        status = await self.backend.start(spec_from_pb(request), owner=caller.identity.name)
         return pb.StartJobResponse(job_id=status.job_id)
 
     @_unary(Action.STOP)
     async def StopJob(self, request: pb.JobRequest, caller: Caller) -> pb.JobResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        result = await self.manager.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
+        result = await self.backend.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
         return pb.JobResponse(
             success=True,
             message=result.message,
@@ -431,7 +432,7 @@ class JobService(pb_grpc.JobServiceServicer):
     async def StreamOutput(
         self, request: pb.JobRequest, caller: Caller
     ) -> AsyncIterator[pb.JobOutputChunk]:
-        chunks = self.manager.follow(
+        chunks = self.backend.follow(
             caller.target.job_id, offset=request.offset, follow=not request.no_follow
         )
         async for chunk in chunks:
@@ -439,7 +440,7 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
-        visible = [s for s in self.manager.list() if self._may_see(caller.identity, s)]
+        visible = [s for s in self.backend.list() if self._may_see(caller.identity, s)]
         return pb.ListJobsResponse(jobs=[status_to_pb(s) for s in visible])
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:

@@ -19,9 +19,9 @@ from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
 from jobworker.hooks import PROJECT_NAME, spec
 
 if TYPE_CHECKING:
+    from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.identity import Identity
-    from jobworker.jobs import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
@@ -150,7 +150,7 @@ class Plugins:
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
 
-    def manager_ready(self, manager: JobManager) -> None:
+    def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
 
     def shutdown(self) -> None:
