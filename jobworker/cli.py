@@ -36,7 +36,8 @@ from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks.host import Plugins, available_plugins
 from jobworker.logconfig import LEVELS, configure_logging
 from jobworker.model import IoLimit, Limits
-from jobworker.pki import ROLES, PkiPaths, default_pki_dir, init_pki
+from jobworker.pki import PkiPaths, default_pki_dir, init_pki
+from jobworker.plugins.authz import ROLES
 from jobworker.tls import TlsFiles
 from jobworker.units import (
     parse_cores,
@@ -343,7 +344,7 @@ def _preload_plugins(argv: Sequence[str]) -> Plugins:
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--plugin", action="append", default=[])
     names: list[str] = finder.parse_known_args(argv)[0].plugin
-    plugins.load(["authz", *names])
+    plugins.load_for_server(names)
     return plugins
 
 
@@ -569,7 +570,7 @@ def _plugins(options: argparse.Namespace) -> int:
     plugins = Plugins()
     rows: list[dict[str, Any]] = []
     if options.plugin:
-        plugins.load(["authz", *options.plugin])
+        plugins.load_for_server(options.plugin)
     else:
         for name in available_plugins():
             try:

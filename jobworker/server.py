@@ -162,8 +162,7 @@ async def serve(
     listening for bad TLS files, a CRL that does not verify, no authorization plugin, or an
     address that cannot be bound.
     """
-    if not plugins.has_impl("jobworker_authorize"):
-        raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+    plugins.check_essential()
     stop = stop_event or asyncio.Event()
     # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
     with _stop_on_signals(stop):

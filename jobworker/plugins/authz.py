@@ -12,10 +12,9 @@ may start jobs, list (and sees only its own jobs), and act on its own jobs; anot
 owner's job answers NOT_FOUND with the very message of an unknown id, so a user cannot
 probe which ids exist. An admin may do everything.
 
-:class:`Authz` holds one loaded whitelist and is a plugin on its own (tests and embedders
-register ``Authz.from_file(path)`` under the name "authz"); the module-level hook
-implementations, used by ``--plugin authz``, delegate to the instance configured by
-``jobworker_configure``.
+:class:`Authz` is the plugin: ``--plugin authz`` makes one with nothing loaded and its
+``jobworker_configure`` loads ``--authz``; tests and embedders register
+``Authz.from_file(path)`` under the name "authz". Each plugin host has its own instance.
 """
 
 from __future__ import annotations
@@ -46,6 +45,10 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
+#: The role names a whitelist (and ``jobworker certs init --client NAME:ROLE``) accepts.
+ROLES: tuple[str, ...] = tuple(role.value for role in Role)
+
+
 _ENTRY_KEYS = {"identity", "role"}
 
 
@@ -60,52 +63,30 @@ def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, Role]:
     if not isinstance(identity, str) or not identity.strip():
         raise ConfigError(f"{where}: identity must be a non-empty string (a CN or SAN)")
     role = entry.get("role")
-    roles = ", ".join(repr(r.value) for r in Role)
-    if role not in {r.value for r in Role}:
+    roles = ", ".join(map(repr, ROLES))
+    if role not in ROLES:
         raise ConfigError(f"{where} ({identity!r}): role {role!r} is not one of {roles}")
     return identity, Role(role)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Authz:
-    """A loaded whitelist: the role of each identity."""
+    """The plugin: the role of each identity of one loaded whitelist (none until loaded)."""
 
-    path: Path
-    roles: Mapping[str, Role]
+    path: Path | None = None
+    roles: Mapping[str, Role] = attrs.field(factory=dict)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Authz:
         """Load and validate a whitelist; raises ``ConfigError`` naming the file and entry."""
-        path = Path(path)
-        try:
-            with path.open("rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"authorization whitelist {path} does not exist") from None
-        except OSError as err:
-            raise ConfigError(
-                f"cannot read authorization whitelist {path}: {err.strerror}"
-            ) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from None
-        unknown = sorted(set(doc) - {"clients"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected [[clients]] entries")
-        entries = doc.get("clients", [])
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(
-                f"{path} lists no clients, so nobody could call the server: add "
-                '[[clients]] entries with identity = "NAME" and role = "user" or "admin"'
-            )
-        roles: dict[str, Role] = {}
-        for index, entry in enumerate(entries):
-            identity, role = _parse_entry(path, index, entry)
-            if identity in roles:
-                raise ConfigError(
-                    f"{path}: clients entry {index + 1}: identity {identity!r} is listed twice"
-                )
-            roles[identity] = role
-        return cls(path=path, roles=roles)
+        authz = cls()
+        authz.load(path)
+        return authz
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Read the whitelist at ``path``; on an error the previous one stays in force."""
+        self.roles = _read_whitelist(Path(path))
+        self.path = Path(path)
 
     def role_of(self, identity: Identity) -> Role | None:
         """The role of the first of the identity's names (CN, then SANs) that is listed."""
@@ -114,9 +95,33 @@ class Authz:
                 return self.roles[name]
         return None
 
+    @hookimpl
+    def jobworker_add_options(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("authz")
+        group.add_argument(
+            "--authz",
+            metavar="FILE",
+            default=os.environ.get(ENV_VAR),
+            help=f"TOML whitelist of client identities and roles (required; env {ENV_VAR})",
+        )
+
+    @hookimpl
+    def jobworker_configure(self, options: argparse.Namespace) -> None:
+        path = getattr(options, "authz", None)
+        if path:
+            self.load(path)
+            log.info("authz_loaded", path=str(self.path), clients=len(self.roles))
+        elif self.path is None:
+            raise ConfigError(
+                "no authorization whitelist: pass --authz FILE (or set "
+                f"{ENV_VAR}); the server refuses to start without one"
+            )
+
     @hookimpl(specname="jobworker_authorize")
     def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> bool:
         """Allow (True) or raise: PermissionDenied for strangers, NotFound to hide a job."""
+        if self.path is None:  # registered but never configured: deny, never guess
+            raise PermissionDenied("the authorization whitelist is not loaded")
         role = self.role_of(identity)
         if role is None:
             raise PermissionDenied(f"{identity.name} is not on the authorization whitelist")
@@ -125,41 +130,31 @@ class Authz:
         raise job_not_found(job.job_id)
 
 
-_active: Authz | None = None
-
-
-def configure(path: str | os.PathLike[str]) -> Authz:
-    """Load the whitelist the module-level hooks use from now on."""
-    global _active
-    _active = Authz.from_file(path)
-    log.info("authz_loaded", path=str(_active.path), clients=len(_active.roles))
-    return _active
-
-
-@hookimpl
-def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("authz")
-    group.add_argument(
-        "--authz",
-        metavar="FILE",
-        default=os.environ.get(ENV_VAR),
-        help=f"TOML whitelist of client identities and roles (required; env {ENV_VAR})",
-    )
-
-
-@hookimpl
-def jobworker_configure(options: argparse.Namespace) -> None:
-    path = getattr(options, "authz", None)
-    if not path:
+def _read_whitelist(path: Path) -> dict[str, Role]:
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"authorization whitelist {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read authorization whitelist {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    unknown = sorted(set(doc) - {"clients"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected [[clients]] entries")
+    entries = doc.get("clients", [])
+    if not isinstance(entries, list) or not entries:
         raise ConfigError(
-            "no authorization whitelist: pass --authz FILE (or set "
-            f"{ENV_VAR}); the server refuses to start without one"
+            f"{path} lists no clients, so nobody could call the server: add "
+            '[[clients]] entries with identity = "NAME" and role = "user" or "admin"'
         )
-    configure(path)
-
-
-@hookimpl
-def jobworker_authorize(identity: Identity, action: Action, job: JobStatus | None) -> bool:
-    if _active is None:  # registered but never configured: deny, never guess
-        raise PermissionDenied("the authorization whitelist is not loaded")
-    return _active.authorize(identity, action, job)
+    roles: dict[str, Role] = {}
+    for index, entry in enumerate(entries):
+        identity, role = _parse_entry(path, index, entry)
+        if identity in roles:
+            raise ConfigError(
+                f"{path}: clients entry {index + 1}: identity {identity!r} is listed twice"
+            )
+        roles[identity] = role
+    return roles

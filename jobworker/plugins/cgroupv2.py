@@ -6,9 +6,9 @@ before the job's first process exists; the launcher joins it by writing ``0`` to
 ``cgroup.kill``, so processes that left the job's session are stopped too. Empty is
 learnt from ``cgroup.events`` through inotify, never by polling.
 
-Loaded with ``--plugin cgroupv2`` the module's hook implementations delegate to one
-:class:`CgroupV2Plugin` built from the options; tests and embedders register a
-``CgroupV2Plugin(root=...)`` instance directly.
+:class:`CgroupV2Plugin` is the plugin: ``--plugin cgroupv2`` makes one with no arguments and
+its ``jobworker_configure`` applies the ``--cgroup-*`` options; tests and embedders register
+a ``CgroupV2Plugin(root=...)`` instance directly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import structlog
@@ -309,7 +310,20 @@ class _Plan:
     applied: Limits
 
 
-@attrs.define
+def _settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The plugin's settings from the options its ``jobworker_add_options`` added."""
+    if options.cgroup_default_pids < 0:
+        raise ConfigError("--cgroup-default-pids must be 0 (no default) or more")
+    delegated = options.cgroup_root == DELEGATED
+    return {
+        "root": None if delegated else options.cgroup_root,
+        "delegated": delegated,
+        "default_pids": options.cgroup_default_pids or None,
+        "allow_swap": options.cgroup_swap == "allow",
+    }
+
+
+@attrs.define(eq=False)
 class CgroupV2Plugin:
     """Creates, limits and removes job cgroups under ``root``.
 
@@ -333,15 +347,7 @@ class CgroupV2Plugin:
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> CgroupV2Plugin:
-        if options.cgroup_default_pids < 0:
-            raise ConfigError("--cgroup-default-pids must be 0 (no default) or more")
-        delegated = options.cgroup_root == DELEGATED
-        return cls(
-            root=None if delegated else options.cgroup_root,
-            delegated=delegated,
-            default_pids=options.cgroup_default_pids or None,
-            allow_swap=options.cgroup_swap == "allow",
-        )
+        return cls(**_settings(options))
 
     @property
     def enabled(self) -> frozenset[str]:
@@ -641,10 +647,43 @@ class CgroupV2Plugin:
             resolved.append(attrs.evolve(limit, device=device))
         return tuple(resolved)
 
-    # -- hooks (when an instance is registered directly) ---------------------------------
+    # -- hooks -------------------------------------------------------------------------
 
     @hookimpl
-    def jobworker_configure(self) -> None:
+    def jobworker_add_options(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "cgroupv2", "Each job in its own cgroup v2 with its limits (docs/cgroups.md)."
+        )
+        group.add_argument(
+            "--cgroup-root",
+            dest="cgroup_root",
+            metavar="PATH",
+            help=f"the cgroup jobs are created under; {DELEGATED!r} for <the server's cgroup>/"
+            f"{DELEGATED_JOBS} under systemd Delegate=yes (default: {ROOT_NAME} under the "
+            f"cgroup2 mount, {CGROUP_FS} or {HYBRID_MOUNT} on a hybrid host)",
+        )
+        group.add_argument(
+            "--cgroup-default-pids",
+            dest="cgroup_default_pids",
+            type=int,
+            default=DEFAULT_PIDS,
+            metavar="N",
+            help=f"pids.max of a job that sets no --pids, so a fork bomb stays contained; "
+            f"0 for none (default {DEFAULT_PIDS})",
+        )
+        group.add_argument(
+            "--cgroup-swap",
+            dest="cgroup_swap",
+            choices=("deny", "allow"),
+            default="deny",
+            help="whether a job with a memory limit may swap beyond it (default deny)",
+        )
+
+    @hookimpl
+    def jobworker_configure(self, options: argparse.Namespace) -> None:
+        if hasattr(options, "cgroup_root"):  # parsed with this plugin's options
+            for name, value in _settings(options).items():
+                setattr(self, name, value)
         self.setup()
 
     @hookimpl
@@ -654,59 +693,3 @@ class CgroupV2Plugin:
     @hookimpl
     def jobworker_shutdown(self) -> None:
         self.shutdown()
-
-
-# -- hooks (when loaded as ``--plugin cgroupv2``) -----------------------------------------
-
-_plugin: CgroupV2Plugin | None = None
-
-
-@hookimpl
-def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "cgroupv2", "Each job in its own cgroup v2 with its limits (docs/cgroups.md)."
-    )
-    group.add_argument(
-        "--cgroup-root",
-        dest="cgroup_root",
-        metavar="PATH",
-        help=f"the cgroup jobs are created under; {DELEGATED!r} for <the server's cgroup>/"
-        f"{DELEGATED_JOBS} under systemd Delegate=yes (default: {ROOT_NAME} under the "
-        f"cgroup2 mount, {CGROUP_FS} or {HYBRID_MOUNT} on a hybrid host)",
-    )
-    group.add_argument(
-        "--cgroup-default-pids",
-        dest="cgroup_default_pids",
-        type=int,
-        default=DEFAULT_PIDS,
-        metavar="N",
-        help=f"pids.max of a job that sets no --pids, so a fork bomb stays contained; "
-        f"0 for none (default {DEFAULT_PIDS})",
-    )
-    group.add_argument(
-        "--cgroup-swap",
-        dest="cgroup_swap",
-        choices=("deny", "allow"),
-        default="deny",
-        help="whether a job with a memory limit may swap beyond it (default deny)",
-    )
-
-
-@hookimpl
-def jobworker_configure(options: argparse.Namespace) -> None:
-    global _plugin
-    _plugin = CgroupV2Plugin.from_options(options)
-    _plugin.setup()
-
-
-@hookimpl
-def jobworker_limits_apply(job_id: str, spec: JobSpec) -> JobCgroup:
-    if _plugin is None:
-        raise FailedPrecondition("the cgroupv2 plugin was not configured")
-    return _plugin.create(job_id, spec)
-
-
-@hookimpl
-def jobworker_shutdown() -> None:
-    if _plugin is not None:
-        _plugin.shutdown()

@@ -547,7 +547,7 @@ def test_registered_instance_answers_limits_apply(fs: FakeCgroupFs) -> None:
 
 def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = argparse.ArgumentParser()
-    cgroupv2.jobworker_add_options(parser)
+    CgroupV2Plugin().jobworker_add_options(parser)
     defaults = parser.parse_args([])
     plugin = CgroupV2Plugin.from_options(defaults)
     assert (plugin.root, plugin.delegated, plugin.default_pids, plugin.allow_swap) == (
