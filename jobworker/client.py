@@ -39,32 +39,6 @@ from jobworker.wire import limits_to_pb
 MAX_MESSAGE_BYTES = 64 << 20
 
 
-class Unavailable(errors.JobworkerError):
-    """The server could not be reached: not running, wrong address, or TLS refused."""
-
-    code = "UNAVAILABLE"
-
-
-class RemoteError(errors.JobworkerError):
-    """A status code with no class of its own (INTERNAL, UNKNOWN...); ``code`` names it."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_ERRORS_BY_CODE: dict[str, type[errors.JobworkerError]] = {
-    cls.code: cls
-    for cls in (
-        errors.InvalidArgument,
-        errors.NotFound,
-        errors.FailedPrecondition,
-        errors.PermissionDenied,
-        errors.Unauthenticated,
-        errors.ResourceExhausted,
-    )
-}
-
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
 
 
@@ -155,7 +129,7 @@ def _status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         state = JobState(status.status)
         reason = TerminationReason(status.reason) if status.reason else None
     except ValueError as err:
-        raise RemoteError("UNKNOWN", f"the server sent {err}: upgrade jobworker") from None
+        raise errors.RemoteError("UNKNOWN", f"the server sent {err}: upgrade jobworker") from None
     ended = state is JobState.EXITED
     return JobStatusView(
         job_id=status.job_id,
@@ -218,9 +192,8 @@ class JobClient:
         code: grpc.StatusCode = err.code()
         details = err.details() or code.name
         if code is grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"cannot reach jobworker at {self.target}: {details}")
-        cls = _ERRORS_BY_CODE.get(code.name)
-        return cls(details) if cls is not None else RemoteError(code.name, details)
+            return errors.Unavailable(f"cannot reach jobworker at {self.target}: {details}")
+        return errors.error_from_code(code.name, details)
 
     def start(
         self,

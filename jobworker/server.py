@@ -10,6 +10,7 @@ from __future__ import annotations
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
 from jobworker.grpcenv import grpc  # isort: split
 
+import argparse
 import asyncio
 import functools
 import inspect
@@ -31,13 +32,14 @@ from jobworker.backend import JobBackend
 from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.host import Plugins
 from jobworker.jobs import JobManager
+from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
+from jobworker.wire import DEFAULT_ADDRESS
 
 log = structlog.get_logger("jobworker.server")
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
 #: Once every job is stopped, how long open RPCs (streams ending) get before cancellation.
 RPC_DRAIN_SECONDS = 5.0
 
@@ -60,13 +62,45 @@ class ServerConfig:
     """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
     (see :mod:`jobworker.spool`)."""
 
-    listen: str = attrs.field(default=DEFAULT_LISTEN, validator=_check_listen)
+    listen: str = attrs.field(default=DEFAULT_ADDRESS, validator=_check_listen)
     tls: tls.TlsFiles
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace) -> ServerConfig:
+        """What ``jobworker serve``'s options describe.
+
+        Without ``--tls-*`` options the dev PKI is used (created on first use), and its
+        whitelist becomes ``options.authz`` unless one was given.
+        """
+        files = tls.given_files(
+            options.tls_cert, options.tls_key, options.tls_ca, crl=options.tls_crl
+        )
+        if files is None:
+            pki = init_pki(default_pki_dir())
+            files = attrs.evolve(pki.server(), crl=options.tls_crl)
+            if getattr(options, "authz", None) is None:
+                options.authz = pki.authz
+            log.info(
+                "dev_pki",
+                directory=str(pki.directory),
+                authz=str(options.authz),
+                client_cert=str(pki.client_cert(DEV_CLIENT)),
+                hint="client commands on this machine use it when given no --tls-* options",
+            )
+        return cls(
+            listen=options.listen,
+            tls=files,
+            spool_dir=options.spool_dir,
+            default_grace=options.grace,
+            max_running=options.max_jobs,
+            retain_finished=options.retain_jobs,
+            retain_seconds=options.retain_seconds,
+        )
 
 
 #: Builds the job engine of one server run, given its plugins and spool directory.
@@ -107,9 +141,8 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            tls.check_peer(context.auth_context(), self._crl)
+            tls.authenticate(context, self._crl)
         except Unauthenticated as err:
-            log.warning("rpc_unauthenticated", peer=context.peer(), reason=str(err))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
 
     def _wrap(self, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:

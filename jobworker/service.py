@@ -11,8 +11,8 @@ Every RPC goes through one admission step (:class:`_Admission`) before its handl
    allowed or not;
 4. for an unknown id, NOT_FOUND.
 
-Errors leave through one table (:data:`STATUS_CODES`); anything that is not a
-:class:`JobworkerError` is a bug, logged here with its traceback and reported to the
+Errors leave through one table (:func:`jobworker.errors.wire_code`); anything that is not
+a :class:`JobworkerError` is a bug, logged here with its traceback and reported to the
 client as INTERNAL "internal error".
 """
 
@@ -25,7 +25,7 @@ import contextlib
 import functools
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ import structlog
 
 from jobworker import tls
 from jobworker.backend import JobBackend
-from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found
+from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
 from jobworker.jobs import validate_spec
@@ -51,17 +51,6 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from jobworker.wire import limits_to_pb
 
 log = structlog.get_logger("jobworker.service")
-
-#: The one mapping from ``JobworkerError.code`` to the status a client sees.
-STATUS_CODES: Mapping[str, grpc.StatusCode] = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "UNKNOWN": grpc.StatusCode.UNKNOWN,
-}
 
 #: Actions about one existing job; the others (start, list) are about no job.
 _JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM})
@@ -285,8 +274,9 @@ class _Admission:
 
     async def _abort(self, exc: Exception) -> None:
         """End the RPC with the status ``exc`` maps to (``context.abort`` raises)."""
-        if isinstance(exc, JobworkerError) and exc.code in STATUS_CODES:
-            code, message = STATUS_CODES[exc.code], str(exc)
+        name = wire_code(exc)
+        if name is not None:
+            code, message = grpc.StatusCode[name], str(exc)
             log.info("rpc_refused", code=code.name, message=message)
         else:
             code, message = grpc.StatusCode.INTERNAL, "internal error"
@@ -297,11 +287,7 @@ class _Admission:
         # Each RPC runs in its own task, so these bindings end with it.
         structlog.contextvars.bind_contextvars(rpc=self._rpc)
         service = self._service
-        try:
-            identity = tls.check_peer(self._context.auth_context(), service.crl)
-        except JobworkerError as err:
-            log.warning("rpc_unauthenticated", peer=self._context.peer(), reason=str(err))
-            raise
+        identity = tls.authenticate(self._context, service.crl)
         structlog.contextvars.bind_contextvars(identity=identity.name)
         job_id: str | None = None
         job: JobStatus | None = None

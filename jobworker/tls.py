@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from jobworker.errors import ConfigError, Unauthenticated
+from jobworker.errors import ConfigError, Unauthenticated, UsageError
 from jobworker.identity import Identity, identity_from_auth_context
 
 log = structlog.get_logger(__name__)
@@ -68,6 +68,29 @@ class TlsFiles:
     key: Path = attrs.field(converter=Path)
     ca: Path = attrs.field(converter=Path)
     crl: Path | None = attrs.field(default=None, converter=_optional_path)
+
+
+def given_files(
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+    ca: str | os.PathLike[str] | None,
+    *,
+    crl: str | os.PathLike[str] | None = None,
+    labels: Sequence[str] = ("--tls-cert", "--tls-key", "--tls-ca"),
+) -> TlsFiles | None:
+    """The files given as options, or None when none is (the caller falls back to the dev
+    PKI). Raises ``UsageError`` naming the missing ones (by ``labels``) when only some are.
+    """
+    values = (cert, key, ca)
+    if not any(values):
+        return None
+    missing = [label for label, value in zip(labels, values, strict=True) if not value]
+    if missing:
+        raise UsageError(
+            f"--tls-cert, --tls-key and --tls-ca go together: missing {', '.join(missing)}"
+        )
+    assert cert and key and ca
+    return TlsFiles(cert=cert, key=key, ca=ca, crl=crl)
 
 
 @attrs.frozen
@@ -346,3 +369,12 @@ def check_peer(auth_context: Mapping[str, Sequence[bytes]], crl: RevocationList 
         if reason is not None:
             raise Unauthenticated(f"{identity.name}: {reason}")
     return identity
+
+
+def authenticate(context: grpc.aio.ServicerContext, crl: RevocationList | None) -> Identity:
+    """:func:`check_peer` for one RPC; a refusal is logged with the peer, then raised."""
+    try:
+        return check_peer(context.auth_context(), crl)
+    except Unauthenticated as err:
+        log.warning("rpc_unauthenticated", peer=context.peer(), reason=str(err))
+        raise

@@ -9,6 +9,9 @@ from __future__ import annotations
 from jobworker.model import Limits
 from jobworker.v1 import jobworker_pb2 as pb
 
+#: Where a server listens, and a client connects, unless told otherwise.
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
     """Limits as sent: on the wire 0 means "not limited", where the model says None."""
