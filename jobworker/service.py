@@ -23,7 +23,6 @@ from jobworker.grpcenv import grpc  # isort: split
 
 import contextlib
 import functools
-import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -32,23 +31,17 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 
-from jobworker import tls
+from jobworker import tls, wire
 from jobworker.backend import JobBackend
 from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.jobs import validate_spec
 from jobworker.model import (
     Action,
-    IoLimit,
-    JobSpec,
     JobStatus,
-    Limits,
-    ResourceUsage,
 )
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.wire import limits_to_pb
 
 log = structlog.get_logger("jobworker.service")
 
@@ -57,84 +50,6 @@ _JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM})
 
 #: Job ids are URL-safe tokens (``model.new_job_id``); anything else cannot exist.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-_MAX_IO_DEVICES = 64
-_MAX_DEVICE_CHARS = 4096
-#: cgroup files take signed 64-bit values; a larger uint64 from the wire is a mistake.
-_MAX_LIMIT_VALUE = 2**63 - 1
-_CPU_WEIGHT_RANGE = (1, 10000)
-
-# A job's exit code for a death by signal N, as shells report it, so that a client that only
-# knows ``exit_code`` (the original protocol) never mistakes a killed job for a success.
-_SIGNAL_EXIT_BASE = 128
-
-
-# -- translation: protobuf -> domain --------------------------------------------------------
-
-
-def _limit(value: int, field: str) -> int | None:
-    if value > _MAX_LIMIT_VALUE:
-        raise InvalidArgument(f"limits.{field} {value} is too large: at most {_MAX_LIMIT_VALUE}")
-    return value or None
-
-
-def _io_limit_from_pb(io: pb.IoDeviceLimit) -> IoLimit:
-    where = f"limits.io device {io.device!r}"
-    if not io.device:
-        raise InvalidArgument("limits.io: device is empty: give a block device path or MAJ:MIN")
-    if "\0" in io.device or len(io.device) > _MAX_DEVICE_CHARS:
-        raise InvalidArgument(f"{where} is not a device path or MAJ:MIN")
-    rates = (io.read_bps, io.write_bps, io.read_iops, io.write_iops)
-    if not any(rates):
-        raise InvalidArgument(f"{where} sets no rate: set read/write bps or iops, or drop it")
-    return IoLimit(
-        device=io.device,
-        rbps=_limit(io.read_bps, "io.read_bps"),
-        wbps=_limit(io.write_bps, "io.write_bps"),
-        riops=_limit(io.read_iops, "io.read_iops"),
-        wiops=_limit(io.write_iops, "io.write_iops"),
-    )
-
-
-def limits_from_pb(limits: pb.Limits) -> Limits:
-    """Proto limits as domain limits; 0 means "not set". Devices are resolved by the plugin."""
-    cpu = limits.cpu
-    if not math.isfinite(cpu) or cpu < 0:
-        raise InvalidArgument(
-            f"limits.cpu {cpu} must be a finite number of cores >= 0 (e.g. 0.5; 0 = unlimited)"
-        )
-    low, high = _CPU_WEIGHT_RANGE
-    if limits.cpu_weight and not low <= limits.cpu_weight <= high:
-        raise InvalidArgument(
-            f"limits.cpu_weight {limits.cpu_weight} must be between {low} and {high} (0 = default)"
-        )
-    if len(limits.io) > _MAX_IO_DEVICES:
-        raise InvalidArgument(f"limits.io has {len(limits.io)} devices: at most {_MAX_IO_DEVICES}")
-    devices = [io.device for io in limits.io]
-    duplicates = sorted({d for d in devices if devices.count(d) > 1})
-    if duplicates:
-        raise InvalidArgument(f"limits.io names device {duplicates[0]!r} more than once")
-    return Limits(
-        cpu=cpu or None,
-        cpu_weight=limits.cpu_weight or None,
-        memory=_limit(limits.memory_bytes, "memory_bytes"),
-        memory_high=_limit(limits.memory_high_bytes, "memory_high_bytes"),
-        pids=_limit(limits.pids, "pids"),
-        io=tuple(_io_limit_from_pb(io) for io in limits.io),
-    )
-
-
-def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
-    """The job a StartJob request asks for, validated; raises InvalidArgument saying why."""
-    spec = JobSpec(
-        command=request.command,
-        args=tuple(request.args),
-        env=dict(request.env),
-        cwd=request.cwd or None,
-        limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
-    )
-    validate_spec(spec)
-    return spec
 
 
 def _check_job_id(job_id: str) -> None:
@@ -146,41 +61,6 @@ def _check_job_id(job_id: str) -> None:
         raise NotFound(
             f"no job with id {shown!r}: job ids are up to 64 letters, digits, '-' and '_'"
         )
-
-
-# -- translation: domain -> protobuf --------------------------------------------------------
-
-
-def _usage_to_pb(usage: ResourceUsage) -> pb.ResourceUsage:
-    known = {k: v for k, v in attrs.asdict(usage).items() if v is not None}
-    return pb.ResourceUsage(**known)
-
-
-def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
-    """A job snapshot on the wire. ``exit_code`` is 128+N for a death by signal N."""
-    reply = pb.JobStatusResponse(
-        job_id=status.job_id,
-        status=status.state.value,
-        owner=status.owner,
-        started_at=status.started_at,
-        ended_at=status.ended_at or 0.0,
-        command=status.spec.command,
-        args=status.spec.args,
-        containment=status.containment,
-        limits=limits_to_pb(status.applied_limits),
-        output_bytes=status.output_bytes,
-        pid=status.pid,
-    )
-    if status.exit is not None:
-        ex = status.exit
-        reply.reason = ex.reason.value
-        reply.signal = ex.signal or 0
-        reply.exit_code = _SIGNAL_EXIT_BASE + ex.signal if ex.signal else ex.exit_code or 0
-        reply.stopped_by = ex.stopped_by or ""
-        reply.escalated = ex.escalated
-    if status.usage is not None:
-        reply.usage.CopyFrom(_usage_to_pb(status.usage))
-    return reply
 
 
 # -- admission: identity, authorization, errors --------------------------------------------
@@ -395,24 +275,18 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
-        status = await self.backend.start(spec_from_pb(request), owner=caller.identity.name)
+        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.identity.name)
         return pb.StartJobResponse(job_id=status.job_id)
 
     @_unary(Action.STOP)
     async def StopJob(self, request: pb.JobRequest, caller: Caller) -> pb.JobResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
         result = await self.backend.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
-        return pb.JobResponse(
-            success=True,
-            message=result.message,
-            already_finished=result.already_finished,
-            escalated=result.escalated,
-            status=status_to_pb(result.status),
-        )
+        return wire.stop_to_pb(result)
 
     @_unary(Action.STATUS)
     async def GetStatus(self, request: pb.JobRequest, caller: Caller) -> pb.JobStatusResponse:
-        return status_to_pb(caller.target)
+        return wire.status_to_pb(caller.target)
 
     @_streaming(Action.STREAM)
     async def StreamOutput(
@@ -422,12 +296,12 @@ class JobService(pb_grpc.JobServiceServicer):
             caller.target.job_id, offset=request.offset, follow=not request.no_follow
         )
         async for chunk in chunks:
-            yield pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)
+            yield wire.chunk_to_pb(chunk)
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
         visible = [s for s in self.backend.list() if self._may_see(caller.identity, s)]
-        return pb.ListJobsResponse(jobs=[status_to_pb(s) for s in visible])
+        return pb.ListJobsResponse(jobs=[wire.status_to_pb(s) for s in visible])
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:
         """Listing filters by the STATUS rule; a hidden job is skipped, not an error."""

@@ -1,20 +1,47 @@
-"""Domain limits on the wire, shared by the two edges that speak protobuf.
+"""Protobuf <-> domain, both directions, for every message: the one translation table.
 
 The service (jobworker.service) and the client (jobworker.client) are the only modules
-that translate between protobuf and domain objects; what both need lives here.
+that speak protobuf, and both translate here. Values are validated by the model they
+become (:mod:`jobworker.model`), never here; the wire's own conventions live here:
+
+* 0 (or "") means "not set" where the model says None;
+* ``exit_code`` is 128+N for a job killed by signal N (:func:`model.shell_exit_code`), and
+  means an exit code only when ``signal`` is 0.
 """
 
 from __future__ import annotations
 
-from jobworker.model import Limits
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from jobworker.errors import RemoteError
+from jobworker.model import (
+    IoLimit,
+    JobSpec,
+    JobState,
+    JobStatus,
+    JobStatusView,
+    Limits,
+    OutputChunk,
+    ResourceUsage,
+    StopResult,
+    StopView,
+    TerminationReason,
+    shell_exit_code,
+)
 from jobworker.v1 import jobworker_pb2 as pb
 
 #: Where a server listens, and a client connects, unless told otherwise.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
+_USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
+
+
+# -- limits ---------------------------------------------------------------------------------
+
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
-    """Limits as sent: on the wire 0 means "not limited", where the model says None."""
     return pb.Limits(
         cpu=limits.cpu or 0.0,
         cpu_weight=limits.cpu_weight or 0,
@@ -32,3 +59,151 @@ def limits_to_pb(limits: Limits) -> pb.Limits:
             for io in limits.io
         ],
     )
+
+
+def limits_from_pb(limits: pb.Limits) -> Limits:
+    """Raises InvalidArgument (from the model) for values no job may have."""
+    return Limits(
+        cpu=limits.cpu or None,
+        cpu_weight=limits.cpu_weight or None,
+        memory=limits.memory_bytes or None,
+        memory_high=limits.memory_high_bytes or None,
+        pids=limits.pids or None,
+        io=tuple(
+            IoLimit(
+                device=io.device,
+                rbps=io.read_bps or None,
+                wbps=io.write_bps or None,
+                riops=io.read_iops or None,
+                wiops=io.write_iops or None,
+            )
+            for io in limits.io
+        ),
+    )
+
+
+# -- StartJob -------------------------------------------------------------------------------
+
+
+def start_request(
+    command: str,
+    args: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    limits: Limits | None,
+) -> pb.StartJobRequest:
+    return pb.StartJobRequest(
+        command=command,
+        args=args,
+        env=env or {},
+        cwd=cwd or "",
+        limits=limits_to_pb(limits) if limits is not None else None,
+    )
+
+
+def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
+    """The job a StartJob request asks for; raises InvalidArgument (from the model)."""
+    return JobSpec(
+        command=request.command,
+        args=tuple(request.args),
+        env=dict(request.env),
+        cwd=request.cwd or None,
+        limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
+    )
+
+
+# -- job status -----------------------------------------------------------------------------
+
+
+def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
+    reply = pb.JobStatusResponse(
+        job_id=status.job_id,
+        status=status.state.value,
+        owner=status.owner,
+        started_at=status.started_at,
+        ended_at=status.ended_at or 0.0,
+        command=status.spec.command,
+        args=status.spec.args,
+        containment=status.containment,
+        limits=limits_to_pb(status.applied_limits),
+        output_bytes=status.output_bytes,
+        pid=status.pid,
+    )
+    if status.exit is not None:
+        ex = status.exit
+        reply.reason = ex.reason.value
+        reply.signal = ex.signal or 0
+        reply.exit_code = shell_exit_code(ex.exit_code, ex.signal) or 0
+        reply.stopped_by = ex.stopped_by or ""
+        reply.escalated = ex.escalated
+    if status.usage is not None:
+        known = {k: v for k, v in attrs.asdict(status.usage).items() if v is not None}
+        reply.usage.CopyFrom(pb.ResourceUsage(**known))
+    return reply
+
+
+def _usage_from_pb(status: pb.JobStatusResponse) -> ResourceUsage | None:
+    if not status.HasField("usage"):
+        return None
+    usage = status.usage
+    return ResourceUsage(
+        **{name: getattr(usage, name) if usage.HasField(name) else None for name in _USAGE_FIELDS}  # type: ignore[arg-type]
+    )
+
+
+def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
+    try:
+        state = JobState(status.status)
+        reason = TerminationReason(status.reason) if status.reason else None
+    except ValueError as err:
+        raise RemoteError("UNKNOWN", f"the server sent {err}: upgrade jobworker") from None
+    ended = state is JobState.EXITED
+    return JobStatusView(
+        job_id=status.job_id,
+        state=state,
+        reason=reason,
+        exit_code=status.exit_code if ended and not status.signal else None,
+        signal=status.signal or None,
+        owner=status.owner,
+        stopped_by=status.stopped_by or None,
+        escalated=status.escalated,
+        started_at=status.started_at,
+        ended_at=status.ended_at or None,
+        command=status.command,
+        args=tuple(status.args),
+        limits=limits_from_pb(status.limits),
+        usage=_usage_from_pb(status),
+        containment=status.containment,
+        output_bytes=status.output_bytes,
+        pid=status.pid,
+    )
+
+
+# -- StopJob --------------------------------------------------------------------------------
+
+
+def stop_to_pb(result: StopResult) -> pb.JobResponse:
+    return pb.JobResponse(
+        success=True,
+        message=result.message,
+        already_finished=result.already_finished,
+        escalated=result.escalated,
+        status=status_to_pb(result.status),
+    )
+
+
+def stop_from_pb(response: pb.JobResponse) -> StopView:
+    return StopView(
+        success=response.success,
+        message=response.message,
+        already_finished=response.already_finished,
+        escalated=response.escalated,
+        status=status_from_pb(response.status) if response.HasField("status") else None,
+    )
+
+
+# -- StreamOutput ---------------------------------------------------------------------------
+
+
+def chunk_to_pb(chunk: OutputChunk) -> pb.JobOutputChunk:
+    return pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)

@@ -28,9 +28,9 @@ from jobworker.cli.common import (
     say,
     silence_stdout,
 )
-from jobworker.client import JobClient, JobStatusView
+from jobworker.client import JobClient
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.model import IoLimit, Limits
+from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobStatusView, Limits
 from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
 from jobworker.tls import TlsFiles, given_files
 from jobworker.units import (
@@ -133,7 +133,10 @@ def _job_options() -> Parser:
         "--memory-high", type=argument(parse_size), metavar="SIZE", help="throttle above this"
     )
     limits.add_argument(
-        "--cpu-weight", type=argument(parse_count), metavar="N", help="CPU share, 1-10000"
+        "--cpu-weight",
+        type=argument(parse_count),
+        metavar="N",
+        help=f"CPU share, {CPU_WEIGHT_RANGE[0]}-{CPU_WEIGHT_RANGE[1]}",
     )
     limits.add_argument("--pids", type=argument(parse_count), metavar="N", help="max processes")
     for flag, field, parse, metavar, help_ in (

@@ -243,7 +243,7 @@ def test_unknown_or_malformed_job_id_is_not_found(api_server: RunningServer, job
         ({"command": "env", "env": {"A=B": "x"}}, "is empty or contains '='"),
         ({"command": "env", "env": {"A": "x\0y"}}, "NUL"),
         ({"command": "pwd", "cwd": "relative/dir"}, "must be an absolute path"),
-        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "cores >= 0"),
+        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "give a positive number of cores"),
         ({"command": "true", "limits": pb.Limits(cpu=math.inf)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu=math.nan)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu_weight=20000)}, "between 1 and 10000"),

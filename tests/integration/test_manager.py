@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 
 from jobworker import hookimpl
@@ -127,22 +128,35 @@ def test_missing_command_bad_cwd_not_executable_leave_nothing(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("fields", "message"),
     [
-        (JobSpec(""), "command is empty"),
-        (JobSpec("echo", ("a\0b",)), "NUL"),
-        (JobSpec("echo", env={"A=B": "c"}), "contains '='"),
-        (JobSpec("echo", cwd="relative"), "absolute"),
-        (JobSpec("echo", tuple("x" * 1025)), "at most 1024"),
+        ({"command": ""}, "command is empty"),
+        ({"command": "echo", "args": ("a\0b",)}, "NUL"),
+        ({"command": "echo", "env": {"A=B": "c"}}, "contains '='"),
+        ({"command": "echo", "cwd": "relative"}, "absolute"),
+        ({"command": "echo", "args": tuple("x" * 1025)}, "at most 1024"),
     ],
 )
-def test_bad_specs_are_rejected(tmp_path: Path, spec: JobSpec, message: str) -> None:
+def test_bad_specs_are_rejected(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    """A spec the launcher could not run cannot be built, so no manager ever sees one; one
+    that a plugin turns bad (``pre_spawn``) is refused the same way, leaving nothing."""
+
+    class Spoil:
+        @hookimpl
+        def jobworker_pre_spawn(self, spec: JobSpec) -> JobSpec:
+            return attrs.evolve(spec, **fields)
+
+    with pytest.raises(InvalidArgument, match=message):
+        JobSpec(**fields)
+    plugins = Plugins()
+    plugins.register(Spoil(), "spoil")
+
     async def body(m: JobManager) -> None:
         with pytest.raises(InvalidArgument, match=message):
-            await m.start(spec, "a")
+            await m.start(JobSpec("true"), "a")
         assert m.list() == []
 
-    run_with_manager(tmp_path, body)
+    run_with_manager(tmp_path, body, plugins=plugins)
 
 
 def test_hundred_concurrent_jobs(tmp_path: Path) -> None:
