@@ -361,6 +361,30 @@ class JobStatusView:
     output_bytes: int
     pid: int
 
+    @classmethod
+    def from_status(cls, status: JobStatus) -> JobStatusView:
+        """What a client is told of ``status`` (the API carries exactly these fields)."""
+        ex = status.exit
+        return cls(
+            job_id=status.job_id,
+            state=status.state,
+            reason=None if ex is None else ex.reason,
+            exit_code=None if ex is None else ex.exit_code,
+            signal=None if ex is None else ex.signal,
+            owner=status.owner,
+            stopped_by=None if ex is None else ex.stopped_by,
+            escalated=False if ex is None else ex.escalated,
+            started_at=status.started_at,
+            ended_at=status.ended_at,
+            command=status.spec.command,
+            args=status.spec.args,
+            limits=status.applied_limits,
+            usage=status.usage,
+            containment=status.containment,
+            output_bytes=status.output_bytes,
+            pid=status.pid,
+        )
+
     @property
     def shell_exit_code(self) -> int | None:
         """The status a shell would report: the exit code, or 128+N after signal N."""

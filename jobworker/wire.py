@@ -5,8 +5,8 @@ that speak protobuf, and both translate here. Values are validated by the model 
 become (:mod:`jobworker.model`), never here; the wire's own conventions live here:
 
 * 0 (or "") means "not set" where the model says None;
-* ``exit_code`` is 128+N for a job killed by signal N (:func:`model.shell_exit_code`), and
-  means an exit code only when ``signal`` is 0.
+* ``exit_code`` is 128+N for a job killed by signal N (``JobStatusView.shell_exit_code``),
+  and means an exit code only when ``signal`` is 0.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from jobworker.model import (
     StopResult,
     StopView,
     TerminationReason,
-    shell_exit_code,
 )
 from jobworker.v1 import jobworker_pb2 as pb
 
@@ -116,28 +115,30 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
 
 
 def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
+    return view_to_pb(JobStatusView.from_status(status))
+
+
+def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
     reply = pb.JobStatusResponse(
-        job_id=status.job_id,
-        status=status.state.value,
-        owner=status.owner,
-        started_at=status.started_at,
-        ended_at=status.ended_at or 0.0,
-        command=status.spec.command,
-        args=status.spec.args,
-        containment=status.containment,
-        limits=limits_to_pb(status.applied_limits),
-        output_bytes=status.output_bytes,
-        pid=status.pid,
+        job_id=view.job_id,
+        status=view.state.value,
+        exit_code=view.shell_exit_code or 0,
+        reason="" if view.reason is None else view.reason.value,
+        signal=view.signal or 0,
+        owner=view.owner,
+        stopped_by=view.stopped_by or "",
+        escalated=view.escalated,
+        started_at=view.started_at,
+        ended_at=view.ended_at or 0.0,
+        command=view.command,
+        args=view.args,
+        containment=view.containment,
+        limits=limits_to_pb(view.limits),
+        output_bytes=view.output_bytes,
+        pid=view.pid,
     )
-    if status.exit is not None:
-        ex = status.exit
-        reply.reason = ex.reason.value
-        reply.signal = ex.signal or 0
-        reply.exit_code = shell_exit_code(ex.exit_code, ex.signal) or 0
-        reply.stopped_by = ex.stopped_by or ""
-        reply.escalated = ex.escalated
-    if status.usage is not None:
-        known = {k: v for k, v in attrs.asdict(status.usage).items() if v is not None}
+    if view.usage is not None:
+        known = {k: v for k, v in attrs.asdict(view.usage).items() if v is not None}
         reply.usage.CopyFrom(pb.ResourceUsage(**known))
     return reply
 
@@ -152,6 +153,7 @@ def _usage_from_pb(status: pb.JobStatusResponse) -> ResourceUsage | None:
 
 
 def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
+    """The inverse of :func:`view_to_pb`."""
     try:
         state = JobState(status.status)
         reason = TerminationReason(status.reason) if status.reason else None

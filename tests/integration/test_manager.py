@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import attrs
 import pytest
 
 from jobworker import hookimpl
+from jobworker.containment import ProcessGroup
 from jobworker.errors import InvalidArgument, NotFound, PermissionDenied, SpawnError
 from jobworker.hooks.host import Plugins
 from jobworker.jobs import JobManager
@@ -377,3 +379,29 @@ def test_finished_job_holds_no_descriptor_and_still_streams(tmp_path: Path) -> N
         assert spool_fds() == []
 
     run_with_manager(tmp_path, body)
+
+
+def test_containment_is_released_off_the_event_loop(tmp_path: Path) -> None:
+    """Removing a cgroup may wait for the kernel (EBUSY): never on the event loop's thread."""
+    released_on: list[threading.Thread] = []
+
+    class Recording(ProcessGroup):
+        def release(self) -> None:
+            released_on.append(threading.current_thread())
+            super().release()
+
+    class Contain:
+        @hookimpl
+        def jobworker_limits_apply(self) -> Recording:
+            return Recording()
+
+    plugins = Plugins()
+    plugins.register(Contain(), "contain")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("true"), "a")
+        await m.wait(job.job_id)
+
+    run_with_manager(tmp_path, body, plugins=plugins)
+    assert len(released_on) == 1
+    assert released_on[0] is not threading.main_thread()

@@ -18,6 +18,7 @@ from jobworker.model import (
     JobSpec,
     JobState,
     JobStatus,
+    JobStatusView,
     Limits,
     TerminationReason,
     shell_exit_code,
@@ -123,3 +124,4 @@ def test_the_exit_convention_is_kept_both_ways(
     view = wire.status_from_pb(reply)
     assert (view.exit_code, view.shell_exit_code) == (exit_code, shell)
     assert shell_exit_code(view.exit_code, view.signal) == shell
+    assert view == JobStatusView.from_status(_status(exit))  # nothing lost on the way
