@@ -336,6 +336,28 @@ def _json_value(inst: object, field: attrs.Attribute[Any], value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
+#: The fields a :class:`JobStatusView` takes as they are from its :class:`JobStatus`.
+_SHARED_WITH_STATUS = (
+    "job_id",
+    "state",
+    "owner",
+    "started_at",
+    "ended_at",
+    "usage",
+    "containment",
+    "output_bytes",
+    "pid",
+)
+#: The :class:`ExitInfo` fields of a job that has not ended.
+_STILL_RUNNING = {
+    "reason": None,
+    "exit_code": None,
+    "signal": None,
+    "stopped_by": None,
+    "escalated": False,
+}
+
+
 @attrs.frozen
 class JobStatusView:
     """One job as a client sees it: the flat form of a :class:`JobStatus` the API sends.
@@ -364,25 +386,11 @@ class JobStatusView:
     @classmethod
     def from_status(cls, status: JobStatus) -> JobStatusView:
         """What a client is told of ``status`` (the API carries exactly these fields)."""
-        ex = status.exit
+        same = {name: getattr(status, name) for name in _SHARED_WITH_STATUS}
+        ended = _STILL_RUNNING if status.exit is None else attrs.asdict(status.exit, recurse=False)
+        spec = status.spec
         return cls(
-            job_id=status.job_id,
-            state=status.state,
-            reason=None if ex is None else ex.reason,
-            exit_code=None if ex is None else ex.exit_code,
-            signal=None if ex is None else ex.signal,
-            owner=status.owner,
-            stopped_by=None if ex is None else ex.stopped_by,
-            escalated=False if ex is None else ex.escalated,
-            started_at=status.started_at,
-            ended_at=status.ended_at,
-            command=status.spec.command,
-            args=status.spec.args,
-            limits=status.applied_limits,
-            usage=status.usage,
-            containment=status.containment,
-            output_bytes=status.output_bytes,
-            pid=status.pid,
+            **same, **ended, command=spec.command, args=spec.args, limits=status.applied_limits
         )
 
     @property

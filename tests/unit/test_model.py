@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from jobworker import wire
+from jobworker import model, wire
 from jobworker.errors import InvalidArgument
 from jobworker.model import (
     MAX_IO_DEVICES,
@@ -16,7 +16,6 @@ from jobworker.model import (
     ExitInfo,
     IoLimit,
     JobSpec,
-    JobState,
     JobStatus,
     JobStatusView,
     Limits,
@@ -99,7 +98,7 @@ def _status(exit: ExitInfo | None) -> JobStatus:
         job_id="j",
         spec=JobSpec("true"),
         owner="alice",
-        state=JobState.RUNNING if exit is None else JobState.EXITED,
+        state=model.JobState.RUNNING if exit is None else model.JobState.EXITED,
         pid=1,
         started_at=1.0,
         ended_at=None if exit is None else 2.0,
