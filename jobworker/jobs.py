@@ -219,7 +219,9 @@ class JobManager:
                     raise
             except BaseException:
                 containment.kill()
-                containment.release()
+                # Off the event loop, as in _supervise; the thread finishes the release
+                # even if this task is cancelled again while it waits.
+                await asyncio.to_thread(containment.release)
                 raise
         finally:
             self._starting -= 1

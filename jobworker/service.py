@@ -36,10 +36,7 @@ from jobworker.backend import JobBackend
 from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.model import (
-    Action,
-    JobStatus,
-)
+from jobworker.model import Action, JobStatus
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 

@@ -18,6 +18,7 @@ from jobworker.wire import DEFAULT_ADDRESS
 
 
 def add_command(commands: Any, plugins: Plugins) -> None:
+    """Add ``serve`` to ``commands``; the loaded ``plugins`` add their own options to it."""
     serve = commands.add_parser(
         "serve",
         help="run the server",

@@ -401,7 +401,9 @@ def test_containment_is_released_off_the_event_loop(tmp_path: Path) -> None:
     async def body(m: JobManager) -> None:
         job = await m.start(JobSpec("true"), "a")
         await m.wait(job.job_id)
+        with pytest.raises(SpawnError):  # a failed start releases too
+            await m.start(JobSpec("/no/such/program"), "a")
 
     run_with_manager(tmp_path, body, plugins=plugins)
-    assert len(released_on) == 1
-    assert released_on[0] is not threading.main_thread()
+    assert len(released_on) == 2
+    assert threading.main_thread() not in released_on
