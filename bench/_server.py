@@ -14,11 +14,11 @@ import asyncio
 from pathlib import Path
 
 import jobworker.server
-from jobworker.backends.authz import Authz
-from jobworker.backends.isolation import Isolation
-from jobworker.hooks.manager import Plugins
-from jobworker.logs import configure_logging
+from jobworker.hooks.host import Plugins
+from jobworker.logconfig import configure_logging
 from jobworker.pki import PkiPaths
+from jobworker.plugins.authz import Authz
+from jobworker.plugins.isolation import Isolation
 
 
 def main() -> None:

@@ -24,12 +24,13 @@ Landlock sandboxer) that runs, already unprivileged, before the command.
 
 from __future__ import annotations
 
-import enum
 import os
 import pwd
 from collections.abc import Iterable
 
 import attrs
+
+from jobworker.model import Network
 
 # clone(2) flags, as the kernel numbers them.
 CLONE_NEWNS = 0x00020000
@@ -44,13 +45,6 @@ CLONE_NEWNET = 0x40000000
 DEFAULT_WORKDIR = "/tmp"
 #: Fresh, empty, job-owned tmpfs mounts.
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
-
-
-class Network(enum.Enum):
-    """A job's network: the host's, or a namespace with only a loopback."""
-
-    HOST = "host"
-    NONE = "none"
 
 
 def _paths(items: Iterable[str]) -> tuple[str, ...]:

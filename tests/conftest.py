@@ -1,8 +1,8 @@
 """Test-wide set-up.
 
-``import jobworker`` imports jobworker.tls first, which imports grpc with TLS 1.2 refused;
-doing it here, before any test module imports grpc, gives every server started by the test
-process the production handshake policy.
+``jobworker.grpcenv`` imports grpc with TLS 1.2 refused; importing it here, before any test
+module imports grpc, gives every server started by the test process the production
+handshake policy.
 """
 
 import shutil
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import jobworker  # noqa: F401
+import jobworker.grpcenv  # noqa: F401
 from tests.jobpaths import JOB_VISIBLE_ROOT
 
 

@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 import attrs
 import grpc
 
-from jobworker.backends.authz import Authz
-from jobworker.backends.isolation import Isolation
-from jobworker.hooks.manager import ESSENTIAL_PLUGINS, Plugins
+from jobworker.hooks.host import ESSENTIAL_PLUGINS, Plugins
 from jobworker.pki import PkiPaths, init_pki
+from jobworker.plugins.authz import Authz
+from jobworker.plugins.isolation import Isolation
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb

@@ -4,7 +4,7 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
-   ``jobworker_manager_ready(manager)`` -- once, when the job manager exists.
+   ``jobworker_manager_ready(manager)`` -- once, when the job backend exists.
 3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 from jobworker.hooks import hookspec
 
 if TYPE_CHECKING:
+    from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
     from jobworker.identity import Identity
     from jobworker.isolation import IsolationPlan
-    from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 
@@ -62,8 +62,9 @@ def jobworker_configure(options: argparse.Namespace) -> None:
 
 
 @hookspec
-def jobworker_manager_ready(manager: JobManager) -> None:
-    """The server's job manager exists; keep it to act on jobs later. Observer.
+def jobworker_manager_ready(manager: JobBackend) -> None:
+    """The server's job backend (a :class:`jobworker.backend.JobBackend`) exists; keep it
+    to act on jobs later. Observer.
 
     Called once, after ``jobworker_configure`` and before the first request. A plugin that
     stops jobs (at a deadline, say) calls ``await manager.stop(job_id, by=..., grace=...)``

@@ -21,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker import hookimpl
-from jobworker.backends.authz import Authz
 from jobworker.errors import ConfigError
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.model import JobSpec
 from jobworker.pki import PkiPaths, write_crl
+from jobworker.plugins.authz import Authz
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
@@ -244,7 +244,7 @@ def test_unknown_or_malformed_job_id_is_not_found(api_server: RunningServer, job
         ({"command": "env", "env": {"A=B": "x"}}, "is empty or contains '='"),
         ({"command": "env", "env": {"A": "x\0y"}}, "NUL"),
         ({"command": "pwd", "cwd": "relative/dir"}, "must be an absolute path"),
-        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "cores >= 0"),
+        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "give a positive number of cores"),
         ({"command": "true", "limits": pb.Limits(cpu=math.inf)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu=math.nan)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu_weight=20000)}, "between 1 and 10000"),

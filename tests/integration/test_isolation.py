@@ -22,10 +22,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobworker.backends.authz import Authz
-from jobworker.backends.isolation import Isolation
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.pki import PkiPaths, init_pki
+from jobworker.plugins.authz import Authz
+from jobworker.plugins.isolation import Isolation
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import (
     RPC_TIMEOUT_S,
@@ -396,9 +396,9 @@ import asyncio, sys
 from pathlib import Path
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-from jobworker.backends.isolation import Isolation
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.plugins.isolation import Isolation
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec
 from jobworker.spawn import Spawner
 

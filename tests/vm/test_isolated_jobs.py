@@ -14,11 +14,11 @@ from typing import TypeVar
 
 import pytest
 
-from jobworker.backends.cgroupv2 import CgroupV2Plugin
-from jobworker.backends.isolation import Isolation
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, Stream, TerminationReason
+from jobworker.plugins.cgroupv2 import CgroupV2Plugin
+from jobworker.plugins.isolation import Isolation
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 T = TypeVar("T")

@@ -26,8 +26,8 @@ import structlog
 
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks import hookimpl
-from jobworker.isolation import Account, IsolationPlan, Network
-from jobworker.model import JobSpec
+from jobworker.isolation import Account, IsolationPlan
+from jobworker.model import JobSpec, Network
 from jobworker.spool import default_root
 
 log = structlog.get_logger("jobworker.isolation")
@@ -211,7 +211,3 @@ class Isolation:
                 " (--job-network-fixed)"
             )
         return asked
-
-
-#: What ``--plugin isolation`` registers: one instance per plugin host.
-Plugin = Isolation

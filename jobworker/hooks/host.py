@@ -19,23 +19,25 @@ from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
 from jobworker.hooks import PROJECT_NAME, spec
 
 if TYPE_CHECKING:
+    from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.identity import Identity
     from jobworker.isolation import IsolationPlan
-    from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
 
-#: Built-in plugins, by the name ``--plugin`` takes, and the module that implements them.
+#: Built-in plugins, by the name ``--plugin`` takes, and their ``module:class``; each
+#: plugin host makes its own instance, with no arguments.
 BUILTIN_PLUGINS: dict[str, str] = {
-    "authz": "jobworker.backends.authz",
-    "audit-log": "jobworker.backends.auditlog",
-    "cgroupv2": "jobworker.backends.cgroupv2",
-    "isolation": "jobworker.backends.isolation",
+    "authz": "jobworker.plugins.authz:Authz",
+    "audit-log": "jobworker.plugins.auditlog:AuditLog",
+    "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
+    "isolation": "jobworker.plugins.isolation:Isolation",
 }
-#: Loaded by every server, before the plugins named with ``--plugin``.
-ESSENTIAL_PLUGINS = ("authz", "isolation")
+#: Loaded by every server before the plugins it is asked for: authorization and isolation
+#: fail closed.
+ESSENTIAL_PLUGINS: tuple[str, ...] = ("authz", "isolation")
 
 
 def available_plugins() -> list[str]:
@@ -50,9 +52,8 @@ def available_plugins() -> list[str]:
 def _load_object(name: str) -> tuple[object, str | None]:
     """Import plugin ``name``; return the object to register and its distribution version."""
     if name in BUILTIN_PLUGINS:
-        module = importlib.import_module(BUILTIN_PLUGINS[name])
-        factory = getattr(module, "Plugin", None)
-        return (module if factory is None else factory()), None
+        module, _, cls = BUILTIN_PLUGINS[name].partition(":")
+        return getattr(importlib.import_module(module), cls)(), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
         raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
@@ -75,11 +76,44 @@ class Plugins:
     # -- loading -------------------------------------------------------------------------
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
-        """Register an already imported plugin (used by tests and embedders)."""
+        """Register an already imported plugin (used by tests and embedders).
+
+        Raises ``ConfigError`` for a hook wrapper: the facade calls each implementation
+        itself (gates and observers have their own error rules), so a wrapper would be
+        called as a plain function.
+        """
         if self.pm.has_plugin(name):
             return
         self.pm.register(plugin, name=name)
+        wrappers = sorted(
+            caller.name
+            for caller in self.pm.get_hookcallers(plugin) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+        )
+        if wrappers:
+            self.pm.unregister(plugin)
+            raise ConfigError(
+                f"plugin {name!r}: {wrappers[0]} is a hook wrapper (wrapper=True or "
+                "hookwrapper=True), which jobworker does not support: implement the hook "
+                "as a plain function"
+            )
         self._versions[name] = version
+
+    def load_for_server(self, names: Iterable[str]) -> None:
+        """Load what ``jobworker serve`` loads: the essential plugins, then ``names``."""
+        self.load([*ESSENTIAL_PLUGINS, *names])
+
+    def check_essential(self) -> None:
+        """Raise ``ConfigError`` unless some plugin authorizes requests and one isolates jobs
+        (even ``--no-isolation`` is the isolation plugin's decision, logged)."""
+        if not self.has_impl("jobworker_authorize"):
+            raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+        if not self.has_impl("jobworker_isolate"):
+            raise ConfigError(
+                "no isolation plugin is loaded, so jobs would run with the server's own power:"
+                " load 'isolation' (to run them unisolated on purpose: --no-isolation)"
+            )
 
     def load(self, names: Iterable[str]) -> None:
         """Load plugins by name, in order, then reject hook implementations with no spec."""
@@ -160,7 +194,7 @@ class Plugins:
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
 
-    def manager_ready(self, manager: JobManager) -> None:
+    def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
 
     def shutdown(self) -> None:

@@ -30,22 +30,25 @@ from jobworker.errors import (
     ResourceExhausted,
     job_not_found,
 )
-from jobworker.hooks.manager import Plugins
-from jobworker.isolation import IsolationPlan, Network
+from jobworker.hooks.host import Plugins
+from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
     JobSpec,
     JobState,
     JobStatus,
+    OutputChunk,
     ResourceUsage,
+    StopResult,
     Stream,
     TerminationReason,
+    describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputChunk, OutputLog
+from jobworker.outputlog import OutputLog
 from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
 
-log = structlog.get_logger("jobworker.manager")
+log = structlog.get_logger("jobworker.jobs")
 
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.
@@ -55,74 +58,6 @@ PIPE_DRAIN_TIMEOUT = 2.0
 SETTLE_TIMEOUT = 5.0
 #: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
 KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
-MAX_USER_BYTES = 256
-
-MAX_COMMAND_BYTES = 4096
-MAX_ARGS = 1024
-MAX_ENV = 1024
-MAX_SPEC_BYTES = 256 * 1024
-
-
-def validate_spec(spec: JobSpec) -> None:
-    """Reject a spec the launcher could not run, with a message saying what to change."""
-    if not spec.command:
-        raise InvalidArgument("command is empty: give the program to run")
-    if len(spec.command.encode()) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(f"command is longer than {MAX_COMMAND_BYTES} bytes")
-    if len(spec.args) > MAX_ARGS:
-        raise InvalidArgument(f"{len(spec.args)} arguments: at most {MAX_ARGS} are accepted")
-    if len(spec.env) > MAX_ENV:
-        raise InvalidArgument(f"{len(spec.env)} environment variables: at most {MAX_ENV}")
-    total = sum(len(a.encode()) for a in spec.args) + sum(
-        len(k.encode()) + len(v.encode()) for k, v in spec.env.items()
-    )
-    if total > MAX_SPEC_BYTES:
-        raise InvalidArgument(
-            f"arguments and environment take {total} bytes: at most {MAX_SPEC_BYTES}"
-        )
-    strings = [("command", spec.command), *(("argument", a) for a in spec.args)]
-    strings += [("environment", f"{k}={v}") for k, v in spec.env.items()]
-    if spec.cwd is not None:
-        strings.append(("cwd", spec.cwd))
-    for what, value in strings:
-        if "\0" in value:
-            raise InvalidArgument(f"{what} contains a NUL byte, which no process can receive")
-    for key in spec.env:
-        if not key or "=" in key:
-            raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
-    if spec.cwd is not None and not spec.cwd.startswith("/"):
-        raise InvalidArgument(f"cwd {spec.cwd!r} must be an absolute path")
-    if spec.user is not None and (
-        not spec.user or len(spec.user) > MAX_USER_BYTES or not spec.user.isprintable()
-    ):
-        raise InvalidArgument(f"user {spec.user!r} is not an account name")
-    networks = [n.value for n in Network]
-    if spec.network is not None and spec.network not in networks:
-        raise InvalidArgument(f"network {spec.network!r} is not one of {', '.join(networks)}")
-
-
-@attrs.frozen
-class StopResult:
-    status: JobStatus
-    already_finished: bool
-    escalated: bool
-    message: str
-
-
-def describe_end(status: JobStatus) -> str:
-    """A short human phrase for how a finished job ended."""
-    ex = status.exit
-    if ex is None:
-        return "running"
-    how = f"exit code {ex.exit_code}" if ex.signal is None else f"signal {ex.signal}"
-    if ex.reason is TerminationReason.STOPPED:
-        kill = ", SIGKILL after the grace period" if ex.escalated else ""
-        return f"stopped by {ex.stopped_by} ({how}{kill})"
-    if ex.reason is TerminationReason.OOM_KILLED:
-        return f"killed by the OOM killer ({how})"
-    if ex.reason is TerminationReason.SIGNALED:
-        return f"killed by {how}"
-    return f"exited with {how}"
 
 
 @attrs.define(eq=False)
@@ -269,7 +204,6 @@ class JobManager:
     async def _start(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
         if self._closing:
             raise FailedPrecondition("the server is shutting down; retry on another server")
-        validate_spec(spec)
         self._evict()
         if self.running >= self._max_running:
             raise ResourceExhausted(
@@ -303,7 +237,9 @@ class JobManager:
                     raise
             except BaseException:
                 containment.kill()
-                containment.release()
+                # Off the event loop, as in _supervise; the thread finishes the release
+                # even if this task is cancelled again while it waits.
+                await asyncio.to_thread(containment.release)
                 raise
         finally:
             self._starting -= 1
@@ -398,7 +334,8 @@ class JobManager:
             for fd in list(job.pipes):
                 self._close_pipe(job, fd)
             try:
-                job.containment.release()
+                # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
+                await asyncio.to_thread(job.containment.release)
             except Exception:
                 log.exception("containment_release_failed", job_id=job.job_id)
         self._finish(job, code, status, report)
