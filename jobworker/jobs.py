@@ -468,7 +468,11 @@ class JobManager:
             *(self.stop(j.job_id, by="server-shutdown", grace=grace) for j in running)
         )
         if self._supervisors:
-            await asyncio.gather(*self._supervisors)
+            # Bounded: a process stuck in the kernel must not keep the server from exiting.
+            _done, stuck = await asyncio.wait(self._supervisors, timeout=KILL_TIMEOUT)
+            for task in stuck:
+                log.error("job_unkillable_at_shutdown", task=task.get_name(), waited=KILL_TIMEOUT)
+                task.cancel()
         for job in self._jobs.values():
             job.log.remove()
         self._jobs.clear()

@@ -9,6 +9,7 @@ the server and the other client's job must still work.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -19,10 +20,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import grpc
 import pytest
 
+from jobworker.errors import ConfigError
+from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
+from jobworker.isolation import IsolationPlan
+from jobworker.jobs import JobManager
+from jobworker.model import JobSpec, JobStatus
 from jobworker.pki import PkiPaths, init_pki
 from jobworker.plugins.authz import Authz
 from jobworker.plugins.isolation import Isolation
@@ -459,3 +466,78 @@ def test_server_that_is_not_root_hides_its_files_in_a_user_namespace(
     # nobody inside, no capabilities, its own PID 1, sh, ls and grep, a read-only host.
     assert lines[2:] == ["65534", "CapEff:\t0000000000000000", "4", "ro"], result
     assert "PRIVATE KEY" not in result.stdout
+
+
+# -- a third-party plugin on the same hook; --no-isolation; failing closed ------------------
+
+
+class NicePlugin:
+    """What a seccomp/Landlock/AppArmor plugin does: an exec wrapper, one more hidden path."""
+
+    def __init__(self, hide: str) -> None:
+        self.hide = hide
+
+    @hookimpl
+    def jobworker_isolate(self, plan: IsolationPlan | None) -> IsolationPlan | None:
+        assert plan is not None  # the built-in plugin ran first
+        return attrs.evolve(
+            plan, wrapper=("/usr/bin/nice", "-n", "7"), hide=(*plan.hide, self.hide)
+        )
+
+
+def run_with(plugins: Plugins, script: str, spool: Path) -> tuple[str, JobStatus]:
+    async def body() -> tuple[str, JobStatus]:
+        manager = JobManager(plugins, spool)
+        try:
+            job = await manager.start(JobSpec("sh", ("-c", script)), "alice")
+            out = b"".join([c.data async for c in manager.follow(job.job_id)])
+            return out.decode(), await manager.wait(job.job_id)
+        finally:
+            await manager.shutdown()
+
+    return asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_third_party_plugin_wraps_the_command_and_hides_more(
+    job_tmp_path: Path, tmp_path: Path
+) -> None:
+    secret = job_tmp_path / "plugin-secret"
+    secret.write_text("plugin secret\n")
+    secret.chmod(0o644)
+    plugins = Plugins()
+    plugins.register(Isolation(), name="isolation")
+    plugins.register(NicePlugin(str(secret)), name="nice")
+    plugins.load([])
+    out, status = run_with(plugins, f"nice; id -u; cat {secret}", tmp_path)
+    # Under the wrapper, still unprivileged; the file reads as empty (/dev/null over it).
+    assert out.splitlines() == ["7", str(NOBODY)]
+    assert status.exit is not None and status.exit.exit_code == 0
+
+
+def test_no_isolation_runs_jobs_as_the_server_and_says_so(tmp_path: Path) -> None:
+    plugins = Plugins()
+    isolation = Isolation()
+    isolation.jobworker_configure(argparse.Namespace(no_isolation=True))
+    plugins.register(isolation, name="isolation")
+    out, status = run_with(plugins, "id -u", tmp_path)
+    assert out == f"{os.getuid()}\n"
+    assert (status.isolation, status.user, status.uid) == ("none", None, os.getuid())
+    assert isolation.mode.startswith("off (--no-isolation)")
+
+
+def test_without_user_namespaces_a_server_that_is_not_root_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel boundary (no user namespaces) cannot be reached from a root test: fake it.
+    monkeypatch.setattr("jobworker.plugins.isolation.user_namespaces_available", lambda: False)
+    isolation = Isolation(user_namespace=True)
+    with pytest.raises(ConfigError, match="cannot isolate jobs: the server is not root"):
+        isolation.jobworker_configure(argparse.Namespace())
+    Isolation(user_namespace=True).jobworker_configure(argparse.Namespace(no_isolation=True))
+
+
+def test_job_user_root_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="--job-user must not be root"):
+        Isolation().jobworker_configure(argparse.Namespace(job_user="root"))
+    with pytest.raises(ConfigError, match="no such account"):
+        Isolation().jobworker_configure(argparse.Namespace(job_user="no-such-account-here"))
