@@ -3,6 +3,11 @@
 Jobs live in memory by id. A finished job is retained (with its spooled output) until the
 retention bound evicts it, so a long-running server does not grow without limit.
 
+Clients share the server fairly: each owner may have at most ``max_running_per_client``
+jobs starting or running, and when more than ``retain_finished`` finished jobs are kept,
+the one evicted is the oldest of the owner with the most finished jobs retained, so a
+client that floods the server only ever evicts its own history.
+
 A job is over when its main process has exited, every other process of its containment
 has been killed and is gone, and both output pipes are drained: only then do followers see
 end-of-stream and plugins see ``on_exit``.
@@ -142,6 +147,7 @@ class JobManager:
         *,
         default_grace: float = 10.0,
         max_running: int = 1000,
+        max_running_per_client: int | None = None,
         retain_finished: int = 1000,
         retain_seconds: float = 3600.0,
     ) -> None:
@@ -149,10 +155,15 @@ class JobManager:
         self._spool_dir = spool_dir
         self.default_grace = default_grace
         self._max_running = max_running
+        self._max_per_client = max_running_per_client or max_running
         self._retain_finished = retain_finished
         self._retain_seconds = retain_seconds
         self._jobs: dict[str, _Job] = {}
-        self._finished: collections.deque[str] = collections.deque()
+        # Finished job ids of each owner, oldest first, and how many there are in all.
+        self._finished: dict[str, collections.deque[str]] = {}
+        self._finished_count = 0
+        # Jobs starting or running, by owner (the per-client quota).
+        self._active: collections.Counter[str] = collections.Counter()
         self._supervisors: set[asyncio.Task[None]] = set()
         self._starting = 0
         self._idle = asyncio.Event()
@@ -182,7 +193,7 @@ class JobManager:
 
     @property
     def running(self) -> int:
-        return len(self._jobs) - len(self._finished) + self._starting
+        return len(self._jobs) - self._finished_count + self._starting
 
     # -- start ---------------------------------------------------------------------------
 
@@ -210,8 +221,15 @@ class JobManager:
                 f"{self.running} jobs are running, the most this server allows"
                 f" ({self._max_running}); stop some or wait for them to finish"
             )
+        if self._active[owner] >= self._max_per_client:
+            raise ResourceExhausted(
+                f"{owner} has {self._active[owner]} jobs starting or running, the most one "
+                f"client may have (--max-jobs-per-client {self._max_per_client}); stop some "
+                "or wait for them to finish"
+            )
         spec = self._plugins.pre_spawn(job_id, spec, owner)
         self._starting += 1
+        self._active[owner] += 1
         self._idle.clear()
         try:
             containment = self._plugins.limits_apply(job_id, spec)
@@ -241,6 +259,9 @@ class JobManager:
                 # even if this task is cancelled again while it waits.
                 await asyncio.to_thread(containment.release)
                 raise
+        except BaseException:
+            self._release_slot(owner)
+            raise
         finally:
             self._starting -= 1
             if self._starting == 0:
@@ -382,7 +403,9 @@ class JobManager:
         job.ended_at = time.time()
         job.log.close()
         job.done.set()
-        self._finished.append(job.job_id)
+        self._release_slot(job.owner)
+        self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
+        self._finished_count += 1
         final = job.snapshot()
         log.info(
             "job_exited",
@@ -395,15 +418,28 @@ class JobManager:
         self._plugins.on_exit(final)
         self._evict()
 
+    def _release_slot(self, owner: str) -> None:
+        self._active[owner] -= 1
+        if not self._active[owner]:
+            del self._active[owner]
+
     def _evict(self) -> None:
+        """Drop finished jobs past ``retain_seconds``, then, while more than
+        ``retain_finished`` are kept, the oldest of the owner who has the most."""
         cutoff = time.time() - self._retain_seconds
-        while self._finished:
-            job = self._jobs[self._finished[0]]
-            if len(self._finished) <= self._retain_finished and (job.ended_at or 0) > cutoff:
-                break
-            self._finished.popleft()
-            del self._jobs[job.job_id]
-            job.log.remove()
+        for owner, ids in list(self._finished.items()):
+            while ids and (self._jobs[ids[0]].ended_at or 0) <= cutoff:
+                self._evict_oldest_of(owner)
+        while self._finished_count > self._retain_finished:
+            self._evict_oldest_of(max(self._finished, key=lambda o: len(self._finished[o])))
+
+    def _evict_oldest_of(self, owner: str) -> None:
+        ids = self._finished[owner]
+        job = self._jobs.pop(ids.popleft())
+        if not ids:
+            del self._finished[owner]
+        self._finished_count -= 1
+        job.log.remove()
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -473,4 +509,5 @@ class JobManager:
             job.log.remove()
         self._jobs.clear()
         self._finished.clear()
+        self._finished_count = 0
         self._spawner.close()

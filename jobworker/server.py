@@ -67,6 +67,7 @@ class ServerConfig:
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
+    max_running_per_client: int | None = None
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
 
@@ -100,6 +101,7 @@ class ServerConfig:
             spool_dir=options.spool_dir,
             default_grace=options.grace,
             max_running=options.max_jobs,
+            max_running_per_client=options.max_jobs_per_client,
             retain_finished=options.retain_jobs,
             retain_seconds=options.retain_seconds,
         )
@@ -116,6 +118,7 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         spool_dir,
         default_grace=config.default_grace,
         max_running=config.max_running,
+        max_running_per_client=config.max_running_per_client,
         retain_finished=config.retain_finished,
         retain_seconds=config.retain_seconds,
     )

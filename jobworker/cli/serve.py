@@ -51,6 +51,14 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         help="most jobs running at once; more get RESOURCE_EXHAUSTED (default %(default)s)",
     )
     serve.add_argument(
+        "--max-jobs-per-client",
+        type=argument(parse_count),
+        default=None,
+        metavar="N",
+        help="most jobs one client identity (admins too) has running at once; more get "
+        "RESOURCE_EXHAUSTED (default: --max-jobs)",
+    )
+    serve.add_argument(
         "--retain-jobs",
         type=argument(parse_count),
         default=1000,
