@@ -87,6 +87,8 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
     # unwinds the set-up cleanly instead of dying with 143.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_before_serving)
+    # Until serve() reloads on SIGHUP, one is ignored rather than fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Imported here so that client commands do not pay for loading the server.
     import asyncio
 
