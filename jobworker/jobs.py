@@ -63,6 +63,10 @@ PIPE_DRAIN_TIMEOUT = 2.0
 SETTLE_TIMEOUT = 5.0
 #: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
 KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
+#: The least time SIGTERM gets before SIGKILL, even with grace 0: a process that dies of
+#: SIGTERM at once is not killed (nor reported ``escalated``). An isolated job's PID 1
+#: needs the moment to report the command's status before SIGKILL takes it too.
+SIGTERM_MIN_SECONDS = 0.25
 
 
 @attrs.define(eq=False)
@@ -78,6 +82,7 @@ class _Job:
     started_at: float
     plan: IsolationPlan | None
     done: asyncio.Event = attrs.Factory(asyncio.Event)
+    exited: asyncio.Event = attrs.Factory(asyncio.Event)  # the main process has exited
     ended_at: float | None = None
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
@@ -369,6 +374,7 @@ class JobManager:
             await exited
         finally:
             loop.remove_reader(job.pidfd)
+        job.exited.set()
         # Look without reaping: while the zombie exists its pid (and process group id)
         # cannot be reused, so killing the leftovers cannot hit a stranger.
         # The pidfd said the process exited, so neither wait blocks.
@@ -471,10 +477,14 @@ class JobManager:
         return StopResult(status, False, job.escalated, describe_end(status))
 
     async def _stop(self, job: _Job, grace: float) -> None:
+        """SIGTERM; SIGKILL (``escalated``) if the main process has not exited after
+        ``grace`` (at least :data:`SIGTERM_MIN_SECONDS`); then wait for the job's end."""
         job.containment.signal(signal.SIGTERM)
         job.containment.signal(signal.SIGCONT)  # a stopped process must run to see SIGTERM
         try:
-            await asyncio.wait_for(asyncio.shield(job.done.wait()), grace)
+            # Once the main process is gone, the supervisor kills what is left of the job.
+            wait = max(grace, SIGTERM_MIN_SECONDS)
+            await asyncio.wait_for(asyncio.shield(job.exited.wait()), wait)
         except TimeoutError:
             job.escalated = True
             job.containment.kill()
@@ -482,16 +492,16 @@ class JobManager:
                 # The main process too, even if it left its containment: an isolated job's
                 # PID 1 takes every process of its namespace with it.
                 signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
-            try:
-                await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
-            except TimeoutError:
-                log.error(
-                    "job_unkillable",
-                    job_id=job.job_id,
-                    pid=job.pid,
-                    containment=job.containment.name,
-                    waited=KILL_TIMEOUT,
-                )
+        try:
+            await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
+        except TimeoutError:
+            log.error(
+                "job_unkillable",
+                job_id=job.job_id,
+                pid=job.pid,
+                containment=job.containment.name,
+                waited=KILL_TIMEOUT,
+            )
 
     # -- shutdown ------------------------------------------------------------------------
 
