@@ -5,6 +5,7 @@ matched. Real mTLS on 127.0.0.1, real processes."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -33,6 +34,7 @@ role = "user"
 [[clients]]
 identity = "bob"
 role = "user"
+run_as = ["nobody", "daemon"]
 
 [[clients]]
 identity = "ops"
@@ -115,6 +117,17 @@ def test_extended_key_usage_must_allow_client_auth(server: RunningServer) -> Non
     # Without the extension a certificate may be used for anything (RFC 5280).
     no_eku = stub_for(server, "no-eku", common_names=["alice"], usages=None)
     no_eku.ListJobs(pb.ListJobsRequest(), timeout=T)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches a job's account")
+def test_run_as_comes_from_the_same_entry(server: RunningServer) -> None:
+    as_bob = stub_for(server, "mallory-bob-run-as", common_names=["mallory"], sans=[dns("bob")])
+    job_id = start_job(as_bob, "true", user="daemon")
+    assert as_bob.GetStatus(pb.JobRequest(job_id=job_id), timeout=T).user == "daemon"
+    as_alice = stub_for(server, "alice-run-as", common_names=["alice"], sans=[dns("bob")])
+    with pytest.raises(grpc.RpcError) as refused:
+        start_job(as_alice, "true", user="daemon")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_ownership_follows_the_name_that_gave_the_role(server: RunningServer) -> None:
