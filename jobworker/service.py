@@ -68,6 +68,7 @@ class Caller:
     """Who an admitted RPC runs for, and the job it is about (job RPCs only)."""
 
     identity: Identity
+    owner: str
     job: JobStatus | None = None
 
     @property
@@ -165,7 +166,8 @@ class _Admission:
         structlog.contextvars.bind_contextvars(rpc=self._rpc)
         service = self._service
         identity = tls.authenticate(self._context, service.crl)
-        structlog.contextvars.bind_contextvars(identity=identity.name)
+        owner = service.plugins.principal(identity)
+        structlog.contextvars.bind_contextvars(identity=owner)
         job_id: str | None = None
         job: JobStatus | None = None
         undecodable = isinstance(self._request, Undecodable)
@@ -187,7 +189,7 @@ class _Admission:
         if job_id is not None and job is None:
             _check_job_id(job_id)
             raise job_not_found(job_id)
-        return Caller(identity=identity, job=job)
+        return Caller(identity=identity, owner=owner, job=job)
 
     def _decided(self, identity: Identity, job_id: str | None, allowed: bool, reason: str) -> None:
         self._service.plugins.decision(identity, self._action, job_id, allowed, reason)
@@ -272,13 +274,13 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
-        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.identity.name)
+        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.owner)
         return pb.StartJobResponse(job_id=status.job_id)
 
     @_unary(Action.STOP)
     async def StopJob(self, request: pb.JobRequest, caller: Caller) -> pb.JobResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        result = await self.backend.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
+        result = await self.backend.stop(caller.target.job_id, by=caller.owner, grace=grace)
         return wire.stop_to_pb(result)
 
     @_unary(Action.STATUS)

@@ -24,6 +24,7 @@ from jobworker.cli.common import (
     EXIT_SERVER_ERROR,
     Parser,
     argument,
+    for_terminal,
     print_json,
     say,
     silence_stdout,
@@ -298,7 +299,7 @@ def _copy_output(chunks: Iterator[tuple[str, bytes, int]]) -> None:
 
 
 def _start(client: JobClient, options: argparse.Namespace) -> int:
-    print(_start_job(client, options))
+    print(for_terminal(_start_job(client, options)))
     return 0
 
 
@@ -328,7 +329,7 @@ def _status(client: JobClient, options: argparse.Namespace) -> int:
         print_json(view.as_dict())
         return 0
     for key, value in _flatten(view.as_dict()):
-        print(f"{key + ':':<26}{_human(key, value)}")
+        print(f"{key + ':':<26}{for_terminal(_human(key, value))}")
     return 0
 
 
@@ -365,7 +366,7 @@ def _stop(client: JobClient, options: argparse.Namespace) -> int:
     summary = "already finished" if result.already_finished else "stopped"
     if result.escalated:
         summary += " (killed with SIGKILL after the grace period)"
-    print(f"{options.job_id}: {result.message or summary}")
+    print(for_terminal(f"{options.job_id}: {result.message or summary}"))
     return 0
 
 
@@ -382,15 +383,18 @@ def _list(client: JobClient, options: argparse.Namespace) -> int:
     if options.json:
         print_json([view.as_dict() for view in views])
         return 0
-    rows = [("JOB", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")]
+    rows: list[tuple[str, ...]] = [("JOB", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")]
     rows += [
-        (
-            view.job_id,
-            view.state.value,
-            _outcome(view),
-            view.owner,
-            _human("started_at", view.started_at),
-            shlex.join([view.command, *view.args]),
+        tuple(
+            for_terminal(cell)
+            for cell in (
+                view.job_id,
+                view.state.value,
+                _outcome(view),
+                view.owner,
+                _human("started_at", view.started_at),
+                shlex.join([view.command, *view.args]),
+            )
         )
         for view in views
     ]

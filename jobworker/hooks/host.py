@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -197,10 +197,25 @@ class Plugins:
     def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
 
+    def reload(self) -> list[Callable[[], None]]:
+        """Every plugin's reload, read but not in force; raises ``ConfigError``."""
+        try:
+            answers = self.pm.hook.jobworker_reload()
+        except JobworkerError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"plugin reload failed: {exc}") from exc
+        return [commit for commit in answers if commit is not None]
+
     def shutdown(self) -> None:
         self._observe("jobworker_shutdown")
 
     # -- gates ---------------------------------------------------------------------------
+
+    def principal(self, identity: Identity) -> str:
+        """The name ``identity`` owns jobs by (see ``jobworker_principal``)."""
+        name: str | None = self.pm.hook.jobworker_principal(identity=identity)
+        return identity.name if name is None else name
 
     def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> None:
         """Raise unless at least one plugin allows and none denies (fail closed)."""

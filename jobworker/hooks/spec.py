@@ -5,7 +5,8 @@ Call order:
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
    ``jobworker_manager_ready(manager)`` -- once, when the job backend exists.
-3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
+3. Per request: ``jobworker_principal(identity)`` (first result wins), then
+   ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
    (first result wins) -> ``jobworker_accounts`` (first result wins) ->
@@ -13,7 +14,8 @@ Call order:
    ``jobworker_job_started`` ->
    ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
    on the way (any error before the command runs) calls ``jobworker_start_refused``.
-5. ``jobworker_shutdown()`` -- once, after every job was stopped.
+5. ``jobworker_reload()`` -- on each SIGHUP to the server, any time after step 2.
+6. ``jobworker_shutdown()`` -- once, after every job was stopped.
 
 Gate hooks veto by raising: a :class:`jobworker.errors.JobworkerError` keeps its status
 code, any other exception denies with PERMISSION_DENIED and the plugin's message. Observer
@@ -27,7 +29,7 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from jobworker.hooks import hookspec
@@ -77,7 +79,29 @@ def jobworker_shutdown() -> None:
     """Release what the plugin holds; called once after every job has been stopped."""
 
 
+@hookspec
+def jobworker_reload() -> Callable[[], None] | None:
+    """Re-read the plugin's files (the server got SIGHUP); put nothing in force yet.
+
+    Return a callable that puts what was read in force, or None when there is nothing to
+    reload. Raise :class:`jobworker.errors.ConfigError` naming the file (and line) to keep
+    what is in force: the server then applies no plugin's reload and not its own, so the
+    whitelist, the CRL and the certificates change together or not at all. The returned
+    callables must not fail.
+    """
+
+
 # -- authorization ------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def jobworker_principal(identity: Identity) -> str | None:
+    """The one name ``identity`` acts as: jobs it starts are owned by it, and a user's
+    own jobs are those owned by it. None: no opinion.
+
+    First result wins; without one, ``identity.name``. The ``authz`` plugin answers with
+    the first of ``identity.names`` its whitelist lists, the name that also gives the role.
+    """
 
 
 @hookspec
