@@ -46,3 +46,32 @@ def test_big_write_is_split_into_records_and_merged_for_followers(tmp_path: Path
     assert log.payload_bytes == len(data) and log.size == len(data) + 16 * 5
     log.remove()
     assert not (tmp_path / "job.out").exists()
+
+
+def test_resume_exactly_at_the_end(tmp_path: Path) -> None:
+    """The offset of the last chunk is a valid cursor: nothing more, no error, no wait."""
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"first")
+        log.append(Stream.STDERR, b"last")
+        end = log.size
+        chunks = await drain(log)
+        assert chunks[-1].offset == end
+        assert await drain(log, end) == []  # a live log, without follow: what exists
+        # Following from the end of a live log waits for the next record, and gets it.
+        follower = log.follow(end)
+        pending = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        log.append(Stream.STDOUT, b"more")
+        assert await asyncio.wait_for(pending, 5) == OutputChunk(Stream.STDOUT, b"more", log.size)
+        await follower.aclose()
+        log.close()
+        # Finished: the final offset ends the stream at once, with or without follow.
+        for follow in (False, True):
+            rest = [c async for c in log.follow(log.size, follow=follow)]
+            assert rest == []
+        log.remove()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
