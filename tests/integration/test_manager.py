@@ -303,11 +303,50 @@ def test_retention_evicts_oldest_finished(tmp_path: Path) -> None:
     run_with_manager(tmp_path, body, retain_finished=2)
 
 
+def test_retention_evicts_finished_jobs_by_age(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        old = await m.start(JobSpec("true"), "a")
+        await m.wait(old.job_id)
+        assert [j.job_id for j in m.list()] == [old.job_id]  # young enough: kept
+        await asyncio.sleep(1.2)
+        running = await m.start(JobSpec("sleep", ("30",)), "a")
+        young = await m.start(JobSpec("true"), "a")
+        await m.wait(young.job_id)
+        # The old job is past retain_seconds; a running job is never evicted, however old.
+        assert sorted(j.job_id for j in m.list()) == sorted([running.job_id, young.job_id])
+        assert not (tmp_path / f"{old.job_id}.out").exists()
+        with pytest.raises(NotFound):
+            m.get(old.job_id)
+        await asyncio.sleep(1.2)
+        assert [j.job_id for j in m.list()] == [running.job_id]
+        await m.stop(running.job_id, by="test", grace=1)
+
+    run_with_manager(tmp_path, body, retain_seconds=1.0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1], ids=lambda s: s.name)
+def test_job_killed_by_a_signal_has_no_exit_code(tmp_path: Path, sig: signal.Signals) -> None:
+    """The model says None (the wire says 128+N); never 0, which would read as success."""
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh(f"kill -{sig.name[3:]} $$; exit 7"), "a")
+        final = await m.wait(job.job_id)
+        assert final.exit is not None
+        assert (final.exit.reason, final.exit.exit_code, final.exit.signal) == (
+            TerminationReason.SIGNALED,
+            None,
+            sig,
+        )
+        assert final.exit.stopped_by is None and not final.exit.escalated
+
+    run_with_manager(tmp_path, body)
+
+
 class Veto:
     @hookimpl
     def jobworker_pre_spawn(self, spec: JobSpec) -> None:
-        if spec.command == "rm":
-            raise PermissionDenied("rm is not allowed here")
+        if spec.command == "touch":
+            raise PermissionDenied("touch is not allowed here")
 
 
 class Boom:
@@ -326,6 +365,9 @@ class Recorder:
 
 
 def test_pre_spawn_veto_and_crashing_observer(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    vetoed = tmp_path / "vetoed"  # what the vetoed job would create: harmless if it ran
     plugins = Plugins()
     recorder = Recorder()
     plugins.register(Veto(), "veto")
@@ -333,16 +375,17 @@ def test_pre_spawn_veto_and_crashing_observer(tmp_path: Path) -> None:
     plugins.register(recorder, "recorder")
 
     async def body(m: JobManager) -> None:
-        with pytest.raises(PermissionDenied, match="rm is not allowed"):
-            await m.start(JobSpec("rm", ("-rf", "/tmp/x")), "a")
+        with pytest.raises(PermissionDenied, match="touch is not allowed"):
+            await m.start(JobSpec("touch", (str(vetoed),)), "a")
         assert m.list() == []
         job = await m.start(JobSpec("echo", ("fine",)), "a")
         assert await collect(m, job.job_id) == [(Stream.STDOUT, b"fine\n")]
         final = await m.wait(job.job_id)
         assert final.exit is not None and final.exit.exit_code == 0
 
-    run_with_manager(tmp_path, body, plugins=plugins)
+    run_with_manager(spool, body, plugins=plugins)
     assert recorder.data == [b"fine\n"]
+    assert not vetoed.exists()
 
 
 def test_finished_job_holds_no_descriptor_and_still_streams(tmp_path: Path) -> None:
