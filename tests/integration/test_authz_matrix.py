@@ -43,8 +43,12 @@ def refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 
 @pytest.fixture
 def alice_job(api_server: RunningServer) -> Iterator[str]:
-    """A running job of alice's, stopped at the end by the admin."""
-    job_id = start_job(api_server.stub("alice"), "sh", "-c", "echo mine; exec sleep 60")
+    """A running job of alice's that has written its line, stopped at the end by the admin."""
+    alice = api_server.stub("alice")
+    job_id = start_job(alice, "sh", "-c", "echo mine; exec sleep 60")
+    stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=T)
+    next(stream)
+    stream.cancel()
     yield job_id
     api_server.stub("root").StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
 
@@ -54,9 +58,24 @@ def is_running(server: RunningServer, job_id: str) -> bool:
     return bool(status.status == "running")
 
 
+def assert_served(reply: Any, rpc: str, job_id: str, by: str) -> None:
+    """What a permitted call about alice's job answers: her job, its output, its stop."""
+    if rpc == "GetStatus":
+        assert (reply.job_id, reply.owner, reply.status) == (job_id, "alice", "running")
+        assert (reply.command, list(reply.args)) == ("sh", ["-c", "echo mine; exec sleep 60"])
+    elif rpc == "StreamOutput":
+        assert [(c.stream, c.data) for c in reply] == [("stdout", b"mine\n")]
+    else:
+        assert reply.success and not reply.already_finished
+        status = reply.status
+        assert (status.job_id, status.owner, status.status) == (job_id, "alice", "exited")
+        assert (status.reason, status.stopped_by) == ("stopped", by)
+
+
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_user_may_use_own_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    call_job_rpc(api_server.stub("alice"), rpc, alice_job)
+    reply = call_job_rpc(api_server.stub("alice"), rpc, alice_job)
+    assert_served(reply, rpc, alice_job, by="alice")
 
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
@@ -74,7 +93,8 @@ def test_user_sees_other_users_job_as_unknown(
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_admin_may_use_any_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    call_job_rpc(api_server.stub("root"), rpc, alice_job)
+    reply = call_job_rpc(api_server.stub("root"), rpc, alice_job)
+    assert_served(reply, rpc, alice_job, by="root")
 
 
 def test_admin_stop_is_recorded(api_server: RunningServer, alice_job: str) -> None:
