@@ -161,6 +161,7 @@ def test_identity_matches_common_name_or_any_san(tmp_path: Path) -> None:
     assert authz.role_of(Identity("ci-runner", sans=("spiffe://x", "ci.example.com"))) is Role.ADMIN
     assert authz.role_of(Identity("alice")) is Role.USER
     assert authz.role_of(Identity("eve", sans=("alice.example.com",))) is None
+    assert authz.path == tmp_path / "authz.toml"
 
 
 def test_user_rules(tmp_path: Path) -> None:
@@ -189,9 +190,19 @@ def test_user_rules(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "lists no clients"),
+        (
+            "",
+            'lists no clients, so nobody could call the server: add [[clients]] entries with identity = "NAME" and role = "user" or "admin"',
+        ),
         ("clients = []\n", "lists no clients"),
-        ('[[clients]]\nidentity = "a"\nrole = "root"\n', "entry 1 ('a'): role 'root' is not one"),
+        (
+            '[[clients]]\nidentity = "a"\nrole = "root"\n',
+            "entry 1 ('a'): role 'root' is not one of 'user', 'admin'",
+        ),
+        (
+            "clients = [1]\n",
+            "clients entry 1 is not a table: write [[clients]] then identity and role",
+        ),
         ('[[clients]]\nidentity = ""\nrole = "user"\n', "entry 1: identity must be"),
         ('[[clients]]\nidentity = "a"\nrol = "user"\n', "unknown key 'rol'"),
         (
@@ -213,3 +224,9 @@ def test_bad_whitelist_refuses_start_up(tmp_path: Path, text: str, message: str)
 def test_missing_whitelist_refuses_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         Authz.from_file(tmp_path / "nope.toml")
+
+
+def test_unreadable_whitelist_refuses_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Authz.from_file(tmp_path)  # a directory: readable by no one, root included
+    assert str(info.value) == f"cannot read authorization whitelist {tmp_path}: Is a directory"

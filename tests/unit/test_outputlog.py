@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,27 @@ def test_resume_exactly_at_the_end(tmp_path: Path) -> None:
         log.remove()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_checking_a_resume_offset_reads_a_bounded_number_of_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor deep into a long log is checked from a nearby mark, not from the start."""
+    log = OutputLog(tmp_path / "job.out")
+    for i in range(3000):
+        log.append(Stream.STDOUT if i % 2 == 0 else Stream.STDERR, b"x")
+    log.close()
+    chunks = asyncio.run(drain(log))
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, length: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    for i in (255, 2000, 2999):
+        reads.clear()
+        log.follow(chunks[i].offset)  # validates now; reading would start later
+        assert len(reads) <= 256, (i, len(reads))
+    log.remove()
