@@ -14,10 +14,25 @@ from typing import Any, TypeVar
 import pytest
 
 from jobworker import hookimpl
-from jobworker.errors import InvalidArgument, NotFound, PermissionDenied, SpawnError
+from jobworker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SpawnError,
+)
 from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
-from jobworker.model import JobSpec, JobState, Stream, TerminationReason
+from jobworker.manager import (
+    MAX_ARGS,
+    MAX_COMMAND_BYTES,
+    MAX_ENV,
+    MAX_SPEC_BYTES,
+    JobManager,
+    describe_end,
+    validate_spec,
+)
+from jobworker.model import ExitInfo, JobSpec, JobState, JobStatus, Stream, TerminationReason
 
 T = TypeVar("T")
 
@@ -406,3 +421,140 @@ def test_finished_job_holds_no_descriptor_and_still_streams(tmp_path: Path) -> N
         assert spool_fds() == []
 
     run_with_manager(tmp_path, body)
+
+
+def test_stop_wakes_a_job_stopped_by_sigstop(tmp_path: Path) -> None:
+    """A stopped process cannot act on SIGTERM: the stop sends SIGCONT too, so no SIGKILL."""
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("echo stopping; kill -STOP $$; sleep 100"), "a")
+        await anext(m.follow(job.job_id))
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{job.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the job never stopped itself"
+            await asyncio.sleep(0.01)
+        result = await m.stop(job.job_id, by="bob", grace=10)
+        ex = result.status.exit
+        assert not result.escalated and ex is not None
+        assert (ex.reason, ex.signal, ex.escalated) == (
+            TerminationReason.STOPPED,
+            signal.SIGTERM,
+            False,
+        )
+        assert result.message == "stopped by bob (signal 15)"
+
+    run_with_manager(tmp_path, body)
+
+
+def test_grace_bounds_and_zero_grace(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("sleep", ("100",)), "a")
+        for grace in (-0.001, 3600.001):
+            with pytest.raises(InvalidArgument, match=f"grace {grace} must be between 0 and 3600"):
+                await m.stop(job.job_id, by="bob", grace=grace)
+        assert m.get(job.job_id).state is JobState.RUNNING
+        await m.stop(job.job_id, by="bob", grace=1)
+        deaf = await m.start(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"), "a")
+        await anext(m.follow(deaf.job_id))  # the trap is set
+        started = time.monotonic()
+        result = await m.stop(deaf.job_id, by="bob", grace=0)  # no grace: SIGKILL at once
+        assert time.monotonic() - started < 2
+        assert result.escalated and result.status.exit is not None
+        assert result.status.exit.signal == signal.SIGKILL
+        assert result.message == "stopped by bob (signal 9, SIGKILL after the grace period)"
+        last = await m.start(JobSpec("sleep", ("100",)), "a")
+        assert not (await m.stop(last.job_id, by="bob", grace=3600)).escalated
+
+    run_with_manager(tmp_path, body)
+
+
+def test_default_grace_applies_when_none_is_given(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"), "a")
+        await anext(m.follow(job.job_id))
+        started = time.monotonic()
+        result = await m.stop(job.job_id, by="bob")
+        assert 0.3 <= time.monotonic() - started < 5 and result.escalated
+
+    run_with_manager(tmp_path, body, default_grace=0.3)
+
+
+def test_running_jobs_are_bounded(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        first = await m.start(JobSpec("sleep", ("100",)), "a")
+        second = await m.start(JobSpec("sleep", ("100",)), "a")
+        with pytest.raises(
+            ResourceExhausted, match=r"2 jobs are running, the most this server allows \(2\)"
+        ):
+            await m.start(JobSpec("true"), "a")
+        assert m.running == 2
+        await m.stop(first.job_id, by="a", grace=1)
+        assert m.running == 1  # a finished job does not count
+        third = await m.start(JobSpec("true"), "a")
+        await m.wait(third.job_id)
+        await m.stop(second.job_id, by="a", grace=1)
+
+    run_with_manager(tmp_path, body, max_running=2)
+
+
+def test_no_start_once_shutting_down(tmp_path: Path) -> None:
+    async def body(m: JobManager) -> None:
+        await m.shutdown()
+        with pytest.raises(FailedPrecondition, match="shutting down"):
+            await m.start(JobSpec("true"), "a")
+
+    run_with_manager(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("exit", "phrase"),
+    [
+        (ExitInfo(TerminationReason.EXITED, exit_code=3), "exited with exit code 3"),
+        (ExitInfo(TerminationReason.SIGNALED, signal=11), "killed by signal 11"),
+        (ExitInfo(TerminationReason.OOM_KILLED, signal=9), "killed by the OOM killer (signal 9)"),
+        (
+            ExitInfo(TerminationReason.STOPPED, signal=15, stopped_by="bob"),
+            "stopped by bob (signal 15)",
+        ),
+        (
+            ExitInfo(TerminationReason.STOPPED, exit_code=0, stopped_by="bob"),
+            "stopped by bob (exit code 0)",
+        ),
+        (
+            ExitInfo(TerminationReason.STOPPED, signal=9, stopped_by="bob", escalated=True),
+            "stopped by bob (signal 9, SIGKILL after the grace period)",
+        ),
+        (None, "running"),
+    ],
+)
+def test_describe_end(exit: ExitInfo | None, phrase: str) -> None:
+    status = JobStatus("id", JobSpec("x"), "a", JobState.EXITED, 1, 0.0, "process-group", exit=exit)
+    assert describe_end(status) == phrase
+
+
+@pytest.mark.parametrize(
+    ("spec", "refused"),
+    [
+        (JobSpec("x" * MAX_COMMAND_BYTES), None),
+        (JobSpec("x" * (MAX_COMMAND_BYTES + 1)), f"longer than {MAX_COMMAND_BYTES} bytes"),
+        (JobSpec("é" * (MAX_COMMAND_BYTES // 2) + "x"), "longer than"),  # bytes, not characters
+        (JobSpec("x", ("a",) * MAX_ARGS), None),
+        (JobSpec("x", env={f"V{i}": "" for i in range(MAX_ENV)}), None),
+        (JobSpec("x", env={f"V{i}": "" for i in range(MAX_ENV + 1)}), "1025 environment variables"),
+        (JobSpec("x", ("a" * MAX_SPEC_BYTES,)), None),
+        (JobSpec("x", ("a" * MAX_SPEC_BYTES, "b")), f"take {MAX_SPEC_BYTES + 1} bytes"),
+        (JobSpec("x", env={"K": "v" * (MAX_SPEC_BYTES - 1)}), None),
+        (JobSpec("x", env={"K": "v" * MAX_SPEC_BYTES}), f"take {MAX_SPEC_BYTES + 1} bytes"),
+        (JobSpec("x", env={"A": "b\0c"}), "environment contains a NUL byte"),
+        (JobSpec("x", cwd="/a\0b"), "cwd contains a NUL byte"),
+        (JobSpec("x\0"), "command contains a NUL byte"),
+        (JobSpec("x", env={"": "v"}), "name '' is empty"),
+        (JobSpec("x", cwd="/"), None),
+    ],
+)
+def test_spec_limits_are_exact(spec: JobSpec, refused: str | None) -> None:
+    if refused is None:
+        validate_spec(spec)
+    else:
+        with pytest.raises(InvalidArgument, match=refused):
+            validate_spec(spec)
