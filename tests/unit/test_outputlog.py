@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.errors import InvalidArgument
+from jobworker.errors import FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
 from jobworker.outputlog import OutputChunk, OutputLog
 
@@ -30,8 +30,12 @@ def test_resume_at_any_boundary_of_a_long_log(tmp_path: Path) -> None:
         assert [c.data for c in resumed] == [c.data for c in chunks[i + 1 :]]
     with pytest.raises(InvalidArgument, match="not a chunk boundary"):
         log.follow(chunks[1000].offset + 1)
-    with pytest.raises(InvalidArgument, match="beyond"):
+    with pytest.raises(InvalidArgument) as beyond:
         log.follow(log.size + 1)
+    assert str(beyond.value) == (
+        f"offset {log.size + 1} is beyond the {log.size} bytes of output so far;"
+        " pass the offset of a chunk you received"
+    )
     log.remove()
 
 
@@ -100,3 +104,85 @@ def test_checking_a_resume_offset_reads_a_bounded_number_of_headers(
         log.follow(chunks[i].offset)  # validates now; reading would start later
         assert len(reads) <= 256, (i, len(reads))
     log.remove()
+
+
+def test_payload_and_size_add_up_over_appends(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"abc")
+    log.append(Stream.STDERR, b"de")
+    assert (log.payload_bytes, log.size) == (5, 5 + 2 * 5)
+    log.remove()
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pwritev may write less than asked (rare on a regular file): the rest follows."""
+    real_pwritev = os.pwritev
+
+    def short_pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        first = bytes(buffers[0])[:3]  # part of the first record's header only
+        return real_pwritev(fd, [first], offset)
+
+    def short_pwrite(fd: int, data: bytes, offset: int) -> int:
+        return real_pwrite(fd, data[:7], offset)  # the rest, seven bytes at a time
+
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"hello, ")
+    log.append(Stream.STDERR, b"short writes")
+    log.close()
+    monkeypatch.undo()
+    chunks = asyncio.run(drain(log))
+    assert [(c.stream, c.data) for c in chunks] == [
+        (Stream.STDOUT, b"hello, "),
+        (Stream.STDERR, b"short writes"),
+    ]
+    assert (tmp_path / "job.out").stat().st_size == log.size == 7 + 12 + 2 * 5
+    log.remove()
+
+
+def test_follow_defaults_to_the_start(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"all of it")
+    log.close()
+
+    async def everything() -> list[bytes]:
+        return [c.data async for c in log.follow()]
+
+    assert asyncio.run(everything()) == [b"all of it"]
+    log.remove()
+
+
+def test_no_follow_reads_what_existed_when_asked(tmp_path: Path) -> None:
+    """Without follow, output appended while the reader reads is not part of its answer."""
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"one")
+        log.append(Stream.STDERR, b"two")
+        reader = log.follow(0, follow=False)
+        first = await anext(reader)
+        log.append(Stream.STDOUT, b"later")
+        rest = [c.data async for c in reader]
+        assert (first.data, rest) == (b"one", [b"two"])
+        log.remove()
+
+    asyncio.run(main())
+
+
+def test_removed_log_and_vanished_file(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"kept")
+    # While the job runs the writer's descriptor serves new followers, even if something
+    # (a temporary-file cleaner) unlinked the file.
+    (tmp_path / "job.out").unlink()
+    assert asyncio.run(drain(log)) == [OutputChunk(Stream.STDOUT, b"kept", 9)]
+    log.close()  # finished: followers open the file by name, and it is gone
+    with pytest.raises(FailedPrecondition) as gone:
+        log.follow()
+    assert str(gone.value) == f"the spooled output of this job is gone from {tmp_path}"
+    log.remove()
+    with pytest.raises(InvalidArgument) as removed:
+        log.follow()
+    assert str(removed.value) == "the output of this job was removed"
