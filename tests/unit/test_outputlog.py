@@ -186,3 +186,30 @@ def test_removed_log_and_vanished_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as removed:
         log.follow()
     assert str(removed.value) == "the output of this job was removed"
+
+
+def _straddling_log(path: Path, first: int, alternate: bool) -> tuple[OutputLog, list[bytes]]:
+    """A record of ``first`` bytes, then 1100 of 1000 bytes, one stream or alternating."""
+    log = OutputLog(path)
+    records = [bytes([65 + i % 26]) * (first if i == 0 else 1000) for i in range(1101)]
+    for i, data in enumerate(records):
+        log.append(Stream.STDERR if alternate and i % 2 else Stream.STDOUT, data)
+    log.close()
+    return log, records
+
+
+# Where the follower's read-ahead buffer (1 MiB from offset 0) ends: inside a header in the
+# middle of a merged chunk (a first record of 354 bytes), 3 bytes before the end of a
+# record's data (359), and inside the data of a record that starts a chunk (alternating).
+@pytest.mark.parametrize(
+    ("first", "alternate"), [(354, False), (359, False), (1000, True)], ids=str
+)
+def test_records_straddling_the_read_ahead_buffer(
+    tmp_path: Path, first: int, alternate: bool
+) -> None:
+    log, records = _straddling_log(tmp_path / "job.out", first, alternate)
+    chunks = asyncio.run(drain(log))
+    assert b"".join(c.data for c in chunks) == b"".join(records)
+    if alternate:
+        assert [c.data for c in chunks] == records
+    log.remove()
