@@ -269,6 +269,7 @@ def test_stop_finished_job_and_concurrent_stops(tmp_path: Path) -> None:
         assert (
             again.already_finished and "already finished (exited with exit code 0)" in again.message
         )
+        assert again.escalated is False
         job = await m.start(JobSpec("sleep", ("100",)), "a")
         results = await asyncio.gather(
             *(m.stop(job.job_id, by=f"u{i}", grace=2) for i in range(20))
