@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -13,7 +14,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from jobworker import hookimpl
+from jobworker import hookimpl, manager
+from jobworker.containment import ContainmentReport, ProcessGroup
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -32,7 +34,15 @@ from jobworker.manager import (
     describe_end,
     validate_spec,
 )
-from jobworker.model import ExitInfo, JobSpec, JobState, JobStatus, Stream, TerminationReason
+from jobworker.model import (
+    ExitInfo,
+    JobSpec,
+    JobState,
+    JobStatus,
+    ResourceUsage,
+    Stream,
+    TerminationReason,
+)
 
 T = TypeVar("T")
 
@@ -239,7 +249,7 @@ def test_stop_escalates_when_sigterm_is_ignored(tmp_path: Path) -> None:
         started = time.monotonic()
         result = await m.stop(job.job_id, by="bob", grace=0.5)
         assert 0.5 <= time.monotonic() - started < 5
-        assert result.escalated and not result.already_finished
+        assert result.escalated and result.already_finished is False
         ex = result.status.exit
         assert ex is not None and ex.reason is TerminationReason.STOPPED
         assert ex.stopped_by == "bob" and ex.escalated and ex.signal == signal.SIGKILL
@@ -559,3 +569,84 @@ def test_spec_limits_are_exact(spec: JobSpec, refused: str | None) -> None:
     else:
         with pytest.raises(InvalidArgument, match=refused):
             validate_spec(spec)
+
+
+class ReportingContainment(ProcessGroup):
+    """A process group that reports what a cgroup would: an OOM kill and its accounting."""
+
+    def report(self) -> ContainmentReport:
+        return ContainmentReport(oom_killed=True, usage=ResourceUsage(memory_peak_bytes=4096))
+
+
+class LingeringContainment(ProcessGroup):
+    """A process group with a process that never goes (stuck in uninterruptible IO)."""
+
+    async def wait_empty(self) -> None:
+        await asyncio.Event().wait()
+
+
+class ContainAndObserve:
+    def __init__(self, containment: type[ProcessGroup]) -> None:
+        self.containment = containment
+        self.exits: list[JobStatus] = []
+
+    @hookimpl
+    def jobworker_limits_apply(self) -> ProcessGroup:
+        return self.containment()
+
+    @hookimpl
+    def jobworker_on_exit(self, status: JobStatus) -> None:
+        self.exits.append(status)
+
+
+def test_containment_report_and_on_exit(tmp_path: Path) -> None:
+    plugins = Plugins()
+    plugin = ContainAndObserve(ReportingContainment)
+    plugins.register(plugin, "containment")
+
+    async def body(m: JobManager) -> JobStatus:
+        job = await m.start(sh("kill -KILL $$"), "a")
+        return await m.wait(job.job_id)
+
+    final = run_with_manager(tmp_path, body, plugins=plugins)
+    assert final.exit is not None
+    assert (final.exit.reason, final.exit.signal) == (TerminationReason.OOM_KILLED, signal.SIGKILL)
+    assert final.usage == ResourceUsage(memory_peak_bytes=4096)
+    assert plugin.exits == [final]  # plugins hear of the end once, with the final status
+
+
+def test_job_ends_although_a_process_never_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager, "SETTLE_TIMEOUT", 0.5)
+    plugins = Plugins()
+    plugins.register(ContainAndObserve(LingeringContainment), "containment")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("exit 4"), "a")
+        final = await asyncio.wait_for(m.wait(job.job_id), 10)
+        assert final.exit is not None and final.exit.exit_code == 4
+
+    run_with_manager(tmp_path, body, plugins=plugins)
+
+
+def test_job_ends_although_an_escaped_process_holds_its_output(tmp_path: Path) -> None:
+    """A process that left the group (setsid) keeps the pipe open: the server closes it."""
+    escaped: list[int] = []
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("setsid sleep 60 & echo $!"), "a")
+        first = await anext(m.follow(job.job_id))
+        escaped.append(int(first.data))
+        started = time.monotonic()
+        final = await asyncio.wait_for(m.wait(job.job_id), 20)
+        assert time.monotonic() - started < 2 + manager.PIPE_DRAIN_TIMEOUT
+        assert final.exit is not None and final.exit.exit_code == 0
+        assert final.output_bytes == len(first.data)
+
+    try:
+        run_with_manager(tmp_path, body)
+    finally:
+        for pid in escaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
