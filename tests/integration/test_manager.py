@@ -650,3 +650,21 @@ def test_job_ends_although_an_escaped_process_holds_its_output(tmp_path: Path) -
         for pid in escaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_shutdown_stops_with_its_own_grace_and_says_who(tmp_path: Path) -> None:
+    plugins = Plugins()
+    observer = ContainAndObserve(ProcessGroup)
+    plugins.register(observer, "observer")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"), "a")
+        await anext(m.follow(job.job_id))
+        started = time.monotonic()
+        await m.shutdown(grace=0.2)
+        assert time.monotonic() - started < 5  # not the default grace of 30 s
+
+    run_with_manager(tmp_path, body, plugins=plugins, default_grace=30)
+    [final] = observer.exits
+    assert final.exit is not None
+    assert (final.exit.stopped_by, final.exit.escalated) == ("server-shutdown", True)
