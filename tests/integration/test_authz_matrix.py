@@ -14,6 +14,7 @@ import attrs
 import grpc
 import pytest
 
+from jobworker.backends import authz
 from jobworker.backends.authz import Authz, Role
 from jobworker.errors import ConfigError, NotFound, PermissionDenied, job_not_found
 from jobworker.identity import Identity
@@ -230,3 +231,17 @@ def test_unreadable_whitelist_refuses_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Authz.from_file(tmp_path)  # a directory: readable by no one, root included
     assert str(info.value) == f"cannot read authorization whitelist {tmp_path}: Is a directory"
+
+
+def test_module_hooks_use_the_configured_whitelist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``--plugin authz --authz FILE`` uses: the module-level hooks."""
+    monkeypatch.setattr(authz, "_active", None)
+    with pytest.raises(PermissionDenied, match="whitelist is not loaded"):
+        authz.jobworker_authorize(Identity("bob"), Action.LIST, None)
+    loaded = authz.configure(write(tmp_path, '[[clients]]\nidentity = "bob"\nrole = "user"\n'))
+    assert loaded.roles == {"bob": Role.USER}
+    assert authz.jobworker_authorize(Identity("bob"), Action.LIST, None) is True
+    with pytest.raises(PermissionDenied, match="eve is not on the authorization whitelist"):
+        authz.jobworker_authorize(Identity("eve"), Action.LIST, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,31 @@ def test_records_straddling_the_read_ahead_buffer(
     if alternate:
         assert [c.data for c in chunks] == records
     log.remove()
+
+
+def test_spool_file_is_new_and_private(tmp_path: Path) -> None:
+    planted = tmp_path / "job.out"
+    planted.symlink_to(tmp_path / "elsewhere")  # a name taken before the job: never reused
+    with pytest.raises(FileExistsError):
+        OutputLog(planted)
+    assert not (tmp_path / "elsewhere").exists()
+    log = OutputLog(tmp_path / "other.out")
+    assert stat.S_IMODE((tmp_path / "other.out").stat().st_mode) == 0o600
+    log.remove()
+
+
+def test_remove_ends_waiting_followers(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"seen")
+        follower = asyncio.ensure_future(drain_following(log))
+        await asyncio.sleep(0.05)  # the follower read "seen" and waits for more
+        assert not follower.done()
+        log.remove()
+        assert await asyncio.wait_for(follower, 5) == [b"seen"]
+
+    asyncio.run(main())
+
+
+async def drain_following(log: OutputLog) -> list[bytes]:
+    return [c.data async for c in log.follow(0, follow=True)]
