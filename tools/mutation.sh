@@ -2,7 +2,7 @@
 # `tox -e mutation`: mutmut over the code where a silent regression would hurt most: the
 # output log, identity, authorization, and the job manager's stop and exit paths. What is
 # mutated and which tests judge it is [tool.mutmut] in pyproject.toml; docs/testing.md
-# has the last result. Slow (half an hour on 2 cores), so not part of CI.
+# has the last result. Slow (about 40 minutes on 2 cores), so not part of CI.
 # Extra arguments replace the list of mutants to run (mutmut's name patterns).
 set -euo pipefail
 cd "$(dirname "$0")/.."
