@@ -34,7 +34,7 @@ git diff --exit-code -- jobworker/v1 || {
   exit 1
 }
 
-step "tests on the host (tox -e tests: a fresh virtualenv with only the test extra)"
+step "tests on the host (tox -e tests: a virtualenv with only the test extra)"
 # The README's command, so a test that imports something only the dev extra installs fails
 # here too (tox.ini's extras and this script cannot drift). About 25 s to build the env.
 tox -e tests -- -p no:cacheprovider
