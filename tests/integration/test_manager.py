@@ -598,7 +598,10 @@ QUARTER = MAX_SPEC_BYTES // 4  # each under MAX_ARG_STRLEN, so only the total ca
         ({"args": ("a" * QUARTER,) * 4}, None),
         ({"args": ("a" * QUARTER,) * 4 + ("b",)}, f"take {MAX_SPEC_BYTES + 1} bytes"),
         ({"env": {f"K{i}": "v" * (QUARTER - 2) for i in range(4)}}, None),
-        ({"env": {f"K{i}": "v" * (QUARTER - 1) for i in range(4)}}, f"take {MAX_SPEC_BYTES + 4} bytes"),
+        (
+            {"env": {f"K{i}": "v" * (QUARTER - 1) for i in range(4)}},
+            f"take {MAX_SPEC_BYTES + 4} bytes",
+        ),
         ({"env": {"A": "b\0c"}}, "environment contains a NUL byte"),
         ({"cwd": "/a\0b"}, "cwd contains a NUL byte"),
         ({"command": "x\0"}, "command contains a NUL byte"),
