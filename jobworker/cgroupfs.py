@@ -21,6 +21,7 @@ from jobworker.containment import ContainmentReport
 from jobworker.errors import ConfigError, InvalidArgument
 from jobworker.inotify import wait_until
 from jobworker.model import Limits, ResourceUsage
+from jobworker.usage import UsageSample
 
 log = structlog.get_logger("jobworker.cgroupv2")
 
@@ -245,6 +246,22 @@ class JobCgroup:
         )
         oom_kills = memory_events.get("oom_kill", 0) + memory_events.get("oom_group_kill", 0)
         return ContainmentReport(oom_killed=oom_kills > 0, usage=usage)
+
+    def sample_usage(self) -> UsageSample | None:
+        """The job's usage now (see :mod:`jobworker.usage`); None once the cgroup is gone."""
+        cpu = _read_keyed(self.path / "cpu.stat")
+        if not cpu:
+            return None
+        io_read, io_write = _read_io_bytes(self.path / "io.stat")
+        return UsageSample(
+            time=time.time(),
+            cpu_usec=cpu.get("usage_usec", 0),
+            memory_bytes=read_int(self.path / "memory.current") or 0,
+            pids=read_int(self.path / "pids.current") or 0,
+            memory_peak_bytes=read_int(self.path / "memory.peak"),
+            io_read_bytes=io_read,
+            io_write_bytes=io_write,
+        )
 
     def release(self) -> None:
         """Remove the cgroup (and any below it); a failure is logged, never raised.
