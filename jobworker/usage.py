@@ -35,8 +35,11 @@ log = structlog.get_logger("jobworker.usage")
 
 #: Samples kept per job (see the module docstring for how older ones thin out).
 RING_SIZE = 240
-#: Seconds between two samples of a running job.
+#: Seconds between two samples of a running job...
 SAMPLE_INTERVAL = 1.0
+#: ... unless one round of sampling costs more CPU than this share of one core: then the
+#: period stretches so that it does not (thousands of jobs on a slow machine).
+CPU_BUDGET = 0.05
 
 _FIELDS = 7
 _NONE = -1
@@ -163,7 +166,8 @@ class _Totals:
     io_write: int | None = 0
 
 
-def _read(path: str) -> bytes | None:
+def read_small(path: str) -> bytes | None:
+    """A small /proc or cgroup file in one read (3x cheaper than ``Path.read_text``)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -178,7 +182,7 @@ def _read(path: str) -> bytes | None:
 
 def _proc_io(pid: str) -> tuple[int, int] | None:
     """``read_bytes``/``write_bytes`` (block IO) of one process; None without permission."""
-    raw = _read(f"/proc/{pid}/io")
+    raw = read_small(f"/proc/{pid}/io")
     if raw is None:
         return None
     fields = dict(line.split(b": ", 1) for line in raw.splitlines() if b": " in line)
@@ -196,7 +200,7 @@ def sample_sessions(sessions: Iterable[int], now: float | None = None) -> dict[i
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        raw = _read(f"/proc/{pid}/stat")
+        raw = read_small(f"/proc/{pid}/stat")
         if raw is None:
             continue
         # The command name may hold spaces and parentheses: split after the last ')'.
@@ -303,8 +307,9 @@ class UsageSampler:
             running = {job_id: t for job_id, t in self._jobs.items() if t.running}
             if not running:
                 return
+            cost = 0.0
             try:
-                samples = await asyncio.to_thread(sample_jobs, running)
+                samples, cost = await asyncio.to_thread(_timed_sample, running)
             except Exception:
                 log.exception("usage_sampling_failed")
                 samples = {}
@@ -312,7 +317,14 @@ class UsageSampler:
                 tracked = self._jobs.get(job_id)
                 if tracked is not None and tracked.running:
                     tracked.ring.add(sample)
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(max(self._interval, cost / CPU_BUDGET))
+
+
+def _timed_sample(jobs: dict[str, _Tracked]) -> tuple[dict[str, UsageSample], float]:
+    """:func:`sample_jobs` and the CPU seconds it took (this thread's)."""
+    began = time.thread_time()
+    samples = sample_jobs(jobs)
+    return samples, time.thread_time() - began
 
 
 def sample_jobs(jobs: dict[str, _Tracked]) -> dict[str, UsageSample]:

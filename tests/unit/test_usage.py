@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.model import JobState, JobStatusView, Limits
-from jobworker.usage import UsageRing, UsageSample, sample_sessions
+from jobworker.usage import UsageRing, UsageSample, UsageSampler, sample_sessions
 
 
 def sample(t: float, cpu: int = 0, memory: int = 1) -> UsageSample:
@@ -148,3 +149,27 @@ def test_metrics_registry_reaches_every_plugin() -> None:
     alone.register(Quota(), name="quota")
     alone.metrics_ready()  # no metrics plugin: not called
     assert seen == [metrics.registry]
+
+
+class _Costly:
+    """A containment whose every sample burns 30 ms of CPU."""
+
+    def sample_usage(self) -> UsageSample:
+        end = time.thread_time() + 0.03
+        while time.thread_time() < end:
+            pass
+        return sample(time.time())
+
+
+def test_sampler_stretches_its_period_to_stay_within_its_cpu_budget() -> None:
+    async def main() -> int:
+        sampler = UsageSampler(interval=0.01)
+        sampler.track("job", 1, _Costly())
+        await asyncio.sleep(1.5)
+        await sampler.close()
+        found = sampler.get("job")
+        assert found is not None and found.source == "cgroupv2"
+        return len(found.samples)
+
+    # 30 ms at 5% of a core: one round per 0.6 s, not one per 10 ms.
+    assert 1 <= asyncio.run(main()) <= 3
