@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,13 +56,25 @@ def test_optional_fields_survive_the_ring() -> None:
 
 
 def test_proc_sampling_sums_the_session() -> None:
-    busy = "import os, time\nos.fork()\nend = time.time() + 0.6\nwhile time.time() < end: pass"
-    proc = subprocess.Popen([sys.executable, "-c", busy], start_new_session=True)
+    busy = (
+        "import os, time\n"
+        "if os.fork():\n"
+        "    print('forked', flush=True)\n"
+        "end = time.time() + 0.3\n"
+        "while time.time() < end: pass\n"
+        "time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", busy], start_new_session=True, stdout=subprocess.PIPE
+    )
     try:
-        time.sleep(0.4)
+        assert proc.stdout is not None and proc.stdout.readline() == b"forked\n"
+        time.sleep(0.5)
         found = sample_sessions([proc.pid, 999_999_999])
     finally:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
     assert list(found) == [proc.pid]
     usage = found[proc.pid]
     assert usage.pids == 2  # both sides of the fork
