@@ -37,9 +37,12 @@ log = structlog.get_logger("jobworker.usage")
 RING_SIZE = 240
 #: Seconds between two samples of a running job...
 SAMPLE_INTERVAL = 1.0
-#: ... unless one round of sampling costs more CPU than this share of one core: then the
-#: period stretches so that it does not (thousands of jobs on a slow machine).
+#: ... unless a round of sampling costs more CPU, on average, than this share of one core:
+#: then the period stretches so that it does not (thousands of jobs on a slow machine).
 CPU_BUDGET = 0.05
+#: Weight of the newest round in that average: one slow round (a cgroup's statistics being
+#: flushed, a preempted thread) must not stall sampling for seconds.
+_COST_WEIGHT = 0.2
 
 _FIELDS = 7
 _NONE = -1
@@ -303,6 +306,7 @@ class UsageSampler:
             self._task = None
 
     async def _run(self) -> None:
+        average = 0.0
         while True:
             running = {job_id: t for job_id, t in self._jobs.items() if t.running}
             if not running:
@@ -317,7 +321,8 @@ class UsageSampler:
                 tracked = self._jobs.get(job_id)
                 if tracked is not None and tracked.running:
                     tracked.ring.add(sample)
-            await asyncio.sleep(max(self._interval, cost / CPU_BUDGET))
+            average = cost if not average else average + _COST_WEIGHT * (cost - average)
+            await asyncio.sleep(max(self._interval, average / CPU_BUDGET))
 
 
 def _timed_sample(jobs: dict[str, _Tracked]) -> tuple[dict[str, UsageSample], float]:

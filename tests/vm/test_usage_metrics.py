@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +26,7 @@ pytestmark = [
     pytest.mark.skipif(not _pure_v2(), reason="needs a pure cgroup v2 host: run in the VM"),
 ]
 
-BUSY = ("sh", "-c", "while :; do :; done")
+BUSY = ("sh", ("-c", "while :; do :; done"))
 
 
 Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -42,6 +43,8 @@ def _scrape(address: str) -> Scrape:
 
 
 def test_oom_stop_and_refusal_counted_and_cpu_samples_reach_the_limit(tmp_path: Path) -> None:
+    # The VM's init leaves the loopback down; /metrics is scraped over it.
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     root = CGROUP_FS / f"jobworker-usage-{secrets.token_hex(4)}"
 
     async def main() -> None:
