@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from _common import (
     CLIENT,
@@ -81,6 +82,50 @@ def stream_rate(work: Path, size: int, repeat: int) -> dict[bool, list[float]]:
                 assert result["bytes"] == size, result
                 rates[metrics].append(result["bytes"] / result["seconds"] / MB)
     return rates
+
+
+def hook_cost(count: int) -> tuple[float, float]:
+    """Seconds of plugin work per started job (the hooks one StartJob and its job's end
+    call), with and without the metrics plugin loaded: what the plugin adds, without the
+    machine's noise."""
+    import argparse
+    import types
+
+    from jobworker.hooks.host import Plugins
+    from jobworker.identity import Identity
+    from jobworker.model import Action, TerminationReason
+    from jobworker.plugins.metrics import Metrics
+
+    identity = Identity("alice")
+    status: Any = types.SimpleNamespace(
+        owner="alice", exit=types.SimpleNamespace(reason=TerminationReason.EXITED)
+    )
+
+    def one_job(plugins: Plugins) -> None:
+        plugins.rpc_started("StartJob")
+        plugins.decision(identity, Action.START, None, True, "allowed")
+        plugins.job_started(status)
+        plugins.rpc_finished("StartJob", "OK", 0.01)
+        plugins.on_exit(status)
+
+    results = []
+    for loaded in (False, True):
+        plugins = Plugins()
+        if loaded:
+            metrics = Metrics()
+            metrics.jobworker_configure(
+                argparse.Namespace(
+                    metrics_listen="127.0.0.1:0", metrics_tls=False, metrics_plain_http=False
+                )
+            )
+            plugins.register(metrics, name="metrics")
+        began = time.process_time()
+        for _ in range(count):
+            one_job(plugins)
+        results.append((time.process_time() - began) / count)
+        if loaded:
+            metrics.jobworker_shutdown()
+    return results[0], results[1]
 
 
 def _fake_cgroup(path: Path) -> JobCgroup:
@@ -149,10 +194,16 @@ def main() -> None:
         runs = start_latency(work, starts, options.rounds)
         rates = stream_rate(work, size, repeat)
         proc_cost, cgroup_cost = sampling(work, options.jobs, 5 if quick else 15)
+    hooks_off, hooks_on = hook_cost(20_000)
     on, off = percentile(runs[True], 0.5), percentile(runs[False], 0.5)
     row("StartJob p50, metrics off", ms(off), "p90", ms(percentile(runs[False], 0.9)))
     row("StartJob p50, metrics on", ms(on), "p90", ms(percentile(runs[True], 0.9)))
     row("StartJob p50 on / off (target <= 1.05)", f"{on / off:.3f}")
+    row(
+        "hook work per job, metrics off / on",
+        f"{hooks_off * 1e6:.1f} us / {hooks_on * 1e6:.1f} us",
+        f"= {(hooks_on - hooks_off) / off * 100:.2f}% of the StartJob p50",
+    )
     rate_on, rate_off = statistics.median(rates[True]), statistics.median(rates[False])
     row("stream MB/s, metrics off", f"{rate_off:.0f}", "runs:", [round(r) for r in rates[False]])
     row("stream MB/s, metrics on", f"{rate_on:.0f}", "runs:", [round(r) for r in rates[True]])
