@@ -4,7 +4,8 @@
 ``prometheus_client.CollectorRegistry`` on ``--metrics-listen`` (default
 ``127.0.0.1:9464``). A non-loopback address must say how it is protected:
 ``--metrics-tls`` serves HTTPS with the server's certificate and requires a client
-certificate from the server's CA; ``--metrics-plain-http`` says plain HTTP is meant.
+certificate from the server's CA whose identity is on the authorization whitelist;
+``--metrics-plain-http`` says plain HTTP is meant.
 
 Counters and gauges follow the hooks (job started, refused, exited; RPCs; output); the
 per-job usage gauges and the spool figures are read when scraped. Label values are bounded
@@ -21,7 +22,7 @@ import argparse
 import ipaddress
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,38 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _peer_identity(cert: dict[str, Any]) -> Identity | None:
+    """The identity of a verified peer certificate (``SSLSocket.getpeercert()``)."""
+    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+    sans = tuple(v for _, v in cert.get("subjectAltName", ()))
+    try:
+        return Identity(cn, sans)
+    except (TypeError, ValueError):
+        return None
+
+
+def _whitelisted(options: argparse.Namespace) -> Callable[[Any, Any], bool]:
+    """``socketserver``'s ``verify_request``: only identities on the whitelist may scrape.
+
+    Runs after the TLS handshake verified the certificate against the server's CA.
+    """
+    from jobworker.plugins.authz import Authz
+
+    if getattr(options, "authz", None) is None:
+        raise ConfigError("--metrics-tls needs the authorization whitelist (--authz)")
+    whitelist = Authz.from_file(options.authz)
+
+    def verify(request: Any, client_address: Any) -> bool:
+        identity = _peer_identity(request.getpeercert() or {})
+        if identity is not None and whitelist.role_of(identity) is not None:
+            return True
+        shown = None if identity is None else identity.name
+        log.warning("metrics_scrape_refused", peer=str(client_address), identity=shown)
+        return False
+
+    return verify
 
 
 class _ScrapeTime(Collector):
@@ -198,7 +231,7 @@ class Metrics:
             "--metrics-tls",
             action="store_true",
             help="serve HTTPS with the server's certificate; scrapers need a client "
-            "certificate from the server's CA",
+            "certificate from the server's CA, on the authorization whitelist",
         )
         how.add_argument(
             "--metrics-plain-http",
@@ -230,6 +263,9 @@ class Metrics:
             )
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"cannot serve metrics on {options.metrics_listen}: {err}") from err
+        if options.metrics_tls:
+            # socketserver's documented hook, on the server prometheus-client built.
+            server.verify_request = _whitelisted(options)  # type: ignore[method-assign,assignment]
         self._server = server
         bound_port = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host

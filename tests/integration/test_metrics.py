@@ -52,6 +52,7 @@ def options(pki: PkiPaths, **flags: Any) -> argparse.Namespace:
         tls_cert=files.cert,
         tls_key=files.key,
         tls_ca=files.ca,
+        authz=pki.authz,
     )
 
 
@@ -159,7 +160,7 @@ def test_per_job_series_stay_while_the_job_is_retained(
     assert not [key for key in scrape(url) if ("job_id", job) in key[1]]
 
 
-def test_metrics_over_tls_need_a_client_certificate_of_the_ca(api_pki: PkiPaths) -> None:
+def test_metrics_over_tls_need_a_whitelisted_client_certificate(api_pki: PkiPaths) -> None:
     metrics = Metrics()
     metrics.jobworker_configure(options(api_pki, listen="127.0.0.1:0", tls=True))
     try:
@@ -168,8 +169,12 @@ def test_metrics_over_tls_need_a_client_certificate_of_the_ca(api_pki: PkiPaths)
         context.check_hostname = False  # the server certificate names localhost, not the IP
         with pytest.raises(OSError):  # handshake refused: no client certificate
             scrape(url, context)
-        client = api_pki.client("alice")
-        context.load_cert_chain(client.cert, client.key)
+        mallory = api_pki.client("mallory")  # signed by the CA, not on the whitelist
+        context.load_cert_chain(mallory.cert, mallory.key)
+        with pytest.raises(OSError):
+            scrape(url, context)
+        alice = api_pki.client("alice")
+        context.load_cert_chain(alice.cert, alice.key)
         assert value(scrape(url, context), "jobworker_jobs_running") == 0
     finally:
         metrics.jobworker_shutdown()
