@@ -16,6 +16,7 @@ end-of-stream and plugins see ``on_exit``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextvars
 import os
@@ -52,6 +53,7 @@ from jobworker.model import (
 )
 from jobworker.outputlog import OutputLog
 from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
+from jobworker.usage import JobUsage, UsageSample, UsageSampler
 
 log = structlog.get_logger("jobworker.jobs")
 
@@ -176,6 +178,9 @@ class JobManager:
         self._closing = False
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
         self._spawner = Spawner()
+        self._usage = UsageSampler()
+        #: Where job output is spooled (the metrics plugin reports its size and free space).
+        self.spool_dir = spool_dir
 
     # -- queries -------------------------------------------------------------------------
 
@@ -195,6 +200,19 @@ class JobManager:
     def list(self) -> list[JobStatus]:
         self._evict()
         return [job.snapshot() for job in self._jobs.values()]
+
+    def usage(self, job_id: str, last: int = 0) -> JobUsage:
+        """The job's usage samples (see :mod:`jobworker.usage`); NotFound if unknown."""
+        self._lookup(job_id)
+        found = self._usage.get(job_id, last)
+        return found if found is not None else JobUsage(job_id, "", ())
+
+    def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
+        return self._usage.running(last)
+
+    def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
+        """The newest sample of every job still retained, with its status (for metrics)."""
+        return [(self._jobs[j].snapshot(), s) for j, s in self._usage.latest() if j in self._jobs]
 
     @property
     def running(self) -> int:
@@ -286,6 +304,7 @@ class JobManager:
             pipes={spawned.stdout, spawned.stderr},
         )
         self._jobs[job_id] = job
+        self._usage.track(job_id, spawned.pid, containment)
         loop = asyncio.get_running_loop()
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
             loop.add_reader(fd, self._on_output, job, fd, stream)
@@ -410,6 +429,7 @@ class JobManager:
         job.log.close()
         job.done.set()
         self._release_slot(job.owner)
+        self._usage.finished(job.job_id)
         self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
         self._finished_count += 1
         final = job.snapshot()
@@ -445,6 +465,7 @@ class JobManager:
         if not ids:
             del self._finished[owner]
         self._finished_count -= 1
+        self._usage.forget(job.job_id)
         job.log.remove()
 
     # -- stop ----------------------------------------------------------------------------
@@ -521,6 +542,7 @@ class JobManager:
                 task.cancel()
         for job in self._jobs.values():
             job.log.remove()
+        await self._usage.close()
         self._jobs.clear()
         self._finished.clear()
         self._finished_count = 0

@@ -24,6 +24,7 @@ from jobworker.grpcenv import grpc  # isort: split
 import contextlib
 import functools
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,10 +34,18 @@ import structlog
 
 from jobworker import tls, wire
 from jobworker.backend import JobBackend
-from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
+from jobworker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    JobworkerError,
+    NotFound,
+    job_not_found,
+    wire_code,
+)
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
 from jobworker.model import Action, JobStatus
+from jobworker.usage import UsageSource
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -132,8 +141,15 @@ class _Admission:
         self._action = action
         self._request = request
         self._context = context
+        self._began = time.monotonic()
+
+    def _finished(self, code: str) -> None:
+        if self._service.observe_rpcs:
+            self._service.plugins.rpc_finished(self._rpc, code, time.monotonic() - self._began)
 
     async def __aenter__(self) -> Caller:
+        if self._service.observe_rpcs:
+            self._service.plugins.rpc_started(self._rpc)
         try:
             return self._admit()
         except Exception as exc:
@@ -149,6 +165,7 @@ class _Admission:
         # Not an Exception: cancellation or generator exit (the client went away).
         if isinstance(exc, Exception):
             await self._abort(exc)
+        self._finished("OK" if exc is None else "CANCELLED")
 
     async def _abort(self, exc: Exception) -> None:
         """End the RPC with the status ``exc`` maps to (``context.abort`` raises)."""
@@ -159,6 +176,7 @@ class _Admission:
         else:
             code, message = grpc.StatusCode.INTERNAL, "internal error"
             log.error("rpc_internal_error", exc_info=exc)
+        self._finished(code.name)
         await self._context.abort(code, message)
 
     def _admit(self) -> Caller:
@@ -271,6 +289,8 @@ class JobService(pb_grpc.JobServiceServicer):
         self.backend = backend
         self.plugins = plugins
         self.crl = crl
+        self.observe_rpcs = plugins.has_impl("jobworker_rpc_finished")
+        self._observe_sent = plugins.has_impl("jobworker_output_sent")
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
@@ -295,12 +315,30 @@ class JobService(pb_grpc.JobServiceServicer):
             caller.target.job_id, offset=request.offset, follow=not request.no_follow
         )
         async for chunk in chunks:
+            if self._observe_sent:
+                self.plugins.output_sent(caller.target.job_id, len(chunk.data))
             yield wire.chunk_to_pb(chunk)
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
         visible = [s for s in self.backend.list() if self._may_see(caller.identity, s)]
         return pb.ListJobsResponse(jobs=[wire.status_to_pb(s) for s in visible])
+
+    @_unary(Action.STATUS)
+    async def GetUsage(self, request: pb.UsageRequest, caller: Caller) -> pb.JobUsage:
+        return wire.usage_to_pb(self._usage().usage(caller.target.job_id, request.last))
+
+    @_unary(Action.LIST)
+    async def ListUsage(self, request: pb.ListUsageRequest, caller: Caller) -> pb.ListUsageResponse:
+        source = self._usage()
+        visible = {s.job_id for s in self.backend.list() if self._may_see(caller.identity, s)}
+        jobs = [u for u in source.running_usage(request.last) if u.job_id in visible]
+        return pb.ListUsageResponse(jobs=[wire.usage_to_pb(u) for u in jobs])
+
+    def _usage(self) -> UsageSource:
+        if not isinstance(self.backend, UsageSource):
+            raise FailedPrecondition("this server's job backend does not sample usage")
+        return self.backend
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:
         """Listing filters by the STATUS rule; a hidden job is skipped, not an error."""

@@ -1,4 +1,5 @@
-"""The client commands: ``start``, ``run``, ``status``, ``logs``, ``stop`` and ``list``.
+"""The client commands: ``start``, ``run``, ``status``, ``logs``, ``stop``, ``list`` (and
+``top``, from :mod:`jobworker.cli.top`).
 
 Each connects with :class:`jobworker.client.JobClient`; an error the server answers with
 is one line (``jobworker: CODE: message``) and exit status 1.
@@ -18,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -186,7 +188,12 @@ def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", parents=[connection], help="show a job")
     status.add_argument("job_id", metavar="JOB")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--usage", action="store_true", help="chart the job's CPU and memory over its life"
+    )
     status.set_defaults(handler=_client_command(_status))
+
+    top.add_command(commands, connection, _client_command)
 
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
     logs.add_argument("job_id", metavar="JOB")
@@ -324,6 +331,8 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
 
 
 def _status(client: JobClient, options: argparse.Namespace) -> int:
+    if options.usage:
+        return top.status_usage(client, options)
     view = client.status(options.job_id)
     if options.json:
         print_json(view.as_dict())

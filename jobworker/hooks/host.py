@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "audit-log": "jobworker.plugins.auditlog:AuditLog",
     "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
     "isolation": "jobworker.plugins.isolation:Isolation",
+    "metrics": "jobworker.plugins.metrics:Metrics",
 }
 #: Loaded by every server before the plugins it is asked for: authorization and isolation
 #: fail closed.
@@ -193,6 +194,13 @@ class Plugins:
             raise
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
+        self.metrics_ready()
+
+    def metrics_ready(self) -> None:
+        """Hand the metrics registry, if a plugin serves one, to every plugin."""
+        registry = self.pm.hook.jobworker_metrics_registry()
+        if registry is not None:
+            self._observe("jobworker_metrics_ready", registry=registry)
 
     def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
@@ -273,6 +281,15 @@ class Plugins:
             allowed=allowed,
             reason=reason,
         )
+
+    def rpc_started(self, method: str) -> None:
+        self._observe("jobworker_rpc_started", method=method)
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        self._observe("jobworker_rpc_finished", method=method, code=code, seconds=seconds)
+
+    def output_sent(self, job_id: str, nbytes: int) -> None:
+        self._observe("jobworker_output_sent", job_id=job_id, nbytes=nbytes)
 
     def start_refused(self, job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
         self._observe("jobworker_start_refused", job_id=job_id, spec=spec, owner=owner, error=error)

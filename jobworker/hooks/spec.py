@@ -4,10 +4,14 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
+   ``jobworker_metrics_registry()`` (first result wins) and, when a plugin answered,
+   ``jobworker_metrics_ready(registry)`` -- once, right after configure.
    ``jobworker_manager_ready(manager)`` -- once, when the job backend exists.
-3. Per request: ``jobworker_principal(identity)`` (first result wins), then
-   ``jobworker_authorize(identity, action, job)`` (gate), then
-   ``jobworker_decision(...)`` (observer) with the outcome.
+3. Per request: ``jobworker_rpc_started(method)``, ``jobworker_principal(identity)``
+   (first result wins), then ``jobworker_authorize(identity, action, job)`` (gate), then
+   ``jobworker_decision(...)`` (observer) with the outcome, and
+   ``jobworker_rpc_finished(method, code, seconds)`` when it ends (a stream, when its last
+   chunk was sent: ``jobworker_output_sent`` before each).
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
    (first result wins) -> ``jobworker_accounts`` (first result wins) ->
    ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
@@ -60,6 +64,26 @@ def jobworker_configure(options: argparse.Namespace) -> None:
     """Read the parsed options and prepare; called once before the server starts.
 
     May raise :class:`jobworker.errors.ConfigError` to refuse start-up with a message.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_metrics_registry() -> object | None:
+    """The ``prometheus_client.CollectorRegistry`` served at ``/metrics``, or None.
+
+    First result wins. The built-in ``metrics`` plugin answers once configured; other
+    plugins should not implement this, but ``jobworker_metrics_ready``.
+    """
+
+
+@hookspec
+def jobworker_metrics_ready(registry: object) -> None:
+    """Register the plugin's own metrics on ``registry`` (a
+    ``prometheus_client.CollectorRegistry``), so they appear on the server's ``/metrics``
+    page. Called once after ``jobworker_configure``, only when the ``metrics`` plugin is
+    loaded. Observer.
+
+    Keep label values bounded (no job ids in counters: they never go away).
     """
 
 
@@ -120,6 +144,25 @@ def jobworker_decision(
     identity: Identity, action: Action, job_id: str | None, allowed: bool, reason: str
 ) -> None:
     """Observe an authorization outcome (for audit). Observer."""
+
+
+@hookspec
+def jobworker_rpc_started(method: str) -> None:
+    """An RPC of the job service (``method`` like "StartJob") arrived. Observer."""
+
+
+@hookspec
+def jobworker_rpc_finished(method: str, code: str, seconds: float) -> None:
+    """An RPC of the job service ended with gRPC status ``code`` ("OK", "NOT_FOUND", and
+    "CANCELLED" when the client went away) after ``seconds``. Observer."""
+
+
+@hookspec
+def jobworker_output_sent(job_id: str, nbytes: int) -> None:
+    """``nbytes`` of the job's output are being sent to a StreamOutput client. Observer.
+
+    Called on the event loop for every chunk sent: it must return quickly.
+    """
 
 
 # -- job life cycle -----------------------------------------------------------------------

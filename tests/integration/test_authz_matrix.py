@@ -24,13 +24,15 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job
 
 T = RPC_TIMEOUT_S
-JOB_RPCS = ("GetStatus", "StreamOutput", "StopJob")
+JOB_RPCS = ("GetStatus", "GetUsage", "StreamOutput", "StopJob")
 
 
 def call_job_rpc(stub: pb_grpc.JobServiceStub, rpc: str, job_id: str) -> Any:
     """Call one RPC about ``job_id``; StopJob with a short grace, StreamOutput to its end."""
     if rpc == "GetStatus":
         return stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
+    if rpc == "GetUsage":
+        return stub.GetUsage(pb.UsageRequest(job_id=job_id), timeout=T)
     if rpc == "StreamOutput":
         return list(stub.StreamOutput(pb.JobRequest(job_id=job_id, no_follow=True), timeout=T))
     return stub.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
@@ -119,6 +121,24 @@ def test_list_shows_users_only_their_jobs_and_admins_all(
     assert {alice_job, bob_job} <= set(listed("root"))
 
 
+def test_list_usage_shows_users_only_their_running_jobs(
+    api_server: RunningServer, alice_job: str
+) -> None:
+    bob_job = start_job(api_server.stub("bob"), "sleep", "60")
+    try:
+
+        def usage(name: str) -> set[str]:
+            reply = api_server.stub(name).ListUsage(pb.ListUsageRequest(last=2), timeout=T)
+            assert all(len(job.samples) <= 2 for job in reply.jobs)
+            return {job.job_id for job in reply.jobs}
+
+        assert alice_job in usage("alice") and bob_job not in usage("alice")
+        assert bob_job in usage("bob") and alice_job not in usage("bob")
+        assert {alice_job, bob_job} <= usage("root")
+    finally:
+        api_server.stub("bob").StopJob(pb.JobRequest(job_id=bob_job, grace_seconds=0), timeout=T)
+
+
 def test_users_and_admins_may_start(api_server: RunningServer) -> None:
     for name in ("alice", "bob", "root"):
         assert start_job(api_server.stub(name), "true")
@@ -135,6 +155,7 @@ def test_not_whitelisted_is_denied_every_rpc(
     }
     calls["StartJob"] = lambda: mallory.StartJob(pb.StartJobRequest(command="true"), timeout=T)
     calls["ListJobs"] = lambda: mallory.ListJobs(pb.ListJobsRequest(), timeout=T)
+    calls["ListUsage"] = lambda: mallory.ListUsage(pb.ListUsageRequest(), timeout=T)
     for rpc, call in calls.items():
         code, message = refusal(call)
         assert code == grpc.StatusCode.PERMISSION_DENIED, rpc
