@@ -36,7 +36,7 @@ from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
-from jobworker.wire import DEFAULT_ADDRESS
+from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT_BYTES
 
 log = structlog.get_logger("jobworker.server")
 
@@ -57,6 +57,11 @@ def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value
     _split_listen(value)
 
 
+#: Share of the spool filesystem's free space (at start-up) all jobs' output may take when
+#: ``serve --max-spool-bytes`` is not given: the rest stays for everyone else on that disk.
+SPOOL_SHARE_OF_FREE = 0.9
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
@@ -69,6 +74,10 @@ class ServerConfig:
     max_running: int = 1000
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
+    #: Output kept per job (None: no cap); past it the job's output is cut.
+    max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES
+    #: Spool all jobs may hold; None: 90% of the spool filesystem's free space at start.
+    max_spool_bytes: int | None = None
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> ServerConfig:
@@ -102,6 +111,8 @@ class ServerConfig:
             max_running=options.max_jobs,
             retain_finished=options.retain_jobs,
             retain_seconds=options.retain_seconds,
+            max_output_bytes=options.max_output_bytes or None,
+            max_spool_bytes=options.max_spool_bytes,
         )
 
 
@@ -111,6 +122,11 @@ BackendFactory = Callable[[ServerConfig, Plugins, Path], JobBackend]
 
 def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> JobBackend:
     """The default engine: jobs on this host (:class:`jobworker.jobs.JobManager`)."""
+    budget = config.max_spool_bytes
+    if budget is None:
+        disk = os.statvfs(spool_dir)
+        budget = int(disk.f_bavail * disk.f_frsize * SPOOL_SHARE_OF_FREE)
+    log.info("spool_budget", spool_dir=str(spool_dir), max_spool_bytes=budget)
     return JobManager(
         plugins,
         spool_dir,
@@ -118,6 +134,8 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         max_running=config.max_running,
         retain_finished=config.retain_finished,
         retain_seconds=config.retain_seconds,
+        max_output_bytes=config.max_output_bytes,
+        max_spool_bytes=budget,
     )
 
 

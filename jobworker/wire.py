@@ -33,6 +33,8 @@ from jobworker.v1 import jobworker_pb2 as pb
 
 #: Where a server listens, and a client connects, unless told otherwise.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: Output a server keeps per job unless told otherwise (``serve --max-output-bytes``).
+DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
 
@@ -141,6 +143,8 @@ def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
         containment=view.containment,
         limits=limits_to_pb(view.limits),
         output_bytes=view.output_bytes,
+        output_truncated=view.output_truncated,
+        output_kept_bytes=view.output_kept_bytes,
         pid=view.pid,
         user=view.user or "",
         uid=-1 if view.uid is None else view.uid,
@@ -186,6 +190,11 @@ def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         usage=_usage_from_pb(status),
         containment=status.containment,
         output_bytes=status.output_bytes,
+        # A server from before the cut existed sends neither: all it got was kept.
+        output_kept_bytes=(
+            status.output_kept_bytes if status.output_truncated else status.output_bytes
+        ),
+        output_truncated=status.output_truncated,
         pid=status.pid,
         user=status.user or None,
         uid=None if status.uid < 0 else status.uid,
