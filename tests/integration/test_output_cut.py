@@ -1,0 +1,137 @@
+"""Output cannot fill the disk silently: a cap per job, a spool budget, a full disk.
+
+Real servers over mTLS, real jobs; the spool is a small tmpfs mounted by the test in its
+own directory (root only) and unmounted after.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobworker.pki import PkiPaths
+from jobworker.v1 import jobworker_pb2 as pb
+from tests.serverfixtures import RPC_TIMEOUT_S, running_server, start_job
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_spool(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs: the disk a flood fills."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def follow(stub: object, job_id: str, offset: int = 0) -> tuple[int, grpc.RpcError | None]:
+    """Bytes received, and the error the stream ended with (None for a clean end)."""
+    received = 0
+    try:
+        for chunk in stub.StreamOutput(  # type: ignore[attr-defined]
+            pb.JobRequest(job_id=job_id, offset=offset), timeout=60
+        ):
+            assert chunk.data == bytes(len(chunk.data))
+            received += len(chunk.data)
+            follow.last_offset = chunk.offset  # type: ignore[attr-defined]
+    except grpc.RpcError as err:
+        return received, err
+    return received, None
+
+
+def status(stub: object, job_id: str) -> pb.JobStatusResponse:
+    reply: pb.JobStatusResponse = stub.GetStatus(  # type: ignore[attr-defined]
+        pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S
+    )
+    return reply
+
+
+def wait_ended(stub: object, job_id: str) -> pb.JobStatusResponse:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        reply = status(stub, job_id)
+        if reply.status == "exited":
+            return reply
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+def test_a_job_past_its_cap_is_cut_and_says_so(api_pki: PkiPaths, tmp_path: Path) -> None:
+    with running_server(api_pki, spool_dir=tmp_path / "spool", max_output_bytes=MiB) as server:
+        alice, bob = server.stub("alice"), server.stub("bob")
+        flood = start_job(alice, "head", "-c", str(3 * MiB), "/dev/zero")
+        quiet = start_job(bob, "head", "-c", str(MiB // 2), "/dev/zero")
+        received, err = follow(alice, flood)
+        assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
+        assert f"cut after {MiB} bytes kept" in (err.details() or "")
+        assert "--max-output-bytes" in (err.details() or "")
+        assert received == MiB
+        final = wait_ended(alice, flood)
+        assert final.exit_code == 0 and final.reason == "exited"  # the job went on
+        assert final.output_truncated
+        assert (final.output_bytes, final.output_kept_bytes) == (3 * MiB, MiB)
+        # A follower that resumes at the cut is told at once.
+        resumed, err = follow(alice, flood, offset=follow.last_offset)  # type: ignore[attr-defined]
+        assert resumed == 0 and err is not None and err.code() is grpc.StatusCode.DATA_LOSS
+        # The other client's job is intact, and its stream ends cleanly.
+        assert follow(bob, quiet) == (MiB // 2, None)
+        other = status(bob, quiet)
+        assert not other.output_truncated
+        assert other.output_kept_bytes == other.output_bytes == MiB // 2
+
+
+def test_a_full_spool_disk_cuts_the_output_and_says_so(
+    api_pki: PkiPaths, small_spool: Path
+) -> None:
+    # The budget larger than the disk: the disk fills and the write fails.
+    with running_server(
+        api_pki, spool_dir=small_spool, max_output_bytes=None, max_spool_bytes=1 << 30
+    ) as server:
+        alice = server.stub("alice")
+        flood = start_job(alice, "head", "-c", str(200 * MiB), "/dev/zero")
+        received, err = follow(alice, flood)
+        assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS, err
+        assert "No space left on device" in (err.details() or "")
+        final = wait_ended(alice, flood)
+        assert final.exit_code == 0
+        assert final.output_truncated and final.output_bytes == 200 * MiB
+        assert received == final.output_kept_bytes < 20 * MiB
+
+
+def test_the_spool_budget_protects_other_jobs(api_pki: PkiPaths, small_spool: Path) -> None:
+    # The default budget (90% of the tmpfs's free space) and a cap per job below it.
+    with running_server(api_pki, spool_dir=small_spool, max_output_bytes=8 * MiB) as server:
+        alice, bob = server.stub("alice"), server.stub("bob")
+        floods = []
+        for _ in range(3):  # one after the other, so that the budget runs out in the third
+            job_id = start_job(alice, "head", "-c", str(200 * MiB), "/dev/zero")
+            floods.append(job_id)
+            received, err = follow(alice, job_id)
+            assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
+            final = wait_ended(alice, job_id)
+            assert final.output_truncated and received == final.output_kept_bytes
+        # 18 MiB of budget: two floods get their cap, the third what is left of it.
+        cut = [status(alice, j).output_kept_bytes for j in floods]
+        assert cut[:2] == [8 * MiB, 8 * MiB] and 0 < cut[2] < 2 * MiB, cut
+        _, err = follow(alice, floods[2])
+        assert err is not None and "spool budget" in (err.details() or "")
+        # The next job gets an honest status: cut at once, not an empty clean stream.
+        after = start_job(bob, "head", "-c", str(MiB), "/dev/zero")
+        received, err = follow(bob, after)
+        assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
+        assert status(bob, after).output_truncated
