@@ -36,7 +36,11 @@ from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
-from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT_BYTES
+from jobworker.wire import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CLIENT,
+)
 
 log = structlog.get_logger("jobworker.server")
 
@@ -78,6 +82,8 @@ class ServerConfig:
     max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES
     #: Spool all jobs may hold; None: 90% of the spool filesystem's free space at start.
     max_spool_bytes: int | None = None
+    #: Output streams one client identity may have open at once (None: no bound).
+    max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> ServerConfig:
@@ -111,8 +117,9 @@ class ServerConfig:
             max_running=options.max_jobs,
             retain_finished=options.retain_jobs,
             retain_seconds=options.retain_seconds,
-            max_output_bytes=options.max_output_bytes or None,
+            max_output_bytes=options.max_output_bytes,
             max_spool_bytes=options.max_spool_bytes,
+            max_streams_per_client=options.max_streams_per_client,
         )
 
 
@@ -241,7 +248,10 @@ async def _serve_until(
             interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0)],
         )
-        jobworker_pb2_grpc.add_JobServiceServicer_to_server(JobService(jobs, plugins, crl), server)
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(jobs, plugins, crl, max_streams_per_client=config.max_streams_per_client),
+            server,
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -21,10 +21,11 @@ from __future__ import annotations
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
 from jobworker.grpcenv import grpc  # isort: split
 
+import collections
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -33,7 +34,14 @@ import structlog
 
 from jobworker import tls, wire
 from jobworker.backend import JobBackend
-from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
+from jobworker.errors import (
+    InvalidArgument,
+    JobworkerError,
+    NotFound,
+    ResourceExhausted,
+    job_not_found,
+    wire_code,
+)
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
 from jobworker.model import Action, JobStatus
@@ -264,11 +272,18 @@ class JobService(pb_grpc.JobServiceServicer):
     """``jobworker.v1.JobService`` over a :class:`jobworker.backend.JobBackend`."""
 
     def __init__(
-        self, backend: JobBackend, plugins: Plugins, crl: tls.RevocationList | None = None
+        self,
+        backend: JobBackend,
+        plugins: Plugins,
+        crl: tls.RevocationList | None = None,
+        *,
+        max_streams_per_client: int | None = None,
     ) -> None:
         self.backend = backend
         self.plugins = plugins
         self.crl = crl
+        self.max_streams_per_client = max_streams_per_client
+        self._streams: collections.Counter[str] = collections.Counter()
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
@@ -289,11 +304,29 @@ class JobService(pb_grpc.JobServiceServicer):
     async def StreamOutput(
         self, request: pb.JobRequest, caller: Caller
     ) -> AsyncIterator[pb.JobOutputChunk]:
-        chunks = self.backend.follow(
-            caller.target.job_id, offset=request.offset, follow=not request.no_follow
-        )
-        async for chunk in chunks:
-            yield wire.chunk_to_pb(chunk)
+        with self._stream_slot(caller.identity):
+            chunks = self.backend.follow(
+                caller.target.job_id, offset=request.offset, follow=not request.no_follow
+            )
+            async for chunk in chunks:
+                yield wire.chunk_to_pb(chunk)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, identity: Identity) -> Iterator[None]:
+        """Count the client's open streams; beyond its quota, RESOURCE_EXHAUSTED."""
+        name, limit = identity.name, self.max_streams_per_client
+        if limit is not None and self._streams[name] >= limit:
+            raise ResourceExhausted(
+                f"{name} has {self._streams[name]} output streams open, the most this server"
+                f" allows one client (serve --max-streams-per-client {limit}); close some"
+            )
+        self._streams[name] += 1
+        try:
+            yield
+        finally:
+            self._streams[name] -= 1
+            if not self._streams[name]:
+                del self._streams[name]
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:

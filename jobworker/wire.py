@@ -35,6 +35,8 @@ from jobworker.v1 import jobworker_pb2 as pb
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Output a server keeps per job unless told otherwise (``serve --max-output-bytes``).
 DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
+#: Output streams one client may have open at once unless told otherwise.
+DEFAULT_MAX_STREAMS_PER_CLIENT = 100
 
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
 

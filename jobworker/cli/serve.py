@@ -14,7 +14,11 @@ from jobworker.hooks.host import Plugins
 from jobworker.logconfig import LEVELS, configure_logging
 from jobworker.pki import default_pki_dir
 from jobworker.units import parse_count, parse_seconds, parse_size
-from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_MAX_OUTPUT_BYTES
+from jobworker.wire import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CLIENT,
+)
 
 
 def add_command(commands: Any, plugins: Plugins) -> None:
@@ -70,7 +74,7 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         default=DEFAULT_MAX_OUTPUT_BYTES,
         metavar="SIZE",
         help="output kept per job; past it the output is cut, the job goes on, and its"
-        " status says output_truncated (0: no cap; default 4G)",
+        " status says output_truncated (default 4G)",
     )
     serve.add_argument(
         "--max-spool-bytes",
@@ -79,6 +83,14 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         metavar="SIZE",
         help="output kept for all jobs together, finished ones included (default: 90%% of"
         " the spool filesystem's free space at start-up)",
+    )
+    serve.add_argument(
+        "--max-streams-per-client",
+        type=argument(parse_count),
+        default=DEFAULT_MAX_STREAMS_PER_CLIENT,
+        metavar="N",
+        help="output streams (logs, run) one client may have open at once; more get"
+        " RESOURCE_EXHAUSTED (default %(default)s)",
     )
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))

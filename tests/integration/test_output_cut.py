@@ -1,4 +1,5 @@
-"""Output cannot fill the disk silently: a cap per job, a spool budget, a full disk.
+"""Output cannot fill the disk silently (a cap per job, a spool budget, a full disk), and
+the streams one client may hold open are bounded.
 
 Real servers over mTLS, real jobs; the spool is a small tmpfs mounted by the test in its
 own directory (root only) and unmounted after.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,8 +62,6 @@ def status(stub: object, job_id: str) -> pb.JobStatusResponse:
 
 
 def wait_ended(stub: object, job_id: str) -> pb.JobStatusResponse:
-    import time
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         reply = status(stub, job_id)
@@ -135,3 +135,36 @@ def test_the_spool_budget_protects_other_jobs(api_pki: PkiPaths, small_spool: Pa
         received, err = follow(bob, after)
         assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
         assert status(bob, after).output_truncated
+
+
+def test_streams_per_client_are_bounded(api_pki: PkiPaths, tmp_path: Path) -> None:
+    with running_server(api_pki, spool_dir=tmp_path / "spool", max_streams_per_client=2) as server:
+        alice, bob = server.stub("alice"), server.stub("bob")
+        job_id = start_job(alice, "sleep", "30")
+        admin_job = start_job(bob, "sleep", "30")
+        open_calls = [
+            alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60) for _ in range(2)
+        ]
+        time.sleep(0.5)  # both admitted and waiting for output
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "alice has 2 output streams open" in (refused.value.details() or "")
+        assert "--max-streams-per-client 2" in (refused.value.details() or "")
+        # Another client is not affected.
+        bob_call = bob.StreamOutput(pb.JobRequest(job_id=admin_job), timeout=60)
+        time.sleep(0.5)
+        assert bob_call.running()
+        # A stream that ends frees its slot.
+        open_calls[0].cancel()
+        deadline = time.monotonic() + 10
+        while True:
+            call = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60)
+            time.sleep(0.2)
+            if call.running() or time.monotonic() > deadline:
+                break
+        assert call.running()
+        for c in (call, open_calls[1], bob_call):
+            c.cancel()
+        for j, stub in ((job_id, alice), (admin_job, bob)):
+            stub.StopJob(pb.JobRequest(job_id=j, grace_seconds=0), timeout=RPC_TIMEOUT_S)
