@@ -40,7 +40,9 @@ CHUNK_MAX = 64 * 1024
 #: Largest chunk handed to a follower (one gRPC message): adjacent records of one stream
 #: are merged up to this, since every message costs a trip through the stack.
 FOLLOW_CHUNK_MAX = 256 * 1024
-_READ_AHEAD = 4 * FOLLOW_CHUNK_MAX
+#: One follower chunk of full records: what a follower reads with one ``pread``. A stalled
+#: follower holds no more than this and the chunk it is sending (docs/performance.md).
+_READ_AHEAD = FOLLOW_CHUNK_MAX + (FOLLOW_CHUNK_MAX // CHUNK_MAX) * _HEADER.size
 _MARK_EVERY = 256
 
 
@@ -333,7 +335,7 @@ class OutputLog:
                     buf = os.pread(fd, min(_READ_AHEAD, limit - position), position)
                     buf_at = position
                 chunk_stream: Stream | None = None
-                parts: list[bytes] = []
+                parts: list[memoryview] = []
                 size = 0
                 while position < limit:
                     rel = position - buf_at
@@ -352,10 +354,15 @@ class OutputLog:
                         buf_at = position
                         rel = 0
                     chunk_stream = stream
-                    parts.append(buf[rel + _HEADER.size : rel + _HEADER.size + length])
+                    parts.append(memoryview(buf)[rel + _HEADER.size : rel + _HEADER.size + length])
                     size += length
                     position += _HEADER.size + length
                 if chunk_stream is not None:
-                    yield OutputChunk(chunk_stream, b"".join(parts), position)
+                    data = b"".join(parts)  # the one copy out of the read buffer
+                    parts.clear()
+                    if position - buf_at >= len(buf):
+                        buf = b""  # all sent: hold nothing while the client is slow
+                    yield OutputChunk(chunk_stream, data, position)
+                    del data
         finally:
             os.close(fd)

@@ -111,7 +111,8 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     grpc.aio decodes a request before any handler runs and answers a failure with UNKNOWN.
     This swaps in a decoder that hands the handler an :class:`Undecodable` instead, so the
-    caller is authenticated and authorized first and then told INVALID_ARGUMENT.
+    caller is authenticated and authorized first and then told INVALID_ARGUMENT. It also
+    lets StreamOutput send the chunks it encodes itself.
     """
 
     async def intercept_service(
@@ -120,7 +121,18 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        if details.method == f"/{SERVICE_NAME}/StreamOutput":
+            handler = handler._replace(response_serializer=_pre_encoded)
+        return handler
+
+
+def _pre_encoded(message: bytes | Any) -> bytes:
+    """StreamOutput's chunks arrive encoded already (:func:`jobworker.wire.encode_chunk`)."""
+    if isinstance(message, bytes):
+        return message
+    encoded: bytes = message.SerializeToString()
+    return encoded
 
 
 class _Admission:
@@ -301,15 +313,18 @@ class JobService(pb_grpc.JobServiceServicer):
         return wire.status_to_pb(caller.target)
 
     @_streaming(Action.STREAM)
-    async def StreamOutput(
+    async def StreamOutput(  # type: ignore[override]  # yields bytes: see _pre_encoded
         self, request: pb.JobRequest, caller: Caller
-    ) -> AsyncIterator[pb.JobOutputChunk]:
+    ) -> AsyncIterator[bytes]:
+        """Each chunk as the bytes of a JobOutputChunk (see :class:`DecodeInHandler`)."""
         with self._stream_slot(caller.identity):
             chunks = self.backend.follow(
                 caller.target.job_id, offset=request.offset, follow=not request.no_follow
             )
             async for chunk in chunks:
-                yield wire.chunk_to_pb(chunk)
+                message = wire.encode_chunk(chunk)
+                del chunk  # a stalled client pins one copy of a chunk, not two
+                yield message
 
     @contextlib.contextmanager
     def _stream_slot(self, identity: Identity) -> Iterator[None]:

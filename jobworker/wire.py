@@ -230,5 +230,35 @@ def stop_from_pb(response: pb.JobResponse) -> StopView:
 # -- StreamOutput ---------------------------------------------------------------------------
 
 
-def chunk_to_pb(chunk: OutputChunk) -> pb.JobOutputChunk:
-    return pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: ``stream`` (field 2, length-delimited) of a JobOutputChunk, encoded once per label.
+_STREAM_FIELD = {
+    label: b"\x12" + _varint(len(label)) + label.encode() for label in ("stdout", "stderr")
+}
+
+
+def encode_chunk(chunk: OutputChunk) -> bytes:
+    """``chunk`` as the bytes of a ``JobOutputChunk``, the same bytes protobuf would make.
+
+    By hand because every byte of output passes here: one copy of ``data`` instead of three
+    (into the message, out of it, and into grpc), which the stream's throughput and the
+    memory a slow follower pins both feel. The service sends these bytes as they are.
+    """
+    return b"".join(
+        (
+            b"\x0a",  # data: field 1, length-delimited
+            _varint(len(chunk.data)),
+            chunk.data,
+            _STREAM_FIELD[chunk.stream.label],
+            b"\x18",  # offset: field 3, varint
+            _varint(chunk.offset),
+        )
+    )

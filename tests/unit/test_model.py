@@ -124,3 +124,16 @@ def test_the_exit_convention_is_kept_both_ways(
     assert (view.exit_code, view.shell_exit_code) == (exit_code, shell)
     assert shell_exit_code(view.exit_code, view.signal) == shell
     assert view == JobStatusView.from_status(_status(exit))  # nothing lost on the way
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 300, 65536, 256 * 1024])
+@pytest.mark.parametrize("offset", [1, 127, 128, 1 << 40])
+def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> None:
+    from jobworker.model import OutputChunk, Stream
+    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.wire import encode_chunk
+
+    for stream in Stream:
+        chunk = OutputChunk(stream, bytes(range(256)) * (size // 256) + b"x" * (size % 256), offset)
+        expected = pb.JobOutputChunk(data=chunk.data, stream=stream.label, offset=offset)
+        assert encode_chunk(chunk) == expected.SerializeToString()
