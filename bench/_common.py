@@ -162,12 +162,14 @@ def jobworker_server(
     extra: Sequence[str] = (),
     src: Path | None = None,
     name: str = "jobworker-server",
+    wrapper: Path | None = None,
 ) -> Iterator[ServerProcess]:
     """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it
     (``isolation=False``: as with ``--no-isolation``); ``extra`` goes to _server.py.
 
     ``src``: a checkout of another jobworker version (``git archive REV | tar -x -C DIR``)
-    whose server runs instead, for a baseline in the same run."""
+    whose server runs instead, for a baseline in the same run. ``wrapper``: a script that
+    patches something, then runs the server script it is given first."""
     # For A/B runs of a change: a script that patches jobworker, then runs _server.py.
     script = os.environ.get("JOBWORKER_BENCH_SERVER", str(BENCH_DIR / "_server.py"))
     env = None
@@ -187,6 +189,8 @@ def jobworker_server(
         *([] if isolation else ["--no-isolation"]),
         *extra,
     ]
+    if wrapper is not None:
+        args.insert(0, str(wrapper))
     with server_process(args, work, name, env) as server:
         yield server
 
