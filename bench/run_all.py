@@ -14,6 +14,8 @@ BENCHMARKS = [
     "bench_memory.py",
     "bench_scale.py",
     "bench_spawn.py",
+    "bench_stalled.py",
+    "bench_spool_stall.py",
 ]
 
 
