@@ -12,7 +12,6 @@ from jobworker.grpcenv import grpc  # isort: split
 
 import argparse
 import asyncio
-import ctypes
 import functools
 import inspect
 import os
@@ -207,28 +206,6 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-#: glibc's ``mallopt`` parameter, and the size from which buffers get pages of their own.
-_M_MMAP_THRESHOLD = -3
-_OWN_PAGES_FROM = 128 * 1024
-
-
-def _return_freed_buffers() -> None:
-    """Give the pages of freed output buffers back to the system at once.
-
-    Every chunk in flight to a follower is a 64-256 KiB buffer. glibc raises its mmap
-    threshold after the first such buffer is freed, and later ones come from the heap, which
-    keeps its pages: 500 stalled followers left the server at 700 MiB after they went
-    (docs/performance.md, "Stalled followers"). A fixed threshold keeps them on their own
-    pages. Not glibc (musl): nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _OWN_PAGES_FROM)
-
-
 async def serve(
     config: ServerConfig,
     plugins: Plugins,
@@ -246,7 +223,6 @@ async def serve(
     address that cannot be bound.
     """
     plugins.check_essential()
-    _return_freed_buffers()
     stop = stop_event or asyncio.Event()
     # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
     with _stop_on_signals(stop):

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 
-from jobworker import tls, wire
+from jobworker import memtrim, tls, wire
 from jobworker.backend import JobBackend
 from jobworker.errors import (
     InvalidArgument,
@@ -342,6 +342,7 @@ class JobService(pb_grpc.JobServiceServicer):
             self._streams[name] -= 1
             if not self._streams[name]:
                 del self._streams[name]
+            memtrim.trim_soon()
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
