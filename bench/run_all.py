@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench_spawn.py",
     "bench_stalled.py",
     "bench_spool_stall.py",
+    "bench_ssh.py",
 ]
 
 
