@@ -262,3 +262,48 @@ def encode_chunk(chunk: OutputChunk) -> bytes:
             _varint(chunk.offset),
         )
     )
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def decode_chunk(raw: bytes) -> tuple[str, memoryview, int]:
+    """``(stream, data, offset)`` of a ``JobOutputChunk``'s bytes; ``data`` is a view into
+    ``raw`` (no copy: the CLI writes it out as it is). Unknown fields are skipped, as
+    protobuf does. Raises RemoteError for bytes that are not a chunk."""
+    view = memoryview(raw)
+    data, stream, offset, pos = view[0:0], "", 0, 0
+    try:
+        while pos < len(raw):
+            key, pos = _read_varint(raw, pos)
+            field, kind = key >> 3, key & 7
+            if kind == 2:
+                length, pos = _read_varint(raw, pos)
+                if pos + length > len(raw):
+                    raise ValueError("truncated field")
+                if field == 1:
+                    data = view[pos : pos + length]
+                elif field == 2:
+                    stream = raw[pos : pos + length].decode()
+                pos += length
+            elif kind == 0:
+                value, pos = _read_varint(raw, pos)
+                if field == 3:
+                    offset = value
+            elif kind in (1, 5):
+                pos += 8 if kind == 1 else 4
+            else:
+                raise ValueError(f"wire type {kind}")
+    except (ValueError, IndexError, UnicodeDecodeError) as err:
+        raise RemoteError("UNKNOWN", f"the server sent an undecodable chunk ({err})") from None
+    return stream, data, offset

@@ -137,3 +137,16 @@ def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> No
         chunk = OutputChunk(stream, bytes(range(256)) * (size // 256) + b"x" * (size % 256), offset)
         expected = pb.JobOutputChunk(data=chunk.data, stream=stream.label, offset=offset)
         assert encode_chunk(chunk) == expected.SerializeToString()
+
+
+def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
+    from jobworker.errors import RemoteError
+    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.wire import decode_chunk
+
+    data = bytes(range(256)) * 1000
+    raw = pb.JobOutputChunk(data=data, stream="stderr", offset=1 << 40).SerializeToString()
+    stream, view, offset = decode_chunk(raw + b"\x20\x07\x2a\x01z")  # unknown fields 4, 5
+    assert (stream, bytes(view), offset) == ("stderr", data, 1 << 40)
+    with pytest.raises(RemoteError, match="undecodable chunk"):
+        decode_chunk(raw[:-3])
