@@ -17,11 +17,15 @@ import asyncio
 import os
 import selectors
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
 
 log = structlog.get_logger("jobworker.ingest")
+
+#: After reading, how long the thread lets output accumulate before it reads again.
+BATCH_DELAY = 0.0005
 
 #: Receives each read, in the ingest thread.
 Sink = Callable[[bytes], None]
@@ -92,7 +96,13 @@ class Ingest:
         self._loop.call_soon_threadsafe(_eof, on_eof, done)
 
     def _run(self) -> None:
+        read_any = False
         while True:
+            if read_any:
+                # Let chatty jobs fill their pipes a moment: one 1 MiB read instead of
+                # hundreds of 4 KiB ones, each a spool write and a wake-up of the loop.
+                time.sleep(BATCH_DELAY)
+                read_any = False
             for key, _ in self._selector.select():
                 if key.fd == self._wake_r:
                     if self._serve_requests():
@@ -109,6 +119,7 @@ class Ingest:
                 if not data:
                     self._finish(key.fd, on_eof, None)
                     continue
+                read_any = True
                 try:
                     sink(data)
                 except Exception:  # a bug: keep ingesting every other job
