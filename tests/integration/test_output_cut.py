@@ -1,5 +1,5 @@
 """Output cannot fill the disk silently (a cap per job, a spool budget, a full disk), and
-the streams one client may hold open are bounded.
+the streams one client may hold open are bounded, and followers that give up are freed.
 
 Real servers over mTLS, real jobs; the spool is a small tmpfs mounted by the test in its
 own directory (root only) and unmounted after.
@@ -12,13 +12,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from jobworker import hookimpl
 from jobworker.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
-from tests.serverfixtures import RPC_TIMEOUT_S, running_server, start_job
+from tests.serverfixtures import RPC_TIMEOUT_S, authz_plugins, running_server, start_job
 
 MiB = 1 << 20
 
@@ -168,3 +170,37 @@ def test_streams_per_client_are_bounded(api_pki: PkiPaths, tmp_path: Path) -> No
             c.cancel()
         for j, stub in ((job_id, alice), (admin_job, bob)):
             stub.StopJob(pb.JobRequest(job_id=j, grace_seconds=0), timeout=RPC_TIMEOUT_S)
+
+
+class _KeepManager:
+    """A plugin that keeps the server's job manager, to look inside it."""
+
+    manager: Any = None
+
+    @hookimpl
+    def jobworker_manager_ready(self, manager: Any) -> None:
+        self.manager = manager
+
+
+def test_followers_that_gave_up_leave_no_waiter(api_pki: PkiPaths, tmp_path: Path) -> None:
+    keeper = _KeepManager()
+    plugins = authz_plugins(api_pki.authz)
+    plugins.register(keeper, name="keep-manager")
+    with running_server(api_pki, spool_dir=tmp_path / "spool", plugins=plugins) as server:
+        alice = server.stub("alice")
+        job_id = start_job(alice, "sleep", "60")  # writes nothing
+
+        async def waiters() -> int:
+            return len(keeper.manager._jobs[job_id].log._waiters)
+
+        calls = [alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60) for _ in range(50)]
+        deadline = time.monotonic() + 20
+        while server.call(waiters()) < 50 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.call(waiters()) == 50
+        for call in calls:
+            call.cancel()
+        while server.call(waiters()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.call(waiters()) == 0
+        alice.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=0), timeout=RPC_TIMEOUT_S)
