@@ -128,12 +128,14 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(args: Sequence[str], log_dir: Path, name: str) -> Iterator[ServerProcess]:
+def server_process(
+    args: Sequence[str], log_dir: Path, name: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """Run ``python ARGS`` until the block exits (SIGTERM, then SIGKILL after a minute)."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.PIPE, stderr=log, cwd=BENCH_DIR
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=log, cwd=BENCH_DIR, env=env
         )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode().strip()
@@ -158,11 +160,23 @@ def jobworker_server(
     log_level: str = "info",
     isolation: bool = True,
     metrics: bool = False,
+    extra: Sequence[str] = (),
+    src: Path | None = None,
+    name: str = "jobworker-server",
+    wrapper: Path | None = None,
 ) -> Iterator[ServerProcess]:
     """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it
-    (``isolation=False``: as with ``--no-isolation``)."""
+    (``isolation=False``: as with ``--no-isolation``); ``extra`` goes to _server.py.
+
+    ``src``: a checkout of another jobworker version (``git archive REV | tar -x -C DIR``)
+    whose server runs instead, for a baseline in the same run. ``wrapper``: a script that
+    patches something, then runs the server script it is given first."""
     # For A/B runs of a change: a script that patches jobworker, then runs _server.py.
     script = os.environ.get("JOBWORKER_BENCH_SERVER", str(BENCH_DIR / "_server.py"))
+    env = None
+    if src is not None:
+        script = str(src / "bench" / "_server.py")
+        env = {**os.environ, "PYTHONPATH": str(src)}
     args = [
         script,
         "--pki",
@@ -175,8 +189,11 @@ def jobworker_server(
         log_level,
         *([] if isolation else ["--no-isolation"]),
         *(["--metrics"] if metrics else []),
+        *extra,
     ]
-    with server_process(args, work, "jobworker-server") as server:
+    if wrapper is not None:
+        args.insert(0, str(wrapper))
+    with server_process(args, work, name, env) as server:
         yield server
 
 

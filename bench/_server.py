@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--no-isolation", action="store_true")
     p.add_argument("--metrics", action="store_true", help="load the metrics plugin")
+    p.add_argument("--max-streams-per-client", type=int, default=100)
+    p.add_argument("--max-output-bytes", type=int, default=64 << 30)
+    p.add_argument("--spool-dir", type=Path)
     options = p.parse_args()
     configure_logging(options.log_level, json=True)
     pki = PkiPaths(options.pki)
@@ -63,6 +66,9 @@ def main() -> None:
         default_grace=5.0,
         max_running=options.max_running,
         retain_finished=options.retain,
+        max_streams_per_client=options.max_streams_per_client,
+        max_output_bytes=options.max_output_bytes,
+        spool_dir=options.spool_dir,
     )
 
     def ready(address: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 from _common import (
     CLIENT,
@@ -40,44 +41,54 @@ def local_pipe(command: list[str]) -> float:
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--size", type=float, default=2.0, help="GiB per job (default 2)")
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run this checkout's server first (git archive REV | tar -x -C DIR)",
+    )
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     command = ["head", "-c", str(size), "/dev/zero"]
     header(f"job run time with followers: {' '.join(command)}")
-    results: dict[str, float] = {}
+    versions: list[tuple[str, Path | None]] = [("jobworker", None)]
+    if options.baseline_src is not None:
+        versions.insert(0, (f"baseline {options.baseline_src.name}", options.baseline_src))
+    results: dict[str, dict[str, float]] = {name: {} for name, _ in versions}
     with workdir() as work:
         pki = make_pki(work / "pki")
-        with (
-            jobworker_server(pki, work) as server,
-            JobClient(server.address, pki.client(CLIENT)) as client,
-        ):
-            for label, readers, stalled in (
-                ("0 followers", 0, 0),
-                ("1 follower", 1, 0),
-                ("10 followers (1 stalled)", 9, 1),
+        for name, src in versions:
+            with (
+                jobworker_server(pki, work, src=src, name=name.replace(" ", "-")) as server,
+                JobClient(server.address, pki.client(CLIENT)) as client,
             ):
-                group = followers(server.address, pki, readers)
-                stall = followers(server.address, pki, stalled, mode="stall")
-                job = client.start(command[0], command[1:])
-                group.go(job)
-                stall.go(job)
-                group.results()
-                while (status := client.status(job)).ended_at is None:
-                    time.sleep(0.05)
-                stall.kill()
-                results[label] = status.ended_at - status.started_at
+                for label, readers, stalled in (
+                    ("0 followers", 0, 0),
+                    ("1 follower", 1, 0),
+                    ("10 followers (1 stalled)", 9, 1),
+                ):
+                    group = followers(server.address, pki, readers)
+                    stall = followers(server.address, pki, stalled, mode="stall")
+                    job = client.start(command[0], command[1:])
+                    group.go(job)
+                    stall.go(job)
+                    group.results()
+                    while (status := client.status(job)).ended_at is None:
+                        time.sleep(0.05)
+                    stall.kill()
+                    results[name][label] = status.ended_at - status.started_at
     local = local_pipe(command)
-    base = results["0 followers"]
     row(
         "local: same command into a drained pipe", f"{local:.2f} s", f"{size / local / MB:.0f} MB/s"
     )
-    for label, seconds in results.items():
-        row(
-            f"jobworker, {label}",
-            f"{seconds:.2f} s",
-            f"{size / seconds / MB:.0f} MB/s",
-            f"x{seconds / base:.2f} of 0 followers",
-        )
+    for name, runs in results.items():
+        base = runs["0 followers"]
+        for label, seconds in runs.items():
+            row(
+                f"{name}, {label}",
+                f"{seconds:.2f} s",
+                f"{size / seconds / MB:.0f} MB/s",
+                f"x{seconds / base:.2f} of 0 followers",
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ server's CPU seconds per GiB sent are reported too, being less sensitive to that
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 from _common import (
     CLIENT,
@@ -58,6 +60,11 @@ def main() -> None:
     p.add_argument("--size", type=float, default=2.0, help="GiB per job (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each, median reported")
     p.add_argument("--fanout", type=int, default=10)
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run this checkout's server (git archive REV | tar -x -C DIR), alternating",
+    )
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     repeat = 1 if options.quick else options.repeat
@@ -66,14 +73,26 @@ def main() -> None:
     ceiling_runs: list[tuple[float, float]] = []
     large_runs: list[tuple[float, float]] = []
     single_runs: list[tuple[float, float]] = []
+    base_runs: list[tuple[float, float]] = []
     with workdir() as work:
         pki = make_pki(work / "pki")
-        with (
-            bare_server(pki, work, MESSAGE) as bare,
-            bare_server(pki, work, LARGE_MESSAGE) as bare_large,
-            jobworker_server(pki, work) as server,
-            JobClient(server.address, pki.client(CLIENT)) as client,
-        ):
+        with contextlib.ExitStack() as stack:
+            bare = stack.enter_context(bare_server(pki, work, MESSAGE))
+            bare_large = stack.enter_context(bare_server(pki, work, LARGE_MESSAGE))
+            server = stack.enter_context(jobworker_server(pki, work))
+            client = stack.enter_context(JobClient(server.address, pki.client(CLIENT)))
+            base = None
+            if options.baseline_src is not None:
+                base = stack.enter_context(
+                    jobworker_server(pki, work, src=options.baseline_src, name="baseline")
+                )
+                base_client = stack.enter_context(JobClient(base.address, pki.client(CLIENT)))
+
+            def base_run() -> list[dict[str, float]]:
+                assert base is not None
+                one = followers(base.address, pki, 1)
+                one.go(base_client.start(*command))
+                return one.results()
 
             def bare_run() -> list[dict[str, float]]:
                 one = followers(bare.address, pki, 1, mode="bare")
@@ -94,6 +113,8 @@ def main() -> None:
                 ceiling_runs.append(measured(bare.pid, size, bare_run))
                 large_runs.append(measured(bare_large.pid, size, bare_large_run))
                 single_runs.append(measured(server.pid, size, job_run))
+                if base is not None:
+                    base_runs.append(measured(base.pid, size, base_run))
             many = followers(server.address, pki, options.fanout)
             many.go(client.start(*command))
             results = many.results()
@@ -134,6 +155,19 @@ def main() -> None:
         f"aggregate {aggregate:.0f} MB/s",
         f"per follower min {min(rates):.0f} / max {max(rates):.0f} MB/s",
     )
+    row(
+        f"aggregate of {options.fanout} / one follower (target >= 1.5)", f"{aggregate / single:.2f}"
+    )
+    if base_runs:
+        base_rate = statistics.median(r for r, _ in base_runs)
+        row(
+            f"baseline {options.baseline_src}, 1 follower",
+            f"{base_rate:.0f} MB/s",
+            f"server CPU {statistics.median(c for _, c in base_runs):.2f} s/GiB",
+            "runs:",
+            [round(r) for r, _ in base_runs],
+        )
+        row("ratio this version / baseline", f"{single / base_rate:.2f}")
     row("fairness (slowest / fastest follower)", f"{min(rates) / max(rates):.2f}")
     row("aggregate / ceiling", f"{aggregate / ceiling:.2f}")
     row("server VmHWM after the runs", f"{rss['VmHWM'] / (1 << 20):.0f} MiB")

@@ -15,6 +15,9 @@ BENCHMARKS = [
     "bench_scale.py",
     "bench_spawn.py",
     "bench_metrics.py",
+    "bench_stalled.py",
+    "bench_spool_stall.py",
+    "bench_ssh.py",
 ]
 
 

@@ -56,6 +56,8 @@ class JobClient:
             options.append(("grpc.ssl_target_name_override", server_name))
         self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
         self._stub = pb_grpc.JobServiceStub(self._channel)
+        # Chunks as raw bytes, decoded by hand (wire.decode_chunk): every byte passes here.
+        self._stream_output = self._channel.unary_stream("/jobworker.v1.JobService/StreamOutput")
 
     def __enter__(self) -> Self:
         return self
@@ -149,13 +151,26 @@ class JobClient:
         Starts after ``offset`` (the last offset received, to resume). With ``follow`` the
         iterator ends when the job has ended and all its output was sent; without, it ends
         after the output that exists now. Closing the iterator early cancels the call.
+        Raises DataLoss where the job's output was cut (see docs/api.md).
         """
-        call = self._stub.StreamOutput(
-            pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow)
+        chunks = self.stream_views(job_id, offset, follow)
+        try:
+            for stream, data, position in chunks:
+                yield stream, bytes(data), position
+        finally:
+            chunks.close()
+
+    def stream_views(
+        self, job_id: str, offset: int = 0, follow: bool = True
+    ) -> Generator[tuple[str, memoryview, int], None, None]:
+        """As :meth:`stream`, with ``data`` a view into the received message: no copy, for
+        a caller that only writes it out (``jobworker run`` and ``logs`` do)."""
+        call = self._stream_output(
+            pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow).SerializeToString()
         )
         try:
-            for chunk in call:
-                yield chunk.stream, chunk.data, chunk.offset
+            for raw in call:
+                yield wire.decode_chunk(raw)
         except grpc.RpcError as err:
             raise self._error(err) from None
         finally:

@@ -62,6 +62,13 @@ class ResourceExhausted(JobworkerError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DataLoss(JobworkerError):
+    """Output was not kept (a cap, the spool budget, a full disk): a stream that reaches
+    the cut ends with this instead of a clean end."""
+
+    code = "DATA_LOSS"
+
+
 def job_not_found(job_id: str) -> NotFound:
     """The one NOT_FOUND message, so a hidden job is indistinguishable from a missing one."""
     return NotFound(f"job {job_id!r} not found")
@@ -96,6 +103,7 @@ ERRORS_BY_CODE: Mapping[str, type[JobworkerError]] = {
         PermissionDenied,
         Unauthenticated,
         ResourceExhausted,
+        DataLoss,
     )
 }
 

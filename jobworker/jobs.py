@@ -19,8 +19,10 @@ import asyncio
 import builtins
 import collections
 import contextvars
+import functools
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,6 +39,7 @@ from jobworker.errors import (
     job_not_found,
 )
 from jobworker.hooks.host import Plugins
+from jobworker.ingest import Ingest
 from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
@@ -51,7 +54,7 @@ from jobworker.model import (
     describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputLog
+from jobworker.outputlog import OutputLog, SpoolBudget
 from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
 from jobworker.usage import JobUsage, UsageSample, UsageSampler
 
@@ -63,6 +66,9 @@ PIPE_DRAIN_TIMEOUT = 2.0
 #: How long killed processes may take to disappear (one stuck in uninterruptible IO)
 #: before the job ends anyway, with an error log naming what is left.
 SETTLE_TIMEOUT = 5.0
+#: Reads handed to ``jobworker_output_chunk`` observers and not yet seen by them: the
+#: ingest thread waits beyond this, so a slow observer bounds memory, never loses a byte.
+OBSERVER_BACKLOG = 8
 #: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
 KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
 #: The least time SIGTERM gets before SIGKILL, even with grace 0: a process that dies of
@@ -93,7 +99,8 @@ class _Job:
     stop_task: asyncio.Task[None] | None = None
     pipes: set[int] = attrs.Factory(set)
     pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
-    output_lost: bool = False
+    publish_pending: bool = False
+    cut_logged: bool = False
 
     def snapshot(self) -> JobStatus:
         return JobStatus(
@@ -109,6 +116,8 @@ class _Job:
             exit=self.exit,
             usage=self.usage,
             output_bytes=self.log.payload_bytes,
+            output_kept_bytes=self.log.kept_bytes,
+            output_truncated=self.log.truncated,
             user=None if self.plan is None else self.plan.account.name,
             uid=os.getuid() if self.plan is None else self.plan.account.uid,
             isolation="none" if self.plan is None else self.plan.describe(),
@@ -157,6 +166,8 @@ class JobManager:
         max_running_per_client: int | None = None,
         retain_finished: int = 1000,
         retain_seconds: float = 3600.0,
+        max_output_bytes: int | None = None,
+        max_spool_bytes: int | None = None,
     ) -> None:
         self._plugins = plugins
         self._spool_dir = spool_dir
@@ -177,6 +188,10 @@ class JobManager:
         self._idle.set()
         self._closing = False
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
+        self._observer_slots = threading.BoundedSemaphore(OBSERVER_BACKLOG)
+        self._max_output_bytes = max_output_bytes
+        self._spool_budget = SpoolBudget(max_spool_bytes)
+        self._ingest: Ingest | None = None
         self._spawner = Spawner()
         self._usage = UsageSampler()
         #: Where job output is spooled (the metrics plugin reports its size and free space).
@@ -266,7 +281,11 @@ class JobManager:
             try:
                 plan = self._plugins.isolate(job_id, spec, owner)
                 try:
-                    output = OutputLog(self._spool_dir / f"{job_id}.out")
+                    output = OutputLog(
+                        self._spool_dir / f"{job_id}.out",
+                        max_bytes=self._max_output_bytes,
+                        budget=self._spool_budget,
+                    )
                 except OSError as err:
                     raise FailedPrecondition(
                         f"cannot create the job's output spool in {self._spool_dir}: {err}"
@@ -306,8 +325,14 @@ class JobManager:
         self._jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment)
         loop = asyncio.get_running_loop()
+        if self._ingest is None:
+            self._ingest = Ingest(loop, PIPE_SIZE)
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
-            loop.add_reader(fd, self._on_output, job, fd, stream)
+            self._ingest.add(
+                fd,
+                functools.partial(self._on_output, loop, job, stream),
+                functools.partial(self._pipe_closed, job, fd),
+            )
         # A fresh context: the job outlives the RPC that started it, and its log lines
         # must not carry that RPC's identity and name.
         task = loop.create_task(
@@ -329,31 +354,39 @@ class JobManager:
 
     # -- output --------------------------------------------------------------------------
 
-    def _on_output(self, job: _Job, fd: int, stream: Stream) -> None:
-        try:
-            # All the pipe holds, in one read: a chatty job gets its pipe emptied once per
-            # event-loop turn however many followers take turns too (the log splits records).
-            data = os.read(fd, PIPE_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as err:
-            log.warning("job_output_read_failed", job_id=job.job_id, error=str(err))
-            data = b""
-        if not data:
-            self._close_pipe(job, fd)
-            return
-        if not job.output_lost:
-            try:
-                job.log.append(stream, data)
-            except OSError as err:  # spool disk full or gone: keep the job running
-                job.output_lost = True
-                log.error("output_spool_failed", job_id=job.job_id, error=str(err))
+    def _on_output(
+        self, loop: asyncio.AbstractEventLoop, job: _Job, stream: Stream, data: bytes
+    ) -> None:
+        """One read of a job's pipe (up to the pipe's size), in the ingest thread."""
+        job.log.write(stream, data)
+        if not job.publish_pending:
+            # One wake-up of the loop for any number of reads it has not caught up with.
+            job.publish_pending = True
+            loop.call_soon_threadsafe(self._publish, job)
         if self._observe_output:
-            self._plugins.output_chunk(job.job_id, stream.label, data)
+            self._observer_slots.acquire()
+            loop.call_soon_threadsafe(self._observe, job, stream, data)
 
-    def _close_pipe(self, job: _Job, fd: int) -> None:
-        asyncio.get_running_loop().remove_reader(fd)
-        os.close(fd)
+    def _publish(self, job: _Job) -> None:
+        job.publish_pending = False  # first: a read after this point schedules again
+        job.log.publish()
+        if job.log.truncated and not job.cut_logged:
+            job.cut_logged = True
+            log.error(
+                "job_output_cut",
+                job_id=job.job_id,
+                kept_bytes=job.log.kept_bytes,
+                reason=job.log.cut_reason,
+            )
+
+    def _observe(self, job: _Job, stream: Stream, data: bytes) -> None:
+        try:
+            self._plugins.output_chunk(job.job_id, stream.label, data)
+        finally:
+            self._observer_slots.release()
+
+    def _pipe_closed(self, job: _Job, fd: int) -> None:
+        """The ingest thread has closed ``fd`` (end-of-file, or dropped)."""
         job.pipes.discard(fd)
         if not job.pipes:
             job.pipes_closed.set()
@@ -376,8 +409,9 @@ class JobManager:
         except Exception:
             log.exception("job_supervision_failed", job_id=job.job_id)
         finally:
-            for fd in list(job.pipes):
-                self._close_pipe(job, fd)
+            if self._ingest is not None:
+                for fd in list(job.pipes):
+                    await self._ingest.drop(fd)
             try:
                 # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
                 await asyncio.to_thread(job.containment.release)
@@ -547,3 +581,6 @@ class JobManager:
         self._finished.clear()
         self._finished_count = 0
         self._spawner.close()
+        if self._ingest is not None:
+            self._ingest.close()
+            self._ingest = None

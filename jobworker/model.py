@@ -319,6 +319,10 @@ class JobStatus:
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
     output_bytes: int = 0  # what the job wrote, stdout and stderr together
+    #: Of those, the bytes kept for followers; less once the output was cut (its cap, the
+    #: server's spool budget, a failed spool write).
+    output_kept_bytes: int = 0
+    output_truncated: bool = False
     #: The account the job runs as and its uid on the host (None: the server's own).
     user: str | None = None
     uid: int | None = None
@@ -380,6 +384,8 @@ _SHARED_WITH_STATUS = (
     "usage",
     "containment",
     "output_bytes",
+    "output_kept_bytes",
+    "output_truncated",
     "pid",
     "user",
     "uid",
@@ -418,6 +424,8 @@ class JobStatusView:
     usage: ResourceUsage | None
     containment: str
     output_bytes: int
+    output_kept_bytes: int
+    output_truncated: bool  # output was cut: a stream of it ends with DATA_LOSS
     pid: int
     user: str | None  # the account the job runs as (None: the server's own, not isolated)
     uid: int | None

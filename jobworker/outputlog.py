@@ -1,12 +1,24 @@
 """A job's output, spooled to a file and read back by any number of followers.
 
 The file is a sequence of records ``[stream:u8][length:u32 BE][data]`` in arrival order, so
-stdout and stderr keep their relative order and each stays byte-exact. Memory stays bounded
-whatever the job writes: the writer appends to the page cache, and each follower reads with
-``pread`` at its own position, so a slow follower never holds anyone else back.
+stdout and stderr each stay byte-exact and keep the order in which the server read them
+(see docs/api.md for what that order is worth). Memory stays bounded whatever the job
+writes: the writer appends to the page cache, and each follower reads with ``pread`` at its
+own position, so a slow follower never holds anyone else back.
 
 A position in the file is the follower's resume cursor: every chunk carries the position
 just after it.
+
+Two sides, two threads: :meth:`OutputLog.write` runs in the ingest thread
+(:mod:`jobworker.ingest`), so a slow disk never stalls the event loop; :meth:`publish` runs
+on the loop and makes what was written visible to followers. :meth:`append` does both, for
+callers on the loop.
+
+**The cut.** Output is kept up to the job's cap and while the server-wide
+:class:`SpoolBudget` allows; past that, or after a write fails (disk full), the log is
+*cut*: nothing more is spooled, what the job writes is still read (so it never blocks on a
+full pipe) and counted, and a follower that reaches the cut gets :class:`DataLoss` instead
+of a clean end.
 """
 
 from __future__ import annotations
@@ -15,10 +27,11 @@ import asyncio
 import bisect
 import os
 import struct
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from jobworker.errors import FailedPrecondition, InvalidArgument
+from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument
 from jobworker.model import OutputChunk, Stream
 
 _HEADER = struct.Struct(">BI")
@@ -27,25 +40,71 @@ CHUNK_MAX = 64 * 1024
 #: Largest chunk handed to a follower (one gRPC message): adjacent records of one stream
 #: are merged up to this, since every message costs a trip through the stack.
 FOLLOW_CHUNK_MAX = 256 * 1024
-_READ_AHEAD = 4 * FOLLOW_CHUNK_MAX
+#: One follower chunk of full records: what a follower reads with one ``pread``. A stalled
+#: follower holds no more than this and the chunk it is sending (docs/performance.md).
+_READ_AHEAD = FOLLOW_CHUNK_MAX + (FOLLOW_CHUNK_MAX // CHUNK_MAX) * _HEADER.size
 _MARK_EVERY = 256
+
+
+class SpoolBudget:
+    """Bytes of spool (records with their headers) all jobs of one server may hold.
+
+    Thread-safe: ingest takes, the event loop gives back when a job's output is removed.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` bytes; returns how many were granted."""
+        with self._lock:
+            granted = wanted if self.limit is None else max(0, min(wanted, self.limit - self._used))
+            self._used += granted
+            return granted
+
+    def give_back(self, amount: int) -> None:
+        with self._lock:
+            self._used -= amount
 
 
 class OutputLog:
     """Append-only spool of one job's output with live followers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, max_bytes: int | None = None, budget: SpoolBudget | None = None
+    ) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._max_bytes = max_bytes
+        self._budget = budget or SpoolBudget(None)
+        self._charged = 0  # spool bytes taken from the budget
+        # Writer side (the ingest thread), guarded by _lock; the loop copies it in publish().
+        self._lock = threading.Lock()
+        self._w_size = 0
+        self._w_payload = 0
+        self._w_records = 0
+        self._w_marks: list[int] = []
+        self._w_seen = 0
+        self._w_cut: str | None = None
+        # Reader side (the event loop).
         self._size = 0
         self._payload = 0
+        self._seen = 0
+        self._cut: str | None = None
         self._closed = False
         self._removed = False
-        self._records = 0
         # Every _MARK_EVERY-th record boundary, so that checking a resume offset reads a
         # bounded number of headers, however long the log (a few KiB for 10 GiB).
         self._marks: list[int] = [0]
-        self._waiters: list[asyncio.Future[None]] = []
+        # A set, so that a follower that gives up removes its own future at once: a job
+        # that writes nothing for hours must not collect every cancelled follower.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def size(self) -> int:
@@ -53,20 +112,92 @@ class OutputLog:
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes the job wrote (the file also holds a 5-byte header per record)."""
+        """Bytes the job wrote, kept or not."""
+        return self._seen
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of output kept in the spool (the file also holds a 5-byte header per
+        record); less than :attr:`payload_bytes` once the log is cut."""
         return self._payload
+
+    @property
+    def truncated(self) -> bool:
+        return self._cut is not None
+
+    @property
+    def cut_reason(self) -> str | None:
+        return self._cut
 
     @property
     def complete(self) -> bool:
         return self._closed
 
     def append(self, stream: Stream, data: bytes) -> None:
-        """Spool ``data``; wakes every waiting follower. Never blocks on followers."""
-        view = memoryview(data)
+        """Spool ``data`` and publish it at once (for callers on the event loop)."""
+        self.write(stream, data)
+        self.publish()
+
+    def cut(self, reason: str) -> None:
+        """Keep nothing more (any thread): followers get DATA_LOSS at what was kept."""
+        with self._lock:
+            if self._w_cut is None:
+                self._w_cut = reason
+
+    def write(self, stream: Stream, data: bytes) -> None:
+        """Spool ``data`` (the ingest thread); never blocks on followers.
+
+        Keeps what the cap and the budget allow; a failed write cuts the log (the job goes
+        on). Raises nothing: the log records why it was cut.
+        """
+        with self._lock:
+            self._w_seen += len(data)
+            if self._w_cut is not None:
+                return
+        kept = len(data)
+        reason = None
+        if self._max_bytes is not None and self._w_payload + kept > self._max_bytes:
+            kept = max(0, self._max_bytes - self._w_payload)
+            reason = f"the job's output cap of {self._max_bytes} bytes (serve --max-output-bytes)"
+        kept = self._reserve(kept)
+        if reason is None and kept < len(data):
+            reason = (
+                f"the server's spool budget of {self._budget.limit} bytes for all jobs"
+                " (serve --max-spool-bytes)"
+            )
+        if kept:
+            try:
+                self._write_records(stream, memoryview(data)[:kept])
+            except OSError as err:
+                reason = f"writing the spool failed: {err.strerror or err}"
+        if reason is not None:
+            self.cut(reason)
+
+    def _reserve(self, kept: int) -> int:
+        """Shrink ``kept`` payload bytes to what the budget grants, headers included."""
+        if not kept or self._budget.limit is None:
+            self._charged += self._budget.take(self._spool_bytes(kept))
+            return kept
+        wanted = self._spool_bytes(kept)
+        granted = self._budget.take(wanted)
+        if granted < wanted:
+            # Whole records only: give back what a partial header would waste.
+            records = -(-granted // (CHUNK_MAX + _HEADER.size))
+            kept = max(0, granted - records * _HEADER.size)
+            self._budget.give_back(granted - self._spool_bytes(kept))
+            granted = self._spool_bytes(kept)
+        self._charged += granted
+        return kept
+
+    @staticmethod
+    def _spool_bytes(payload: int) -> int:
+        return payload + _HEADER.size * -(-payload // CHUNK_MAX)
+
+    def _write_records(self, stream: Stream, view: memoryview) -> None:
         # Every record of this read in one system call: the per-call cost dominates.
         parts: list[bytes | memoryview] = []
         marks: list[int] = []
-        position, records = self._size, self._records
+        position, records = self._w_size, self._w_records
         for start in range(0, len(view), CHUNK_MAX):
             piece = view[start : start + CHUNK_MAX]
             parts += [_HEADER.pack(stream, len(piece)), piece]
@@ -74,17 +205,28 @@ class OutputLog:
             records += 1
             if records % _MARK_EVERY == 0:
                 marks.append(position)
-        total = position - self._size
-        written = os.pwritev(self._fd, parts, self._size)
+        total = position - self._w_size
+        written = os.pwritev(self._fd, parts, self._w_size)
         if written < total:  # short writes are rare on regular files, not impossible
             rest = b"".join(parts)[written:]
             while rest:
-                done = os.pwrite(self._fd, rest, self._size + total - len(rest))
+                done = os.pwrite(self._fd, rest, self._w_size + total - len(rest))
                 rest = rest[done:]
-        self._size += total
-        self._records = records
-        self._marks += marks
-        self._payload += len(view)
+        with self._lock:
+            self._w_size += total
+            self._w_records = records
+            self._w_marks += marks
+            self._w_payload += len(view)
+
+    def publish(self) -> None:
+        """Make what :meth:`write` spooled visible to followers (the event loop)."""
+        with self._lock:
+            self._size = self._w_size
+            self._payload = self._w_payload
+            self._seen = self._w_seen
+            self._cut = self._w_cut
+            self._marks += self._w_marks
+            self._w_marks = []
         self._wake()
 
     def close(self) -> None:
@@ -93,6 +235,7 @@ class OutputLog:
         The writer's descriptor goes too, so a retained finished job holds no descriptor;
         later followers open the file by name.
         """
+        self.publish()
         self._closed = True
         self._wake()
         self._close_fd()
@@ -104,6 +247,8 @@ class OutputLog:
         self._wake()
         self._close_fd()
         self.path.unlink(missing_ok=True)
+        self._budget.give_back(self._charged)
+        self._charged = 0
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -111,7 +256,7 @@ class OutputLog:
             self._fd = -1
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, set()
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -119,12 +264,17 @@ class OutputLog:
     async def _wait_beyond(self, position: int) -> None:
         while self._size <= position and not self._closed:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
+            self._waiters.add(fut)
             try:
                 await fut
             finally:
-                if not fut.done():
-                    fut.cancel()
+                self._waiters.discard(fut)
+
+    def _data_loss(self) -> DataLoss:
+        return DataLoss(
+            f"the output was cut after {self._payload} bytes kept of {self._seen} written"
+            f" so far, by {self._cut}; the rest is lost"
+        )
 
     def _check_offset(self, fd: int, offset: int) -> None:
         """An offset must be a record boundary: walk the headers to prove it."""
@@ -174,6 +324,8 @@ class OutputLog:
             while True:
                 limit = self._size if end is None else end
                 if position >= limit:
+                    if self._cut is not None and position >= self._size:
+                        raise self._data_loss()
                     if end is not None or self._closed:
                         return
                     await self._wait_beyond(position)
@@ -183,7 +335,7 @@ class OutputLog:
                     buf = os.pread(fd, min(_READ_AHEAD, limit - position), position)
                     buf_at = position
                 chunk_stream: Stream | None = None
-                parts: list[bytes] = []
+                parts: list[memoryview] = []
                 size = 0
                 while position < limit:
                     rel = position - buf_at
@@ -202,10 +354,15 @@ class OutputLog:
                         buf_at = position
                         rel = 0
                     chunk_stream = stream
-                    parts.append(buf[rel + _HEADER.size : rel + _HEADER.size + length])
+                    parts.append(memoryview(buf)[rel + _HEADER.size : rel + _HEADER.size + length])
                     size += length
                     position += _HEADER.size + length
                 if chunk_stream is not None:
-                    yield OutputChunk(chunk_stream, b"".join(parts), position)
+                    data = b"".join(parts)  # the one copy out of the read buffer
+                    parts.clear()
+                    if position - buf_at >= len(buf):
+                        buf = b""  # all sent: hold nothing while the client is slow
+                    yield OutputChunk(chunk_stream, data, position)
+                    del data
         finally:
             os.close(fd)

@@ -41,7 +41,11 @@ from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
-from jobworker.wire import DEFAULT_ADDRESS
+from jobworker.wire import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CLIENT,
+)
 
 log = structlog.get_logger("jobworker.server")
 
@@ -62,6 +66,11 @@ def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value
     _split_listen(value)
 
 
+#: Share of the spool filesystem's free space (at start-up) all jobs' output may take when
+#: ``serve --max-spool-bytes`` is not given: the rest stays for everyone else on that disk.
+SPOOL_SHARE_OF_FREE = 0.9
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
@@ -75,6 +84,12 @@ class ServerConfig:
     max_running_per_client: int | None = None
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
+    #: Output kept per job (None: no cap); past it the job's output is cut.
+    max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES
+    #: Spool all jobs may hold; None: 90% of the spool filesystem's free space at start.
+    max_spool_bytes: int | None = None
+    #: Output streams one client identity may have open at once (None: no bound).
+    max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> ServerConfig:
@@ -109,6 +124,9 @@ class ServerConfig:
             max_running_per_client=options.max_jobs_per_client,
             retain_finished=options.retain_jobs,
             retain_seconds=options.retain_seconds,
+            max_output_bytes=options.max_output_bytes,
+            max_spool_bytes=options.max_spool_bytes,
+            max_streams_per_client=options.max_streams_per_client,
         )
 
 
@@ -118,6 +136,11 @@ BackendFactory = Callable[[ServerConfig, Plugins, Path], JobBackend]
 
 def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> JobBackend:
     """The default engine: jobs on this host (:class:`jobworker.jobs.JobManager`)."""
+    budget = config.max_spool_bytes
+    if budget is None:
+        disk = os.statvfs(spool_dir)
+        budget = int(disk.f_bavail * disk.f_frsize * SPOOL_SHARE_OF_FREE)
+    log.info("spool_budget", spool_dir=str(spool_dir), max_spool_bytes=budget)
     return JobManager(
         plugins,
         spool_dir,
@@ -126,6 +149,8 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         max_running_per_client=config.max_running_per_client,
         retain_finished=config.retain_finished,
         retain_seconds=config.retain_seconds,
+        max_output_bytes=config.max_output_bytes,
+        max_spool_bytes=budget,
     )
 
 
@@ -303,7 +328,10 @@ async def _serve_until(
             interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0)],
         )
-        jobworker_pb2_grpc.add_JobServiceServicer_to_server(JobService(jobs, plugins, crl), server)
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(jobs, plugins, crl, max_streams_per_client=config.max_streams_per_client),
+            server,
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

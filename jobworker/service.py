@@ -21,24 +21,26 @@ from __future__ import annotations
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
 from jobworker.grpcenv import grpc  # isort: split
 
+import collections
 import contextlib
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
 import attrs
 import structlog
 
-from jobworker import tls, wire
+from jobworker import memtrim, tls, wire
 from jobworker.backend import JobBackend
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobworkerError,
     NotFound,
+    ResourceExhausted,
     job_not_found,
     wire_code,
 )
@@ -113,7 +115,8 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     grpc.aio decodes a request before any handler runs and answers a failure with UNKNOWN.
     This swaps in a decoder that hands the handler an :class:`Undecodable` instead, so the
-    caller is authenticated and authorized first and then told INVALID_ARGUMENT.
+    caller is authenticated and authorized first and then told INVALID_ARGUMENT. It also
+    lets StreamOutput send the chunks it encodes itself.
     """
 
     async def intercept_service(
@@ -122,7 +125,18 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        if details.method == f"/{SERVICE_NAME}/StreamOutput":
+            handler = handler._replace(response_serializer=_pre_encoded)
+        return handler
+
+
+def _pre_encoded(message: bytes | Any) -> bytes:
+    """StreamOutput's chunks arrive encoded already (:func:`jobworker.wire.encode_chunk`)."""
+    if isinstance(message, bytes):
+        return message
+    encoded: bytes = message.SerializeToString()
+    return encoded
 
 
 class _Admission:
@@ -284,13 +298,20 @@ class JobService(pb_grpc.JobServiceServicer):
     """``jobworker.v1.JobService`` over a :class:`jobworker.backend.JobBackend`."""
 
     def __init__(
-        self, backend: JobBackend, plugins: Plugins, crl: tls.RevocationList | None = None
+        self,
+        backend: JobBackend,
+        plugins: Plugins,
+        crl: tls.RevocationList | None = None,
+        *,
+        max_streams_per_client: int | None = None,
     ) -> None:
         self.backend = backend
         self.plugins = plugins
         self.crl = crl
         self.observe_rpcs = plugins.has_impl("jobworker_rpc_finished")
         self._observe_sent = plugins.has_impl("jobworker_output_sent")
+        self.max_streams_per_client = max_streams_per_client
+        self._streams: collections.Counter[str] = collections.Counter()
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
@@ -308,16 +329,38 @@ class JobService(pb_grpc.JobServiceServicer):
         return wire.status_to_pb(caller.target)
 
     @_streaming(Action.STREAM)
-    async def StreamOutput(
+    async def StreamOutput(  # type: ignore[override]  # yields bytes: see _pre_encoded
         self, request: pb.JobRequest, caller: Caller
-    ) -> AsyncIterator[pb.JobOutputChunk]:
-        chunks = self.backend.follow(
-            caller.target.job_id, offset=request.offset, follow=not request.no_follow
-        )
-        async for chunk in chunks:
-            if self._observe_sent:
-                self.plugins.output_sent(caller.target.job_id, len(chunk.data))
-            yield wire.chunk_to_pb(chunk)
+    ) -> AsyncIterator[bytes]:
+        """Each chunk as the bytes of a JobOutputChunk (see :class:`DecodeInHandler`)."""
+        with self._stream_slot(caller.identity):
+            chunks = self.backend.follow(
+                caller.target.job_id, offset=request.offset, follow=not request.no_follow
+            )
+            async for chunk in chunks:
+                if self._observe_sent:
+                    self.plugins.output_sent(caller.target.job_id, len(chunk.data))
+                message = wire.encode_chunk(chunk)
+                del chunk  # a stalled client pins one copy of a chunk, not two
+                yield message
+
+    @contextlib.contextmanager
+    def _stream_slot(self, identity: Identity) -> Iterator[None]:
+        """Count the client's open streams; beyond its quota, RESOURCE_EXHAUSTED."""
+        name, limit = identity.name, self.max_streams_per_client
+        if limit is not None and self._streams[name] >= limit:
+            raise ResourceExhausted(
+                f"{name} has {self._streams[name]} output streams open, the most this server"
+                f" allows one client (serve --max-streams-per-client {limit}); close some"
+            )
+        self._streams[name] += 1
+        try:
+            yield
+        finally:
+            self._streams[name] -= 1
+            if not self._streams[name]:
+                del self._streams[name]
+            memtrim.trim_soon()
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:

@@ -125,6 +125,7 @@ def running_server(
     """Serve (by default on an ephemeral port of 127.0.0.1) until the block exits;
     ``config_fields`` are more :class:`ServerConfig` fields (``max_running=2``...).
 
+    ``config_fields`` go to :class:`ServerConfig` as they are (``max_output_bytes=...``).
     Raises what ``serve`` raised, at start-up or when it returns.
     """
     server_files = attrs.evolve(pki.server(), crl=crl)

@@ -293,13 +293,19 @@ def _start_job(client: JobClient, options: argparse.Namespace) -> str:
     )
 
 
-def _copy_output(chunks: Iterator[tuple[str, bytes, int]]) -> None:
-    """Write each chunk to our own stdout or stderr, byte for byte, as it arrives."""
-    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
+def _copy_output(chunks: Iterator[tuple[str, memoryview, int]]) -> None:
+    """Write each chunk to our own stdout or stderr, byte for byte, as it arrives.
+
+    Straight to the descriptors from the received message (nothing else writes to them
+    meanwhile): no copy, and the chunk is out before the next is read.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stdout, stderr = sys.stdout.fileno(), sys.stderr.fileno()
     for stream, data, _offset in chunks:
-        target = stderr if stream == "stderr" else stdout
-        target.write(data)
-        target.flush()
+        fd = stderr if stream == "stderr" else stdout
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -313,7 +319,7 @@ def _start(client: JobClient, options: argparse.Namespace) -> int:
 def _run(client: JobClient, options: argparse.Namespace) -> int:
     job_id = _start_job(client, options)
     try:
-        with contextlib.closing(client.stream(job_id)) as chunks:
+        with contextlib.closing(client.stream_views(job_id)) as chunks:
             _copy_output(chunks)
     except (KeyboardInterrupt, BrokenPipeError) as err:
         # The job is ours alone: leave nothing running behind us, as a shell would.
@@ -365,7 +371,7 @@ def _human(key: str, value: Any) -> str:
 
 
 def _logs(client: JobClient, options: argparse.Namespace) -> int:
-    with contextlib.closing(client.stream(options.job_id, follow=options.follow)) as chunks:
+    with contextlib.closing(client.stream_views(options.job_id, follow=options.follow)) as chunks:
         _copy_output(chunks)
     return 0
 

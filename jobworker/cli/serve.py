@@ -13,8 +13,12 @@ from jobworker.cli.common import argument
 from jobworker.hooks.host import Plugins
 from jobworker.logconfig import LEVELS, configure_logging
 from jobworker.pki import default_pki_dir
-from jobworker.units import parse_count, parse_seconds
-from jobworker.wire import DEFAULT_ADDRESS
+from jobworker.units import parse_count, parse_seconds, parse_size
+from jobworker.wire import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CLIENT,
+)
 
 
 def add_command(commands: Any, plugins: Plugins) -> None:
@@ -71,6 +75,30 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         default=3600.0,
         metavar="SECONDS",
         help="how long a finished job is kept at most (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-output-bytes",
+        type=argument(parse_size),
+        default=DEFAULT_MAX_OUTPUT_BYTES,
+        metavar="SIZE",
+        help="output kept per job; past it the output is cut, the job goes on, and its"
+        " status says output_truncated (default 4G)",
+    )
+    serve.add_argument(
+        "--max-spool-bytes",
+        type=argument(parse_size),
+        default=None,
+        metavar="SIZE",
+        help="output kept for all jobs together, finished ones included (default: 90%% of"
+        " the spool filesystem's free space at start-up)",
+    )
+    serve.add_argument(
+        "--max-streams-per-client",
+        type=argument(parse_count),
+        default=DEFAULT_MAX_STREAMS_PER_CLIENT,
+        metavar="N",
+        help="output streams (logs, run) one client may have open at once; more get"
+        " RESOURCE_EXHAUSTED (default %(default)s)",
     )
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))

@@ -334,6 +334,8 @@ class JobStatusResponse(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    OUTPUT_KEPT_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
     """"running" | "exited" """
@@ -362,6 +364,13 @@ class JobStatusResponse(_message.Message):
     """its uid on the server's host"""
     isolation: _builtins.str
     """e.g. "namespaces, user nobody(65534), network host"; "none" when not isolated"""
+    output_truncated: _builtins.bool
+    """The output was cut (the job's cap, the server's spool budget, a failed spool write):
+    only `output_kept_bytes` of the `output_bytes` the job wrote can be streamed, and a
+    stream that reaches the cut ends with DATA_LOSS.
+    """
+    output_kept_bytes: _builtins.int
+    """bytes kept for streaming (= output_bytes unless truncated)"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -393,10 +402,12 @@ class JobStatusResponse(_message.Message):
         user: _builtins.str = ...,
         uid: _builtins.int = ...,
         isolation: _builtins.str = ...,
+        output_truncated: _builtins.bool = ...,
+        output_kept_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "output_bytes", b"output_bytes", "output_kept_bytes", b"output_kept_bytes", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -87,7 +88,8 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
     assert list(status) == [
         "job_id", "state", "reason", "exit_code", "signal", "owner", "stopped_by",
         "escalated", "started_at", "ended_at", "command", "args", "limits", "usage",
-        "containment", "output_bytes", "pid", "user", "uid", "isolation",
+        "containment", "output_bytes", "output_kept_bytes", "output_truncated", "pid", "user",
+        "uid", "isolation",
     ]  # fmt: skip
     assert (status["user"], status["uid"]) == ("nobody", 65534)  # the server runs as root
     assert status["isolation"] == "namespaces, user nobody(65534), network host"
@@ -248,3 +250,28 @@ def test_client_commands_without_certificates_explain_what_to_do(
     assert result.returncode == 2
     assert b"no client certificate: pass --tls-cert" in result.stderr
     assert result.stderr.count(b"\n") == 1
+
+
+def test_cut_output_makes_logs_and_run_exit_1_and_status_say_so(
+    start_server: StartServer, pki: Pki, tmp_path: Path
+) -> None:
+    server = start_server(
+        *pki.server_args(), f"--spool-dir={tmp_path / 'spool'}", "--max-output-bytes=64K"
+    )
+    env = pki.client_env("alice", server.address)
+    run = jobworker("run", "--", "head", "-c", "1M", "/dev/zero", env=env)
+    assert run.returncode == 1
+    assert run.stdout == bytes(64 << 10)
+    assert run.stderr.decode().startswith(
+        f"jobworker: DATA_LOSS: the output was cut after {64 << 10} bytes kept"
+    )
+    job_id = jobworker("start", "--", "head", "-c", "1M", "/dev/zero", env=env).stdout
+    job_id_text = job_id.decode().strip()
+    logs = jobworker("logs", "-f", "--", job_id_text, env=env)
+    assert (logs.returncode, len(logs.stdout)) == (1, 64 << 10)
+    assert b"DATA_LOSS" in logs.stderr and logs.stderr.count(b"\n") == 1
+    status = json.loads(jobworker("status", "--json", "--", job_id_text, env=env).stdout)
+    assert status["output_truncated"] is True
+    assert (status["output_bytes"], status["output_kept_bytes"]) == (1 << 20, 64 << 10)
+    human = jobworker("status", "--", job_id_text, env=env).stdout.decode()
+    assert re.search(r"^output_truncated: +True$", human, re.M), human

@@ -124,3 +124,29 @@ def test_the_exit_convention_is_kept_both_ways(
     assert (view.exit_code, view.shell_exit_code) == (exit_code, shell)
     assert shell_exit_code(view.exit_code, view.signal) == shell
     assert view == JobStatusView.from_status(_status(exit))  # nothing lost on the way
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 300, 65536, 256 * 1024])
+@pytest.mark.parametrize("offset", [1, 127, 128, 1 << 40])
+def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> None:
+    from jobworker.model import OutputChunk, Stream
+    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.wire import encode_chunk
+
+    for stream in Stream:
+        chunk = OutputChunk(stream, bytes(range(256)) * (size // 256) + b"x" * (size % 256), offset)
+        expected = pb.JobOutputChunk(data=chunk.data, stream=stream.label, offset=offset)
+        assert encode_chunk(chunk) == expected.SerializeToString()
+
+
+def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
+    from jobworker.errors import RemoteError
+    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.wire import decode_chunk
+
+    data = bytes(range(256)) * 1000
+    raw = pb.JobOutputChunk(data=data, stream="stderr", offset=1 << 40).SerializeToString()
+    stream, view, offset = decode_chunk(raw + b"\x20\x07\x2a\x01z")  # unknown fields 4, 5
+    assert (stream, bytes(view), offset) == ("stderr", data, 1 << 40)
+    with pytest.raises(RemoteError, match="undecodable chunk"):
+        decode_chunk(raw[:-3])

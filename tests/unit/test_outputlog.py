@@ -242,3 +242,25 @@ def test_remove_ends_waiting_followers(tmp_path: Path) -> None:
 
 async def drain_following(log: OutputLog) -> list[bytes]:
     return [c.data async for c in log.follow(0, follow=True)]
+
+
+def test_followers_that_give_up_leave_nothing_behind(tmp_path: Path) -> None:
+    """A job that writes nothing must not collect a future per follower that gave up."""
+    log = OutputLog(tmp_path / "job.out")
+
+    async def give_up(n: int) -> int:
+        async def follow() -> None:
+            async for _ in log.follow(0):
+                pass
+
+        tasks = [asyncio.ensure_future(follow()) for _ in range(n)]
+        await asyncio.sleep(0.05)
+        waiting = len(log._waiters)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return waiting
+
+    assert asyncio.run(give_up(2000)) == 2000
+    assert len(log._waiters) == 0
+    log.remove()
