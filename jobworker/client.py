@@ -20,12 +20,14 @@ from __future__ import annotations
 from jobworker.grpcenv import grpc  # isort: split
 
 import builtins
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+import attrs
+
 from jobworker import errors, wire
-from jobworker.model import JobStatusView, Limits, StopView
+from jobworker.model import InputResult, JobState, JobStatusView, Limits, ListQuery, StopView
 from jobworker.tls import TlsFiles, channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -35,6 +37,8 @@ __all__ = ["MAX_MESSAGE_BYTES", "JobClient", "JobStatusView", "StopView"]
 #: Largest message accepted either way; well above the server's output chunks, small
 #: enough that a misbehaving server cannot make the client allocate without bound.
 MAX_MESSAGE_BYTES = 64 << 20
+#: Jobs per ListJobs page: a page of full statuses stays far below MAX_MESSAGE_BYTES.
+LIST_PAGE_SIZE = 500
 
 
 class JobClient:
@@ -87,12 +91,14 @@ class JobClient:
         limits: Limits | None = None,
         user: str | None = None,
         network: str | None = None,
+        stdin: bool = False,
     ) -> str:
         """Start ``command`` and return the job id; ``env`` is the job's whole environment.
 
         ``user``: the Unix account to run as (None: the client's default); ``network``:
-        "host" or "none" (None: the server's default)."""
-        request = wire.start_request(command, args, env, cwd, limits, user, network)
+        "host" or "none" (None: the server's default); ``stdin``: keep the job's stdin
+        open for :meth:`write_input` (else it reads /dev/null)."""
+        request = wire.start_request(command, args, env, cwd, limits, user, network, stdin)
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
         except grpc.RpcError as err:
@@ -116,13 +122,43 @@ class JobClient:
             raise self._error(err) from None
         return wire.stop_from_pb(response)
 
-    def list(self) -> builtins.list[JobStatusView]:
-        """Every job the caller may see (its own; all of them for an admin)."""
+    def list(
+        self, state: JobState | None = None, owner: str | None = None
+    ) -> builtins.list[JobStatusView]:
+        """Every job the caller may see (its own; all of them for an admin), oldest first,
+        only those in ``state`` and of ``owner`` when given; fetched a page at a time."""
+        query = ListQuery(state=state, owner=owner, page_size=LIST_PAGE_SIZE)
+        views: builtins.list[JobStatusView] = []
+        while True:
+            try:
+                response: pb.ListJobsResponse = self._stub.ListJobs(wire.list_request(query))
+            except grpc.RpcError as err:
+                raise self._error(err) from None
+            views += [wire.status_from_pb(job) for job in response.jobs]
+            if not response.next_page_token:
+                return views
+            query = attrs.evolve(query, page_token=response.next_page_token)
+
+    def write_input(self, job_id: str, chunks: Iterable[bytes], eof: bool = True) -> InputResult:
+        """Write ``chunks`` to the job's stdin, then close it (unless ``eof`` is False).
+
+        Blocks while the job does not read (flow control reaches back to ``chunks``);
+        returns early, with ``closed`` set, when the job closes its stdin or exits.
+        """
+
+        def messages() -> Iterator[pb.InputChunk]:
+            yield pb.InputChunk(job_id=job_id)
+            for data in chunks:
+                if data:
+                    yield pb.InputChunk(data=data)
+            if eof:
+                yield pb.InputChunk(eof=True)
+
         try:
-            response: pb.ListJobsResponse = self._stub.ListJobs(pb.ListJobsRequest())
+            response: pb.WriteInputResponse = self._stub.WriteInput(messages())
         except grpc.RpcError as err:
             raise self._error(err) from None
-        return [wire.status_from_pb(job) for job in response.jobs]
+        return wire.input_result_from_pb(response)
 
     def stream(
         self, job_id: str, offset: int = 0, follow: bool = True

@@ -15,14 +15,17 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from jobworker.errors import RemoteError
+from jobworker.errors import InvalidArgument, RemoteError
 from jobworker.model import (
+    InputChunk,
+    InputResult,
     IoLimit,
     JobSpec,
     JobState,
     JobStatus,
     JobStatusView,
     Limits,
+    ListQuery,
     OutputChunk,
     ResourceUsage,
     StopResult,
@@ -92,6 +95,7 @@ def start_request(
     limits: Limits | None,
     user: str | None = None,
     network: str | None = None,
+    stdin: bool = False,
 ) -> pb.StartJobRequest:
     return pb.StartJobRequest(
         command=command,
@@ -101,6 +105,7 @@ def start_request(
         limits=limits_to_pb(limits) if limits is not None else None,
         user=user or "",
         network=network or "",
+        stdin=stdin,
     )
 
 
@@ -114,6 +119,7 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
         limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
         user=request.user or None,
         network=request.network or None,
+        stdin=request.stdin,
     )
 
 
@@ -221,3 +227,47 @@ def stop_from_pb(response: pb.JobResponse) -> StopView:
 
 def chunk_to_pb(chunk: OutputChunk) -> pb.JobOutputChunk:
     return pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)
+
+
+# -- ListJobs -------------------------------------------------------------------------------
+
+
+def list_request(query: ListQuery) -> pb.ListJobsRequest:
+    return pb.ListJobsRequest(
+        state="" if query.state is None else query.state.value,
+        owner=query.owner or "",
+        page_size=query.page_size,
+        page_token=query.page_token,
+    )
+
+
+def list_query_from_pb(request: pb.ListJobsRequest) -> ListQuery:
+    """Raises InvalidArgument for an unknown state or a page token we never gave."""
+    try:
+        state = JobState(request.state) if request.state else None
+    except ValueError:
+        states = ", ".join(s.value for s in JobState)
+        raise InvalidArgument(
+            f"state {request.state[:40]!r} is not one of {states} (or empty for any)"
+        ) from None
+    return ListQuery(
+        state=state,
+        owner=request.owner or None,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+# -- WriteInput -----------------------------------------------------------------------------
+
+
+def input_from_pb(chunk: pb.InputChunk) -> InputChunk:
+    return InputChunk(data=chunk.data, eof=chunk.eof)
+
+
+def input_result_to_pb(result: InputResult) -> pb.WriteInputResponse:
+    return pb.WriteInputResponse(bytes_written=result.written, closed=result.closed)
+
+
+def input_result_from_pb(response: pb.WriteInputResponse) -> InputResult:
+    return InputResult(written=response.bytes_written, closed=response.closed)

@@ -12,7 +12,9 @@ import functools
 import os
 import shlex
 import signal
+import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +32,7 @@ from jobworker.cli.common import (
 )
 from jobworker.client import JobClient
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobStatusView, Limits
+from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobState, JobStatusView, Limits
 from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
 from jobworker.tls import TlsFiles, given_files
 from jobworker.units import (
@@ -130,6 +132,13 @@ def _job_options() -> Parser:
         help="the host's network, or none (only a loopback); default: the server's",
     )
     job.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="keep the job's stdin open: run forwards ours (also done when it is not a"
+        " terminal); start leaves it for `jobworker write`",
+    )
+    job.add_argument(
         "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
     )
     limits = parent.add_argument_group(
@@ -204,8 +213,30 @@ def add_commands(commands: Any) -> None:
     )
     stop.set_defaults(handler=_client_command(_stop))
 
+    write = commands.add_parser(
+        "write", parents=[connection], help="copy our stdin to a job started with -i"
+    )
+    write.add_argument("job_id", metavar="JOB")
+    write.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="leave the job's stdin open at our end of input (another write may follow)",
+    )
+    write.set_defaults(handler=_client_command(_write))
+
     listing = commands.add_parser("list", parents=[connection], help="list jobs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    which = listing.add_mutually_exclusive_group()
+    which.add_argument(
+        "--running", action="store_const", const="running", dest="state", help="running jobs only"
+    )
+    which.add_argument(
+        "--state", choices=[s.value for s in JobState], help="only jobs in this state"
+    )
+    listing.add_argument(
+        "--owner", metavar="NAME", help="only jobs of this owner (an admin sees everyone's)"
+    )
+    listing.add_argument("-q", "--quiet", action="store_true", help="print job ids only")
     listing.set_defaults(handler=_client_command(_list))
 
 
@@ -272,7 +303,34 @@ def limits_from_options(options: argparse.Namespace) -> Limits | None:
     return None if limits.is_empty() else limits
 
 
-def _start_job(client: JobClient, options: argparse.Namespace) -> str:
+#: Bytes per InputChunk: large enough that per-message costs vanish, far below the
+#: server's 4 MiB message limit.
+INPUT_CHUNK = 256 << 10
+
+
+def _read_chunks(fd: int) -> Iterator[bytes]:
+    while data := os.read(fd, INPUT_CHUNK):
+        yield data
+
+
+def _forwards_stdin(options: argparse.Namespace) -> bool:
+    """``run``: forward our stdin when asked to, or when it is a pipe or a file.
+
+    A terminal is left alone (docker's habit: ``-i`` asks for it), and so is /dev/null
+    or a closed fd 0, which would only send an immediate EOF.
+    """
+    try:
+        mode = os.fstat(0)
+    except OSError:
+        return False
+    if options.interactive:
+        return True
+    if os.isatty(0):
+        return False
+    return not (stat.S_ISCHR(mode.st_mode) and os.path.samestat(mode, os.stat(os.devnull)))
+
+
+def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> str:
     command, *args = options.command
     return client.start(
         command,
@@ -282,6 +340,7 @@ def _start_job(client: JobClient, options: argparse.Namespace) -> str:
         limits=limits_from_options(options),
         user=options.user,
         network=options.network,
+        stdin=stdin,
     )
 
 
@@ -298,12 +357,52 @@ def _copy_output(chunks: Iterator[tuple[str, bytes, int]]) -> None:
 
 
 def _start(client: JobClient, options: argparse.Namespace) -> int:
-    print(_start_job(client, options))
+    print(_start_job(client, options, stdin=options.interactive))
+    return 0
+
+
+def _feed_stdin(client: JobClient, job_id: str) -> threading.Thread:
+    """Copy our stdin to the job in a daemon thread: it may block reading a terminal or
+    a slow job, and must never keep ``run`` from exiting with the job's status."""
+
+    def feed() -> None:
+        try:
+            client.write_input(job_id, _read_chunks(0))
+        except JobworkerError as err:
+            if err.code != "CANCELLED":  # our channel closing at exit cancels it
+                say(f"stdin not forwarded: {err.code}: {err}")
+        except OSError as err:
+            say(f"stdin not forwarded: {err.strerror or err}")
+
+    thread = threading.Thread(target=feed, name="stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+def _write(client: JobClient, options: argparse.Namespace) -> int:
+    read = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal read
+        for data in _read_chunks(0):
+            read += len(data)
+            yield data
+
+    result = client.write_input(options.job_id, counted(), eof=not options.keep_open)
+    if result.closed and (options.keep_open or result.written < read):
+        say(
+            f"job {options.job_id}'s stdin is closed (the job ended or closed it):"
+            f" {result.written} of {read} bytes written"
+        )
+        return EXIT_SERVER_ERROR
     return 0
 
 
 def _run(client: JobClient, options: argparse.Namespace) -> int:
-    job_id = _start_job(client, options)
+    forward = _forwards_stdin(options)
+    job_id = _start_job(client, options, stdin=forward)
+    if forward:
+        _feed_stdin(client, job_id)
     try:
         with contextlib.closing(client.stream(job_id)) as chunks:
             _copy_output(chunks)
@@ -378,7 +477,12 @@ def _outcome(view: JobStatusView) -> str:
 
 
 def _list(client: JobClient, options: argparse.Namespace) -> int:
-    views = client.list()
+    state = JobState(options.state) if options.state else None
+    views = client.list(state=state, owner=options.owner)
+    if options.quiet:
+        for view in views:
+            print(view.job_id)
+        return 0
     if options.json:
         print_json([view.as_dict() for view in views])
         return 0

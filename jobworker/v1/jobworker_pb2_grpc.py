@@ -59,6 +59,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.WriteInput = channel.stream_unary(
+                '/jobworker.v1.JobService/WriteInput',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.InputChunk.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.WriteInputResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -92,7 +97,17 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Jobs the caller may see, oldest first, filtered and a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteInput(self, request_iterator, context):
+        """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
+        message names the job; the server reads the next message only once the previous one
+        is in the job's pipe, so a slow reader slows the writer (HTTP/2 flow control).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -124,6 +139,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'WriteInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteInput,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.InputChunk.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.WriteInputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +281,33 @@ class JobService:
             '/jobworker.v1.JobService/ListJobs',
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/jobworker.v1.JobService/WriteInput',
+            jobworker_dot_v1_dot_jobworker__pb2.InputChunk.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.WriteInputResponse.FromString,
             options,
             channel_credentials,
             insecure,

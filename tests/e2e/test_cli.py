@@ -248,3 +248,20 @@ def test_client_commands_without_certificates_explain_what_to_do(
     assert result.returncode == 2
     assert b"no client certificate: pass --tls-cert" in result.stderr
     assert result.stderr.count(b"\n") == 1
+
+
+def test_list_filters_and_ids_only(cli: Cli) -> None:
+    done = cli.ok("start", "--", "true").strip()
+    cli.ok("logs", "-f", done)
+    running = cli.ok("start", "--", "sleep", "30").strip()
+    try:
+        ids = cli.ok("list", "-q", "--running").split()
+        assert running in ids and done not in ids
+        assert done in cli.ok("list", "-q", "--state", "exited").split()
+        by_owner = json.loads(cli.ok("list", "--json", "--owner", "alice", as_="root"))
+        assert {job["owner"] for job in by_owner} == {"alice"}
+        clash = cli("list", "--running", "--state", "exited")
+        assert clash.returncode == 2
+        assert b"not allowed with argument" in clash.stderr
+    finally:
+        cli.ok("stop", "--grace", "0", running)
