@@ -41,6 +41,27 @@ MAX_MESSAGE_BYTES = 64 << 20
 LIST_PAGE_SIZE = 500
 
 
+def unavailable_message(target: str, details: str) -> str:
+    """One line a person can act on for grpc's UNAVAILABLE ``details`` (C-core words)."""
+    lowered = details.lower()
+    if "certificate_verify_failed" in lowered or "peer name" in lowered:
+        return (
+            f"the server at {target} has a certificate this client does not trust: it is not"
+            " signed by --tls-ca (JOBWORKER_TLS_CA), or does not name the host dialled"
+            " (check the address, or the server's certificate names)"
+        )
+    if "socket closed" in lowered or "handshake" in lowered or "ssl" in lowered:
+        return (
+            f"the server at {target} refused this client's certificate during the TLS"
+            " handshake: --tls-cert (JOBWORKER_TLS_CERT) is probably not signed by the"
+            " server's CA, expired, or not a client certificate"
+        )
+    return (
+        f"no jobworker server answers at {target} (is `jobworker serve` running? is"
+        " JOBWORKER_SERVER right?)"
+    )
+
+
 class JobClient:
     """A connection to one jobworker server, authenticated by a client certificate.
 
@@ -79,7 +100,7 @@ class JobClient:
         code: grpc.StatusCode = err.code()
         details = err.details() or code.name
         if code is grpc.StatusCode.UNAVAILABLE:
-            return errors.Unavailable(f"cannot reach jobworker at {self.target}: {details}")
+            return errors.Unavailable(unavailable_message(self.target, details))
         return errors.error_from_code(code.name, details)
 
     def start(

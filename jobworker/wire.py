@@ -35,7 +35,19 @@ from jobworker.model import (
 from jobworker.v1 import jobworker_pb2 as pb
 
 #: Where a server listens, and a client connects, unless told otherwise.
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def with_default_port(address: str) -> str:
+    """``HOST`` -> ``HOST:50051`` (grpc would dial 443); ``HOST:PORT`` and ``[V6]:PORT``
+    unchanged, a bare IPv6 address bracketed."""
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") > 1:  # a bare IPv6 address
+        return f"[{address}]:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
+
 
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
 

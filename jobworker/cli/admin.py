@@ -54,7 +54,7 @@ def add_commands(commands: Any) -> None:
         type=argument(_client_role),
         default=[],
         metavar="NAME[:ROLE]",
-        help=f"a client certificate; ROLE is one of {ROLES} (default user); "
+        help=f"a client certificate; ROLE is {' or '.join(ROLES)} (default user); "
         f"default: {DEV_CLIENT}:admin",
     )
     init.set_defaults(handler=_certs_init)

@@ -43,7 +43,7 @@ from jobworker.units import (
     parse_size,
     split_device_value,
 )
-from jobworker.wire import DEFAULT_ADDRESS
+from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 
 # Client TLS options: (option dest, flag, environment variable).
 _CLIENT_TLS = (
@@ -101,8 +101,9 @@ def _connection_options() -> Parser:
     )
     group.add_argument(
         "--server",
-        metavar="HOST:PORT",
-        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS})",
+        metavar="HOST[:PORT]",
+        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS}; port"
+        f" {DEFAULT_PORT} when not given)",
     )
     for _dest, flag, env in _CLIENT_TLS:
         group.add_argument(flag, type=Path, metavar="FILE", help=f"PEM file (env {env})")
@@ -192,19 +193,19 @@ def add_commands(commands: Any) -> None:
     run.set_defaults(handler=_client_command(_run))
 
     status = commands.add_parser("status", parents=[connection], help="show a job")
-    status.add_argument("job_id", metavar="JOB")
+    status.add_argument("job_id", metavar="JOB", type=_job_id)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_client_command(_status))
 
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
-    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("job_id", metavar="JOB", type=_job_id)
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job ends"
     )
     logs.set_defaults(handler=_client_command(_logs))
 
     stop = commands.add_parser("stop", parents=[connection], help="stop a job")
-    stop.add_argument("job_id", metavar="JOB")
+    stop.add_argument("job_id", metavar="JOB", type=_job_id)
     stop.add_argument(
         "--grace",
         type=argument(parse_seconds),
@@ -216,7 +217,7 @@ def add_commands(commands: Any) -> None:
     write = commands.add_parser(
         "write", parents=[connection], help="copy our stdin to a job started with -i"
     )
-    write.add_argument("job_id", metavar="JOB")
+    write.add_argument("job_id", metavar="JOB", type=_job_id)
     write.add_argument(
         "--keep-open",
         action="store_true",
@@ -263,7 +264,7 @@ def _client_tls(options: argparse.Namespace) -> TlsFiles:
 
 def _connect(options: argparse.Namespace) -> JobClient:
     server = options.server or os.environ.get("JOBWORKER_SERVER") or DEFAULT_ADDRESS
-    return JobClient(server, _client_tls(options))
+    return JobClient(with_default_port(server), _client_tls(options))
 
 
 def _client_command(
@@ -406,12 +407,21 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
     try:
         with contextlib.closing(client.stream(job_id)) as chunks:
             _copy_output(chunks)
-    except (KeyboardInterrupt, BrokenPipeError) as err:
+    except BrokenPipeError:
         # The job is ours alone: leave nothing running behind us, as a shell would.
         client.stop(job_id)
-        if isinstance(err, BrokenPipeError):
-            silence_stdout()
-            return EXIT_BROKEN_PIPE
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        say(
+            f"stopping job {job_id} (SIGTERM, SIGKILL after the server's grace period;"
+            " Ctrl-C again to leave it running)"
+        )
+        try:
+            client.stop(job_id)
+        except KeyboardInterrupt:
+            say(f"left job {job_id} running (`jobworker stop {job_id}` stops it)")
+            return EXIT_INTERRUPTED
         say(f"interrupted: stopped job {job_id}")
         return EXIT_INTERRUPTED
     status = client.status(job_id)
@@ -440,8 +450,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def _human(key: str, value: Any) -> str:
-    if value is None or value == []:
+    if value is None or value == [] or value == ():
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if key.endswith("_at"):
         return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
     if key == "args":
@@ -451,6 +463,15 @@ def _human(key: str, value: Any) -> str:
             " ".join(f"{k}={v}" for k, v in device.items() if v is not None) for device in value
         )
     return str(value)
+
+
+def _job_id(text: str) -> str:
+    """A JOB argument: refuse an empty one here, in CLI words, before asking the server."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "the job id is empty: pass the id `jobworker start` printed (see `jobworker list`)"
+        )
+    return text
 
 
 def _logs(client: JobClient, options: argparse.Namespace) -> int:
