@@ -331,3 +331,13 @@ def test_certs_init_help_lists_roles_in_words() -> None:
     result = jobworker("certs", "init", "--help", env=clean_env())
     assert b"ROLE is user or admin" in result.stdout
     assert b"('user'" not in result.stdout
+
+
+def test_a_second_serve_on_a_busy_port_says_so_in_one_line(cli: Cli, pki: Pki) -> None:
+    result = jobworker("serve", "--listen", cli.server.address, *pki.server_args(), env=clean_env())
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"jobworker: error: {cli.server.address} is already in use (another jobworker"
+        " serve?); pick another with --listen"
+    )
+    assert b"GRPC_VERBOSITY" not in result.stderr and b"Failed to bind" not in result.stderr
