@@ -77,8 +77,10 @@ def _plugins(options: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     for row in rows:
-        details = row.get("error") or ", ".join(row["hooks"]) or "(no hooks)"
+        details = row.get("error") or row.get("description") or "(no description)"
         print(f"{row['name']} {row['version'] or '-'}: {details}")
+        if row["hooks"]:
+            print(f"    hooks: {', '.join(row['hooks'])}")
     return 0
 
 

@@ -110,6 +110,9 @@ class CgroupV2Plugin:
     ``self_cgroup`` are detected from /proc unless given (tests pass a fake cgroupfs).
     """
 
+    #: One line for `jobworker plugins`.
+    description = "puts each job in a cgroup v2: CPU, memory, IO and pids limits, usage, tree-kill"
+
     root: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     delegated: bool = False
     default_pids: int | None = DEFAULT_PIDS

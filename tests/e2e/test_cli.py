@@ -341,3 +341,17 @@ def test_a_second_serve_on_a_busy_port_says_so_in_one_line(cli: Cli, pki: Pki) -
         " serve?); pick another with --listen"
     )
     assert b"GRPC_VERBOSITY" not in result.stderr and b"Failed to bind" not in result.stderr
+
+
+def test_plugins_lists_a_description_per_plugin() -> None:
+    result = jobworker("plugins", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    heads = {
+        line.split()[0]: line.split(": ", 1)[1]
+        for line in result.stdout.decode().splitlines()
+        if not line.startswith(" ")
+    }
+    assert heads["cgroupv2"] == (
+        "puts each job in a cgroup v2: CPU, memory, IO and pids limits, usage, tree-kill"
+    )
+    assert all(heads[name] for name in ("authz", "audit-log", "isolation"))
