@@ -78,7 +78,7 @@ def test_start_i_then_write(cli: Cli) -> None:
     assert closed.returncode == 1
     assert closed.stderr.decode() == (
         f"jobworker: job {job_id}'s stdin is closed (the job ended or closed it):"
-        " 0 of 4 bytes written\n"
+        " 0 bytes of our input went in, the rest was dropped\n"
     )
 
 

@@ -295,7 +295,9 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         if not (kdir / "extracted").exists():
             debs = sorted(cache.glob(f"{pkg}_*.deb"))
             if not debs:
-                log(f"downloading {pkg} (about 70 MB; the cache keeps about 70 MB: vmlinux, unpacked, and a few modules) ...")
+                log(
+                    f"downloading {pkg} (about 70 MB; the cache keeps about 70 MB: vmlinux, unpacked, and a few modules) ..."
+                )
                 run(["apt-get", "download", "-o", "APT::Sandbox::User=root", pkg], cwd=cache)
                 debs = sorted(cache.glob(f"{pkg}_*.deb"))
             log(f"extracting {debs[-1].name} ...")
