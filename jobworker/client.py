@@ -157,7 +157,12 @@ class JobClient:
                 raise self._error(err) from None
             views += [wire.status_from_pb(job) for job in response.jobs]
             if not response.next_page_token:
-                return views
+                # A server older than the filters ignores them: filter here as well.
+                return [
+                    v
+                    for v in views
+                    if (state is None or v.state is state) and owner in (None, v.owner)
+                ]
             query = attrs.evolve(query, page_token=response.next_page_token)
 
     def write_input(self, job_id: str, chunks: Iterable[bytes], eof: bool = True) -> InputResult:

@@ -414,11 +414,11 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
         silence_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        say(
-            f"stopping job {job_id} (SIGTERM, SIGKILL after the server's grace period;"
-            " Ctrl-C again to leave it running)"
-        )
         try:
+            say(
+                f"stopping job {job_id} (SIGTERM, SIGKILL after the server's grace period;"
+                " Ctrl-C again to leave it running)"
+            )
             client.stop(job_id)
         except KeyboardInterrupt:
             say(f"left job {job_id} running (`jobworker stop {job_id}` stops it)")

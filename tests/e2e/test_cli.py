@@ -355,3 +355,34 @@ def test_plugins_lists_a_description_per_plugin() -> None:
         "puts each job in a cgroup v2: CPU, memory, IO and pids limits, usage, tree-kill"
     )
     assert all(heads[name] for name in ("authz", "audit-log", "isolation"))
+
+
+def test_a_second_ctrl_c_leaves_a_job_that_ignores_sigterm_running(cli: Cli) -> None:
+    run = subprocess.Popen(
+        [JOBWORKER, "run", "--", "sh", "-c", "trap '' TERM; echo started; exec sleep 60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli.env("alice"),
+    )
+    try:
+        assert run.stdout is not None and run.stderr is not None
+        assert run.stdout.readline() == b"started\n"
+        run.send_signal(signal.SIGINT)
+        first = run.stderr.readline().decode()
+        assert first.startswith("jobworker: stopping job ")
+        assert first.endswith("; Ctrl-C again to leave it running)\n")
+        job_id = first.split()[3]
+        run.send_signal(signal.SIGINT)
+        second = time.monotonic()
+        _, rest = run.communicate(timeout=COMMAND_TIMEOUT_S)
+        left_after = time.monotonic() - second
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode == 130
+    assert rest.decode() == (
+        f"jobworker: left job {job_id} running (`jobworker stop {job_id}` stops it)\n"
+    )
+    assert left_after < 5  # not the server's 10 s grace period
+    cli.ok("stop", "--grace", "0", job_id)
