@@ -3,7 +3,8 @@
 The server never forks itself (grpcio's threads make fork unsafe); it ``posix_spawn``s this
 script, which runs alone in a fresh session and, in this order:
 
-1. reads its instructions from fd 0, then points fd 0 at /dev/null;
+1. reads its instructions from fd 0, then moves the job's stdin (fd 5: a pipe the server
+   writes, or /dev/null) to fd 0;
 2. joins the job's containment (writes ``0`` to the cgroup's ``cgroup.procs``), so the
    user's command is contained from its first instruction;
 3. when the job has an isolation plan, carries it out (namespaces, its own filesystem
@@ -16,6 +17,8 @@ script, which runs alone in a fresh session and, in this order:
    when the exec succeeded, or one error report when a step failed. An isolated job's PID 1
    writes the command's wait status to the exit-report pipe (fd 4) before it exits: the
    server's own child is then PID 1, which no signal from inside its namespace can kill.
+   PID 1 and its parent close their copies of fd 0, so the command alone holds the stdin
+   pipe's read end and the server's writer sees EPIPE once the command is gone.
 
 Instructions and reports are NUL-separated fields (no job string may hold a NUL): importing
 ``json`` or ``signal`` would pull in ``re`` and ``enum`` and triple the start-up time. Only
@@ -27,6 +30,7 @@ import os
 import sys
 
 STATUS_FD = 3
+STDIN_FD = 5  # the job's stdin until it moves to fd 0
 
 
 def _fail(step: str, err: OSError, what: str) -> None:
@@ -57,9 +61,8 @@ def launch(fields: list[str], pid1: bool = False) -> None:
     nargs = int(rest[0])
     args = rest[1 : 1 + nargs]
     env = dict(item.split("=", 1) for item in rest[1 + nargs :])
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    os.dup2(STDIN_FD, 0)
+    os.close(STDIN_FD)
     # Default dispositions now, not just before exec: an isolated job's PID 1 is this
     # process, and Python's own SIGINT handler must not turn a Ctrl-C into a traceback.
     for signum in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGTERM):
@@ -199,7 +202,7 @@ def _relay(child: int) -> None:
     """In the parent of PID 1: wait for it, then end the same way (never returns)."""
     if child == 0:
         return
-    for fd in (1, 2, STATUS_FD, EXIT_FD):
+    for fd in (0, 1, 2, STATUS_FD, EXIT_FD):
         os.close(fd)
     os.closerange(EXIT_FD + 1, 1 << 20)
     _pid, status = os.waitpid(child, 0)
@@ -287,7 +290,7 @@ def _init(child: int) -> None:
     the command through the job's cgroup or process group, never through here.
     """
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (1, 2, STATUS_FD):
+    for fd in (0, 1, 2, STATUS_FD):
         os.dup2(devnull, fd)  # the pipes close when the job's own processes close them
     os.close(devnull)
     os.closerange(EXIT_FD + 1, 1 << 20)  # the zygote's copies of the same pipes too
@@ -306,7 +309,8 @@ def zygote() -> None:
     """``--zygote``: start jobs on request, each as a child of the *server*.
 
     The server sends, over the socket on fd 0, a 4-byte length with the job's stdout,
-    stderr, status and exit-report pipes attached (SCM_RIGHTS), then the instructions.
+    stderr, status and exit-report pipes and its stdin attached (SCM_RIGHTS), then the
+    instructions.
     This process is
     single-threaded, so copying it is safe; ``clone(CLONE_PARENT)`` makes the copy the
     server's child, so the server waits for it exactly as for a posix_spawned launcher.
@@ -323,7 +327,7 @@ def zygote() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     sock = socket.socket(fileno=0)
     while True:
-        header, fds, _flags, _addr = socket.recv_fds(sock, 4, 4, socket.MSG_WAITALL)
+        header, fds, _flags, _addr = socket.recv_fds(sock, 4, 5, socket.MSG_WAITALL)
         if len(header) < 4:
             return
         (length,) = struct.unpack(">I", header)
@@ -333,7 +337,7 @@ def zygote() -> None:
         pid = libc.syscall(clone_nr, clone_parent | sigchld | flags, 0, 0, 0, 0)
         if pid == 0:
             os.setsid()
-            for target, fd in zip((1, 2, STATUS_FD, EXIT_FD), fds, strict=True):
+            for target, fd in zip((1, 2, STATUS_FD, EXIT_FD, STDIN_FD), fds, strict=True):
                 os.dup2(fd, target)
             launch(fields, pid1=bool(flags & CLONE_NEWPID))
         for fd in fds:

@@ -15,7 +15,7 @@ import builtins
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from jobworker.model import JobSpec, JobStatus, OutputChunk, StopResult
+from jobworker.model import InputChunk, InputResult, JobSpec, JobStatus, OutputChunk, StopResult
 
 
 class JobBackend(Protocol):
@@ -47,6 +47,14 @@ class JobBackend(Protocol):
         self, job_id: str, offset: int = 0, follow: bool = True
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from byte ``offset``; with ``follow`` until the job is over."""
+
+    async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
+        """Copy ``chunks`` into the stdin of a job started with ``spec.stdin``.
+
+        Takes the next chunk only once the previous one is in the job's pipe (bounded
+        buffering, back-pressure to the writer); ``eof`` closes stdin. Raises
+        FailedPrecondition when stdin is not open or another writer holds it.
+        """
 
     async def wait(self, job_id: str) -> JobStatus:
         """Return the job's final snapshot once it is over."""

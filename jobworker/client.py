@@ -20,12 +20,14 @@ from __future__ import annotations
 from jobworker.grpcenv import grpc  # isort: split
 
 import builtins
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+import attrs
+
 from jobworker import errors, wire
-from jobworker.model import JobStatusView, Limits, StopView
+from jobworker.model import InputResult, JobState, JobStatusView, Limits, ListQuery, StopView
 from jobworker.tls import TlsFiles, channel_credentials
 from jobworker.usage import JobUsage
 from jobworker.v1 import jobworker_pb2 as pb
@@ -36,6 +38,29 @@ __all__ = ["MAX_MESSAGE_BYTES", "JobClient", "JobStatusView", "StopView"]
 #: Largest message accepted either way; well above the server's output chunks, small
 #: enough that a misbehaving server cannot make the client allocate without bound.
 MAX_MESSAGE_BYTES = 64 << 20
+#: Jobs per ListJobs page: a page of full statuses stays far below MAX_MESSAGE_BYTES.
+LIST_PAGE_SIZE = 500
+
+
+def unavailable_message(target: str, details: str) -> str:
+    """One line a person can act on for grpc's UNAVAILABLE ``details`` (C-core words)."""
+    lowered = details.lower()
+    if "certificate_verify_failed" in lowered or "peer name" in lowered:
+        return (
+            f"the server at {target} has a certificate this client does not trust: it is not"
+            " signed by --tls-ca (JOBWORKER_TLS_CA), or does not name the host dialled"
+            " (check the address, or the server's certificate names)"
+        )
+    if "socket closed" in lowered or "handshake" in lowered or "ssl" in lowered:
+        return (
+            f"the server at {target} refused this client's certificate during the TLS"
+            " handshake: --tls-cert (JOBWORKER_TLS_CERT) is probably not signed by the"
+            " server's CA, expired, or not a client certificate"
+        )
+    return (
+        f"no jobworker server answers at {target} (is `jobworker serve` running? is"
+        " JOBWORKER_SERVER right?)"
+    )
 
 
 class JobClient:
@@ -78,7 +103,7 @@ class JobClient:
         code: grpc.StatusCode = err.code()
         details = err.details() or code.name
         if code is grpc.StatusCode.UNAVAILABLE:
-            return errors.Unavailable(f"cannot reach jobworker at {self.target}: {details}")
+            return errors.Unavailable(unavailable_message(self.target, details))
         return errors.error_from_code(code.name, details)
 
     def start(
@@ -90,12 +115,14 @@ class JobClient:
         limits: Limits | None = None,
         user: str | None = None,
         network: str | None = None,
+        stdin: bool = False,
     ) -> str:
         """Start ``command`` and return the job id; ``env`` is the job's whole environment.
 
         ``user``: the Unix account to run as (None: the client's default); ``network``:
-        "host" or "none" (None: the server's default)."""
-        request = wire.start_request(command, args, env, cwd, limits, user, network)
+        "host" or "none" (None: the server's default); ``stdin``: keep the job's stdin
+        open for :meth:`write_input` (else it reads /dev/null)."""
+        request = wire.start_request(command, args, env, cwd, limits, user, network, stdin)
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
         except grpc.RpcError as err:
@@ -119,13 +146,48 @@ class JobClient:
             raise self._error(err) from None
         return wire.stop_from_pb(response)
 
-    def list(self) -> builtins.list[JobStatusView]:
-        """Every job the caller may see (its own; all of them for an admin)."""
+    def list(
+        self, state: JobState | None = None, owner: str | None = None
+    ) -> builtins.list[JobStatusView]:
+        """Every job the caller may see (its own; all of them for an admin), oldest first,
+        only those in ``state`` and of ``owner`` when given; fetched a page at a time."""
+        query = ListQuery(state=state, owner=owner, page_size=LIST_PAGE_SIZE)
+        views: builtins.list[JobStatusView] = []
+        while True:
+            try:
+                response: pb.ListJobsResponse = self._stub.ListJobs(wire.list_request(query))
+            except grpc.RpcError as err:
+                raise self._error(err) from None
+            views += [wire.status_from_pb(job) for job in response.jobs]
+            if not response.next_page_token:
+                # A server older than the filters ignores them: filter here as well.
+                return [
+                    v
+                    for v in views
+                    if (state is None or v.state is state) and owner in (None, v.owner)
+                ]
+            query = attrs.evolve(query, page_token=response.next_page_token)
+
+    def write_input(self, job_id: str, chunks: Iterable[bytes], eof: bool = True) -> InputResult:
+        """Write ``chunks`` to the job's stdin, then close it (unless ``eof`` is False).
+
+        Blocks while the job does not read (flow control reaches back to ``chunks``);
+        returns early, with ``closed`` set, when the job closes its stdin or exits.
+        """
+
+        def messages() -> Iterator[pb.InputChunk]:
+            yield pb.InputChunk(job_id=job_id)
+            for data in chunks:
+                if data:
+                    yield pb.InputChunk(data=data)
+            if eof:
+                yield pb.InputChunk(eof=True)
+
         try:
-            response: pb.ListJobsResponse = self._stub.ListJobs(pb.ListJobsRequest())
+            response: pb.WriteInputResponse = self._stub.WriteInput(messages())
         except grpc.RpcError as err:
             raise self._error(err) from None
-        return [wire.status_from_pb(job) for job in response.jobs]
+        return wire.input_result_from_pb(response)
 
     def usage(self, job_id: str, last: int = 0) -> JobUsage:
         """The job's usage samples, oldest first (the newest ``last`` only; 0: all)."""

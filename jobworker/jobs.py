@@ -43,6 +43,8 @@ from jobworker.ingest import Ingest
 from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
+    InputChunk,
+    InputResult,
     JobSpec,
     JobState,
     JobStatus,
@@ -101,6 +103,9 @@ class _Job:
     pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
     publish_pending: bool = False
     cut_logged: bool = False
+    stdin: int = -1  # write end of the job's stdin pipe; -1: never open, or closed
+    stdin_writer: bool = False  # a write_input call holds stdin
+    stdin_wakeup: asyncio.Future[None] | None = None  # what a blocked writer awaits
 
     def snapshot(self) -> JobStatus:
         return JobStatus(
@@ -321,6 +326,7 @@ class JobManager:
             started_at=time.time(),
             plan=plan,
             pipes={spawned.stdout, spawned.stderr},
+            stdin=spawned.stdin,
         )
         self._jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment)
@@ -397,6 +403,81 @@ class JobManager:
         """Output of ``job_id`` from ``offset``; see :meth:`OutputLog.follow`."""
         return self._lookup(job_id).log.follow(offset, follow)
 
+    # -- input ---------------------------------------------------------------------------
+
+    async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
+        """Copy ``chunks`` into the job's stdin; one writer at a time.
+
+        Flow control: the next chunk is taken only when the previous one is wholly in the
+        pipe, so the server holds at most one chunk per job and a slow reader slows the
+        writer. Ends at ``eof`` (stdin closed), when ``chunks`` ends (stdin stays open for
+        a later writer), or when the job closes its end or exits (EPIPE); a closed stdin
+        takes nothing (``closed`` set). Raises FailedPrecondition when the job was started
+        without stdin or another writer holds it.
+        """
+        job = self._lookup(job_id)
+        if not job.spec.stdin:
+            raise FailedPrecondition(
+                f"job {job_id} was started without stdin (it reads /dev/null); start it"
+                " with `-i` (StartJobRequest.stdin) to write to it"
+            )
+        if job.stdin < 0:  # closed by eof, by the job, or at its end: like a reader gone
+            return InputResult(0, closed=True)
+        if job.stdin_writer:
+            raise FailedPrecondition(
+                f"another client is writing to job {job_id}'s stdin; wait until it finishes"
+            )
+        job.stdin_writer = True
+        written = 0
+        try:
+            async for chunk in chunks:
+                view = memoryview(chunk.data)
+                while view:
+                    count = await self._write_some(job, view)
+                    if count is None:
+                        return InputResult(written, closed=True)
+                    written += count
+                    view = view[count:]
+                if chunk.eof:
+                    self._close_stdin(job)
+                    return InputResult(written, closed=True)
+            return InputResult(written, closed=job.stdin < 0)
+        finally:
+            job.stdin_writer = False
+
+    async def _write_some(self, job: _Job, data: memoryview) -> int | None:
+        """Bytes of ``data`` written once the pipe takes some; None when stdin closed."""
+        while job.stdin >= 0:
+            try:
+                return os.write(job.stdin, data)
+            except BlockingIOError:
+                pass
+            except OSError as err:  # EPIPE: the job's processes closed their end
+                log.info("job_stdin_closed", job_id=job.job_id, reason=err.strerror)
+                self._close_stdin(job)
+                return None
+            fd = job.stdin
+            loop = asyncio.get_running_loop()
+            job.stdin_wakeup = loop.create_future()
+            loop.add_writer(fd, resolve_future, job.stdin_wakeup)
+            try:
+                await job.stdin_wakeup
+            finally:
+                job.stdin_wakeup = None
+                if job.stdin == fd:
+                    loop.remove_writer(fd)
+        return None
+
+    def _close_stdin(self, job: _Job) -> None:
+        """Close the job's stdin (EOF for its reader); wake a writer blocked on it."""
+        if job.stdin < 0:
+            return
+        asyncio.get_running_loop().remove_writer(job.stdin)
+        os.close(job.stdin)
+        job.stdin = -1
+        if job.stdin_wakeup is not None:
+            resolve_future(job.stdin_wakeup)
+
     # -- end of a job --------------------------------------------------------------------
 
     async def _supervise(self, job: _Job) -> None:
@@ -409,6 +490,7 @@ class JobManager:
         except Exception:
             log.exception("job_supervision_failed", job_id=job.job_id)
         finally:
+            self._close_stdin(job)
             if self._ingest is not None:
                 for fd in list(job.pipes):
                     await self._ingest.drop(fd)

@@ -195,6 +195,7 @@ class Action(enum.Enum):
     STATUS = "status"
     STREAM = "stream"
     LIST = "list"
+    WRITE = "write"  # to the job's stdin
 
 
 @attrs.frozen
@@ -204,6 +205,72 @@ class OutputChunk:
     stream: Stream
     data: bytes
     offset: int  # position just after this chunk: pass it back to resume
+
+
+def _check_page_token(instance: Any, attribute: attrs.Attribute[Any], token: str) -> None:
+    if token and _page_position(token) is None:
+        raise InvalidArgument(
+            f"page_token {token[:80]!r} is not one this server gave: pass next_page_token"
+            " of the previous page unchanged, or none for the first page"
+        )
+
+
+def _page_position(token: str) -> tuple[float, str] | None:
+    started, _, job_id = token.partition("/")
+    try:
+        return float(started), job_id
+    except ValueError:
+        return None
+
+
+#: Most jobs one ListJobs page holds; a larger page_size is served as this.
+MAX_PAGE_SIZE = 1000
+
+
+@attrs.frozen
+class ListQuery:
+    """Which jobs a listing wants, and which page: oldest first, ``page_size`` at a time."""
+
+    state: JobState | None = None
+    owner: str | None = None
+    page_size: int = 0  # 0: every match, one page
+    page_token: str = attrs.field(default="", validator=_check_page_token)
+
+    def matches(self, status: JobStatus) -> bool:
+        if self.owner is not None and status.owner != self.owner:
+            return False
+        return self.state is None or status.state is self.state
+
+    def page(self, statuses: Iterable[JobStatus]) -> tuple[list[JobStatus], str]:
+        """The page of ``statuses`` this query asks for, and the next page's token ("")."""
+        after = _page_position(self.page_token) if self.page_token else None
+        ordered = sorted(
+            (s for s in statuses if self.matches(s)), key=lambda s: (s.started_at, s.job_id)
+        )
+        if after is not None:
+            ordered = [s for s in ordered if (s.started_at, s.job_id) > after]
+        size = min(self.page_size, MAX_PAGE_SIZE) if self.page_size else len(ordered)
+        page = ordered[:size]
+        if len(ordered) <= size or not page:
+            return page, ""
+        last = page[-1]
+        return page, f"{last.started_at!r}/{last.job_id}"
+
+
+@attrs.frozen
+class InputChunk:
+    """Bytes for a job's stdin; ``eof`` closes it after them."""
+
+    data: bytes = b""
+    eof: bool = False
+
+
+@attrs.frozen
+class InputResult:
+    """The end of one writer: bytes it put in the pipe, and whether stdin is now closed."""
+
+    written: int
+    closed: bool
 
 
 @attrs.frozen
@@ -269,6 +336,8 @@ class JobSpec:
     user: str | None = None
     #: "host" or "none" (only a loopback); None: the server's default.
     network: str | None = None
+    #: Keep stdin open for writers (``JobManager.write_input``); False: /dev/null.
+    stdin: bool = False
 
     def __attrs_post_init__(self) -> None:
         _check_spec(self)

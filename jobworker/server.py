@@ -16,10 +16,12 @@ from jobworker.grpcenv import grpc  # isort: split
 
 import argparse
 import asyncio
+import errno
 import functools
 import inspect
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +62,31 @@ def _split_listen(listen: str) -> tuple[str, int]:
             f"listen address {listen!r} is not HOST:PORT (e.g. 127.0.0.1:50051, [::1]:0)"
         )
     return host, int(port)
+
+
+def _ensure_free(listen: str) -> None:
+    """Raise ConfigError, in one line, when ``listen`` is taken: grpc would print its own
+    C-core lines and a vague "Failed to bind" instead."""
+    host, port = _split_listen(listen)
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # grpc reports an unresolvable host itself
+    for family, kind, proto, _name, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"{listen} is already in use (another jobworker serve?); pick"
+                        " another with --listen"
+                    ) from None
+                return  # not ours to explain (EADDRNOTAVAIL...): grpc's message follows
 
 
 def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value: str) -> None:
@@ -337,6 +364,7 @@ async def _serve_until(
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
+        _ensure_free(config.listen)
         try:
             port = server.add_secure_port(config.listen, certificates.credentials)
         except RuntimeError as err:

@@ -46,7 +46,7 @@ from jobworker.errors import (
 )
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.model import Action, JobStatus
+from jobworker.model import Action, InputChunk, JobStatus
 from jobworker.usage import UsageSource
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -54,7 +54,7 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 log = structlog.get_logger("jobworker.service")
 
 #: Actions about one existing job; the others (start, list) are about no job.
-_JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM})
+_JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM, Action.WRITE})
 
 #: Job ids are URL-safe tokens (``model.new_job_id``); anything else cannot exist.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -291,6 +291,12 @@ def _streaming(
     return decorate
 
 
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
 # -- the service ----------------------------------------------------------------------------
 
 
@@ -364,8 +370,37 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
-        visible = [s for s in self.backend.list() if self._may_see(caller.identity, s)]
-        return pb.ListJobsResponse(jobs=[wire.status_to_pb(s) for s in visible])
+        query = wire.list_query_from_pb(request)
+        page, next_token = query.page(
+            s for s in self.backend.list() if self._may_see(caller.identity, s)
+        )
+        return pb.ListJobsResponse(
+            jobs=[wire.status_to_pb(s) for s in page], next_page_token=next_token
+        )
+
+    async def WriteInput(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> pb.WriteInputResponse:
+        """Client-streaming: admitted on the first message, which names the job."""
+        first = await anext(aiter(requests), None)
+        if first is None:  # the client closed without a message: nothing to write to
+            first = pb.InputChunk()
+        async with _Admission(self, "WriteInput", Action.WRITE, first, context) as caller:
+            job_id = caller.target.job_id
+
+            async def chunks() -> AsyncIterator[InputChunk]:
+                async for message in _prepend(first, requests):
+                    if isinstance(message, Undecodable):
+                        raise InvalidArgument(f"an InputChunk is not valid ({message.error})")
+                    if message.job_id not in ("", job_id):
+                        raise InvalidArgument(
+                            f"one WriteInput call writes to one job ({job_id}), not"
+                            f" {message.job_id[:64]!r}"
+                        )
+                    yield wire.input_from_pb(message)
+
+            result = await self.backend.write_input(job_id, chunks())
+            return wire.input_result_to_pb(result)
 
     @_unary(Action.STATUS)
     async def GetUsage(self, request: pb.UsageRequest, caller: Caller) -> pb.JobUsage:

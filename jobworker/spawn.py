@@ -62,6 +62,8 @@ class Spawned:
     stderr: int
     #: Non-blocking; an isolated job's PID 1 writes the command's wait status here.
     exit_report: int
+    #: Non-blocking write end of the job's stdin pipe; -1 when stdin is /dev/null.
+    stdin: int = -1
 
 
 def read_exit_report(fd: int) -> int | None:
@@ -159,10 +161,10 @@ class _Zygote:
         devnull = _above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
         theirs_fd = _above_stdio(theirs.detach())
         try:
-            # fd 3 and 4 taken too, so descriptors it receives never land on 0-4.
+            # fd 3 to 5 taken too, so descriptors it receives never land on 0-5.
             stderr = 2 if _fd_open(2) else devnull
             self.pid = _posix_spawn_launcher(
-                ["--zygote"], [theirs_fd, devnull, stderr, devnull, devnull], setsid=True
+                ["--zygote"], [theirs_fd, devnull, stderr, devnull, devnull, devnull], setsid=True
             )
         finally:
             os.close(theirs_fd)
@@ -246,8 +248,8 @@ class Spawner:
             self._zygote.close()
             self._zygote = None
 
-    async def _start(self, payload: bytes, child_fds: tuple[int, int, int, int]) -> int:
-        """Start a launcher whose fd 1-4 are ``child_fds``; its pid."""
+    async def _start(self, payload: bytes, child_fds: tuple[int, ...]) -> int:
+        """Start a launcher whose fd 1-5 are ``child_fds``; its pid."""
         if self._use_zygote:
             try:
                 if self._zygote is None:
@@ -273,25 +275,30 @@ class Spawner:
         is left behind then (the process is reaped, every descriptor closed).
         """
         payload = _instructions(spec, join_path, plan)
-        out_r = out_w = err_r = err_w = st_r = st_w = ex_r = ex_w = -1
+        out_r = out_w = err_r = err_w = st_r = st_w = ex_r = ex_w = in_r = in_w = -1
         pid = pidfd = -1
         try:
             out_r, out_w = _pipe()
             err_r, err_w = _pipe()
             st_r, st_w = _pipe()
             ex_r, ex_w = _pipe()
-            for w in (out_w, err_w):
+            if spec.stdin:
+                in_r, in_w = _pipe()
+            else:
+                in_r = _above_stdio(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            for w in (out_w, err_w, in_w):
                 try:
-                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                    if w >= 0:
+                        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
                 except OSError:
                     pass  # over /proc/sys/fs/pipe-max-size when unprivileged: keep default
             try:
-                pid = await self._start(payload, (out_w, err_w, st_w, ex_w))
+                pid = await self._start(payload, (out_w, err_w, st_w, ex_w, in_r))
             except OSError as err:
                 raise SpawnError(f"cannot start the job: {err.strerror}") from err
-            for fd in (out_w, err_w, st_w, ex_w):
+            for fd in (out_w, err_w, st_w, ex_w, in_r):
                 os.close(fd)
-            out_w = err_w = st_w = ex_w = -1
+            out_w = err_w = st_w = ex_w = in_r = -1
             pidfd = os.pidfd_open(pid)
             report = await _read_to_eof(st_r)
             if report:
@@ -301,14 +308,17 @@ class Spawner:
                 step, _errno, error, what = fields[:4]
                 template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
                 raise SpawnError(template.format(error=error, what=what))
-            for fd in (out_r, err_r, ex_r):
-                os.set_blocking(fd, False)
-            spawned = Spawned(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r, exit_report=ex_r)
-            pid = pidfd = out_r = err_r = ex_r = -1  # ownership passes to the caller
+            for fd in (out_r, err_r, ex_r, in_w):
+                if fd >= 0:
+                    os.set_blocking(fd, False)
+            spawned = Spawned(
+                pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r, exit_report=ex_r, stdin=in_w
+            )
+            pid = pidfd = out_r = err_r = ex_r = in_w = -1  # ownership passes to the caller
             return spawned
         finally:
             if pid > 0:  # cancelled or failed after the process started: leave nothing
                 _kill_and_reap(pid)
-            for fd in (out_r, out_w, err_r, err_w, st_r, st_w, ex_r, ex_w, pidfd):
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w, ex_r, ex_w, in_r, in_w, pidfd):
                 if fd >= 0:
                     os.close(fd)

@@ -15,14 +15,17 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from jobworker.errors import RemoteError
+from jobworker.errors import InvalidArgument, RemoteError
 from jobworker.model import (
+    InputChunk,
+    InputResult,
     IoLimit,
     JobSpec,
     JobState,
     JobStatus,
     JobStatusView,
     Limits,
+    ListQuery,
     OutputChunk,
     ResourceUsage,
     StopResult,
@@ -33,7 +36,19 @@ from jobworker.usage import JobUsage, UsageSample
 from jobworker.v1 import jobworker_pb2 as pb
 
 #: Where a server listens, and a client connects, unless told otherwise.
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def with_default_port(address: str) -> str:
+    """``HOST`` -> ``HOST:50051`` (grpc would dial 443); ``HOST:PORT`` and ``[V6]:PORT``
+    unchanged, a bare IPv6 address bracketed."""
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") > 1:  # a bare IPv6 address
+        return f"[{address}]:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
+
 #: Output a server keeps per job unless told otherwise (``serve --max-output-bytes``).
 DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 #: Output streams one client may have open at once unless told otherwise.
@@ -97,6 +112,7 @@ def start_request(
     limits: Limits | None,
     user: str | None = None,
     network: str | None = None,
+    stdin: bool = False,
 ) -> pb.StartJobRequest:
     return pb.StartJobRequest(
         command=command,
@@ -106,6 +122,7 @@ def start_request(
         limits=limits_to_pb(limits) if limits is not None else None,
         user=user or "",
         network=network or "",
+        stdin=stdin,
     )
 
 
@@ -119,6 +136,7 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
         limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
         user=request.user or None,
         network=request.network or None,
+        stdin=request.stdin,
     )
 
 
@@ -352,3 +370,47 @@ def decode_chunk(raw: bytes) -> tuple[str, memoryview, int]:
     except (ValueError, IndexError, UnicodeDecodeError) as err:
         raise RemoteError("UNKNOWN", f"the server sent an undecodable chunk ({err})") from None
     return stream, data, offset
+
+
+# -- ListJobs -------------------------------------------------------------------------------
+
+
+def list_request(query: ListQuery) -> pb.ListJobsRequest:
+    return pb.ListJobsRequest(
+        state="" if query.state is None else query.state.value,
+        owner=query.owner or "",
+        page_size=query.page_size,
+        page_token=query.page_token,
+    )
+
+
+def list_query_from_pb(request: pb.ListJobsRequest) -> ListQuery:
+    """Raises InvalidArgument for an unknown state or a page token we never gave."""
+    try:
+        state = JobState(request.state) if request.state else None
+    except ValueError:
+        states = ", ".join(s.value for s in JobState)
+        raise InvalidArgument(
+            f"state {request.state[:40]!r} is not one of {states} (or empty for any)"
+        ) from None
+    return ListQuery(
+        state=state,
+        owner=request.owner or None,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+# -- WriteInput -----------------------------------------------------------------------------
+
+
+def input_from_pb(chunk: pb.InputChunk) -> InputChunk:
+    return InputChunk(data=chunk.data, eof=chunk.eof)
+
+
+def input_result_to_pb(result: InputResult) -> pb.WriteInputResponse:
+    return pb.WriteInputResponse(bytes_written=result.written, closed=result.closed)
+
+
+def input_result_from_pb(response: pb.WriteInputResponse) -> InputResult:
+    return InputResult(written=response.bytes_written, closed=response.closed)

@@ -54,7 +54,7 @@ def add_commands(commands: Any) -> None:
         type=argument(_client_role),
         default=[],
         metavar="NAME[:ROLE]",
-        help=f"a client certificate; ROLE is one of {ROLES} (default user); "
+        help=f"a client certificate; ROLE is {' or '.join(ROLES)} (default user); "
         f"default: {DEV_CLIENT}:admin",
     )
     init.set_defaults(handler=_certs_init)
@@ -77,8 +77,10 @@ def _plugins(options: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     for row in rows:
-        details = row.get("error") or ", ".join(row["hooks"]) or "(no hooks)"
+        details = row.get("error") or row.get("description") or "(no description)"
         print(for_terminal(f"{row['name']} {row['version'] or '-'}: {details}"))
+        if row["hooks"]:
+            print(for_terminal(f"    hooks: {', '.join(row['hooks'])}"))
     return 0
 
 

@@ -13,7 +13,9 @@ import functools
 import os
 import shlex
 import signal
+import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +35,7 @@ from jobworker.cli.common import (
 )
 from jobworker.client import JobClient
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobStatusView, Limits
+from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobState, JobStatusView, Limits
 from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
 from jobworker.tls import TlsFiles, given_files
 from jobworker.units import (
@@ -44,7 +46,7 @@ from jobworker.units import (
     parse_size,
     split_device_value,
 )
-from jobworker.wire import DEFAULT_ADDRESS
+from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 
 # Client TLS options: (option dest, flag, environment variable).
 _CLIENT_TLS = (
@@ -102,8 +104,9 @@ def _connection_options() -> Parser:
     )
     group.add_argument(
         "--server",
-        metavar="HOST:PORT",
-        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS})",
+        metavar="HOST[:PORT]",
+        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS}; port"
+        f" {DEFAULT_PORT} when not given)",
     )
     for _dest, flag, env in _CLIENT_TLS:
         group.add_argument(flag, type=Path, metavar="FILE", help=f"PEM file (env {env})")
@@ -131,6 +134,13 @@ def _job_options() -> Parser:
         "--network",
         choices=("host", "none"),
         help="the host's network, or none (only a loopback); default: the server's",
+    )
+    job.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="keep the job's stdin open: run forwards ours (also done when it is not a"
+        " terminal); start leaves it for `jobworker write`",
     )
     job.add_argument(
         "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
@@ -186,7 +196,7 @@ def add_commands(commands: Any) -> None:
     run.set_defaults(handler=_client_command(_run))
 
     status = commands.add_parser("status", parents=[connection], help="show a job")
-    status.add_argument("job_id", metavar="JOB")
+    status.add_argument("job_id", metavar="JOB", type=_job_id)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--usage", action="store_true", help="chart the job's CPU and memory over its life"
@@ -196,14 +206,14 @@ def add_commands(commands: Any) -> None:
     top.add_command(commands, connection, _client_command)
 
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
-    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("job_id", metavar="JOB", type=_job_id)
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job ends"
     )
     logs.set_defaults(handler=_client_command(_logs))
 
     stop = commands.add_parser("stop", parents=[connection], help="stop a job")
-    stop.add_argument("job_id", metavar="JOB")
+    stop.add_argument("job_id", metavar="JOB", type=_job_id)
     stop.add_argument(
         "--grace",
         type=argument(parse_seconds),
@@ -212,8 +222,30 @@ def add_commands(commands: Any) -> None:
     )
     stop.set_defaults(handler=_client_command(_stop))
 
+    write = commands.add_parser(
+        "write", parents=[connection], help="copy our stdin to a job started with -i"
+    )
+    write.add_argument("job_id", metavar="JOB", type=_job_id)
+    write.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="leave the job's stdin open at our end of input (another write may follow)",
+    )
+    write.set_defaults(handler=_client_command(_write))
+
     listing = commands.add_parser("list", parents=[connection], help="list jobs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    which = listing.add_mutually_exclusive_group()
+    which.add_argument(
+        "--running", action="store_const", const="running", dest="state", help="running jobs only"
+    )
+    which.add_argument(
+        "--state", choices=[s.value for s in JobState], help="only jobs in this state"
+    )
+    listing.add_argument(
+        "--owner", metavar="NAME", help="only jobs of this owner (an admin sees everyone's)"
+    )
+    listing.add_argument("-q", "--quiet", action="store_true", help="print job ids only")
     listing.set_defaults(handler=_client_command(_list))
 
 
@@ -240,7 +272,7 @@ def _client_tls(options: argparse.Namespace) -> TlsFiles:
 
 def _connect(options: argparse.Namespace) -> JobClient:
     server = options.server or os.environ.get("JOBWORKER_SERVER") or DEFAULT_ADDRESS
-    return JobClient(server, _client_tls(options))
+    return JobClient(with_default_port(server), _client_tls(options))
 
 
 def _client_command(
@@ -280,7 +312,34 @@ def limits_from_options(options: argparse.Namespace) -> Limits | None:
     return None if limits.is_empty() else limits
 
 
-def _start_job(client: JobClient, options: argparse.Namespace) -> str:
+#: Bytes per InputChunk: large enough that per-message costs vanish, far below the
+#: server's 4 MiB message limit.
+INPUT_CHUNK = 256 << 10
+
+
+def _read_chunks(fd: int) -> Iterator[bytes]:
+    while data := os.read(fd, INPUT_CHUNK):
+        yield data
+
+
+def _forwards_stdin(options: argparse.Namespace) -> bool:
+    """``run``: forward our stdin when asked to, or when it is a pipe or a file.
+
+    A terminal is left alone (docker's habit: ``-i`` asks for it), and so is /dev/null
+    or a closed fd 0, which would only send an immediate EOF.
+    """
+    try:
+        mode = os.fstat(0)
+    except OSError:
+        return False
+    if options.interactive:
+        return True
+    if os.isatty(0):
+        return False
+    return not (stat.S_ISCHR(mode.st_mode) and os.path.samestat(mode, os.stat(os.devnull)))
+
+
+def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> str:
     command, *args = options.command
     return client.start(
         command,
@@ -290,6 +349,7 @@ def _start_job(client: JobClient, options: argparse.Namespace) -> str:
         limits=limits_from_options(options),
         user=options.user,
         network=options.network,
+        stdin=stdin,
     )
 
 
@@ -312,21 +372,71 @@ def _copy_output(chunks: Iterator[tuple[str, memoryview, int]]) -> None:
 
 
 def _start(client: JobClient, options: argparse.Namespace) -> int:
-    print(for_terminal(_start_job(client, options)))
+    print(for_terminal(_start_job(client, options, stdin=options.interactive)))
+    return 0
+
+
+def _feed_stdin(client: JobClient, job_id: str) -> threading.Thread:
+    """Copy our stdin to the job in a daemon thread: it may block reading a terminal or
+    a slow job, and must never keep ``run`` from exiting with the job's status."""
+
+    def feed() -> None:
+        try:
+            client.write_input(job_id, _read_chunks(0))
+        except JobworkerError as err:
+            if err.code != "CANCELLED":  # our channel closing at exit cancels it
+                say(f"stdin not forwarded: {err.code}: {err}")
+        except OSError as err:
+            say(f"stdin not forwarded: {err.strerror or err}")
+
+    thread = threading.Thread(target=feed, name="stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+def _write(client: JobClient, options: argparse.Namespace) -> int:
+    read = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal read
+        for data in _read_chunks(0):
+            read += len(data)
+            yield data
+
+    result = client.write_input(options.job_id, counted(), eof=not options.keep_open)
+    # The call may end (stdin closed) before grpc took our input from us: look for more.
+    if result.closed and (options.keep_open or result.written < read or os.read(0, 1)):
+        say(
+            f"job {options.job_id}'s stdin is closed (the job ended or closed it):"
+            f" {result.written} bytes of our input went in, the rest was dropped"
+        )
+        return EXIT_SERVER_ERROR
     return 0
 
 
 def _run(client: JobClient, options: argparse.Namespace) -> int:
-    job_id = _start_job(client, options)
+    forward = _forwards_stdin(options)
+    job_id = _start_job(client, options, stdin=forward)
+    if forward:
+        _feed_stdin(client, job_id)
     try:
         with contextlib.closing(client.stream_views(job_id)) as chunks:
             _copy_output(chunks)
-    except (KeyboardInterrupt, BrokenPipeError) as err:
+    except BrokenPipeError:
         # The job is ours alone: leave nothing running behind us, as a shell would.
         client.stop(job_id)
-        if isinstance(err, BrokenPipeError):
-            silence_stdout()
-            return EXIT_BROKEN_PIPE
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        try:
+            say(
+                f"stopping job {job_id} (SIGTERM, SIGKILL after the server's grace period;"
+                " Ctrl-C again to leave it running)"
+            )
+            client.stop(job_id)
+        except KeyboardInterrupt:
+            say(f"left job {job_id} running (`jobworker stop {job_id}` stops it)")
+            return EXIT_INTERRUPTED
         say(f"interrupted: stopped job {job_id}")
         return EXIT_INTERRUPTED
     status = client.status(job_id)
@@ -357,8 +467,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def _human(key: str, value: Any) -> str:
-    if value is None or value == []:
+    if value is None or value == [] or value == ():
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if key.endswith("_at"):
         return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
     if key == "args":
@@ -368,6 +480,15 @@ def _human(key: str, value: Any) -> str:
             " ".join(f"{k}={v}" for k, v in device.items() if v is not None) for device in value
         )
     return str(value)
+
+
+def _job_id(text: str) -> str:
+    """A JOB argument: refuse an empty one here, in CLI words, before asking the server."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "the job id is empty: pass the id `jobworker start` printed (see `jobworker list`)"
+        )
+    return text
 
 
 def _logs(client: JobClient, options: argparse.Namespace) -> int:
@@ -394,7 +515,12 @@ def _outcome(view: JobStatusView) -> str:
 
 
 def _list(client: JobClient, options: argparse.Namespace) -> int:
-    views = client.list()
+    state = JobState(options.state) if options.state else None
+    views = client.list(state=state, owner=options.owner)
+    if options.quiet:
+        for view in views:
+            print(view.job_id)
+        return 0
     if options.json:
         print_json([view.as_dict() for view in views])
         return 0

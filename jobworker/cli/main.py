@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from jobworker.cli.common import (
     say,
     silence_stdout,
 )
-from jobworker.errors import JobworkerError
+from jobworker.errors import JobworkerError, UsageError
 from jobworker.hooks.host import Plugins
 
 
@@ -46,12 +47,32 @@ def _preload_plugins(argv: Sequence[str]) -> Plugins:
     return plugins
 
 
+def _dash_dash_hint(parser: argparse.ArgumentParser, args: list[str], error: str) -> str:
+    """For ``run ls -l /``: the command's options were read as ours; suggest ``--``."""
+    if "unrecognized arguments" not in error or "--" in args:
+        return ""
+    try:
+        options, extra = parser.parse_known_args(args)
+    except UsageError:
+        return ""
+    command = getattr(options, "command", None)
+    if not command or options.subcommand not in ("run", "start"):
+        return ""
+    return f"; put -- before the command: jobworker {options.subcommand} -- " + shlex.join(
+        [*command, *extra]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``jobworker`` command; return its exit status (never raises)."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         plugins = _preload_plugins(args)
-        options = build_parser(plugins).parse_args(args)
+        parser = build_parser(plugins)
+        try:
+            options = parser.parse_args(args)
+        except UsageError as err:
+            raise UsageError(f"{err}{_dash_dash_hint(parser, args, str(err))}") from None
         status: int = options.handler(options)
         return status
     except SystemExit as exit_:  # --help and --version

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,16 @@ BUILTIN_PLUGINS: dict[str, str] = {
 #: Loaded by every server before the plugins it is asked for: authorization and isolation
 #: fail closed.
 ESSENTIAL_PLUGINS: tuple[str, ...] = ("authz", "isolation")
+
+
+def _description(plugin: object) -> str:
+    """A plugin's one line: its ``description`` attribute, else the first line of its
+    class's (or, for a module plugin, the module's) docstring."""
+    text = getattr(plugin, "description", None)
+    if isinstance(text, str) and text:
+        return text
+    doc = plugin.__doc__ if isinstance(plugin, types.ModuleType) else type(plugin).__doc__
+    return (doc or "").strip().split("\n", 1)[0]
 
 
 def available_plugins() -> list[str]:
@@ -146,7 +157,12 @@ class Plugins:
                 from jobworker import __version__
 
                 version = __version__
-            row: dict[str, Any] = {"name": name, "version": version, "hooks": hooks}
+            row: dict[str, Any] = {
+                "name": name,
+                "version": version,
+                "description": _description(plugin),
+                "hooks": hooks,
+            }
             mode = getattr(plugin, "mode", None)
             if isinstance(mode, str):  # what the plugin has in effect, e.g. isolation's
                 row["mode"] = mode

@@ -57,6 +57,9 @@ class AuditLog:
     record written from another thread (an embedder's) cannot interleave with one from it.
     """
 
+    #: One line for `jobworker plugins`.
+    description = "records every decision, start, refusal and exit as JSON lines (--audit-log FILE)"
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path: str | None = None
         self._lock = threading.Lock()

@@ -107,6 +107,9 @@ class Authz:
     """The plugin: the role (and accounts) of each identity of one loaded whitelist (none
     until loaded)."""
 
+    #: One line for `jobworker plugins`.
+    description = "the client whitelist (--authz FILE): who may call, their role and accounts"
+
     path: Path | None = None
     clients: Mapping[str, _Client] = attrs.field(factory=dict)
 

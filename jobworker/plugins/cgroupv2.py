@@ -69,6 +69,15 @@ _FLAGS = {
     "pids": "--pids",
     "io": "the --io-* limits",
 }
+#: The controller each limit needs.
+_CONTROLLER_OF = {
+    "cpu": "cpu",
+    "cpu_weight": "cpu",
+    "memory": "memory",
+    "memory_high": "memory",
+    "pids": "pids",
+    "io": "io",
+}
 
 
 @attrs.frozen
@@ -100,6 +109,9 @@ class CgroupV2Plugin:
     uses ``<the server's own cgroup>/jobs`` (systemd ``Delegate=yes``). ``mount`` and
     ``self_cgroup`` are detected from /proc unless given (tests pass a fake cgroupfs).
     """
+
+    #: One line for `jobworker plugins`.
+    description = "puts each job in a cgroup v2: CPU, memory, IO and pids limits, usage, tree-kill"
 
     root: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     delegated: bool = False
@@ -160,11 +172,23 @@ class CgroupV2Plugin:
             "cgroup_ready",
             root=str(self.root),
             mount=str(mount),
-            controllers=sorted(self._enabled),
+            available=sorted(self._available),
+            enabled=sorted(self._enabled),
             unusable=unusable,
             default_pids=self.default_pids if "pids" in self._enabled else None,
             leftovers_removed=leftovers,
         )
+        refused = [flag for field, flag in _FLAGS.items() if _CONTROLLER_OF[field] in unusable]
+        if refused:
+            log.warning(
+                "cgroup_limits_unenforceable",
+                refused=refused,
+                missing_controllers=unusable,
+                available=sorted(self._available),
+                mount=str(mount),
+                consequence="jobs still get a cgroup (containment, tree-kill); jobs asking"
+                " for these limits are refused",
+            )
 
     def shutdown(self) -> None:
         """Remove the remaining job cgroups, and the root if this plugin created it."""
@@ -307,19 +331,28 @@ class CgroupV2Plugin:
         log.debug("cgroup_created", cgroup=str(path), limits=plan.writes)
         return cgroup
 
-    def _require(self, controller: str, field: str) -> None:
-        if controller in self._enabled:
+    def _require(self, fields: list[str]) -> None:
+        """Refuse, naming every limit of ``fields`` this host cannot enforce at once."""
+        missing = [f for f in dict.fromkeys(fields) if _CONTROLLER_OF[f] not in self._enabled]
+        if not missing:
             return
         assert self.mount is not None and self.root is not None
-        flag = _FLAGS[field]
-        if controller in self._available:
-            where = f"could not be enabled under {self.root} (see the server log)"
-        else:
-            offered = " ".join(sorted(self._available)) or "none"
-            where = f"is not available at {self.mount} (controllers: {offered})"
+        reasons = []
+        for field in missing:
+            controller = _CONTROLLER_OF[field]
+            if controller in self._available:
+                where = f"could not be enabled under {self.root} (see the server log)"
+            else:
+                where = f"is not available at {self.mount}"
+            reasons.append(
+                f"{field.replace('_', ' ')} (the cgroup v2 {controller!r} controller {where})"
+            )
+        offered = " ".join(sorted(self._available)) or "none"
+        noun = "limit" if len(missing) == 1 else "limits"
         raise FailedPrecondition(
-            f"{field.replace('_', ' ')} limit requested but the cgroup v2 {controller!r} "
-            f"controller {where}; run on a cgroup v2 host or drop {flag}"
+            f"this server cannot enforce the {noun} {', '.join(reasons)}; controllers"
+            f" available at {self.mount}: {offered}; run on a cgroup v2 host or drop"
+            f" {', '.join(_FLAGS[f] for f in missing)}"
         )
 
     def _plan(self, limits: Limits) -> _Plan:
@@ -368,8 +401,7 @@ class CgroupV2Plugin:
         io = self._plan_io(limits.io, writes)
         if io:
             needs.append(("io", "io"))
-        for controller, field in needs:
-            self._require(controller, field)
+        self._require([field for _controller, field in needs])
         if "memory" in self._enabled:
             # Swap would let a job exceed memory.max; oom.group kills the whole job on OOM
             # instead of leaving it half-killed.

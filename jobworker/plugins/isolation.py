@@ -69,6 +69,9 @@ def user_namespaces_available() -> bool:
 class Isolation:
     """One server's isolation settings; ``enabled`` False only with ``--no-isolation``."""
 
+    #: One line for `jobworker plugins`.
+    description = "each job in its own namespaces, as an unprivileged account, host read-only"
+
     enabled: bool = True
     default_user: str = DEFAULT_JOB_USER
     network: Network = Network.HOST

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\"k\n\rIoDeviceLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08read_bps\x18\x02 \x01(\x04\x12\x11\n\twrite_bps\x18\x03 \x01(\x04\x12\x11\n\tread_iops\x18\x04 \x01(\x04\x12\x12\n\nwrite_iops\x18\x05 \x01(\x04\"\x91\x01\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\x04\x12\'\n\x02io\x18\x04 \x03(\x0b\x32\x1b.jobworker.v1.IoDeviceLimit\x12\x12\n\ncpu_weight\x18\x05 \x01(\r\x12\x19\n\x11memory_high_bytes\x18\x06 \x01(\x04\"\xe3\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x33\n\x03\x65nv\x18\x03 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x0f\n\x07network\x18\x07 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\x42\x10\n\x0e_grace_seconds\"\x8d\x01\n\x0bJobResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x61lready_finished\x18\x03 \x01(\x08\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12/\n\x06status\x18\x05 \x01(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\"\xe5\x02\n\rResourceUsage\x12\x1b\n\x0e\x63pu_usage_usec\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12\x63pu_throttled_usec\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10\x63pu_nr_throttled\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tpids_peak\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x11\n\x0f_cpu_usage_usecB\x15\n\x13_cpu_throttled_usecB\x13\n\x11_cpu_nr_throttledB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytesB\x0c\n\n_pids_peak\"\xce\x03\n\x11JobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\nstopped_by\x18\x07 \x01(\t\x12\x11\n\tescalated\x18\x08 \x01(\x08\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x0b \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0c \x03(\t\x12\x13\n\x0b\x63ontainment\x18\r \x01(\t\x12$\n\x06limits\x18\x0e \x01(\x0b\x32\x14.jobworker.v1.Limits\x12*\n\x05usage\x18\x0f \x01(\x0b\x32\x1b.jobworker.v1.ResourceUsage\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x0b\n\x03pid\x18\x11 \x01(\x05\x12\x0c\n\x04user\x18\x12 \x01(\t\x12\x0b\n\x03uid\x18\x13 \x01(\x05\x12\x11\n\tisolation\x18\x14 \x01(\t\x12\x18\n\x10output_truncated\x18\x16 \x01(\x08\x12\x19\n\x11output_kept_bytes\x18\x17 \x01(\x04\">\n\x0eJobOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\x11\n\x0fListJobsRequest\"A\n\x10ListJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\"\xe5\x01\n\x0bUsageSample\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x10\n\x08\x63pu_usec\x18\x02 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04pids\x18\x04 \x01(\r\x12\x1e\n\x11memory_peak_bytes\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x07 \x01(\x04H\x02\x88\x01\x01\x42\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytes\",\n\x0cUsageRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04last\x18\x02 \x01(\r\"V\n\x08JobUsage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12*\n\x07samples\x18\x03 \x03(\x0b\x32\x19.jobworker.v1.UsageSample\" \n\x10ListUsageRequest\x12\x0c\n\x04last\x18\x01 \x01(\r\"9\n\x11ListUsageResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.jobworker.v1.JobUsage2\x82\x04\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12>\n\x07StopJob\x12\x18.jobworker.v1.JobRequest\x1a\x19.jobworker.v1.JobResponse\x12\x46\n\tGetStatus\x12\x18.jobworker.v1.JobRequest\x1a\x1f.jobworker.v1.JobStatusResponse\x12H\n\x0cStreamOutput\x12\x18.jobworker.v1.JobRequest\x1a\x1c.jobworker.v1.JobOutputChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponse\x12>\n\x08GetUsage\x12\x1a.jobworker.v1.UsageRequest\x1a\x16.jobworker.v1.JobUsage\x12L\n\tListUsage\x12\x1e.jobworker.v1.ListUsageRequest\x1a\x1f.jobworker.v1.ListUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\"k\n\rIoDeviceLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08read_bps\x18\x02 \x01(\x04\x12\x11\n\twrite_bps\x18\x03 \x01(\x04\x12\x11\n\tread_iops\x18\x04 \x01(\x04\x12\x12\n\nwrite_iops\x18\x05 \x01(\x04\"\x91\x01\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\x04\x12\'\n\x02io\x18\x04 \x03(\x0b\x32\x1b.jobworker.v1.IoDeviceLimit\x12\x12\n\ncpu_weight\x18\x05 \x01(\r\x12\x19\n\x11memory_high_bytes\x18\x06 \x01(\x04\"\xf2\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x33\n\x03\x65nv\x18\x03 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x0f\n\x07network\x18\x07 \x01(\t\x12\r\n\x05stdin\x18\t \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\x42\x10\n\x0e_grace_seconds\"\x8d\x01\n\x0bJobResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x61lready_finished\x18\x03 \x01(\x08\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12/\n\x06status\x18\x05 \x01(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\"\xe5\x02\n\rResourceUsage\x12\x1b\n\x0e\x63pu_usage_usec\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12\x63pu_throttled_usec\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10\x63pu_nr_throttled\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tpids_peak\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x11\n\x0f_cpu_usage_usecB\x15\n\x13_cpu_throttled_usecB\x13\n\x11_cpu_nr_throttledB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytesB\x0c\n\n_pids_peak\"\x99\x03\n\x11JobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\nstopped_by\x18\x07 \x01(\t\x12\x11\n\tescalated\x18\x08 \x01(\x08\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x0b \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0c \x03(\t\x12\x13\n\x0b\x63ontainment\x18\r \x01(\t\x12$\n\x06limits\x18\x0e \x01(\x0b\x32\x14.jobworker.v1.Limits\x12*\n\x05usage\x18\x0f \x01(\x0b\x32\x1b.jobworker.v1.ResourceUsage\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x0b\n\x03pid\x18\x11 \x01(\x05\x12\x0c\n\x04user\x18\x12 \x01(\t\x12\x0b\n\x03uid\x18\x13 \x01(\x05\x12\x11\n\tisolation\x18\x14 \x01(\t\">\n\x0eJobOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"V\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"Z\n\x10ListJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\nInputChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\";\n\x12WriteInputResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\x32\xc0\x03\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12>\n\x07StopJob\x12\x18.jobworker.v1.JobRequest\x1a\x19.jobworker.v1.JobResponse\x12\x46\n\tGetStatus\x12\x18.jobworker.v1.JobRequest\x1a\x1f.jobworker.v1.JobStatusResponse\x12H\n\x0cStreamOutput\x12\x18.jobworker.v1.JobRequest\x1a\x1c.jobworker.v1.JobOutputChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponse\x12J\n\nWriteInput\x12\x18.jobworker.v1.InputChunk\x1a .jobworker.v1.WriteInputResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=156
   _globals['_LIMITS']._serialized_end=301
   _globals['_STARTJOBREQUEST']._serialized_start=304
-  _globals['_STARTJOBREQUEST']._serialized_end=531
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=489
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=531
-  _globals['_STARTJOBRESPONSE']._serialized_start=533
-  _globals['_STARTJOBRESPONSE']._serialized_end=567
-  _globals['_JOBREQUEST']._serialized_start=569
-  _globals['_JOBREQUEST']._serialized_end=678
-  _globals['_JOBRESPONSE']._serialized_start=681
-  _globals['_JOBRESPONSE']._serialized_end=822
-  _globals['_RESOURCEUSAGE']._serialized_start=825
-  _globals['_RESOURCEUSAGE']._serialized_end=1182
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=1185
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=1647
-  _globals['_JOBOUTPUTCHUNK']._serialized_start=1649
-  _globals['_JOBOUTPUTCHUNK']._serialized_end=1711
-  _globals['_LISTJOBSREQUEST']._serialized_start=1713
-  _globals['_LISTJOBSREQUEST']._serialized_end=1730
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1732
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1797
-  _globals['_USAGESAMPLE']._serialized_start=1800
-  _globals['_USAGESAMPLE']._serialized_end=2029
-  _globals['_USAGEREQUEST']._serialized_start=2031
-  _globals['_USAGEREQUEST']._serialized_end=2075
-  _globals['_JOBUSAGE']._serialized_start=2077
-  _globals['_JOBUSAGE']._serialized_end=2163
-  _globals['_LISTUSAGEREQUEST']._serialized_start=2165
-  _globals['_LISTUSAGEREQUEST']._serialized_end=2197
-  _globals['_LISTUSAGERESPONSE']._serialized_start=2199
-  _globals['_LISTUSAGERESPONSE']._serialized_end=2256
-  _globals['_JOBSERVICE']._serialized_start=2259
-  _globals['_JOBSERVICE']._serialized_end=2773
+  _globals['_STARTJOBREQUEST']._serialized_end=546
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=504
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=546
+  _globals['_STARTJOBRESPONSE']._serialized_start=548
+  _globals['_STARTJOBRESPONSE']._serialized_end=582
+  _globals['_JOBREQUEST']._serialized_start=584
+  _globals['_JOBREQUEST']._serialized_end=693
+  _globals['_JOBRESPONSE']._serialized_start=696
+  _globals['_JOBRESPONSE']._serialized_end=837
+  _globals['_RESOURCEUSAGE']._serialized_start=840
+  _globals['_RESOURCEUSAGE']._serialized_end=1197
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=1200
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=1609
+  _globals['_JOBOUTPUTCHUNK']._serialized_start=1611
+  _globals['_JOBOUTPUTCHUNK']._serialized_end=1673
+  _globals['_LISTJOBSREQUEST']._serialized_start=1675
+  _globals['_LISTJOBSREQUEST']._serialized_end=1761
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1763
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1853
+  _globals['_INPUTCHUNK']._serialized_start=1855
+  _globals['_INPUTCHUNK']._serialized_end=1910
+  _globals['_WRITEINPUTRESPONSE']._serialized_start=1912
+  _globals['_WRITEINPUTRESPONSE']._serialized_end=1971
+  _globals['_JOBSERVICE']._serialized_start=1974
+  _globals['_JOBSERVICE']._serialized_end=2422
 # @@protoc_insertion_point(module_scope)

@@ -127,6 +127,7 @@ class StartJobRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     cwd: _builtins.str
     """empty: the job's private /tmp (the server's cwd if not isolated)"""
@@ -134,6 +135,8 @@ class StartJobRequest(_message.Message):
     """Unix account to run as; empty: the client's default (whitelist run_as, else --job-user)"""
     network: _builtins.str
     """"host" | "none" (loopback only); empty: the server's default"""
+    stdin: _builtins.bool
+    """Keep the job's stdin open for WriteInput (until a writer sends eof); false: /dev/null."""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -152,10 +155,11 @@ class StartJobRequest(_message.Message):
         limits: Global___Limits | None = ...,
         user: _builtins.str = ...,
         network: _builtins.str = ...,
+        stdin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "stdin", b"stdin", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,8 +338,6 @@ class JobStatusResponse(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
-    OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
-    OUTPUT_KEPT_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
     """"running" | "exited" """
@@ -364,13 +366,6 @@ class JobStatusResponse(_message.Message):
     """its uid on the server's host"""
     isolation: _builtins.str
     """e.g. "namespaces, user nobody(65534), network host"; "none" when not isolated"""
-    output_truncated: _builtins.bool
-    """The output was cut (the job's cap, the server's spool budget, a failed spool write):
-    only `output_kept_bytes` of the `output_bytes` the job wrote can be streamed, and a
-    stream that reaches the cut ends with DATA_LOSS.
-    """
-    output_kept_bytes: _builtins.int
-    """bytes kept for streaming (= output_bytes unless truncated)"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -402,12 +397,10 @@ class JobStatusResponse(_message.Message):
         user: _builtins.str = ...,
         uid: _builtins.int = ...,
         isolation: _builtins.str = ...,
-        output_truncated: _builtins.bool = ...,
-        output_kept_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "output_bytes", b"output_bytes", "output_kept_bytes", b"output_kept_bytes", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,12 +437,29 @@ Global___JobOutputChunk: _TypeAlias = JobOutputChunk  # noqa: Y015
 class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """0: every matching job in one response"""
+    page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first"""
+    state: _builtins.str
+    """"running" | "exited"; "": any"""
+    owner: _builtins.str
+    """only this owner's jobs; "": every job the caller may see"""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,165 +470,75 @@ class ListJobsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """"" on the last page"""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatusResponse]: ...
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___JobStatusResponse] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
 
 @_typing.final
-class UsageSample(_message.Message):
-    """What a job used at `time`: counters since it started, gauges at that moment."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TIME_FIELD_NUMBER: _builtins.int
-    CPU_USEC_FIELD_NUMBER: _builtins.int
-    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
-    PIDS_FIELD_NUMBER: _builtins.int
-    MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
-    IO_READ_BYTES_FIELD_NUMBER: _builtins.int
-    IO_WRITE_BYTES_FIELD_NUMBER: _builtins.int
-    time: _builtins.float
-    """Unix time, seconds"""
-    cpu_usec: _builtins.int
-    """CPU time used so far"""
-    memory_bytes: _builtins.int
-    """memory now (cgroup memory.current, or summed RSS)"""
-    pids: _builtins.int
-    """processes now"""
-    memory_peak_bytes: _builtins.int
-    """cgroup memory.peak (unset without cgroupv2)"""
-    io_read_bytes: _builtins.int
-    """block IO so far; unset where unreadable"""
-    io_write_bytes: _builtins.int
-    def __init__(
-        self,
-        *,
-        time: _builtins.float = ...,
-        cpu_usec: _builtins.int = ...,
-        memory_bytes: _builtins.int = ...,
-        pids: _builtins.int = ...,
-        memory_peak_bytes: _builtins.int | None = ...,
-        io_read_bytes: _builtins.int | None = ...,
-        io_write_bytes: _builtins.int | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_peak_bytes", b"memory_peak_bytes"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "cpu_usec", b"cpu_usec", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "memory_peak_bytes", b"memory_peak_bytes", "pids", b"pids", "time", b"time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__io_read_bytes: _TypeAlias = _typing.Literal["io_read_bytes"]  # noqa: Y015
-    _WhichOneofArgType__io_read_bytes: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes"]  # noqa: Y015
-    _WhichOneofReturnType__io_write_bytes: _TypeAlias = _typing.Literal["io_write_bytes"]  # noqa: Y015
-    _WhichOneofArgType__io_write_bytes: _TypeAlias = _typing.Literal["_io_write_bytes", b"_io_write_bytes"]  # noqa: Y015
-    _WhichOneofReturnType__memory_peak_bytes: _TypeAlias = _typing.Literal["memory_peak_bytes"]  # noqa: Y015
-    _WhichOneofArgType__memory_peak_bytes: _TypeAlias = _typing.Literal["_memory_peak_bytes", b"_memory_peak_bytes"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__io_read_bytes) -> _WhichOneofReturnType__io_read_bytes | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__io_write_bytes) -> _WhichOneofReturnType__io_write_bytes | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_peak_bytes) -> _WhichOneofReturnType__memory_peak_bytes | None: ...
-
-Global___UsageSample: _TypeAlias = UsageSample  # noqa: Y015
-
-@_typing.final
-class UsageRequest(_message.Message):
+class InputChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
-    LAST_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    last: _builtins.int
-    """only the newest N samples; 0 = all"""
+    """required in the first message; later ones may leave it empty"""
+    data: _builtins.bytes
+    """written to the job's stdin as is (any bytes)"""
+    eof: _builtins.bool
+    """close the job's stdin after `data`; nothing may follow"""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
-        last: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "last", b"last"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UsageRequest: _TypeAlias = UsageRequest  # noqa: Y015
+Global___InputChunk: _TypeAlias = InputChunk  # noqa: Y015
 
 @_typing.final
-class JobUsage(_message.Message):
+class WriteInputResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    JOB_ID_FIELD_NUMBER: _builtins.int
-    SOURCE_FIELD_NUMBER: _builtins.int
-    SAMPLES_FIELD_NUMBER: _builtins.int
-    job_id: _builtins.str
-    source: _builtins.str
-    """"cgroupv2" | "proc"; "" when none was taken"""
-    @_builtins.property
-    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageSample]:
-        """oldest first"""
-
+    BYTES_WRITTEN_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    bytes_written: _builtins.int
+    """bytes of this call now in the job's stdin pipe"""
+    closed: _builtins.bool
+    """True when the job's stdin was closed by this call (eof) or by the job (it exited or
+    closed its end); further writers get FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
-        job_id: _builtins.str = ...,
-        source: _builtins.str = ...,
-        samples: _abc.Iterable[Global___UsageSample] | None = ...,
+        bytes_written: _builtins.int = ...,
+        closed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "samples", b"samples", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_written", b"bytes_written", "closed", b"closed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___JobUsage: _TypeAlias = JobUsage  # noqa: Y015
-
-@_typing.final
-class ListUsageRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    LAST_FIELD_NUMBER: _builtins.int
-    last: _builtins.int
-    """samples per job, newest; 0 = all"""
-    def __init__(
-        self,
-        *,
-        last: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListUsageRequest: _TypeAlias = ListUsageRequest  # noqa: Y015
-
-@_typing.final
-class ListUsageResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    JOBS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobUsage]: ...
-    def __init__(
-        self,
-        *,
-        jobs: _abc.Iterable[Global___JobUsage] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListUsageResponse: _TypeAlias = ListUsageResponse  # noqa: Y015
+Global___WriteInputResponse: _TypeAlias = WriteInputResponse  # noqa: Y015

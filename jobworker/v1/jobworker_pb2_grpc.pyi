@@ -44,10 +44,12 @@ class JobServiceStub:
     StreamOutput: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]
-    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]
-    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
-    ListUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]
-    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
+    """Jobs the caller may see, oldest first, filtered and a page at a time."""
+    WriteInput: _grpc.StreamUnaryMultiCallable[_jobworker_pb2.InputChunk, _jobworker_pb2.WriteInputResponse]
+    """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
+    message names the job; the server reads the next message only once the previous one
+    is in the job's pipe, so a slow reader slows the writer (HTTP/2 flow control).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -60,10 +62,12 @@ class JobServiceAsyncStub(JobServiceStub):
     StreamOutput: _aio.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]  # type: ignore[assignment]
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]  # type: ignore[assignment]
-    GetUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]  # type: ignore[assignment]
-    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
-    ListUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]  # type: ignore[assignment]
-    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
+    """Jobs the caller may see, oldest first, filtered and a page at a time."""
+    WriteInput: _aio.StreamUnaryMultiCallable[_jobworker_pb2.InputChunk, _jobworker_pb2.WriteInputResponse]  # type: ignore[assignment]
+    """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
+    message names the job; the server reads the next message only once the previous one
+    is in the job's pipe, so a slow reader slows the writer (HTTP/2 flow control).
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,22 +106,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _jobworker_pb2.ListJobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_jobworker_pb2.ListJobsResponse, _abc.Awaitable[_jobworker_pb2.ListJobsResponse]]: ...
+    ) -> _typing.Union[_jobworker_pb2.ListJobsResponse, _abc.Awaitable[_jobworker_pb2.ListJobsResponse]]:
+        """Jobs the caller may see, oldest first, filtered and a page at a time."""
 
     @_abc_1.abstractmethod
-    def GetUsage(
+    def WriteInput(
         self,
-        request: _jobworker_pb2.UsageRequest,
+        request_iterator: _MaybeAsyncIterator[_jobworker_pb2.InputChunk],
         context: _ServicerContext,
-    ) -> _typing.Union[_jobworker_pb2.JobUsage, _abc.Awaitable[_jobworker_pb2.JobUsage]]:
-        """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
-
-    @_abc_1.abstractmethod
-    def ListUsage(
-        self,
-        request: _jobworker_pb2.ListUsageRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_jobworker_pb2.ListUsageResponse, _abc.Awaitable[_jobworker_pb2.ListUsageResponse]]:
-        """Usage samples of every running job the caller may see (authorized like ListJobs)."""
+    ) -> _typing.Union[_jobworker_pb2.WriteInputResponse, _abc.Awaitable[_jobworker_pb2.WriteInputResponse]]:
+        """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
+        message names the job; the server reads the next message only once the previous one
+        is in the job's pipe, so a slow reader slows the writer (HTTP/2 flow control).
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -463,7 +463,11 @@ def test_refuses_to_start_on_bad_tls_files(api_pki: PkiPaths, tmp_path: Path) ->
 
 def test_refuses_a_busy_port(api_server: RunningServer, api_pki: PkiPaths) -> None:
     with (
-        pytest.raises(ConfigError, match="cannot listen"),
+        pytest.raises(
+            ConfigError,
+            match=rf"^{api_server.address} is already in use \(another jobworker serve\?\);"
+            " pick another with --listen$",
+        ),
         running_server(api_pki, listen=api_server.address),
     ):
         pass

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from jobworker import inotify
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
@@ -266,13 +267,47 @@ def test_missing_controller_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(FailedPrecondition) as info:
         plugin.create("job-1", JobSpec("true", limits=Limits(cpu=1, memory_high=64 << 20)))
     assert str(info.value) == (
-        "memory high limit requested but the cgroup v2 'memory' controller is not available "
-        f"at {fs.mount} (controllers: cpu pids); run on a cgroup v2 host or drop --memory-high"
+        "this server cannot enforce the limit memory high (the cgroup v2 'memory' controller"
+        f" is not available at {fs.mount}); controllers available at {fs.mount}: cpu pids;"
+        " run on a cgroup v2 host or drop --memory-high"
     )
     assert _job_dirs(plugin) == []
     # Without a memory controller there is nothing to write for memory at all.
     cgroup = plugin.create("job-2", JobSpec("true", limits=Limits(cpu=1)))
     assert not (cgroup.path / "memory.oom.group").exists()
+
+
+def test_every_unenforceable_limit_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _fake(tmp_path, monkeypatch, ("hugetlb",))
+    plugin = _plugin(fs)
+    limits = Limits(cpu=1, memory=64 << 20, pids=10)
+    with pytest.raises(FailedPrecondition) as info:
+        plugin.create("job-1", JobSpec("true", limits=limits))
+    assert str(info.value) == (
+        f"this server cannot enforce the limits cpu (the cgroup v2 'cpu' controller is not"
+        f" available at {fs.mount}), memory (the cgroup v2 'memory' controller is not"
+        f" available at {fs.mount}), pids (the cgroup v2 'pids' controller is not available"
+        f" at {fs.mount}); controllers available at {fs.mount}: hugetlb; run on a cgroup v2"
+        " host or drop --cpu, --memory, --pids"
+    )
+
+
+def test_start_up_warns_of_the_limits_it_will_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _fake(tmp_path, monkeypatch, ("hugetlb", "pids"))
+    with structlog.testing.capture_logs() as logs:
+        _plugin(fs)
+    ready = next(e for e in logs if e["event"] == "cgroup_ready")
+    assert (ready["available"], ready["enabled"]) == (["hugetlb", "pids"], ["pids"])
+    warning = next(e for e in logs if e["event"] == "cgroup_limits_unenforceable")
+    assert warning["log_level"] == "warning"
+    assert warning["refused"] == [
+        "--cpu", "--cpu-weight", "--memory", "--memory-high", "the --io-* limits"
+    ]  # fmt: skip
+    assert warning["available"] == ready["available"]
 
 
 def test_controller_that_cannot_be_enabled(fs: FakeCgroupFs) -> None:

@@ -135,3 +135,22 @@ def test_the_api_guide_names_every_field() -> None:
         if not re.search(rf"`[^`\n]*\b{field.name}\b[^`\n]*`", text)
     )
     assert not missing, f"docs/api.md does not name the fields {missing}"
+
+
+# -- the README's Quickstart can be pasted ------------------------------------------------------
+
+
+def test_the_quickstart_blocks_can_be_pasted() -> None:
+    """The blocking ``serve`` is alone in its block; the client block, for a second
+    terminal, activates the venv first, so its bare ``jobworker`` is on PATH."""
+    readme = (GUIDE.parent.parent / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", quickstart, re.S)
+    serve, clients = blocks[0].splitlines(), blocks[1].splitlines()
+    assert len(serve) == 1 and serve[0].endswith("jobworker serve")
+    assert "second terminal" in quickstart
+    assert clients[0] == ". .venv/bin/activate"
+    for section in readme.split("\n## ")[1:]:
+        bare = re.search(r"^jobworker ", section, re.M) or "`jobworker certs" in section
+        if bare:  # a bare command: the section says how it gets on PATH
+            assert ".venv/bin/activate" in section, section.splitlines()[0]

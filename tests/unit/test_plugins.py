@@ -54,7 +54,7 @@ def test_builtin_by_name() -> None:
 def test_entry_point_by_name(fake_distribution: Path) -> None:
     plugins = load_plugins(["fake"])
     assert plugins.describe() == [
-        {"name": "fake", "version": "1.2.3", "hooks": ["jobworker_on_exit"]}
+        {"name": "fake", "version": "1.2.3", "description": "", "hooks": ["jobworker_on_exit"]}
     ]
     assert "fake" in available_plugins()
 
@@ -229,3 +229,19 @@ def test_an_unconfigured_authz_denies() -> None:
     plugins = load_plugins(["authz"])
     with pytest.raises(PermissionDenied, match="whitelist is not loaded"):
         plugins.authorize(ALICE, Action.LIST, None)
+
+
+def test_a_plugin_without_description_is_described_by_its_docstring() -> None:
+    class Quiet:
+        """Says nothing more.
+
+        Not this line."""
+
+        @hookimpl
+        def jobworker_shutdown(self) -> None:
+            pass
+
+    plugins = Plugins()
+    plugins.register(Quiet(), name="quiet")
+    (row,) = plugins.describe()
+    assert row["description"] == "Says nothing more."

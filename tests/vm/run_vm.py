@@ -42,7 +42,9 @@ REPO = HERE.parent.parent
 INIT_SCRIPT = HERE / "init.sh"
 
 SCRATCH_SERIAL = "jwscratch"
-KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1 cgroup_no_v1=all rdinit=/init"
+# loglevel=1: only emergencies reach the console, which is the tests' output; the OOM
+# killer's lines (KERN_ERR and KERN_WARNING, which "quiet" lets through) stay in dmesg.
+KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1 cgroup_no_v1=all rdinit=/init"
 # Loadable in Debian's kernel and needed before the host root can be mounted.
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay")
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
@@ -223,6 +225,22 @@ class Cpio:
         return b"".join(self._chunks)
 
 
+def prune(cache: Path, root: Path, moddir: Path) -> None:
+    """Keep only what a boot needs: the guest modules (with their dependencies) and the
+    module index. The rest of the kernel package, and its .deb, is about 450 MB; vmlinux
+    was already extracted beside ``root``. A module list that later needs more finds its
+    files missing and says to empty the cache."""
+    keep = {moddir / rel for rel in module_load_order(moddir, GUEST_MODULES)}
+    for path in sorted(root.rglob("*"), reverse=True):  # children before their directory
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path not in keep and path.parent != moddir:
+            path.unlink()
+    for deb in cache.glob("linux-image-*.deb"):
+        deb.unlink()
+
+
 def build_initramfs(moddir: Path, out: Path) -> None:
     """Static busybox + init.sh + the few virtio/9p/overlay modules (about 1.5 MB)."""
     order = module_load_order(moddir, GUEST_MODULES)
@@ -234,6 +252,10 @@ def build_initramfs(moddir: Path, out: Path) -> None:
     cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
     names = []
     for rel in order:
+        if not (moddir / rel).exists():
+            raise SystemExit(
+                f"run_vm: {rel} was pruned from the cache; remove {moddir.parents[3]} to rebuild it"
+            )
         raw = (moddir / rel).read_bytes()
         if rel.endswith(".xz"):
             raw = lzma.decompress(raw)
@@ -273,7 +295,9 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         if not (kdir / "extracted").exists():
             debs = sorted(cache.glob(f"{pkg}_*.deb"))
             if not debs:
-                log(f"downloading {pkg} (about 70 MB) ...")
+                log(
+                    f"downloading {pkg} (about 70 MB; the cache keeps about 70 MB: vmlinux, unpacked, and a few modules) ..."
+                )
                 run(["apt-get", "download", "-o", "APT::Sandbox::User=root", pkg], cwd=cache)
                 debs = sorted(cache.glob(f"{pkg}_*.deb"))
             log(f"extracting {debs[-1].name} ...")
@@ -290,6 +314,9 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         if not vmlinux.exists():
             log("extracting the ELF kernel from vmlinuz ...")
             extract_vmlinux(root / "boot" / f"vmlinuz-{release}", vmlinux)
+        if not (kdir / "pruned").exists():
+            prune(cache, root, moddir)
+            (kdir / "pruned").touch()
         digest = hashlib.sha256()
         for part in (INIT_SCRIPT.read_bytes(), BUSYBOX.read_bytes(), repr(GUEST_MODULES).encode()):
             digest.update(hashlib.sha256(part).digest())
