@@ -49,6 +49,7 @@ def with_default_port(address: str) -> str:
         return f"[{address}]:{DEFAULT_PORT}"
     return address if ":" in address else f"{address}:{DEFAULT_PORT}"
 
+
 #: Output a server keeps per job unless told otherwise (``serve --max-output-bytes``).
 DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 #: Output streams one client may have open at once unless told otherwise.

@@ -59,6 +59,16 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/GetUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobUsage.FromString,
+                _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/ListUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
         self.WriteInput = channel.stream_unary(
                 '/jobworker.v1.JobService/WriteInput',
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.InputChunk.SerializeToString,
@@ -103,6 +113,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Usage samples of one job (authorized like GetStatus); see docs/observability.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsage(self, request, context):
+        """Usage samples of every running job the caller may see (authorized like ListJobs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WriteInput(self, request_iterator, context):
         """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
         message names the job; the server reads the next message only once the previous one
@@ -139,6 +163,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobUsage.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.SerializeToString,
             ),
             'WriteInput': grpc.stream_unary_rpc_method_handler(
                     servicer.WriteInput,
@@ -281,6 +315,60 @@ class JobService:
             '/jobworker.v1.JobService/ListJobs',
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/GetUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.JobUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/ListUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class JobServiceStub:
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]
     """Jobs the caller may see, oldest first, filtered and a page at a time."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]
+    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+    ListUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]
+    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
     WriteInput: _grpc.StreamUnaryMultiCallable[_jobworker_pb2.InputChunk, _jobworker_pb2.WriteInputResponse]
     """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
     message names the job; the server reads the next message only once the previous one
@@ -63,6 +67,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Jobs the caller may see, oldest first, filtered and a page at a time."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]  # type: ignore[assignment]
+    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+    ListUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]  # type: ignore[assignment]
+    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
     WriteInput: _aio.StreamUnaryMultiCallable[_jobworker_pb2.InputChunk, _jobworker_pb2.WriteInputResponse]  # type: ignore[assignment]
     """Write to the stdin of a job started with `stdin` set. Client-streaming: the first
     message names the job; the server reads the next message only once the previous one
@@ -108,6 +116,22 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.ListJobsResponse, _abc.Awaitable[_jobworker_pb2.ListJobsResponse]]:
         """Jobs the caller may see, oldest first, filtered and a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _jobworker_pb2.UsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.JobUsage, _abc.Awaitable[_jobworker_pb2.JobUsage]]:
+        """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+
+    @_abc_1.abstractmethod
+    def ListUsage(
+        self,
+        request: _jobworker_pb2.ListUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.ListUsageResponse, _abc.Awaitable[_jobworker_pb2.ListUsageResponse]]:
+        """Usage samples of every running job the caller may see (authorized like ListJobs)."""
 
     @_abc_1.abstractmethod
     def WriteInput(
