@@ -86,17 +86,27 @@ def _whitelisted(options: argparse.Namespace) -> Callable[[Any, Any], bool]:
     Runs after the TLS handshake verified the certificate against the server's CA.
     """
     from jobworker.plugins.authz import Authz
+    from jobworker.tls import RevocationList
 
     if getattr(options, "authz", None) is None:
         raise ConfigError("--metrics-tls needs the authorization whitelist (--authz)")
     whitelist = Authz.from_file(options.authz)
+    # The gRPC port's revocation list, read once: a revoked client scrapes nothing either.
+    crl_path = getattr(options, "tls_crl", None)
+    crl = None if not crl_path else RevocationList(Path(crl_path), Path(options.tls_ca))
 
     def verify(request: Any, client_address: Any) -> bool:
         identity = _peer_identity(request.getpeercert() or {})
-        if identity is not None and whitelist.role_of(identity) is not None:
+        der = request.getpeercert(binary_form=True)
+        revoked = crl is not None and (
+            der is None or crl.is_revoked(ssl.DER_cert_to_PEM_cert(der).encode())
+        )
+        if identity is not None and not revoked and whitelist.role_of(identity) is not None:
             return True
         shown = None if identity is None else identity.name
-        log.warning("metrics_scrape_refused", peer=str(client_address), identity=shown)
+        log.warning(
+            "metrics_scrape_refused", peer=str(client_address), identity=shown, revoked=revoked
+        )
         return False
 
     return verify

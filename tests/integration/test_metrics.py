@@ -8,15 +8,17 @@ import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobworker.hooks import hookimpl
 from jobworker.jobs import JobManager
-from jobworker.pki import PkiPaths
+from jobworker.pki import PkiPaths, write_crl
 from jobworker.plugins.metrics import Metrics
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import (
@@ -171,6 +173,29 @@ def test_metrics_over_tls_need_a_whitelisted_client_certificate(api_pki: PkiPath
             scrape(url, context)
         mallory = api_pki.client("mallory")  # signed by the CA, not on the whitelist
         context.load_cert_chain(mallory.cert, mallory.key)
+        with pytest.raises(OSError):
+            scrape(url, context)
+        alice = api_pki.client("alice")
+        context.load_cert_chain(alice.cert, alice.key)
+        assert value(scrape(url, context), "jobworker_jobs_running") == 0
+    finally:
+        metrics.jobworker_shutdown()
+
+
+def test_metrics_over_tls_refuse_a_revoked_client(api_pki: PkiPaths, tmp_path: Path) -> None:
+    """The gRPC port's CRL holds for the metrics port too."""
+    bob = api_pki.client("bob")
+    serial = x509.load_pem_x509_certificate(bob.cert.read_bytes()).serial_number
+    crl = write_crl(api_pki.load_ca(), [serial], tmp_path / "ca.crl")
+    metrics = Metrics()
+    flags = options(api_pki, listen="127.0.0.1:0", tls=True)
+    flags.tls_crl = crl
+    metrics.jobworker_configure(flags)
+    try:
+        url = f"https://{metrics.address}/metrics"
+        context = ssl.create_default_context(cafile=api_pki.server().ca)
+        context.check_hostname = False
+        context.load_cert_chain(bob.cert, bob.key)  # whitelisted, but revoked
         with pytest.raises(OSError):
             scrape(url, context)
         alice = api_pki.client("alice")
