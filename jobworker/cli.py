@@ -35,7 +35,7 @@ from jobworker.client import JobClient, JobStatusView
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks.manager import Plugins, available_plugins
 from jobworker.logs import LEVELS, configure_logging
-from jobworker.model import IoLimit, Limits
+from jobworker.model import IoLimit, Limits, TerminationReason
 from jobworker.pki import ROLES, PkiPaths, default_pki_dir, init_pki
 from jobworker.tls import TlsFiles
 from jobworker.units import (
@@ -169,6 +169,9 @@ def _job_options() -> _Parser:
     )
     job.add_argument("--cwd", metavar="DIR", help="working directory on the server")
     job.add_argument(
+        "--node", metavar="NAME", help="run on this cluster node (a cluster backend only)"
+    )
+    job.add_argument(
         "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
     )
     limits = parent.add_argument_group(
@@ -300,6 +303,7 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", parents=[connection], help="list jobs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--node", metavar="NAME", help="only the jobs of this cluster node")
     listing.set_defaults(handler=_client_command(_list))
 
     plugins_cmd = commands.add_parser(
@@ -427,7 +431,12 @@ def _limits(options: argparse.Namespace) -> Limits | None:
 def _start_job(client: JobClient, options: argparse.Namespace) -> str:
     command, *args = options.command
     return client.start(
-        command, args, env=dict(options.env), cwd=options.cwd, limits=_limits(options)
+        command,
+        args,
+        env=dict(options.env),
+        cwd=options.cwd,
+        limits=_limits(options),
+        node=options.node,
     )
 
 
@@ -470,6 +479,8 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     status = client.status(job_id)
     code = status.shell_exit_code
+    if status.reason is TerminationReason.NODE_LOST:
+        raise JobworkerError(f"job {job_id} was lost with its node {status.node}")
     if code is None:
         raise JobworkerError(f"job {job_id}'s output ended but it is still {status.state.value}")
     return code
@@ -531,7 +542,7 @@ def _outcome(view: JobStatusView) -> str:
 
 
 def _list(client: JobClient, options: argparse.Namespace) -> int:
-    views = client.list()
+    views = client.list(node=options.node)
     if options.json:
         _print_json([view.as_dict() for view in views])
         return 0

@@ -91,6 +91,7 @@ class JobStatusView:
     containment: str
     output_bytes: int
     pid: int
+    node: str | None = None  # the cluster node it ran on (cluster backends)
 
     @property
     def shell_exit_code(self) -> int | None:
@@ -161,7 +162,9 @@ def _status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         reason=reason,
         # The wire always carries an int32; it means something only for a process that
         # returned one.
-        exit_code=status.exit_code if ended and not status.signal else None,
+        exit_code=status.exit_code
+        if ended and not status.signal and reason is not TerminationReason.NODE_LOST
+        else None,
         signal=status.signal or None,
         owner=status.owner,
         stopped_by=status.stopped_by or None,
@@ -175,6 +178,7 @@ def _status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         containment=status.containment,
         output_bytes=status.output_bytes,
         pid=status.pid,
+        node=status.node or None,
     )
 
 
@@ -227,14 +231,17 @@ class JobClient:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         limits: Limits | None = None,
+        node: str | None = None,
     ) -> str:
-        """Start ``command`` and return the job id; ``env`` is the job's whole environment."""
+        """Start ``command`` and return the job id; ``env`` is the job's whole environment.
+        ``node`` pins the job to a cluster node (cluster backends only)."""
         request = pb.StartJobRequest(
             command=command,
             args=args,
             env=env or {},
             cwd=cwd or "",
             limits=limits_to_pb(limits) if limits is not None else None,
+            node=node or "",
         )
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
@@ -265,10 +272,11 @@ class JobClient:
             status=_status_from_pb(response.status) if response.HasField("status") else None,
         )
 
-    def list(self) -> builtins.list[JobStatusView]:
-        """Every job the caller may see (its own; all of them for an admin)."""
+    def list(self, node: str | None = None) -> builtins.list[JobStatusView]:
+        """Every job the caller may see (its own; all of them for an admin), or only those
+        of cluster node ``node``."""
         try:
-            response: pb.ListJobsResponse = self._stub.ListJobs(pb.ListJobsRequest())
+            response: pb.ListJobsResponse = self._stub.ListJobs(pb.ListJobsRequest(node=node or ""))
         except grpc.RpcError as err:
             raise self._error(err) from None
         return [_status_from_pb(job) for job in response.jobs]

@@ -226,14 +226,15 @@ class JobManager:
 
     # -- start ---------------------------------------------------------------------------
 
-    async def start(self, spec: JobSpec, owner: str) -> JobStatus:
+    async def start(self, spec: JobSpec, owner: str, job_id: str | None = None) -> JobStatus:
         """Run ``spec`` for ``owner``; return once the command runs (not a launcher).
 
         Raises InvalidArgument, SpawnError (with the OS reason), ResourceExhausted, or the
         error a plugin vetoed with; plugins hear of it through ``start_refused``. On any
-        error nothing of the job remains.
+        error nothing of the job remains. ``job_id`` is given by an engine that already
+        named the job (a cluster front server); by default a new one is drawn.
         """
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         try:
             return await self._start(job_id, spec, owner)
         except JobworkerError as err:
@@ -245,6 +246,11 @@ class JobManager:
         if self._closing:
             raise FailedPrecondition("the server is shutting down; retry on another server")
         validate_spec(spec)
+        if spec.node is not None:
+            raise InvalidArgument(
+                f"node {spec.node!r} asked for, but this server runs jobs on itself only:"
+                " --node needs a cluster backend (serve --plugin ray)"
+            )
         self._evict()
         if self.running >= self._max_running:
             raise ResourceExhausted(

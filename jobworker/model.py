@@ -65,6 +65,7 @@ class TerminationReason(enum.Enum):
     SIGNALED = "signaled"  # killed by a signal nobody here sent
     STOPPED = "stopped"  # stopped on request
     OOM_KILLED = "oom_killed"  # the kernel's OOM killer, reported by a containment plugin
+    NODE_LOST = "node_lost"  # the cluster node running it was lost (cluster backends)
 
 
 class Action(enum.Enum):
@@ -112,6 +113,7 @@ class JobSpec:
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env, eq=False)
     cwd: str | None = None
     limits: Limits = attrs.field(factory=Limits)
+    node: str | None = None  # run on this cluster node (cluster backends only)
 
     def job_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -159,3 +161,4 @@ class JobStatus:
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
     output_bytes: int = 0  # what the job wrote, stdout and stderr together
+    node: str | None = None  # the cluster node it runs on; None on a single server

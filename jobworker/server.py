@@ -162,7 +162,7 @@ async def _serve_until(
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
 
     with spool_run(config.spool_dir) as spool_dir:
-        manager = JobManager(
+        manager = await plugins.make_backend(config, spool_dir) or JobManager(
             plugins,
             spool_dir,
             default_grace=config.default_grace,

@@ -44,6 +44,7 @@ from jobworker.model import (
     JobStatus,
     Limits,
     ResourceUsage,
+    TerminationReason,
 )
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -77,6 +78,8 @@ _CPU_WEIGHT_RANGE = (1, 10000)
 # A job's exit code for a death by signal N, as shells report it, so that a client that only
 # knows ``exit_code`` (the original protocol) never mistakes a killed job for a success.
 _SIGNAL_EXIT_BASE = 128
+#: The exit code of a job lost with its cluster node: it has none, and 0 would mean success.
+_NODE_LOST_EXIT = -1
 
 
 # -- translation: protobuf -> domain --------------------------------------------------------
@@ -142,6 +145,7 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
         env=dict(request.env),
         cwd=request.cwd or None,
         limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
+        node=request.node or None,
     )
     validate_spec(spec)
     return spec
@@ -180,12 +184,15 @@ def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
         limits=limits_to_pb(status.applied_limits),
         output_bytes=status.output_bytes,
         pid=status.pid,
+        node=status.node or "",
     )
     if status.exit is not None:
         ex = status.exit
         reply.reason = ex.reason.value
         reply.signal = ex.signal or 0
         reply.exit_code = _SIGNAL_EXIT_BASE + ex.signal if ex.signal else ex.exit_code or 0
+        if ex.reason is TerminationReason.NODE_LOST:
+            reply.exit_code = _NODE_LOST_EXIT  # never 0: the job did not succeed
         reply.stopped_by = ex.stopped_by or ""
         reply.escalated = ex.escalated
     if status.usage is not None:
@@ -439,7 +446,10 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
-        visible = [s for s in self.manager.list() if self._may_see(caller.identity, s)]
+        jobs = self.manager.list()
+        if request.node:
+            jobs = [s for s in jobs if s.node == request.node]
+        visible = [s for s in jobs if self._may_see(caller.identity, s)]
         return pb.ListJobsResponse(jobs=[status_to_pb(s) for s in visible])
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:

@@ -37,6 +37,11 @@ git diff --exit-code -- jobworker/v1 || {
 step "tests on the host"
 python -m pytest -m "not cgroup" -p no:cacheprovider
 
+# Its own environment: the ray extra (about 450 MB) stays out of the base install. A local
+# Ray cluster (head + 3 nodes on 127.0.0.1) runs for about a minute.
+step "Ray cluster backend (tox -e ray)"
+tox -e ray
+
 if [ "${JOBWORKER_SKIP_VM:-0}" != 1 ]; then
   step "cgroup v2 tests inside a QEMU VM"
   vm_suite() {

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import inspect
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from jobworker.identity import Identity
     from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.server import ServerConfig
 
 log = structlog.get_logger("jobworker.plugins")
 
@@ -31,6 +34,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "authz": "jobworker.backends.authz",
     "audit-log": "jobworker.backends.auditlog",
     "cgroupv2": "jobworker.backends.cgroupv2",
+    "ray": "jobworker.ray_backend.plugin:RayPlugin",
 }
 
 
@@ -46,7 +50,9 @@ def available_plugins() -> list[str]:
 def _load_object(name: str) -> tuple[object, str | None]:
     """Import plugin ``name``; return the object to register and its distribution version."""
     if name in BUILTIN_PLUGINS:
-        return importlib.import_module(BUILTIN_PLUGINS[name]), None
+        module, _, cls = BUILTIN_PLUGINS[name].partition(":")
+        loaded = importlib.import_module(module)
+        return (getattr(loaded, cls)() if cls else loaded), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
         raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
@@ -149,6 +155,32 @@ class Plugins:
             raise
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
+
+    async def make_backend(self, config: ServerConfig, spool_dir: Path) -> JobManager | None:
+        """The backend a plugin provides (first answer wins), or None for the local one."""
+        for impl in self._impls("jobworker_make_backend"):
+            try:
+                result = impl.function(
+                    *[{"plugins": self, "config": config, "spool_dir": spool_dir}[a]
+                      for a in impl.argnames]
+                )  # fmt: skip
+                if inspect.isawaitable(result):
+                    result = await result
+            except JobworkerError:
+                raise
+            except Exception as exc:
+                raise ConfigError(f"plugin {impl.plugin_name!r}: {exc}") from exc
+            if result is not None:
+                return result  # type: ignore[return-value]
+        return None
+
+    def implements(self, name: str, hook_names: Iterable[str]) -> bool:
+        """Whether loaded plugin ``name`` implements any of ``hook_names``."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is None:
+            return False
+        callers = self.pm.get_hookcallers(plugin) or []
+        return any(c.name in hook_names for c in callers)
 
     def manager_ready(self, manager: JobManager) -> None:
         self._observe("jobworker_manager_ready", manager=manager)

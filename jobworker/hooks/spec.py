@@ -4,7 +4,9 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
-   ``jobworker_manager_ready(manager)`` -- once, when the job manager exists.
+   ``jobworker_make_backend(...)`` -- once (first result wins): a cluster backend
+   instead of the local engine; then ``jobworker_manager_ready(manager)`` -- once, when
+   the job manager exists.
 3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
@@ -25,6 +27,8 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobworker.hooks import hookspec
@@ -32,9 +36,11 @@ from jobworker.hooks import hookspec
 if TYPE_CHECKING:
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
+    from jobworker.hooks.manager import Plugins
     from jobworker.identity import Identity
     from jobworker.manager import JobManager
     from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.server import ServerConfig
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -54,6 +60,21 @@ def jobworker_configure(options: argparse.Namespace) -> None:
     """Read the parsed options and prepare; called once before the server starts.
 
     May raise :class:`jobworker.errors.ConfigError` to refuse start-up with a message.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_make_backend(
+    plugins: Plugins, config: ServerConfig, spool_dir: Path
+) -> JobManager | Awaitable[JobManager | None] | None:
+    """Provide the server's job backend instead of the local engine (jobs on this host).
+
+    First result wins. Called once on the server's event loop, after
+    ``jobworker_configure`` and before ``jobworker_manager_ready``; may return an awaitable
+    (a coroutine: an ``async def`` implementation). The backend has the engine's methods
+    (start, stop, find, get, list, follow, wait, shutdown) and calls the job life-cycle
+    observers itself. Raise :class:`jobworker.errors.ConfigError` to refuse start-up.
+    The ``ray`` plugin implements it (docs/cluster.md).
     """
 
 

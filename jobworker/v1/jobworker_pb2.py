@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\"k\n\rIoDeviceLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08read_bps\x18\x02 \x01(\x04\x12\x11\n\twrite_bps\x18\x03 \x01(\x04\x12\x11\n\tread_iops\x18\x04 \x01(\x04\x12\x12\n\nwrite_iops\x18\x05 \x01(\x04\"\x91\x01\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\x04\x12\'\n\x02io\x18\x04 \x03(\x0b\x32\x1b.jobworker.v1.IoDeviceLimit\x12\x12\n\ncpu_weight\x18\x05 \x01(\r\x12\x19\n\x11memory_high_bytes\x18\x06 \x01(\x04\"\xc4\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x33\n\x03\x65nv\x18\x03 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.jobworker.v1.Limits\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\x42\x10\n\x0e_grace_seconds\"\x8d\x01\n\x0bJobResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x61lready_finished\x18\x03 \x01(\x08\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12/\n\x06status\x18\x05 \x01(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\"\xe5\x02\n\rResourceUsage\x12\x1b\n\x0e\x63pu_usage_usec\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12\x63pu_throttled_usec\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10\x63pu_nr_throttled\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tpids_peak\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x11\n\x0f_cpu_usage_usecB\x15\n\x13_cpu_throttled_usecB\x13\n\x11_cpu_nr_throttledB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytesB\x0c\n\n_pids_peak\"\xeb\x02\n\x11JobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\nstopped_by\x18\x07 \x01(\t\x12\x11\n\tescalated\x18\x08 \x01(\x08\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x0b \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0c \x03(\t\x12\x13\n\x0b\x63ontainment\x18\r \x01(\t\x12$\n\x06limits\x18\x0e \x01(\x0b\x32\x14.jobworker.v1.Limits\x12*\n\x05usage\x18\x0f \x01(\x0b\x32\x1b.jobworker.v1.ResourceUsage\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x0b\n\x03pid\x18\x11 \x01(\x05\">\n\x0eJobOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\x11\n\x0fListJobsRequest\"A\n\x10ListJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.jobworker.v1.JobStatusResponse2\xf4\x02\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12>\n\x07StopJob\x12\x18.jobworker.v1.JobRequest\x1a\x19.jobworker.v1.JobResponse\x12\x46\n\tGetStatus\x12\x18.jobworker.v1.JobRequest\x1a\x1f.jobworker.v1.JobStatusResponse\x12H\n\x0cStreamOutput\x12\x18.jobworker.v1.JobRequest\x1a\x1c.jobworker.v1.JobOutputChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\"k\n\rIoDeviceLimit\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08read_bps\x18\x02 \x01(\x04\x12\x11\n\twrite_bps\x18\x03 \x01(\x04\x12\x11\n\tread_iops\x18\x04 \x01(\x04\x12\x12\n\nwrite_iops\x18\x05 \x01(\x04\"\x91\x01\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\x04\x12\'\n\x02io\x18\x04 \x03(\x0b\x32\x1b.jobworker.v1.IoDeviceLimit\x12\x12\n\ncpu_weight\x18\x05 \x01(\r\x12\x19\n\x11memory_high_bytes\x18\x06 \x01(\x04\"\xd2\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x33\n\x03\x65nv\x18\x03 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0c\n\x04node\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"m\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\x42\x10\n\x0e_grace_seconds\"\x8d\x01\n\x0bJobResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10\x61lready_finished\x18\x03 \x01(\x08\x12\x11\n\tescalated\x18\x04 \x01(\x08\x12/\n\x06status\x18\x05 \x01(\x0b\x32\x1f.jobworker.v1.JobStatusResponse\"\xe5\x02\n\rResourceUsage\x12\x1b\n\x0e\x63pu_usage_usec\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12\x63pu_throttled_usec\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10\x63pu_nr_throttled\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tpids_peak\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x11\n\x0f_cpu_usage_usecB\x15\n\x13_cpu_throttled_usecB\x13\n\x11_cpu_nr_throttledB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytesB\x0c\n\n_pids_peak\"\xf9\x02\n\x11JobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\nstopped_by\x18\x07 \x01(\t\x12\x11\n\tescalated\x18\x08 \x01(\x08\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x10\n\x08\x65nded_at\x18\n \x01(\x01\x12\x0f\n\x07\x63ommand\x18\x0b \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0c \x03(\t\x12\x13\n\x0b\x63ontainment\x18\r \x01(\t\x12$\n\x06limits\x18\x0e \x01(\x0b\x32\x14.jobworker.v1.Limits\x12*\n\x05usage\x18\x0f \x01(\x0b\x32\x1b.jobworker.v1.ResourceUsage\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x0b\n\x03pid\x18\x11 \x01(\x05\x12\x0c\n\x04node\x18\x12 \x01(\t\">\n\x0eJobOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\x1f\n\x0fListJobsRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"A\n\x10ListJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.jobworker.v1.JobStatusResponse2\xf4\x02\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12>\n\x07StopJob\x12\x18.jobworker.v1.JobRequest\x1a\x19.jobworker.v1.JobResponse\x12\x46\n\tGetStatus\x12\x18.jobworker.v1.JobRequest\x1a\x1f.jobworker.v1.JobStatusResponse\x12H\n\x0cStreamOutput\x12\x18.jobworker.v1.JobRequest\x1a\x1c.jobworker.v1.JobOutputChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=156
   _globals['_LIMITS']._serialized_end=301
   _globals['_STARTJOBREQUEST']._serialized_start=304
-  _globals['_STARTJOBREQUEST']._serialized_end=500
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=458
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=500
-  _globals['_STARTJOBRESPONSE']._serialized_start=502
-  _globals['_STARTJOBRESPONSE']._serialized_end=536
-  _globals['_JOBREQUEST']._serialized_start=538
-  _globals['_JOBREQUEST']._serialized_end=647
-  _globals['_JOBRESPONSE']._serialized_start=650
-  _globals['_JOBRESPONSE']._serialized_end=791
-  _globals['_RESOURCEUSAGE']._serialized_start=794
-  _globals['_RESOURCEUSAGE']._serialized_end=1151
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=1154
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=1517
-  _globals['_JOBOUTPUTCHUNK']._serialized_start=1519
-  _globals['_JOBOUTPUTCHUNK']._serialized_end=1581
-  _globals['_LISTJOBSREQUEST']._serialized_start=1583
-  _globals['_LISTJOBSREQUEST']._serialized_end=1600
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1602
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1667
-  _globals['_JOBSERVICE']._serialized_start=1670
-  _globals['_JOBSERVICE']._serialized_end=2042
+  _globals['_STARTJOBREQUEST']._serialized_end=514
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=472
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=514
+  _globals['_STARTJOBRESPONSE']._serialized_start=516
+  _globals['_STARTJOBRESPONSE']._serialized_end=550
+  _globals['_JOBREQUEST']._serialized_start=552
+  _globals['_JOBREQUEST']._serialized_end=661
+  _globals['_JOBRESPONSE']._serialized_start=664
+  _globals['_JOBRESPONSE']._serialized_end=805
+  _globals['_RESOURCEUSAGE']._serialized_start=808
+  _globals['_RESOURCEUSAGE']._serialized_end=1165
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=1168
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=1545
+  _globals['_JOBOUTPUTCHUNK']._serialized_start=1547
+  _globals['_JOBOUTPUTCHUNK']._serialized_end=1609
+  _globals['_LISTJOBSREQUEST']._serialized_start=1611
+  _globals['_LISTJOBSREQUEST']._serialized_end=1642
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1644
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1709
+  _globals['_JOBSERVICE']._serialized_start=1712
+  _globals['_JOBSERVICE']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)

@@ -125,9 +125,12 @@ class StartJobRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     cwd: _builtins.str
     """empty: the server's working directory"""
+    node: _builtins.str
+    """cluster backends: run on this node (by name); empty = any"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -144,10 +147,11 @@ class StartJobRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         cwd: _builtins.str = ...,
         limits: Global___Limits | None = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +327,7 @@ class JobStatusResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
     """"running" | "exited" """
@@ -330,7 +335,8 @@ class JobStatusResponse(_message.Message):
     """the exit code; 128+N when a signal N ended the job"""
     reason: _builtins.str
     """Extensions.
-    "" while running; "exited" | "signaled" | "stopped" | "oom_killed"
+    "" while running; "exited" | "signaled" | "stopped" | "oom_killed" | "node_lost"
+    (node_lost: the cluster node running the job was lost; exit_code is -1, signal 0)
     """
     signal: _builtins.int
     """the signal that ended it, 0 if none"""
@@ -345,6 +351,9 @@ class JobStatusResponse(_message.Message):
     containment: _builtins.str
     output_bytes: _builtins.int
     pid: _builtins.int
+    """on the job's node"""
+    node: _builtins.str
+    """cluster backends: the node it runs on; empty on one server"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -373,10 +382,11 @@ class JobStatusResponse(_message.Message):
         usage: Global___ResourceUsage | None = ...,
         output_bytes: _builtins.int = ...,
         pid: _builtins.int = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "job_id", b"job_id", "limits", b"limits", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,12 +423,17 @@ Global___JobOutputChunk: _TypeAlias = JobOutputChunk  # noqa: Y015
 class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    NODE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """only the jobs of this cluster node; empty = all"""
     def __init__(
         self,
+        *,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,7 +87,7 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
     assert list(status) == [
         "job_id", "state", "reason", "exit_code", "signal", "owner", "stopped_by",
         "escalated", "started_at", "ended_at", "command", "args", "limits", "usage",
-        "containment", "output_bytes", "pid",
+        "containment", "output_bytes", "pid", "node",
     ]  # fmt: skip
     assert status["job_id"] == job_id
     assert (status["state"], status["reason"], status["exit_code"]) == ("exited", "exited", 0)
