@@ -66,20 +66,28 @@ def _kill(pid: int, signum: int) -> None:
 
 
 def signal_tree(root: int, signum: int) -> None:
-    """``signum`` to ``root``'s process group and every descendant."""
+    """``signum`` to ``root``'s process group and every descendant (found first: once a
+    parent dies its children are re-parented out of the tree)."""
+    below = descendants(root)
     try:
         os.killpg(root, signum)
     except ProcessLookupError:
         pass
-    for pid in descendants(root):
+    for pid in below:
         _kill(pid, signum)
 
 
 @attrs.define
 class ProcessTree:
-    """Containment: the job's process group and every descendant of its first process."""
+    """Containment: the job's process group and every descendant of its first process.
+
+    Every process seen in the tree is remembered (with its start time), so that one whose
+    parent dies between two signals (a shell killed by SIGTERM leaves its children to
+    init) still gets the next signal, SIGKILL included.
+    """
 
     _root: int | None = None
+    _seen: dict[int, int] = attrs.Factory(dict)  # pid -> start time
 
     @property
     def name(self) -> str:
@@ -97,8 +105,22 @@ class ProcessTree:
         self._root = pid
 
     def signal(self, signum: int) -> None:
-        if self._root is not None:
-            signal_tree(self._root, signum)
+        if self._root is None:
+            return
+        # Look before signalling: a child must be found while its parent still lives.
+        for pid in descendants(self._root):
+            started = start_time(pid)
+            if started is not None:
+                self._seen.setdefault(pid, started)
+        try:
+            os.killpg(self._root, signum)
+        except ProcessLookupError:
+            pass
+        for pid, started in list(self._seen.items()):
+            if start_time(pid) == started:
+                _kill(pid, signum)
+            else:
+                del self._seen[pid]
 
     def kill(self) -> None:
         # A process may fork while we walk: a second pass catches what the first missed.
@@ -113,6 +135,7 @@ class ProcessTree:
 
     def release(self) -> None:
         self._root = None
+        self._seen.clear()
 
 
 @attrs.frozen
