@@ -476,6 +476,11 @@ class RayBackend:
                 yield OutputChunk(Stream(tag), data, after)
                 offset = after
             if result.at_end:
+                if follow:
+                    # The end of a followed stream means the job is over: its status
+                    # says so before the follower hears of the end (the agent's poll
+                    # reports the exit at once).
+                    await job.done.wait()
                 return
 
     async def _relay(self, job_id: str) -> None:

@@ -142,10 +142,15 @@ def test_stop_kills_the_whole_tree_on_its_node(alice: pb_grpc.JobServiceStub) ->
     stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60)
     escaped = int(next(stream).data.split()[0])
     shell = status(alice, job_id).pid
-    assert alive(escaped) and alive(shell)
-    reply = stop(alice, job_id)
-    assert reply.status.reason == "stopped"
-    wait_for(lambda: not alive(escaped) and not alive(shell), 10, "the job's processes gone")
+    try:
+        assert alive(escaped) and alive(shell)
+        reply = stop(alice, job_id)
+        assert reply.status.reason == "stopped"
+        wait_for(lambda: not alive(escaped) and not alive(shell), 10, "the job's processes gone")
+    finally:
+        for pid in (escaped, shell):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_audit_log_records_cluster_jobs(front: Front, alice: pb_grpc.JobServiceStub) -> None:
