@@ -154,6 +154,7 @@ class RayBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
+        self._discovering = asyncio.Lock()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -199,7 +200,11 @@ class RayBackend:
                 log.exception("ray_discover_failed")
 
     async def _discover(self) -> None:
-        """An agent on every alive node not known yet."""
+        """An agent on every alive node not known yet (one look at a time)."""
+        async with self._discovering:
+            await self._discover_once()
+
+    async def _discover_once(self) -> None:
         import ray
 
         nodes = await asyncio.to_thread(ray.nodes)
@@ -377,11 +382,17 @@ class RayBackend:
             self._spawn(self._relay(job_id), f"ray-relay-{job_id}")
         return status
 
+    def _named(self, name: str, node: _Node | None = None) -> bool:
+        candidates = [node] if node is not None else self._nodes.values()
+        return any(name in (n.name, n.node_id) and not n.lost for n in candidates)
+
     async def _place(self, job_id: str, spec: JobSpec) -> tuple[_Node, str | None]:
         """The node for ``spec`` and the name of the placement group holding its share."""
+        if spec.node is not None and not self._named(spec.node):
+            await self._discover()  # a node that joined since the last look
         nodes = [n for n in self._nodes.values() if not n.lost]
         if spec.node is not None:
-            pinned = [n for n in nodes if spec.node in (n.name, n.node_id)]
+            pinned = [n for n in nodes if self._named(spec.node, n)]
             if not pinned:
                 names = ", ".join(sorted(n.name for n in nodes)) or "none"
                 raise InvalidArgument(f"no node named {spec.node!r}; nodes: {names}")

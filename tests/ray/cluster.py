@@ -15,7 +15,9 @@ The keeper is the parent of every Ray process it starts; tear-down closes its st
 (it shuts the cluster down) and then kills whatever of its process tree is left, never
 another user's Ray (``ray stop`` would kill every Ray process of the machine).
 
-Run as a script, this module is the keeper: ``python cluster.py NODES_JSON TEMP_DIR``.
+Run as a script, this module is the keeper: ``python cluster.py NODES_JSON TEMP_DIR``; it
+prints the cluster's description as one JSON line, then adds a node for each ``add
+NODE_JSON`` line on its standard input, and shuts the cluster down when that closes.
 """
 
 from __future__ import annotations
@@ -103,6 +105,16 @@ class LocalCluster:
         """SIGKILL node ``name``'s raylet, as a lost machine would look to the cluster."""
         os.kill(self.raylets[name], signal.SIGKILL)
 
+    def add_node(self, node: dict[str, Any]) -> None:
+        """Start one more node (a lost one coming back under its name, say); returns once
+        it is alive."""
+        keeper = self._keeper
+        assert keeper.stdin is not None and keeper.stdout is not None
+        keeper.stdin.write(f"add {json.dumps(node)}\n")
+        keeper.stdin.flush()
+        info = json.loads(keeper.stdout.readline())
+        self.node_ids, self.raylets = info["node_ids"], info["raylets"]
+
     def stop(self) -> None:
         keeper = self._keeper
         if keeper.poll() is None:
@@ -167,40 +179,52 @@ def local_cluster(
             cluster.stop()
 
 
+def _add(cluster: Any, node: dict[str, Any], head: bool, temp_dir: str, wait: bool = False) -> Any:
+    base = free_port_block(6)
+    args: dict[str, Any] = {
+        "node_ip_address": HOST,
+        "node_name": node["name"],
+        "num_cpus": node["num_cpus"],
+        "memory": node["memory"],
+        "object_store_memory": 80 * 1024 * 1024,
+        "include_dashboard": False,
+        "dashboard_agent_listen_port": base,
+        "metrics_export_port": base + 2,
+        "runtime_env_agent_port": base + 3,
+        "wait": wait,
+    }
+    if head:
+        args["temp_dir"] = str(Path(temp_dir, "ray"))
+        args["ray_client_server_port"] = base + 4
+    return cluster.add_node(**args)
+
+
+def _describe(started: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "node_ids": {name: n.node_id for name, n in started.items()},
+        "raylets": {name: n.all_processes["raylet"][0].process.pid for name, n in started.items()},
+    }
+
+
 def _keep(nodes: list[dict[str, Any]], temp_dir: str) -> None:
+    """Start the cluster, print its description, then serve ``add NODE_JSON`` lines (each
+    answered with the new description) until standard input closes."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(shutdown_at_exit=False)
     try:
         started = {}
         for i, node in enumerate(nodes):
-            base = free_port_block(6)
-            args: dict[str, Any] = {
-                "node_ip_address": HOST,
-                "node_name": node["name"],
-                "num_cpus": node["num_cpus"],
-                "memory": node["memory"],
-                "object_store_memory": 80 * 1024 * 1024,
-                "include_dashboard": False,
-                "dashboard_agent_listen_port": base,
-                "metrics_export_port": base + 2,
-                "runtime_env_agent_port": base + 3,
-                "wait": False,
-            }
-            if i == 0:
-                args["temp_dir"] = str(Path(temp_dir, "ray"))
-                args["ray_client_server_port"] = base + 4
-            started[node["name"]] = cluster.add_node(**args)
+            started[node["name"]] = _add(cluster, node, i == 0, temp_dir)
         cluster.wait_for_nodes(_START_TIMEOUT_S)
-        info = {
-            "address": cluster.address,
-            "node_ids": {name: n.node_id for name, n in started.items()},
-            "raylets": {
-                name: n.all_processes["raylet"][0].process.pid for name, n in started.items()
-            },
-        }
-        print(json.dumps(info), flush=True)
-        sys.stdin.read()  # until the test session closes our standard input
+        print(json.dumps({"address": cluster.address, **_describe(started)}), flush=True)
+        for line in sys.stdin:
+            command, _, argument = line.partition(" ")
+            if command == "add":
+                node = json.loads(argument)
+                # Waits for this node only: a killed one stays in the cluster's list.
+                started[node["name"]] = _add(cluster, node, False, temp_dir, wait=True)
+                print(json.dumps(_describe(started)), flush=True)
     finally:
         cluster.shutdown()
 

@@ -17,7 +17,7 @@ from jobworker.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray.cluster import LocalCluster
-from tests.ray.conftest import PLACEMENT_TIMEOUT_S, Front, StartFront
+from tests.ray.conftest import NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
 from tests.serverfixtures import RPC_TIMEOUT_S, output_of, running_server, start_job, wait_exited
 
 ONE_CPU = pb.Limits(cpu=1)
@@ -234,7 +234,7 @@ def test_restarted_front_server_knows_the_running_jobs(start_front: StartFront) 
     assert status(third.stub("alice"), running).reason == "stopped"
 
 
-def test_killed_raylet_ends_its_jobs_with_node_lost(
+def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftovers(
     front: Front, alice: pb_grpc.JobServiceStub, ray_cluster: LocalCluster
 ) -> None:
     doomed = start_job(alice, "sleep", "300", node="w3")
@@ -253,8 +253,13 @@ def test_killed_raylet_ends_its_jobs_with_node_lost(
         assert "lost" in gone.value.details()
         exited = [r for r in front.audit() if r["audit"] == "job_exited"]
         assert any(r["job_id"] == doomed and r["reason"] == "node_lost" for r in exited)
+        # A SIGKILLed raylet leaves its jobs' processes running, with nobody to stop them;
+        # when the node comes back, its new agent kills them before taking jobs.
+        assert alive(orphan)
+        ray_cluster.add_node(next(n for n in NODES if n["name"] == "w3"))
+        wait_for(lambda: not alive(orphan), 30, "the new agent's sweep")
+        back = start_job(alice, "true", node="w3")
+        assert wait_exited(alice, back).node == "w3"
     finally:
-        # The raylet's death leaves the job's process behind (a new agent on that node
-        # would sweep it; this node does not come back).
         if alive(orphan):
             os.kill(orphan, signal.SIGKILL)
