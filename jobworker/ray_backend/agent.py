@@ -60,6 +60,15 @@ class AgentConfig:
 
 
 @attrs.frozen
+class PollReply:
+    """Jobs that changed (with the agent's version after them), and ids no longer kept."""
+
+    version: int
+    jobs: list[JobStatus]
+    evicted: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
 class ReadResult:
     """Output from an offset: ``(stream, data, offset after)`` triples; ``at_end`` once
     nothing more will come (followed: the job is over; not followed: what existed)."""
@@ -76,7 +85,7 @@ class _Events:
 
     @hookimpl
     def jobworker_job_started(self, status: JobStatus) -> None:
-        self._agent._changed()
+        self._agent._changed(status.job_id)
 
     @hookimpl
     def jobworker_on_exit(self, status: JobStatus) -> None:
@@ -105,6 +114,8 @@ class NodeAgent:
         self._placements: dict[str, str] = {}
         self._records: ProcRecords | None = None
         self._swept: list[str] = []
+        #: The version at which each retained job last changed (started, ended).
+        self._changed_at: dict[str, int] = {}
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -138,8 +149,9 @@ class NodeAgent:
         log.info("agent_ready", node=config.node_name, pid=os.getpid(), spool_dir=str(spool_dir))
         return self._manager
 
-    def _changed(self) -> None:
+    def _changed(self, job_id: str) -> None:
         self._version += 1
+        self._changed_at[job_id] = self._version
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -149,7 +161,7 @@ class NodeAgent:
         placement = self._placements.pop(job_id, None)
         if placement is not None:
             _release_placement(placement)
-        self._changed()
+        self._changed(job_id)
 
     def _on_node(self, status: JobStatus) -> JobStatus:
         return attrs.evolve(status, node=self._config.node_name)
@@ -186,16 +198,39 @@ class NodeAgent:
         running = [s.job_id for s in manager.list() if s.state is JobState.RUNNING]
         await asyncio.gather(*(manager.stop(j, by=by, grace=grace) for j in running))
 
-    async def poll(self, since: int, wait: float) -> tuple[int, list[JobStatus]]:
-        """Every job of this node, once something changed after ``since`` or ``wait``
-        seconds passed: the front's long poll, which is also its heartbeat."""
+    async def poll(self, since: int, wait: float) -> PollReply:
+        """What changed after version ``since``, as soon as something did or after ``wait``
+        seconds: the front's long poll, which is also its heartbeat.
+
+        A reply to a change carries only the jobs that changed (a start does not cost a
+        list of every retained job); a heartbeat (``wait`` passed) also carries the running
+        jobs, whose output grows, and the ids evicted since. ``since`` < 0 asks for all.
+        """
         manager = self._ready()
         assert self._wakeup is not None
-        if self._version <= since:
+        if since >= 0 and self._version <= since:
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
-        return self._version, [self._on_node(s) for s in manager.list()]
+            except TimeoutError:
+                return self._heartbeat(manager, since)
+        if since < 0:
+            return self._heartbeat(manager, since)
+        changed = [manager.find(j) for j, v in self._changed_at.items() if v > since]
+        return PollReply(self._version, [self._on_node(s) for s in changed if s is not None])
+
+    def _heartbeat(self, manager: JobManager, since: int) -> PollReply:
+        statuses = manager.list()  # also evicts what the retention bounds say
+        present = {s.job_id for s in statuses}
+        evicted = [j for j in self._changed_at if j not in present]
+        for job_id in evicted:
+            del self._changed_at[job_id]
+        reported = [
+            self._on_node(s)
+            for s in statuses
+            if since < 0 or s.state is JobState.RUNNING or self._changed_at.get(s.job_id, 0) > since
+        ]
+        return PollReply(self._version, reported, evicted)
 
     async def read(
         self, job_id: str, offset: int, max_bytes: int, wait: float, follow: bool

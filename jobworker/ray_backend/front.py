@@ -54,7 +54,14 @@ from jobworker.model import (
     new_job_id,
 )
 from jobworker.outputlog import OutputChunk
-from jobworker.ray_backend.agent import NAMESPACE, AgentConfig, NodeAgent, ReadResult, agent_name
+from jobworker.ray_backend.agent import (
+    NAMESPACE,
+    AgentConfig,
+    NodeAgent,
+    PollReply,
+    ReadResult,
+    agent_name,
+)
 
 log = structlog.get_logger("jobworker.ray.front")
 
@@ -250,7 +257,7 @@ class RayBackend:
         since = -1
         while not self._closing:
             try:
-                since, statuses = await _call(node.agent.poll.remote(since, POLL_SECONDS), node)
+                reply: PollReply = await _call(node.agent.poll.remote(since, POLL_SECONDS), node)
             except _Unreachable as err:
                 if isinstance(err.error, ray.exceptions.ActorDiedError) or not await self._alive(
                     node
@@ -259,7 +266,8 @@ class RayBackend:
                     return
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            self._merge(node, statuses)
+            since = reply.version
+            self._merge(node, reply)
 
     async def _alive(self, node: _Node) -> bool:
         import ray
@@ -267,10 +275,8 @@ class RayBackend:
         nodes = await asyncio.to_thread(ray.nodes)
         return any(n["NodeID"] == node.node_id and n["Alive"] for n in nodes)
 
-    def _merge(self, node: _Node, statuses: builtins.list[JobStatus]) -> None:
-        seen = set()
-        for status in statuses:
-            seen.add(status.job_id)
+    def _merge(self, node: _Node, reply: PollReply) -> None:
+        for status in reply.jobs:
             job = self._jobs.get(status.job_id)
             if job is None:  # started by an earlier front server
                 job = self._jobs[status.job_id] = _Job(status, node)
@@ -281,9 +287,10 @@ class RayBackend:
                              owner=status.owner)  # fmt: skip
                 continue
             self._update(job, status)
-        for job_id, job in list(self._jobs.items()):
-            if job.node is node and job_id not in seen and job.done.is_set():
-                del self._jobs[job_id]  # the agent evicted it
+        for job_id in reply.evicted:
+            job = self._jobs.get(job_id)
+            if job is not None and job.node is node and job.done.is_set():
+                del self._jobs[job_id]
 
     def _update(self, job: _Job, status: JobStatus) -> None:
         if job.done.is_set():
