@@ -41,21 +41,57 @@ def start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root``, parents first."""
+def _children(pid: int) -> list[int] | None:
+    """``pid``'s children from ``/proc/PID/task/*/children``; None if the kernel keeps no
+    such lists (CONFIG_PROC_CHILDREN), [] if ``pid`` is gone."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tasks:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except FileNotFoundError:
+            if Path(f"/proc/{pid}/task/{tid}").exists():
+                return None
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
+
+
+def _all_children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(int(entry))
             if fields is not None:
                 children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root``, parents first: read along the tree from each
+    process's children list, or, where the kernel keeps none, from one walk over every
+    process of the machine."""
+    table: dict[int, list[int]] | None = None
     found: list[int] = []
     todo = [root]
     while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
+        pid = todo.pop()
+        below = _children(pid) if table is None else table.get(pid, [])
+        if below is None:
+            table = _all_children()
+            below = table.get(pid, [])
+        found += below
+        todo += below
     return found
+
+
+def _exited(pid: int) -> bool:
+    """Gone or a zombie: its children, if any, were re-parented away when it exited."""
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def _kill(pid: int, signum: int) -> None:
@@ -108,10 +144,12 @@ class ProcessTree:
         if self._root is None:
             return
         # Look before signalling: a child must be found while its parent still lives.
-        for pid in descendants(self._root):
-            started = start_time(pid)
-            if started is not None:
-                self._seen.setdefault(pid, started)
+        # (Once the first process has exited nothing is below it any more.)
+        if not _exited(self._root):
+            for pid in descendants(self._root):
+                started = start_time(pid)
+                if started is not None:
+                    self._seen.setdefault(pid, started)
         try:
             os.killpg(self._root, signum)
         except ProcessLookupError:
@@ -123,9 +161,9 @@ class ProcessTree:
                 del self._seen[pid]
 
     def kill(self) -> None:
-        # A process may fork while we walk: a second pass catches what the first missed.
-        for _ in range(2):
-            self.signal(signal.SIGKILL)
+        self.signal(signal.SIGKILL)
+        if self._root is not None and not _exited(self._root):
+            self.signal(signal.SIGKILL)  # a process may fork while we walk: a second pass
 
     async def wait_empty(self) -> None:
         return None  # as for a process group, the manager waits for the pipes to close
