@@ -160,7 +160,8 @@ class NodeAgent:
             self._records.remove(job_id)
         placement = self._placements.pop(job_id, None)
         if placement is not None:
-            _release_placement(placement)
+            # Two calls to the GCS: off the event loop, which serves every job's output.
+            asyncio.get_running_loop().run_in_executor(None, _release_placement, placement)
         self._changed(job_id)
 
     def _on_node(self, status: JobStatus) -> JobStatus:
