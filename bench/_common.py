@@ -156,8 +156,10 @@ def jobworker_server(
     retain: int = 1000,
     max_running: int = 1000,
     log_level: str = "info",
+    isolation: bool = True,
 ) -> Iterator[ServerProcess]:
-    """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it."""
+    """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it
+    (``isolation=False``: as with ``--no-isolation``)."""
     # For A/B runs of a change: a script that patches jobworker, then runs _server.py.
     script = os.environ.get("JOBWORKER_BENCH_SERVER", str(BENCH_DIR / "_server.py"))
     args = [
@@ -170,6 +172,7 @@ def jobworker_server(
         str(max_running),
         "--log-level",
         log_level,
+        *([] if isolation else ["--no-isolation"]),
     ]
     with server_process(args, work, "jobworker-server") as server:
         yield server

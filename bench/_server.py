@@ -14,10 +14,11 @@ import asyncio
 from pathlib import Path
 
 import jobworker.server
-from jobworker.backends.authz import Authz
-from jobworker.hooks.manager import Plugins
-from jobworker.logs import configure_logging
+from jobworker.hooks.host import Plugins
+from jobworker.logconfig import configure_logging
 from jobworker.pki import PkiPaths
+from jobworker.plugins.authz import Authz
+from jobworker.plugins.isolation import Isolation
 
 
 def main() -> None:
@@ -26,12 +27,24 @@ def main() -> None:
     p.add_argument("--retain", type=int, default=1000)
     p.add_argument("--max-running", type=int, default=1000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--no-isolation", action="store_true")
     options = p.parse_args()
     configure_logging(options.log_level, json=True)
     pki = PkiPaths(options.pki)
     plugins = Plugins()
     plugins.register(Authz.from_file(pki.authz), name="authz")
-    plugins.load(["authz"])
+    isolation = Isolation()
+    isolation.jobworker_configure(
+        argparse.Namespace(
+            no_isolation=options.no_isolation,
+            tls_cert=pki.server_cert,
+            tls_key=pki.server_key,
+            tls_ca=pki.ca_cert,
+            authz=pki.authz,
+        )
+    )
+    plugins.register(isolation, name="isolation")
+    plugins.load([])
     config = jobworker.server.ServerConfig(
         listen="127.0.0.1:0",
         tls=pki.server(),

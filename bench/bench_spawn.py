@@ -12,9 +12,9 @@ from pathlib import Path
 
 from _common import header, ms, parser, percentile, row, workdir
 
-from jobworker.hooks.manager import Plugins
-from jobworker.logs import configure_logging
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.logconfig import configure_logging
 from jobworker.model import JobSpec
 from jobworker.spawn import Spawner
 

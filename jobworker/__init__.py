@@ -1,8 +1,7 @@
 """jobworker: run Linux commands for remote clients, safely."""
 
-# jobworker.tls must import grpc before anything else does: grpc reads the setting that
-# refuses TLS 1.2 only once, at import (docs/security.md).
-import jobworker.tls  # noqa: F401  # isort: skip
+# Kept light: a plugin author's ``from jobworker import hookimpl`` imports neither grpc nor
+# cryptography (modules that use grpc import it through jobworker.grpcenv).
 from jobworker.hooks import hookimpl
 
 __version__ = "0.1.0"

@@ -6,11 +6,16 @@ script, which runs alone in a fresh session and, in this order:
 1. reads its instructions from fd 0, then points fd 0 at /dev/null;
 2. joins the job's containment (writes ``0`` to the cgroup's ``cgroup.procs``), so the
    user's command is contained from its first instruction;
-3. changes directory, closes every descriptor but 0, 1, 2 and the status pipe, and gives
+3. when the job has an isolation plan, carries it out (namespaces, its own filesystem
+   view, an unprivileged account; see :mod:`jobworker.isolation`): this process then stays
+   as the job's PID 1 and the rest happens in its child;
+4. changes directory, closes every descriptor but 0, 1, 2 and the status pipe, and gives
    signals their default disposition and an empty mask (Python ignores SIGPIPE, and ignored
    signals survive ``execve``);
-4. ``execve``s the command. The status pipe (fd 3) is close-on-exec: the server reads EOF
-   when the exec succeeded, or one error report when a step failed.
+5. ``execve``s the command. The status pipe (fd 3) is close-on-exec: the server reads EOF
+   when the exec succeeded, or one error report when a step failed. An isolated job's PID 1
+   writes the command's wait status to the exit-report pipe (fd 4) before it exits: the
+   server's own child is then PID 1, which no signal from inside its namespace can kill.
 
 Instructions and reports are NUL-separated fields (no job string may hold a NUL): importing
 ``json`` or ``signal`` would pull in ``re`` and ``enum`` and triple the start-up time. Only
@@ -39,21 +44,34 @@ def _read_all(fd: int) -> bytes:
         parts.append(part)
 
 
-def launch(fields: list[str]) -> None:
-    """Become the job: fd 1, 2 and 3 are in place; never returns."""
-    # command, cwd, join, argument count, arguments..., NAME=value...
-    command, cwd, join_path, nargs = fields[0], fields[1], fields[2], int(fields[3])
-    args = fields[4 : 4 + nargs]
-    env = dict(item.split("=", 1) for item in fields[4 + nargs :])
+def launch(fields: list[str], pid1: bool = False) -> None:
+    """Become the job: fd 1, 2, 3 and 4 are in place; never returns.
+
+    ``pid1``: this process was cloned into the plan's namespaces (the zygote's way), so it
+    is already PID 1 of the job's PID namespace.
+    """
+    # command, cwd, join, plan count, plan..., argument count, arguments..., NAME=value...
+    command, cwd, join_path, nplan = fields[0], fields[1], fields[2], int(fields[3])
+    plan = fields[4 : 4 + nplan]
+    rest = fields[4 + nplan :]
+    nargs = int(rest[0])
+    args = rest[1 : 1 + nargs]
+    env = dict(item.split("=", 1) for item in rest[1 + nargs :])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    # Default dispositions now, not just before exec: an isolated job's PID 1 is this
+    # process, and Python's own SIGINT handler must not turn a Ctrl-C into a traceback.
+    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(signum, _signal.SIG_DFL)
     if join_path:
         try:
             with open(join_path, "w") as f:
                 f.write("0")
         except OSError as err:
             _fail("join", err, join_path)
+    if plan:
+        isolate(plan, pid1, bool(join_path))
     if cwd:
         try:
             os.chdir(cwd)
@@ -67,13 +85,217 @@ def launch(fields: list[str]) -> None:
                 os.close(fd)
             except OSError:
                 pass  # the descriptor listdir itself used
-    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGTERM):
-        _signal.signal(signum, _signal.SIG_DFL)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+    argv = [*_plan_values(plan, "wrap"), command, *args]
+    _exec(argv, env)
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    """``execvpe`` without its lazy imports: an isolated job may no longer see the stdlib."""
+    program = argv[0]
+    if "/" in program:
+        candidates = [program]
+    else:
+        candidates = [d.rstrip("/") + "/" + program for d in env.get("PATH", "").split(":") if d]
+    error: OSError = FileNotFoundError(2, "No such file or directory")
+    for candidate in candidates:
+        try:
+            os.execve(candidate, argv, env)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # the next PATH entry, as a shell does
+        except OSError as err:
+            error = err  # remembered (EACCES...), but a later entry may still work
+    _fail("exec", error, program)
+
+
+def _plan_values(plan: list[str], key: str) -> list[str]:
+    prefix = key + "="
+    return [item[len(prefix) :] for item in plan if item.startswith(prefix)]
+
+
+def _plan_value(plan: list[str], key: str, default: str = "") -> str:
+    values = _plan_values(plan, key)
+    return values[-1] if values else default
+
+
+# -- isolation: only jobs with a plan get here; ctypes is imported on this path only -------
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUSER = 0x00020000, 0x02000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
+SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (the unified table)
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+EXIT_FD = 4
+
+
+class _Libc:
+    """The few system calls Python 3.11 has no wrapper for, raising OSError like os does."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def check(self, result: int, step: str, what: str) -> None:
+        if result < 0:
+            errno = self.ctypes.get_errno()
+            _fail(step, OSError(errno, os.strerror(errno)), what)
+
+    def mount(self, source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
+        enc = [s.encode() if s else None for s in (source, target, fstype, data)]
+        self.check(self.lib.mount(enc[0], enc[1], enc[2], flags, enc[3]), "mount", target)
+
+    def set_mount_attrs(self, target: str, set_flags: int, clear_flags: int) -> None:
+        """Change flags of ``target`` and every mount below it (mount_setattr(2))."""
+        attr = (self.ctypes.c_uint64 * 4)(set_flags, clear_flags, 0, 0)
+        result = self.lib.syscall(
+            SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), AT_RECURSIVE, attr, 32
+        )
+        self.check(result, "mount", target)
+
+    def prctl(self, option: int, arg: int, step: str) -> None:
+        self.check(self.lib.prctl(option, arg, 0, 0, 0), step, str(arg))
+
+
+def _write_file(path: str, data: str) -> None:
     try:
-        os.execvpe(command, [command, *args], env)
+        with open(path, "w") as f:
+            f.write(data)
     except OSError as err:
-        _fail("exec", err, command)
+        _fail("namespace", err, path)
+
+
+def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
+    """Carry out the plan; return in the job's process, ready to exec (see isolation.py)."""
+    libc = _Libc()
+    flags = int(_plan_value(plan, "ns", "0"))
+    if not pid1:
+        # The launcher's way: namespaces for this process, the PID namespace for its child.
+        libc.check(libc.lib.unshare(flags & ~CLONE_NEWCGROUP), "namespace", "unshare")
+    if flags & CLONE_NEWUSER:
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"65534 {_plan_value(plan, 'map_uid')} 1")
+        _write_file("/proc/self/gid_map", f"65534 {_plan_value(plan, 'map_gid')} 1")
+    if not pid1 and flags & CLONE_NEWPID:
+        _relay(os.fork())  # the child goes on as PID 1
+    if flags & CLONE_NEWCGROUP:
+        # Rooted at the cgroup just joined: the job sees its own cgroup as "/".
+        libc.check(libc.lib.unshare(CLONE_NEWCGROUP), "namespace", "cgroup")
+    _mount_view(libc, plan, in_cgroup)
+    if flags & CLONE_NEWNET:
+        _loopback_up(libc)
+    child = os.fork()
+    if child == 0:
+        _drop_privileges(libc, plan)
+        return
+    _init(child)
+
+
+def _relay(child: int) -> None:
+    """In the parent of PID 1: wait for it, then end the same way (never returns)."""
+    if child == 0:
+        return
+    for fd in (1, 2, STATUS_FD, EXIT_FD):
+        os.close(fd)
+    os.closerange(EXIT_FD + 1, 1 << 20)
+    _pid, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
+
+
+def _mount_view(libc: _Libc, plan: list[str], in_cgroup: bool) -> None:
+    """The job's filesystem: read-only, its own /proc, /tmp and cgroup, the server's hidden."""
+    libc.mount("", "/", "", MS_REC | MS_PRIVATE)  # nothing of ours propagates to the host
+    libc.set_mount_attrs("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0)
+    for path in _plan_values(plan, "writable"):
+        if os.path.isdir(path):
+            libc.mount(path, path, "", MS_BIND | MS_REC)
+            libc.set_mount_attrs(path, 0, MOUNT_ATTR_RDONLY)
+    libc.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # Cover the host's hierarchy first: cgroup2 cannot be mounted on itself (EBUSY).
+    _hide(libc, "/sys/fs/cgroup")
+    if in_cgroup:
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+        libc.mount("cgroup2", "/sys/fs/cgroup", "cgroup2", flags)
+    for path in _plan_values(plan, "hide"):
+        _hide(libc, path)
+    for path in _plan_values(plan, "tmp"):
+        if os.path.isdir(path):
+            libc.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+
+
+def _hide(libc: _Libc, path: str) -> None:
+    """Cover ``path`` with something empty and read-only; a path that is not there is hidden."""
+    if os.path.isdir(path):
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        libc.mount("tmpfs", path, "tmpfs", flags, "mode=0,size=4k")
+    elif os.path.lexists(path):
+        libc.mount(os.devnull, path, "", MS_BIND)
+        libc.mount("", path, "", MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+
+def _loopback_up(libc: _Libc) -> None:
+    """A new network namespace has a loopback, down: bring it up (SIOCSIFFLAGS)."""
+    ctypes = libc.ctypes
+    sock = libc.lib.socket(2, 2, 0)  # AF_INET, SOCK_DGRAM
+    libc.check(sock, "network", "socket")
+    ifreq = ctypes.create_string_buffer(b"lo", 40)
+    libc.check(libc.lib.ioctl(sock, 0x8913, ifreq), "network", "lo")  # SIOCGIFFLAGS
+    flags = int.from_bytes(ifreq.raw[16:18], "little") | 0x1 | 0x40  # IFF_UP | IFF_RUNNING
+    ifreq[16:18] = flags.to_bytes(2, "little")
+    libc.check(libc.lib.ioctl(sock, 0x8914, ifreq), "network", "lo")  # SIOCSIFFLAGS
+    os.close(sock)
+
+
+def _drop_privileges(libc: _Libc, plan: list[str]) -> None:
+    """In the job's process: become the account, with no way back to more power."""
+    uid, gid = int(_plan_value(plan, "uid")), int(_plan_value(plan, "gid"))
+    groups = [int(g) for g in _plan_value(plan, "groups").split(",") if g]
+    os.close(EXIT_FD)
+    if uid != 0:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last_cap = int(f.read())
+        for cap in range(last_cap + 1):
+            libc.prctl(PR_CAPBSET_DROP, cap, "capabilities")
+    try:
+        if not _plan_value(plan, "map_uid"):  # a user namespace denies setgroups
+            os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as err:
+        _fail("user", err, str(uid))
+    if uid != 0:
+        # setresuid cleared the permitted and effective sets; inheritable and ambient stay
+        # unless cleared (capset with an all-zero set: version 3, this process).
+        header = (libc.ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (libc.ctypes.c_uint32 * 6)()
+        libc.check(libc.lib.capset(header, data), "capabilities", "capset")
+        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "capabilities")
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+
+
+def _init(child: int) -> None:
+    """PID 1 of the job: reap every orphan; when the command ends, report it and exit.
+
+    Its exit makes the kernel kill whatever is left in the namespace. It handles no
+    signal, and a namespace's init ignores those it does not handle: stop signals reach
+    the command through the job's cgroup or process group, never through here.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (1, 2, STATUS_FD):
+        os.dup2(devnull, fd)  # the pipes close when the job's own processes close them
+    os.close(devnull)
+    os.closerange(EXIT_FD + 1, 1 << 20)  # the zygote's copies of the same pipes too
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            os.write(EXIT_FD, str(status).encode())
+            os._exit(0)
 
 
 def _decode(payload: bytes) -> list[str]:
@@ -84,9 +306,12 @@ def zygote() -> None:
     """``--zygote``: start jobs on request, each as a child of the *server*.
 
     The server sends, over the socket on fd 0, a 4-byte length with the job's stdout,
-    stderr and status pipes attached (SCM_RIGHTS), then the instructions. This process is
+    stderr, status and exit-report pipes attached (SCM_RIGHTS), then the instructions.
+    This process is
     single-threaded, so copying it is safe; ``clone(CLONE_PARENT)`` makes the copy the
     server's child, so the server waits for it exactly as for a posix_spawned launcher.
+    An isolated job's namespaces are created by that same ``clone``, which makes the copy
+    PID 1 of the job's PID namespace at once.
     The reply is the new pid (or minus errno). EOF on the socket ends the zygote.
     """
     import ctypes  # one-time costs: the zygote starts once per server
@@ -98,17 +323,19 @@ def zygote() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     sock = socket.socket(fileno=0)
     while True:
-        header, fds, _flags, _addr = socket.recv_fds(sock, 4, 3, socket.MSG_WAITALL)
+        header, fds, _flags, _addr = socket.recv_fds(sock, 4, 4, socket.MSG_WAITALL)
         if len(header) < 4:
             return
         (length,) = struct.unpack(">I", header)
-        payload = sock.recv(length, socket.MSG_WAITALL)
-        pid = libc.syscall(clone_nr, clone_parent | sigchld, 0, 0, 0, 0)
+        fields = _decode(sock.recv(length, socket.MSG_WAITALL))
+        nplan = int(fields[3])
+        flags = int(_plan_value(fields[4 : 4 + nplan], "ns", "0")) & ~CLONE_NEWCGROUP
+        pid = libc.syscall(clone_nr, clone_parent | sigchld | flags, 0, 0, 0, 0)
         if pid == 0:
             os.setsid()
-            for target, fd in zip((1, 2, STATUS_FD), fds, strict=True):
+            for target, fd in zip((1, 2, STATUS_FD, EXIT_FD), fds, strict=True):
                 os.dup2(fd, target)
-            launch(_decode(payload))
+            launch(fields, pid1=bool(flags & CLONE_NEWPID))
         for fd in fds:
             os.close(fd)
         sock.sendall(struct.pack(">q", pid if pid > 0 else -ctypes.get_errno()))

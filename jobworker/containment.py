@@ -56,7 +56,12 @@ class Containment(Protocol):
         """Final accounting; called after :meth:`wait_empty`."""
 
     def release(self) -> None:
-        """Remove what was created for the job. Idempotent."""
+        """Remove what was created for the job. Idempotent.
+
+        May block briefly (the kernel can refuse to remove a cgroup for a moment after its
+        last process exited): the job manager calls it in a worker thread, never on the
+        event loop, once the job's processes are gone.
+        """
 
 
 @attrs.define

@@ -1,12 +1,15 @@
 """The one error hierarchy of jobworker.
 
 Every error a caller can act on is a ``JobworkerError``; its ``code`` names the gRPC status
-it maps to (the table lives in :mod:`jobworker.service`), and the CLI turns it into a
-one-line message and a non-zero exit status. Anything else reaching the edge is a bug and
-is reported as INTERNAL without a traceback.
+it travels as. :data:`ERRORS_BY_CODE` is the one table between codes and classes: the
+service answers with :func:`wire_code`, the client raises :func:`error_from_code`, and the
+CLI turns either into a one-line message and a non-zero exit status. Anything else
+reaching the edge is a bug and is reported as INTERNAL without a traceback.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class JobworkerError(Exception):
@@ -62,3 +65,51 @@ class ResourceExhausted(JobworkerError):
 def job_not_found(job_id: str) -> NotFound:
     """The one NOT_FOUND message, so a hidden job is indistinguishable from a missing one."""
     return NotFound(f"job {job_id!r} not found")
+
+
+class UsageError(InvalidArgument):
+    """The command line is wrong; the CLI prints it on one line and exits 2."""
+
+
+class Unavailable(JobworkerError):
+    """The server could not be reached: not running, wrong address, or TLS refused."""
+
+    code = "UNAVAILABLE"
+
+
+class RemoteError(JobworkerError):
+    """A status code with no class of its own (INTERNAL, UNKNOWN...); ``code`` names it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: The gRPC status (by name) of each error class a server answers with, and the class a
+#: client raises for it.
+ERRORS_BY_CODE: Mapping[str, type[JobworkerError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+    )
+}
+
+
+def wire_code(err: BaseException) -> str | None:
+    """The status ``err`` is answered with; None for a bug (answered as INTERNAL)."""
+    if not isinstance(err, JobworkerError):
+        return None
+    if err.code in ERRORS_BY_CODE or err.code == JobworkerError.code:
+        return err.code
+    return None
+
+
+def error_from_code(code: str, message: str) -> JobworkerError:
+    """What a client raises for a failed call with status ``code`` and the server's message."""
+    cls = ERRORS_BY_CODE.get(code)
+    return RemoteError(code, message) if cls is None else cls(message)

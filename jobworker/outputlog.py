@@ -18,10 +18,8 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import attrs
-
 from jobworker.errors import FailedPrecondition, InvalidArgument
-from jobworker.model import Stream
+from jobworker.model import OutputChunk, Stream
 
 _HEADER = struct.Struct(">BI")
 #: Largest record and largest chunk handed to a follower (one gRPC message).
@@ -31,13 +29,6 @@ CHUNK_MAX = 64 * 1024
 FOLLOW_CHUNK_MAX = 256 * 1024
 _READ_AHEAD = 4 * FOLLOW_CHUNK_MAX
 _MARK_EVERY = 256
-
-
-@attrs.frozen
-class OutputChunk:
-    stream: Stream
-    data: bytes
-    offset: int  # position just after this chunk: pass it back to resume
 
 
 class OutputLog:

@@ -24,15 +24,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.errors import ConfigError, InvalidArgument
+from jobworker.plugins.authz import ROLES
 from jobworker.tls import TlsFiles
 
 CA_VALIDITY = timedelta(days=3650)
 LEAF_VALIDITY = timedelta(days=825)
 # Tolerate a client or server clock a little behind the one that issued the certificate.
 _BACKDATE = timedelta(minutes=5)
-ROLES = ("user", "admin")
 # Client names become file names and certificate names: keep them plain.
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+#: The client of the dev PKI that client commands use when given no certificate.
+DEV_CLIENT = "admin"
 _RESERVED_NAMES = frozenset({"ca", "server", "authz"})
 
 
@@ -303,7 +305,7 @@ def _authz_toml(clients: Sequence[tuple[str, str]]) -> bytes:
 
 def init_pki(
     directory: Path,
-    clients: Sequence[tuple[str, str]] = (("admin", "admin"),),
+    clients: Sequence[tuple[str, str]] = ((DEV_CLIENT, "admin"),),
     server_names: Sequence[str] | None = None,
 ) -> PkiPaths:
     """Create a dev PKI in ``directory``, keeping whatever is already there.

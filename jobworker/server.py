@@ -7,9 +7,10 @@ directory it created, and returns normally.
 
 from __future__ import annotations
 
-# First: jobworker.tls sets how grpc refuses TLS 1.2, which grpc reads once, when imported.
-from jobworker import tls  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
+from jobworker.grpcenv import grpc  # isort: split
 
+import argparse
 import asyncio
 import functools
 import inspect
@@ -22,21 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jobworker import tls
+from jobworker.backend import JobBackend
 from jobworker.errors import ConfigError, Unauthenticated
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
 from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
+from jobworker.wire import DEFAULT_ADDRESS
 
 log = structlog.get_logger("jobworker.server")
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
 #: Once every job is stopped, how long open RPCs (streams ending) get before cancellation.
 RPC_DRAIN_SECONDS = 5.0
 
@@ -59,13 +62,63 @@ class ServerConfig:
     """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
     (see :mod:`jobworker.spool`)."""
 
-    listen: str = attrs.field(default=DEFAULT_LISTEN, validator=_check_listen)
+    listen: str = attrs.field(default=DEFAULT_ADDRESS, validator=_check_listen)
     tls: tls.TlsFiles
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace) -> ServerConfig:
+        """What ``jobworker serve``'s options describe.
+
+        Without ``--tls-*`` options the dev PKI is used (created on first use), and its
+        whitelist becomes ``options.authz`` unless one was given.
+        """
+        files = tls.given_files(
+            options.tls_cert, options.tls_key, options.tls_ca, crl=options.tls_crl
+        )
+        if files is None:
+            pki = init_pki(default_pki_dir())
+            files = attrs.evolve(pki.server(), crl=options.tls_crl)
+            if getattr(options, "authz", None) is None:
+                options.authz = pki.authz
+            # Plugins see the files in use: the isolation plugin hides them from jobs.
+            options.tls_cert, options.tls_key, options.tls_ca = files.cert, files.key, files.ca
+            log.info(
+                "dev_pki",
+                directory=str(pki.directory),
+                authz=str(options.authz),
+                client_cert=str(pki.client_cert(DEV_CLIENT)),
+                hint="client commands on this machine use it when given no --tls-* options",
+            )
+        return cls(
+            listen=options.listen,
+            tls=files,
+            spool_dir=options.spool_dir,
+            default_grace=options.grace,
+            max_running=options.max_jobs,
+            retain_finished=options.retain_jobs,
+            retain_seconds=options.retain_seconds,
+        )
+
+
+#: Builds the job engine of one server run, given its plugins and spool directory.
+BackendFactory = Callable[[ServerConfig, Plugins, Path], JobBackend]
+
+
+def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> JobBackend:
+    """The default engine: jobs on this host (:class:`jobworker.jobs.JobManager`)."""
+    return JobManager(
+        plugins,
+        spool_dir,
+        default_grace=config.default_grace,
+        max_running=config.max_running,
+        retain_finished=config.retain_finished,
+        retain_seconds=config.retain_seconds,
+    )
 
 
 class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -90,9 +143,8 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            tls.check_peer(context.auth_context(), self._crl)
+            tls.authenticate(context, self._crl)
         except Unauthenticated as err:
-            log.warning("rpc_unauthenticated", peer=context.peer(), reason=str(err))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
 
     def _wrap(self, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
@@ -133,28 +185,31 @@ async def serve(
     config: ServerConfig,
     plugins: Plugins,
     *,
+    backend: BackendFactory = local_backend,
     ready: Callable[[str], None] | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
     """Run the server until SIGTERM/SIGINT or ``stop_event``; ``plugins`` are configured.
 
-    ``ready`` is called with the address actually listened on (the port resolved when
-    ``listen`` asks for port 0) once RPCs are accepted. Raises ``ConfigError`` before
+    ``backend`` builds the job engine (jobs on this host by default) unless a plugin
+    provides one (``jobworker_make_backend``, e.g. the ``ray`` plugin). ``ready`` is called
+    with the address actually listened on (the port resolved when ``listen`` asks for
+    port 0) once RPCs are accepted. Raises ``ConfigError`` before
     listening for bad TLS files, a CRL that does not verify, no authorization plugin, or an
     address that cannot be bound.
     """
-    if not plugins.has_impl("jobworker_authorize"):
-        raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+    plugins.check_essential()
     stop = stop_event or asyncio.Event()
     # Handlers first: a SIGTERM during start-up stops the server cleanly once it runs.
     with _stop_on_signals(stop):
-        await _serve_until(stop, config, plugins, ready)
+        await _serve_until(stop, config, plugins, backend, ready)
 
 
 async def _serve_until(
     stop: asyncio.Event,
     config: ServerConfig,
     plugins: Plugins,
+    backend: BackendFactory,
     ready: Callable[[str], None] | None,
 ) -> None:
     host, _ = _split_listen(config.listen)
@@ -162,23 +217,14 @@ async def _serve_until(
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
 
     with spool_run(config.spool_dir) as spool_dir:
-        manager = await plugins.make_backend(config, spool_dir) or JobManager(
-            plugins,
-            spool_dir,
-            default_grace=config.default_grace,
-            max_running=config.max_running,
-            retain_finished=config.retain_finished,
-            retain_seconds=config.retain_seconds,
-        )
+        jobs = await plugins.make_backend(config, spool_dir) or backend(config, plugins, spool_dir)
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         server = grpc.aio.server(
             interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0)],
         )
-        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(manager, plugins, crl), server
-        )
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(JobService(jobs, plugins, crl), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -192,7 +238,7 @@ async def _serve_until(
             raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
         address = f"{host}:{port}"
 
-        plugins.manager_ready(manager)
+        plugins.manager_ready(jobs)
         await server.start()
         try:
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -207,7 +253,7 @@ async def _serve_until(
             # New RPCs are refused at once; streams of running jobs end as the jobs stop.
             stopping = asyncio.ensure_future(server.stop(config.default_grace + RPC_DRAIN_SECONDS))
             try:
-                await manager.shutdown()
+                await jobs.shutdown()
             finally:
                 await stopping
                 plugins.shutdown()

@@ -11,144 +11,42 @@ Every RPC goes through one admission step (:class:`_Admission`) before its handl
    allowed or not;
 4. for an unknown id, NOT_FOUND.
 
-Errors leave through one table (:data:`STATUS_CODES`); anything that is not a
-:class:`JobworkerError` is a bug, logged here with its traceback and reported to the
+Errors leave through one table (:func:`jobworker.errors.wire_code`); anything that is not
+a :class:`JobworkerError` is a bug, logged here with its traceback and reported to the
 client as INTERNAL "internal error".
 """
 
 from __future__ import annotations
 
-# First: jobworker.tls sets how grpc refuses TLS 1.2, which grpc reads once, when imported.
-from jobworker import tls  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
+from jobworker.grpcenv import grpc  # isort: split
 
 import contextlib
 import functools
-import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import attrs
-import grpc
 import structlog
 
-from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found
-from jobworker.hooks.manager import Plugins
+from jobworker import tls, wire
+from jobworker.backend import JobBackend
+from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
+from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.manager import JobManager, validate_spec
-from jobworker.model import (
-    Action,
-    IoLimit,
-    JobSpec,
-    JobStatus,
-    Limits,
-    ResourceUsage,
-    TerminationReason,
-)
+from jobworker.model import Action, JobStatus
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.wire import limits_to_pb
 
 log = structlog.get_logger("jobworker.service")
-
-#: The one mapping from ``JobworkerError.code`` to the status a client sees.
-STATUS_CODES: Mapping[str, grpc.StatusCode] = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "UNKNOWN": grpc.StatusCode.UNKNOWN,
-}
 
 #: Actions about one existing job; the others (start, list) are about no job.
 _JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM})
 
 #: Job ids are URL-safe tokens (``model.new_job_id``); anything else cannot exist.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-_MAX_IO_DEVICES = 64
-_MAX_DEVICE_CHARS = 4096
-#: cgroup files take signed 64-bit values; a larger uint64 from the wire is a mistake.
-_MAX_LIMIT_VALUE = 2**63 - 1
-_CPU_WEIGHT_RANGE = (1, 10000)
-
-# A job's exit code for a death by signal N, as shells report it, so that a client that only
-# knows ``exit_code`` (the original protocol) never mistakes a killed job for a success.
-_SIGNAL_EXIT_BASE = 128
-#: The exit code of a job lost with its cluster node: it has none, and 0 would mean success.
-_NODE_LOST_EXIT = -1
-
-
-# -- translation: protobuf -> domain --------------------------------------------------------
-
-
-def _limit(value: int, field: str) -> int | None:
-    if value > _MAX_LIMIT_VALUE:
-        raise InvalidArgument(f"limits.{field} {value} is too large: at most {_MAX_LIMIT_VALUE}")
-    return value or None
-
-
-def _io_limit_from_pb(io: pb.IoDeviceLimit) -> IoLimit:
-    where = f"limits.io device {io.device!r}"
-    if not io.device:
-        raise InvalidArgument("limits.io: device is empty: give a block device path or MAJ:MIN")
-    if "\0" in io.device or len(io.device) > _MAX_DEVICE_CHARS:
-        raise InvalidArgument(f"{where} is not a device path or MAJ:MIN")
-    rates = (io.read_bps, io.write_bps, io.read_iops, io.write_iops)
-    if not any(rates):
-        raise InvalidArgument(f"{where} sets no rate: set read/write bps or iops, or drop it")
-    return IoLimit(
-        device=io.device,
-        rbps=_limit(io.read_bps, "io.read_bps"),
-        wbps=_limit(io.write_bps, "io.write_bps"),
-        riops=_limit(io.read_iops, "io.read_iops"),
-        wiops=_limit(io.write_iops, "io.write_iops"),
-    )
-
-
-def limits_from_pb(limits: pb.Limits) -> Limits:
-    """Proto limits as domain limits; 0 means "not set". Devices are resolved by the plugin."""
-    cpu = limits.cpu
-    if not math.isfinite(cpu) or cpu < 0:
-        raise InvalidArgument(
-            f"limits.cpu {cpu} must be a finite number of cores >= 0 (e.g. 0.5; 0 = unlimited)"
-        )
-    low, high = _CPU_WEIGHT_RANGE
-    if limits.cpu_weight and not low <= limits.cpu_weight <= high:
-        raise InvalidArgument(
-            f"limits.cpu_weight {limits.cpu_weight} must be between {low} and {high} (0 = default)"
-        )
-    if len(limits.io) > _MAX_IO_DEVICES:
-        raise InvalidArgument(f"limits.io has {len(limits.io)} devices: at most {_MAX_IO_DEVICES}")
-    devices = [io.device for io in limits.io]
-    duplicates = sorted({d for d in devices if devices.count(d) > 1})
-    if duplicates:
-        raise InvalidArgument(f"limits.io names device {duplicates[0]!r} more than once")
-    return Limits(
-        cpu=cpu or None,
-        cpu_weight=limits.cpu_weight or None,
-        memory=_limit(limits.memory_bytes, "memory_bytes"),
-        memory_high=_limit(limits.memory_high_bytes, "memory_high_bytes"),
-        pids=_limit(limits.pids, "pids"),
-        io=tuple(_io_limit_from_pb(io) for io in limits.io),
-    )
-
-
-def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
-    """The job a StartJob request asks for, validated; raises InvalidArgument saying why."""
-    spec = JobSpec(
-        command=request.command,
-        args=tuple(request.args),
-        env=dict(request.env),
-        cwd=request.cwd or None,
-        limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
-        node=request.node or None,
-    )
-    validate_spec(spec)
-    return spec
 
 
 def _check_job_id(job_id: str) -> None:
@@ -160,44 +58,6 @@ def _check_job_id(job_id: str) -> None:
         raise NotFound(
             f"no job with id {shown!r}: job ids are up to 64 letters, digits, '-' and '_'"
         )
-
-
-# -- translation: domain -> protobuf --------------------------------------------------------
-
-
-def _usage_to_pb(usage: ResourceUsage) -> pb.ResourceUsage:
-    known = {k: v for k, v in attrs.asdict(usage).items() if v is not None}
-    return pb.ResourceUsage(**known)
-
-
-def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
-    """A job snapshot on the wire. ``exit_code`` is 128+N for a death by signal N."""
-    reply = pb.JobStatusResponse(
-        job_id=status.job_id,
-        status=status.state.value,
-        owner=status.owner,
-        started_at=status.started_at,
-        ended_at=status.ended_at or 0.0,
-        command=status.spec.command,
-        args=status.spec.args,
-        containment=status.containment,
-        limits=limits_to_pb(status.applied_limits),
-        output_bytes=status.output_bytes,
-        pid=status.pid,
-        node=status.node or "",
-    )
-    if status.exit is not None:
-        ex = status.exit
-        reply.reason = ex.reason.value
-        reply.signal = ex.signal or 0
-        reply.exit_code = _SIGNAL_EXIT_BASE + ex.signal if ex.signal else ex.exit_code or 0
-        if ex.reason is TerminationReason.NODE_LOST:
-            reply.exit_code = _NODE_LOST_EXIT  # never 0: the job did not succeed
-        reply.stopped_by = ex.stopped_by or ""
-        reply.escalated = ex.escalated
-    if status.usage is not None:
-        reply.usage.CopyFrom(_usage_to_pb(status.usage))
-    return reply
 
 
 # -- admission: identity, authorization, errors --------------------------------------------
@@ -291,8 +151,9 @@ class _Admission:
 
     async def _abort(self, exc: Exception) -> None:
         """End the RPC with the status ``exc`` maps to (``context.abort`` raises)."""
-        if isinstance(exc, JobworkerError) and exc.code in STATUS_CODES:
-            code, message = STATUS_CODES[exc.code], str(exc)
+        name = wire_code(exc)
+        if name is not None:
+            code, message = grpc.StatusCode[name], str(exc)
             log.info("rpc_refused", code=code.name, message=message)
         else:
             code, message = grpc.StatusCode.INTERNAL, "internal error"
@@ -303,11 +164,7 @@ class _Admission:
         # Each RPC runs in its own task, so these bindings end with it.
         structlog.contextvars.bind_contextvars(rpc=self._rpc)
         service = self._service
-        try:
-            identity = tls.check_peer(self._context.auth_context(), service.crl)
-        except JobworkerError as err:
-            log.warning("rpc_unauthenticated", peer=self._context.peer(), reason=str(err))
-            raise
+        identity = tls.authenticate(self._context, service.crl)
         structlog.contextvars.bind_contextvars(identity=identity.name)
         job_id: str | None = None
         job: JobStatus | None = None
@@ -315,7 +172,7 @@ class _Admission:
         if self._action in _JOB_ACTIONS and not undecodable:
             job_id = self._request.job_id
             structlog.contextvars.bind_contextvars(job_id=job_id[:64])
-            job = service.manager.find(job_id)
+            job = service.backend.find(job_id)
         try:
             service.plugins.authorize(identity, self._action, job)
         except JobworkerError as err:
@@ -404,53 +261,47 @@ def _streaming(
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    """``jobworker.v1.JobService`` over a :class:`JobManager`."""
+    """``jobworker.v1.JobService`` over a :class:`jobworker.backend.JobBackend`."""
 
     def __init__(
-        self, manager: JobManager, plugins: Plugins, crl: tls.RevocationList | None = None
+        self, backend: JobBackend, plugins: Plugins, crl: tls.RevocationList | None = None
     ) -> None:
-        self.manager = manager
+        self.backend = backend
         self.plugins = plugins
         self.crl = crl
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
-        status = await self.manager.start(spec_from_pb(request), owner=caller.identity.name)
+        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.identity.name)
         return pb.StartJobResponse(job_id=status.job_id)
 
     @_unary(Action.STOP)
     async def StopJob(self, request: pb.JobRequest, caller: Caller) -> pb.JobResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        result = await self.manager.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
-        return pb.JobResponse(
-            success=True,
-            message=result.message,
-            already_finished=result.already_finished,
-            escalated=result.escalated,
-            status=status_to_pb(result.status),
-        )
+        result = await self.backend.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
+        return wire.stop_to_pb(result)
 
     @_unary(Action.STATUS)
     async def GetStatus(self, request: pb.JobRequest, caller: Caller) -> pb.JobStatusResponse:
-        return status_to_pb(caller.target)
+        return wire.status_to_pb(caller.target)
 
     @_streaming(Action.STREAM)
     async def StreamOutput(
         self, request: pb.JobRequest, caller: Caller
     ) -> AsyncIterator[pb.JobOutputChunk]:
-        chunks = self.manager.follow(
+        chunks = self.backend.follow(
             caller.target.job_id, offset=request.offset, follow=not request.no_follow
         )
         async for chunk in chunks:
-            yield pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)
+            yield wire.chunk_to_pb(chunk)
 
     @_unary(Action.LIST)
     async def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
-        jobs = self.manager.list()
+        jobs = self.backend.list()
         if request.node:
             jobs = [s for s in jobs if s.node == request.node]
         visible = [s for s in jobs if self._may_see(caller.identity, s)]
-        return pb.ListJobsResponse(jobs=[status_to_pb(s) for s in visible])
+        return pb.ListJobsResponse(jobs=[wire.status_to_pb(s) for s in visible])
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:
         """Listing filters by the STATUS rule; a hidden job is skipped, not an error."""

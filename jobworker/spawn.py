@@ -29,6 +29,7 @@ import attrs
 import structlog
 
 from jobworker.errors import SpawnError
+from jobworker.isolation import DEFAULT_WORKDIR, IsolationPlan
 from jobworker.model import JobSpec
 
 log = structlog.get_logger("jobworker.spawn")
@@ -41,6 +42,12 @@ _STEP_MESSAGES = {
     "exec": "cannot execute {what!r}: {error}",
     "cwd": "cannot use working directory {what!r}: {error}",
     "join": "cannot join the job's containment {what!r}: {error}",
+    "namespace": "cannot create the job's namespaces ({what}): {error}",
+    "mount": "cannot set up the job's filesystem view at {what!r}: {error}",
+    "network": "cannot set up the job's network namespace ({what}): {error}",
+    "user": "cannot switch the job to uid {what}: {error}",
+    "capabilities": "cannot drop the job's capabilities ({what}): {error}",
+    "no_new_privs": "cannot set no_new_privs: {error}",
 }
 _SIGNALS_TO_DEFAULT = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
@@ -53,6 +60,18 @@ class Spawned:
     pidfd: int  # readable once the process has exited
     stdout: int  # non-blocking read ends
     stderr: int
+    #: Non-blocking; an isolated job's PID 1 writes the command's wait status here.
+    exit_report: int
+
+
+def read_exit_report(fd: int) -> int | None:
+    """The command's raw wait status from an isolated job's PID 1, or None (not isolated,
+    or PID 1 was killed before it could report)."""
+    try:
+        data = os.read(fd, 32)
+    except BlockingIOError:
+        return None
+    return int(data) if data.strip().isdigit() else None
 
 
 def resolve_future(fut: asyncio.Future[None]) -> None:
@@ -104,9 +123,18 @@ def _kill_and_reap(pid: int) -> None:
     os.waitpid(pid, 0)  # dies at once: no real wait
 
 
-def _instructions(spec: JobSpec, join_path: str | None) -> bytes:
-    fields = [spec.command, spec.cwd or "", join_path or "", str(len(spec.args)), *spec.args]
-    fields += [f"{k}={v}" for k, v in spec.job_env().items()]
+def _instructions(spec: JobSpec, join_path: str | None, plan: IsolationPlan | None) -> bytes:
+    env = spec.job_env()
+    cwd = spec.cwd or ""
+    plan_fields: list[str] = []
+    if plan is not None:
+        plan_fields = plan.launcher_fields(os.getuid(), os.getgid())
+        account = plan.account
+        env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+        cwd = cwd or DEFAULT_WORKDIR
+    fields = [spec.command, cwd, join_path or "", str(len(plan_fields)), *plan_fields]
+    fields += [str(len(spec.args)), *spec.args]
+    fields += [f"{k}={v}" for k, v in env.items()]
     return "\0".join(fields).encode("utf-8", "surrogateescape")
 
 
@@ -131,10 +159,10 @@ class _Zygote:
         devnull = _above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
         theirs_fd = _above_stdio(theirs.detach())
         try:
-            # fd 3 taken too, so descriptors it receives never land on 0-3.
+            # fd 3 and 4 taken too, so descriptors it receives never land on 0-4.
             stderr = 2 if _fd_open(2) else devnull
             self.pid = _posix_spawn_launcher(
-                ["--zygote"], [theirs_fd, devnull, stderr, devnull], setsid=True
+                ["--zygote"], [theirs_fd, devnull, stderr, devnull, devnull], setsid=True
             )
         finally:
             os.close(theirs_fd)
@@ -143,7 +171,7 @@ class _Zygote:
         self._sock = ours
         self._lock = asyncio.Lock()
 
-    async def start(self, payload: bytes, fds: tuple[int, int, int]) -> int:
+    async def start(self, payload: bytes, fds: tuple[int, ...]) -> int:
         """Ask for one job process; its pid. Cancellation-safe: a late pid is killed."""
         exchange = asyncio.ensure_future(self._exchange(payload, fds))
         try:
@@ -152,7 +180,7 @@ class _Zygote:
             exchange.add_done_callback(_reap_abandoned)
             raise
 
-    async def _exchange(self, payload: bytes, fds: tuple[int, int, int]) -> int:
+    async def _exchange(self, payload: bytes, fds: tuple[int, ...]) -> int:
         loop = asyncio.get_running_loop()
         async with self._lock:
             header = struct.pack(">I", len(payload))
@@ -218,12 +246,13 @@ class Spawner:
             self._zygote.close()
             self._zygote = None
 
-    async def _start(self, payload: bytes, out_w: int, err_w: int, st_w: int) -> int:
+    async def _start(self, payload: bytes, child_fds: tuple[int, int, int, int]) -> int:
+        """Start a launcher whose fd 1-4 are ``child_fds``; its pid."""
         if self._use_zygote:
             try:
                 if self._zygote is None:
                     self._zygote = _Zygote()
-                return await self._zygote.start(payload, (out_w, err_w, st_w))
+                return await self._zygote.start(payload, child_fds)
             except (OSError, ConnectionError) as err:
                 log.warning("spawn_helper_failed", error=str(err), fallback="launcher")
                 self.close()  # a fresh helper is started for the next job
@@ -231,35 +260,38 @@ class Spawner:
         try:
             os.write(memfd, payload)
             os.lseek(memfd, 0, os.SEEK_SET)
-            return _posix_spawn_launcher([], [memfd, out_w, err_w, st_w], setsid=True)
+            return _posix_spawn_launcher([], [memfd, *child_fds], setsid=True)
         finally:
             os.close(memfd)
 
-    async def spawn(self, spec: JobSpec, join_path: str | None) -> Spawned:
-        """Start ``spec``; return once the command itself is running.
+    async def spawn(
+        self, spec: JobSpec, join_path: str | None, plan: IsolationPlan | None = None
+    ) -> Spawned:
+        """Start ``spec``, isolated as ``plan`` says; return once the command is running.
 
         Raises SpawnError with the OS reason when the command cannot be executed; nothing
         is left behind then (the process is reaped, every descriptor closed).
         """
-        payload = _instructions(spec, join_path)
-        out_r = out_w = err_r = err_w = st_r = st_w = -1
+        payload = _instructions(spec, join_path, plan)
+        out_r = out_w = err_r = err_w = st_r = st_w = ex_r = ex_w = -1
         pid = pidfd = -1
         try:
             out_r, out_w = _pipe()
             err_r, err_w = _pipe()
             st_r, st_w = _pipe()
+            ex_r, ex_w = _pipe()
             for w in (out_w, err_w):
                 try:
                     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
                 except OSError:
                     pass  # over /proc/sys/fs/pipe-max-size when unprivileged: keep default
             try:
-                pid = await self._start(payload, out_w, err_w, st_w)
+                pid = await self._start(payload, (out_w, err_w, st_w, ex_w))
             except OSError as err:
                 raise SpawnError(f"cannot start the job: {err.strerror}") from err
-            for fd in (out_w, err_w, st_w):
+            for fd in (out_w, err_w, st_w, ex_w):
                 os.close(fd)
-            out_w = err_w = st_w = -1
+            out_w = err_w = st_w = ex_w = -1
             pidfd = os.pidfd_open(pid)
             report = await _read_to_eof(st_r)
             if report:
@@ -269,14 +301,14 @@ class Spawner:
                 step, _errno, error, what = fields[:4]
                 template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
                 raise SpawnError(template.format(error=error, what=what))
-            os.set_blocking(out_r, False)
-            os.set_blocking(err_r, False)
-            spawned = Spawned(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r)
-            pid = pidfd = out_r = err_r = -1  # ownership passes to the caller
+            for fd in (out_r, err_r, ex_r):
+                os.set_blocking(fd, False)
+            spawned = Spawned(pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r, exit_report=ex_r)
+            pid = pidfd = out_r = err_r = ex_r = -1  # ownership passes to the caller
             return spawned
         finally:
             if pid > 0:  # cancelled or failed after the process started: leave nothing
                 _kill_and_reap(pid)
-            for fd in (out_r, out_w, err_r, err_w, st_r, st_w, pidfd):
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w, ex_r, ex_w, pidfd):
                 if fd >= 0:
                     os.close(fd)

@@ -4,16 +4,22 @@ grpcio's Python API can neither set a minimum TLS version nor load a CRL
 (grpc/grpc#37305). So:
 
 * TLS 1.2 is refused at the handshake by restricting grpc's TLS 1.2 cipher suites to one
-  that no client can negotiate with this server (see ``TLS12_REFUSING_CIPHER_SUITES``).
-  grpc reads that setting from the environment once, when it is imported, and applies it
-  to every TLS connection of the process. ``server_credentials`` proves it is in force
-  with a real TLS 1.2 handshake and refuses to start otherwise.
+  that no client can negotiate with this server (:mod:`jobworker.grpcenv` sets it before
+  grpc is imported, which is the only time grpc reads it). ``server_credentials`` proves
+  it is in force with a real TLS 1.2 handshake and refuses to start otherwise.
 * Revocation is checked per RPC by ``check_peer``, which also re-checks the TLS version.
 
 See docs/security.md.
 """
 
 from __future__ import annotations
+
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported.
+from jobworker.grpcenv import (  # isort: split
+    CIPHER_SUITES_VAR,
+    TLS12_REFUSING_CIPHER_SUITES,
+    grpc,
+)
 
 import contextlib
 import os
@@ -33,36 +39,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from jobworker.errors import ConfigError, Unauthenticated
+from jobworker.errors import ConfigError, Unauthenticated, UsageError
 from jobworker.identity import Identity, identity_from_auth_context
-
-TLS12_REFUSING_CIPHER_SUITES = "ECDHE-PSK-CHACHA20-POLY1305"
-"""The only TLS 1.2 suite grpc may use: a PSK suite, and the server has no PSK, so every
-TLS 1.2 handshake fails with NO_SHARED_CIPHER. TLS 1.3 suites are not configurable and
-stay enabled."""
-
-_CIPHER_SUITES_VAR = "GRPC_SSL_CIPHER_SUITES"
-
-# grpc reads GRPC_SSL_CIPHER_SUITES once, when it is first imported, so it must be set
-# before `import grpc`. That works only when this module is the first to import grpc in
-# the process; server_credentials() detects the other case. The previous value is
-# restored straight after, so that the processes we spawn (jobs) do not inherit it.
-# GRPC_VERBOSITY is read the same way: grpc's C core would otherwise print INFO lines
-# (such as the handshake failure of our own TLS 1.2 probe) in the middle of our JSON logs.
-_GRPC_IMPORT_ENV = {
-    _CIPHER_SUITES_VAR: TLS12_REFUSING_CIPHER_SUITES,
-    "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR"),
-}
-_previous_env = {name: os.environ.get(name) for name in _GRPC_IMPORT_ENV}
-os.environ.update(_GRPC_IMPORT_ENV)
-
-import grpc  # noqa: E402
-
-for _name, _value in _previous_env.items():
-    if _value is None:
-        del os.environ[_name]
-    else:
-        os.environ[_name] = _value
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +68,29 @@ class TlsFiles:
     key: Path = attrs.field(converter=Path)
     ca: Path = attrs.field(converter=Path)
     crl: Path | None = attrs.field(default=None, converter=_optional_path)
+
+
+def given_files(
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+    ca: str | os.PathLike[str] | None,
+    *,
+    crl: str | os.PathLike[str] | None = None,
+    labels: Sequence[str] = ("--tls-cert", "--tls-key", "--tls-ca"),
+) -> TlsFiles | None:
+    """The files given as options, or None when none is (the caller falls back to the dev
+    PKI). Raises ``UsageError`` naming the missing ones (by ``labels``) when only some are.
+    """
+    values = (cert, key, ca)
+    if not any(values):
+        return None
+    missing = [label for label, value in zip(labels, values, strict=True) if not value]
+    if missing:
+        raise UsageError(
+            f"--tls-cert, --tls-key and --tls-ca go together: missing {', '.join(missing)}"
+        )
+    assert cert and key and ca
+    return TlsFiles(cert=cert, key=key, ca=ca, crl=crl)
 
 
 @attrs.frozen
@@ -207,8 +208,8 @@ def _ensure_tls12_refused(credentials: grpc.ServerCredentials) -> None:
     if accepted:
         raise ConfigError(
             "grpc accepts TLS 1.2 in this process because it was imported before "
-            f"jobworker.tls could set {_CIPHER_SUITES_VAR}: import jobworker.tls before grpc, "
-            f"or start the process with {_CIPHER_SUITES_VAR}={TLS12_REFUSING_CIPHER_SUITES}"
+            f"jobworker.grpcenv could set {CIPHER_SUITES_VAR}: import jobworker.tls before grpc, "
+            f"or start the process with {CIPHER_SUITES_VAR}={TLS12_REFUSING_CIPHER_SUITES}"
         )
 
 
@@ -368,3 +369,12 @@ def check_peer(auth_context: Mapping[str, Sequence[bytes]], crl: RevocationList 
         if reason is not None:
             raise Unauthenticated(f"{identity.name}: {reason}")
     return identity
+
+
+def authenticate(context: grpc.aio.ServicerContext, crl: RevocationList | None) -> Identity:
+    """:func:`check_peer` for one RPC; a refusal is logged with the peer, then raised."""
+    try:
+        return check_peer(context.auth_context(), crl)
+    except Unauthenticated as err:
+        log.warning("rpc_unauthenticated", peer=context.peer(), reason=str(err))
+        raise

@@ -1,17 +1,49 @@
-"""Domain limits on the wire, shared by the two edges that speak protobuf.
+"""Protobuf <-> domain, both directions, for every message: the one translation table.
 
 The service (jobworker.service) and the client (jobworker.client) are the only modules
-that translate between protobuf and domain objects; what both need lives here.
+that speak protobuf, and both translate here. Values are validated by the model they
+become (:mod:`jobworker.model`), never here; the wire's own conventions live here:
+
+* 0 (or "") means "not set" where the model says None;
+* ``exit_code`` is 128+N for a job killed by signal N (``JobStatusView.shell_exit_code``),
+  and means an exit code only when ``signal`` is 0; a job lost with its cluster node has
+  none, and -1 on the wire (never 0, which would read as success).
 """
 
 from __future__ import annotations
 
-from jobworker.model import Limits
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from jobworker.errors import RemoteError
+from jobworker.model import (
+    IoLimit,
+    JobSpec,
+    JobState,
+    JobStatus,
+    JobStatusView,
+    Limits,
+    OutputChunk,
+    ResourceUsage,
+    StopResult,
+    StopView,
+    TerminationReason,
+)
 from jobworker.v1 import jobworker_pb2 as pb
+
+#: Where a server listens, and a client connects, unless told otherwise.
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+_USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
+#: ``exit_code`` of a job lost with its cluster node.
+_NODE_LOST_EXIT = -1
+
+
+# -- limits ---------------------------------------------------------------------------------
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
-    """Limits as sent: on the wire 0 means "not limited", where the model says None."""
     return pb.Limits(
         cpu=limits.cpu or 0.0,
         cpu_weight=limits.cpu_weight or 0,
@@ -29,3 +61,175 @@ def limits_to_pb(limits: Limits) -> pb.Limits:
             for io in limits.io
         ],
     )
+
+
+def limits_from_pb(limits: pb.Limits) -> Limits:
+    """Raises InvalidArgument (from the model) for values no job may have."""
+    return Limits(
+        cpu=limits.cpu or None,
+        cpu_weight=limits.cpu_weight or None,
+        memory=limits.memory_bytes or None,
+        memory_high=limits.memory_high_bytes or None,
+        pids=limits.pids or None,
+        io=tuple(
+            IoLimit(
+                device=io.device,
+                rbps=io.read_bps or None,
+                wbps=io.write_bps or None,
+                riops=io.read_iops or None,
+                wiops=io.write_iops or None,
+            )
+            for io in limits.io
+        ),
+    )
+
+
+# -- StartJob -------------------------------------------------------------------------------
+
+
+def start_request(
+    command: str,
+    args: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    limits: Limits | None,
+    user: str | None = None,
+    network: str | None = None,
+    node: str | None = None,
+) -> pb.StartJobRequest:
+    return pb.StartJobRequest(
+        command=command,
+        args=args,
+        env=env or {},
+        cwd=cwd or "",
+        limits=limits_to_pb(limits) if limits is not None else None,
+        user=user or "",
+        network=network or "",
+        node=node or "",
+    )
+
+
+def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
+    """The job a StartJob request asks for; raises InvalidArgument (from the model)."""
+    return JobSpec(
+        command=request.command,
+        args=tuple(request.args),
+        env=dict(request.env),
+        cwd=request.cwd or None,
+        limits=limits_from_pb(request.limits) if request.HasField("limits") else Limits(),
+        user=request.user or None,
+        network=request.network or None,
+        node=request.node or None,
+    )
+
+
+# -- job status -----------------------------------------------------------------------------
+
+
+def status_to_pb(status: JobStatus) -> pb.JobStatusResponse:
+    return view_to_pb(JobStatusView.from_status(status))
+
+
+def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
+    reply = pb.JobStatusResponse(
+        job_id=view.job_id,
+        status=view.state.value,
+        exit_code=_NODE_LOST_EXIT
+        if view.reason is TerminationReason.NODE_LOST
+        else view.shell_exit_code or 0,
+        reason="" if view.reason is None else view.reason.value,
+        signal=view.signal or 0,
+        owner=view.owner,
+        stopped_by=view.stopped_by or "",
+        escalated=view.escalated,
+        started_at=view.started_at,
+        ended_at=view.ended_at or 0.0,
+        command=view.command,
+        args=view.args,
+        containment=view.containment,
+        limits=limits_to_pb(view.limits),
+        output_bytes=view.output_bytes,
+        pid=view.pid,
+        user=view.user or "",
+        uid=-1 if view.uid is None else view.uid,
+        isolation=view.isolation,
+        node=view.node or "",
+    )
+    if view.usage is not None:
+        known = {k: v for k, v in attrs.asdict(view.usage).items() if v is not None}
+        reply.usage.CopyFrom(pb.ResourceUsage(**known))
+    return reply
+
+
+def _usage_from_pb(status: pb.JobStatusResponse) -> ResourceUsage | None:
+    if not status.HasField("usage"):
+        return None
+    usage = status.usage
+    return ResourceUsage(
+        **{name: getattr(usage, name) if usage.HasField(name) else None for name in _USAGE_FIELDS}  # type: ignore[arg-type]
+    )
+
+
+def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
+    """The inverse of :func:`view_to_pb`."""
+    try:
+        state = JobState(status.status)
+        reason = TerminationReason(status.reason) if status.reason else None
+    except ValueError as err:
+        raise RemoteError("UNKNOWN", f"the server sent {err}: upgrade jobworker") from None
+    ended = state is JobState.EXITED
+    return JobStatusView(
+        job_id=status.job_id,
+        state=state,
+        reason=reason,
+        exit_code=status.exit_code
+        if ended and not status.signal and reason is not TerminationReason.NODE_LOST
+        else None,
+        signal=status.signal or None,
+        owner=status.owner,
+        stopped_by=status.stopped_by or None,
+        escalated=status.escalated,
+        started_at=status.started_at,
+        ended_at=status.ended_at or None,
+        command=status.command,
+        args=tuple(status.args),
+        limits=limits_from_pb(status.limits),
+        usage=_usage_from_pb(status),
+        containment=status.containment,
+        output_bytes=status.output_bytes,
+        pid=status.pid,
+        user=status.user or None,
+        uid=None if status.uid < 0 else status.uid,
+        isolation=status.isolation or "none",
+        node=status.node or None,
+    )
+
+
+# -- StopJob --------------------------------------------------------------------------------
+
+
+def stop_to_pb(result: StopResult) -> pb.JobResponse:
+    return pb.JobResponse(
+        success=True,
+        message=result.message,
+        already_finished=result.already_finished,
+        escalated=result.escalated,
+        status=status_to_pb(result.status),
+    )
+
+
+def stop_from_pb(response: pb.JobResponse) -> StopView:
+    return StopView(
+        success=response.success,
+        message=response.message,
+        already_finished=response.already_finished,
+        escalated=response.escalated,
+        status=status_from_pb(response.status) if response.HasField("status") else None,
+    )
+
+
+# -- StreamOutput ---------------------------------------------------------------------------
+
+
+def chunk_to_pb(chunk: OutputChunk) -> pb.JobOutputChunk:
+    return pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)

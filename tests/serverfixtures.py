@@ -22,13 +22,15 @@ from typing import Any, TypeVar
 import attrs
 import grpc
 
-from jobworker.backends.authz import Authz
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import ESSENTIAL_PLUGINS, Plugins
 from jobworker.pki import PkiPaths, init_pki
+from jobworker.plugins.authz import Authz
+from jobworker.plugins.isolation import Isolation
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.jobpaths import JOB_VISIBLE_ROOT
 
 RPC_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
@@ -51,10 +53,12 @@ def make_api_pki(directory: Path) -> PkiPaths:
 
 
 def authz_plugins(whitelist: Path) -> Plugins:
-    """Plugins as ``jobworker serve --authz FILE`` loads them (no containment plugin)."""
+    """Plugins as ``jobworker serve --authz FILE`` loads them (no containment plugin):
+    the whitelist, and isolation with its defaults (jobs run as nobody, in namespaces)."""
     plugins = Plugins()
     plugins.register(Authz.from_file(whitelist), name="authz")
-    plugins.load(["authz"])
+    plugins.register(Isolation(writable=(str(JOB_VISIBLE_ROOT),)), name="isolation")
+    plugins.load(ESSENTIAL_PLUGINS)
     return plugins
 
 

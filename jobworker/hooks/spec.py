@@ -4,13 +4,15 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
-   ``jobworker_make_backend(...)`` -- once (first result wins): a cluster backend
-   instead of the local engine; then ``jobworker_manager_ready(manager)`` -- once, when
-   the job manager exists.
+   ``jobworker_make_backend(plugins, config, spool_dir)`` -- once (first result wins):
+   a backend instead of the local engine; then ``jobworker_manager_ready(manager)`` --
+   once, when the job backend exists.
 3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome.
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
-   (first result wins) -> the process starts -> ``jobworker_job_started`` ->
+   (first result wins) -> ``jobworker_accounts`` (first result wins) ->
+   ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
+   ``jobworker_job_started`` ->
    ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
    on the way (any error before the command runs) calls ``jobworker_start_refused``.
 5. ``jobworker_shutdown()`` -- once, after every job was stopped.
@@ -27,18 +29,19 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobworker.hooks import hookspec
 
 if TYPE_CHECKING:
+    from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
-    from jobworker.hooks.manager import Plugins
+    from jobworker.hooks.host import Plugins
     from jobworker.identity import Identity
-    from jobworker.manager import JobManager
+    from jobworker.isolation import IsolationPlan
     from jobworker.model import Action, JobSpec, JobStatus
     from jobworker.server import ServerConfig
 
@@ -66,21 +69,22 @@ def jobworker_configure(options: argparse.Namespace) -> None:
 @hookspec(firstresult=True)
 def jobworker_make_backend(
     plugins: Plugins, config: ServerConfig, spool_dir: Path
-) -> JobManager | Awaitable[JobManager | None] | None:
+) -> JobBackend | Awaitable[JobBackend | None] | None:
     """Provide the server's job backend instead of the local engine (jobs on this host).
 
     First result wins. Called once on the server's event loop, after
     ``jobworker_configure`` and before ``jobworker_manager_ready``; may return an awaitable
-    (a coroutine: an ``async def`` implementation). The backend has the engine's methods
-    (start, stop, find, get, list, follow, wait, shutdown) and calls the job life-cycle
-    observers itself. Raise :class:`jobworker.errors.ConfigError` to refuse start-up.
-    The ``ray`` plugin implements it (docs/cluster.md).
+    (an ``async def`` implementation). The backend calls the job life-cycle hooks
+    (``pre_spawn``, ``start_refused``, ``job_started``, ``output_chunk``, ``on_exit``)
+    itself. Raise :class:`jobworker.errors.ConfigError` to refuse start-up. The ``ray``
+    plugin implements it (docs/cluster.md).
     """
 
 
 @hookspec
-def jobworker_manager_ready(manager: JobManager) -> None:
-    """The server's job manager exists; keep it to act on jobs later. Observer.
+def jobworker_manager_ready(manager: JobBackend) -> None:
+    """The server's job backend (a :class:`jobworker.backend.JobBackend`) exists; keep it
+    to act on jobs later. Observer.
 
     Called once, after ``jobworker_configure`` and before the first request. A plugin that
     stops jobs (at a deadline, say) calls ``await manager.stop(job_id, by=..., grace=...)``
@@ -135,6 +139,39 @@ def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
     :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
     cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
     answers, to the core's process-group containment.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_accounts(owner: str) -> Sequence[str] | None:
+    """The Unix accounts ``owner``'s jobs may run as, its default first; None: no opinion.
+
+    First result wins. The ``authz`` plugin answers from the whitelist's ``run_as`` lists;
+    a client with none runs as the server's default (``--job-user``).
+    """
+
+
+@hookspec
+def jobworker_isolate(
+    job_id: str,
+    spec: JobSpec,
+    owner: str,
+    accounts: Sequence[str] | None,
+    plan: IsolationPlan | None,
+) -> IsolationPlan | None:
+    """Decide how the job's process is isolated: namespaces, account, filesystem view.
+
+    ``accounts`` is what ``jobworker_accounts`` answered for the owner: the Unix accounts
+    it may run jobs as, its default first (None: the server's default account only).
+
+    Gate, chained like ``jobworker_pre_spawn``: each implementation sees the plan the one
+    before returned (None before the first) and may return a replacement, usually
+    ``attrs.evolve(plan, ...)`` to add hidden paths, force ``network=Network.NONE`` or
+    prepend an exec ``wrapper`` (a seccomp or Landlock loader, ``aa-exec``). The launcher
+    applies the final plan in the job's first process, before the command runs; see
+    :mod:`jobworker.isolation`. The built-in ``isolation`` plugin runs first
+    (``tryfirst``). Raise to refuse the job (PermissionDenied for an account the client
+    may not use). With no plan, the job runs with the server's own uid and namespaces.
     """
 
 

@@ -2,7 +2,7 @@
 
 The front server creates it detached (it outlives the front server), pinned to its node
 (``NodeAffinitySchedulingStrategy(soft=False)``) and asking for no CPU, so it never takes
-a job's share of the node. It owns a local :class:`~jobworker.manager.JobManager`: jobs are
+a job's share of the node. It owns a local :class:`~jobworker.jobs.JobManager`: jobs are
 spawned, contained (the node-side plugins, e.g. cgroupv2, or :class:`.tree.ProcessTree`),
 spooled and stopped exactly as on a single server.
 
@@ -28,9 +28,9 @@ import attrs
 import structlog
 
 from jobworker.hooks import hookimpl
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager, StopResult
-from jobworker.model import JobSpec, JobState, JobStatus
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.model import JobSpec, JobState, JobStatus, StopResult
 from jobworker.ray_backend.tree import ProcessTree, ProcRecords
 from jobworker.spool import spool_run
 
@@ -181,7 +181,7 @@ class NodeAgent:
         if placement is not None:
             self._placements[job_id] = placement
         try:
-            status = await manager.start(spec, owner, job_id=job_id)
+            status = await manager.start_as(job_id, spec, owner)
         except BaseException:
             if self._placements.pop(job_id, None) is not None and placement is not None:
                 _release_placement(placement)

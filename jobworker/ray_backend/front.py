@@ -42,18 +42,19 @@ from jobworker.errors import (
     ResourceExhausted,
     job_not_found,
 )
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import StopResult, describe_end, validate_spec
+from jobworker.hooks.host import Plugins
 from jobworker.model import (
     ExitInfo,
     JobSpec,
     JobState,
     JobStatus,
+    OutputChunk,
+    StopResult,
     Stream,
     TerminationReason,
+    describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputChunk
 from jobworker.ray_backend.agent import (
     NAMESPACE,
     AgentConfig,
@@ -365,7 +366,6 @@ class RayBackend:
         try:
             if self._closing:
                 raise FailedPrecondition("the server is shutting down; retry on another server")
-            validate_spec(spec)
             if self.running >= self._max_running:
                 raise ResourceExhausted(
                     f"{self.running} jobs are running, the most this server allows"

@@ -1,9 +1,10 @@
 """The ``ray`` plugin: ``jobworker serve --plugin ray --ray-address HOST:PORT``.
 
 It provides the server's job backend (:class:`.front.RayBackend`) instead of the local
-engine. Plugins named on the same command line that act where the job runs (those that
-implement ``jobworker_limits_apply``, e.g. cgroupv2) are loaded by every node agent, with
-the same options; the others (authz, audit-log, policy) act on the front server.
+engine. The loaded plugins that act where the job runs (those implementing
+:data:`NODE_HOOKS`: cgroupv2, isolation, and authz for the accounts a job may run as) are
+loaded by every node agent too, with the same options; the others (audit-log, policies)
+act on the front server only.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
+from jobworker.hooks.host import available_plugins
 
 if TYPE_CHECKING:
-    from jobworker.hooks.manager import Plugins
-    from jobworker.ray_backend.front import RayBackend
+    from jobworker.backend import JobBackend
+    from jobworker.hooks.host import Plugins
     from jobworker.server import ServerConfig
 
-#: The plugins that act on the node, where the job's processes are.
-NODE_HOOKS = ("jobworker_limits_apply",)
+#: The hooks called where the job's processes are: a plugin implementing one runs on nodes.
+NODE_HOOKS = ("jobworker_limits_apply", "jobworker_isolate", "jobworker_accounts")
 
 
 def _portable(value: Any) -> bool:
@@ -86,18 +88,15 @@ class RayPlugin:
     @hookimpl
     async def jobworker_make_backend(
         self, plugins: Plugins, config: ServerConfig, spool_dir: Path
-    ) -> RayBackend | None:
+    ) -> JobBackend | None:
         from jobworker.ray_backend.agent import AgentConfig
         from jobworker.ray_backend.front import RayBackend
 
         options = self._options
         if options is None:
             return None
-        node_plugins = tuple(
-            name
-            for name in getattr(options, "plugin", [])
-            if name != "ray" and plugins.implements(name, NODE_HOOKS)
-        )
+        loadable = set(available_plugins())
+        node_plugins = tuple(n for n in plugins.implementing(NODE_HOOKS) if n in loadable)
         agent_config = AgentConfig(
             node_name="",
             plugins=node_plugins,

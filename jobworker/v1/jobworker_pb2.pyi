@@ -125,10 +125,16 @@ class StartJobRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     cwd: _builtins.str
-    """empty: the server's working directory"""
+    """empty: the job's private /tmp (the server's cwd if not isolated)"""
+    user: _builtins.str
+    """Unix account to run as; empty: the client's default (whitelist run_as, else --job-user)"""
+    network: _builtins.str
+    """"host" | "none" (loopback only); empty: the server's default"""
     node: _builtins.str
     """cluster backends: run on this node (by name); empty = any"""
     @_builtins.property
@@ -147,11 +153,13 @@ class StartJobRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         cwd: _builtins.str = ...,
         limits: Global___Limits | None = ...,
+        user: _builtins.str = ...,
+        network: _builtins.str = ...,
         node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "node", b"node", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,6 +335,9 @@ class JobStatusResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
@@ -351,7 +362,12 @@ class JobStatusResponse(_message.Message):
     containment: _builtins.str
     output_bytes: _builtins.int
     pid: _builtins.int
-    """on the job's node"""
+    user: _builtins.str
+    """the account the job runs as ("" when not isolated: the server's own)"""
+    uid: _builtins.int
+    """its uid on the server's host"""
+    isolation: _builtins.str
+    """e.g. "namespaces, user nobody(65534), network host"; "none" when not isolated"""
     node: _builtins.str
     """cluster backends: the node it runs on; empty on one server"""
     @_builtins.property
@@ -382,11 +398,14 @@ class JobStatusResponse(_message.Message):
         usage: Global___ResourceUsage | None = ...,
         output_bytes: _builtins.int = ...,
         pid: _builtins.int = ...,
+        user: _builtins.str = ...,
+        uid: _builtins.int = ...,
+        isolation: _builtins.str = ...,
         node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

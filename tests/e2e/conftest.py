@@ -24,6 +24,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from tests.jobpaths import JOB_VISIBLE_ROOT
+
 #: The console script installed next to this interpreter: what a user runs.
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
 START_TIMEOUT_S = 30.0
@@ -186,7 +188,11 @@ def server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     """One server shared by the tests that only touch jobs they start themselves."""
     directory = tmp_path_factory.mktemp("server")
     start, started = _server_starter(directory)
-    yield start(*pki.server_args(), f"--spool-dir={directory / 'spool'}")
+    yield start(
+        *pki.server_args(),
+        f"--spool-dir={directory / 'spool'}",
+        f"--isolation-writable={JOB_VISIBLE_ROOT}",
+    )
     _stop_all(started)
 
 

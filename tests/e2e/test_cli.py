@@ -43,8 +43,8 @@ def test_run_killed_by_a_signal_exits_128_plus_the_signal(cli: Cli) -> None:
     assert cli("run", "--", "sh", "-c", "kill -KILL $$").returncode == 128 + signal.SIGKILL
 
 
-def test_run_separates_stdout_and_stderr_byte_for_byte(cli: Cli, tmp_path: Path) -> None:
-    out, err = tmp_path / "out.bin", tmp_path / "err.bin"
+def test_run_separates_stdout_and_stderr_byte_for_byte(cli: Cli, job_tmp_path: Path) -> None:
+    out, err = job_tmp_path / "out.bin", job_tmp_path / "err.bin"
     out.write_bytes(os.urandom(300_000) + b"\x00\xff\n")
     err.write_bytes(b"\r\n\x00" + os.urandom(200_000))
     script = 'cat "$1"; cat "$2" >&2'
@@ -87,8 +87,10 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
     assert list(status) == [
         "job_id", "state", "reason", "exit_code", "signal", "owner", "stopped_by",
         "escalated", "started_at", "ended_at", "command", "args", "limits", "usage",
-        "containment", "output_bytes", "pid", "node",
+        "containment", "output_bytes", "pid", "user", "uid", "isolation", "node",
     ]  # fmt: skip
+    assert (status["user"], status["uid"]) == ("nobody", 65534)  # the server runs as root
+    assert status["isolation"] == "namespaces, user nobody(65534), network host"
     assert status["job_id"] == job_id
     assert (status["state"], status["reason"], status["exit_code"]) == ("exited", "exited", 0)
     assert (status["command"], status["args"]) == ("sh", ["-c", "echo $GREETING"])
@@ -164,7 +166,9 @@ def test_plugins_json_lists_authz() -> None:
     result = jobworker("plugins", "--json", "--plugin", "authz", env=clean_env())
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [row["name"] for row in rows] == ["authz"]
+    assert [row["name"] for row in rows] == ["authz", "isolation"]
+    assert rows[1]["mode"].startswith("namespaces (pid, mount, ipc, uts, cgroup; network host)")
+    assert "jobworker_isolate" in rows[1]["hooks"]
     assert isinstance(rows[0]["version"], str)
     assert "jobworker_authorize" in rows[0]["hooks"]
     every = json.loads(jobworker("plugins", "--json", env=clean_env()).stdout)

@@ -22,9 +22,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker import hookimpl
 from jobworker.errors import ConfigError
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.model import JobSpec
 from jobworker.pki import PkiPaths, write_crl
+from jobworker.plugins.authz import Authz
 from jobworker.server import ServerConfig, serve
 from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
@@ -243,7 +244,7 @@ def test_unknown_or_malformed_job_id_is_not_found(api_server: RunningServer, job
         ({"command": "env", "env": {"A=B": "x"}}, "is empty or contains '='"),
         ({"command": "env", "env": {"A": "x\0y"}}, "NUL"),
         ({"command": "pwd", "cwd": "relative/dir"}, "must be an absolute path"),
-        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "cores >= 0"),
+        ({"command": "true", "limits": pb.Limits(cpu=-1)}, "give a positive number of cores"),
         ({"command": "true", "limits": pb.Limits(cpu=math.inf)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu=math.nan)}, "finite"),
         ({"command": "true", "limits": pb.Limits(cpu_weight=20000)}, "between 1 and 10000"),
@@ -475,3 +476,10 @@ def test_refuses_to_start_without_authorization(api_pki: PkiPaths) -> None:
     plugins.load(["authz"])
     with pytest.raises(ConfigError, match="no authorization whitelist"):
         plugins.configure(argparse.Namespace(authz=None))
+
+
+def test_refuses_to_start_without_isolation(api_pki: PkiPaths) -> None:
+    plugins = Plugins()
+    plugins.register(Authz.from_file(api_pki.authz), name="authz")
+    with pytest.raises(ConfigError, match="no isolation plugin is loaded"):
+        asyncio.run(serve(ServerConfig(tls=api_pki.server()), plugins))

@@ -14,10 +14,10 @@ import attrs
 import grpc
 import pytest
 
-from jobworker.backends.authz import Authz, Role
 from jobworker.errors import ConfigError, NotFound, PermissionDenied, job_not_found
 from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec, JobState, JobStatus, new_job_id
+from jobworker.plugins.authz import Authz, Role
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job

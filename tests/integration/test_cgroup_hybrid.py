@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.backends.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
 from jobworker.errors import FailedPrecondition
-from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.model import IoLimit, JobSpec, Limits, Stream, new_job_id
+from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
+from jobworker.plugins.isolation import Isolation
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
 
@@ -216,3 +219,41 @@ def test_no_limits_still_contains_without_a_pids_default(plugin: CgroupV2Plugin)
         assert plugin.enabled == frozenset()
     finally:
         cgroup.release()
+
+
+def test_isolated_job_cannot_leave_its_cgroup(
+    plugin: CgroupV2Plugin, root: Path, tmp_path: Path
+) -> None:
+    """The attack the isolation issue found: `echo $$ > <ancestor>/cgroup.procs`, which used
+    to take the job out of its cgroup and make stop hang. Now each try fails, the job's
+    processes stay in its cgroup, and a stop ends it within the grace period."""
+    plugins = Plugins()
+    plugins.register(plugin, name="cgroupv2")
+    plugins.register(Isolation(), name="isolation")
+    script = (
+        "for f in /sys/fs/cgroup/cgroup.procs /sys/fs/cgroup/unified/cgroup.procs"
+        f" {root}/cgroup.procs {UNIFIED}/cgroup.procs; do echo $$ > $f && echo MOVED; done;"
+        " cat /proc/self/cgroup | grep '^0::'; trap '' TERM; echo armed; sleep 600"
+    )
+
+    async def body() -> None:
+        manager = JobManager(plugins, tmp_path)
+        try:
+            job = await manager.start(JobSpec("sh", ("-c", script)), "mallory")
+            out = b""
+            async for chunk in manager.follow(job.job_id):
+                if chunk.stream is Stream.STDOUT:
+                    out += chunk.data
+                if out.endswith(b"armed\n"):
+                    break
+            assert out == b"0::/\narmed\n"
+            procs = (root / job.job_id / "cgroup.procs").read_text().split()
+            assert str(job.pid) in procs and len(procs) == 3  # PID 1, sh, sleep
+            began = time.monotonic()
+            result = await manager.stop(job.job_id, by="admin", grace=0.5)
+            assert result.escalated and time.monotonic() - began < 0.5 + 5
+            assert not (root / job.job_id).exists()
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(asyncio.wait_for(body(), 60))

@@ -6,17 +6,20 @@ import asyncio
 import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 
 from jobworker import hookimpl
+from jobworker.containment import ProcessGroup
 from jobworker.errors import InvalidArgument, NotFound, PermissionDenied, SpawnError
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobState, Stream, TerminationReason
 
 T = TypeVar("T")
@@ -127,22 +130,35 @@ def test_missing_command_bad_cwd_not_executable_leave_nothing(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("fields", "message"),
     [
-        (JobSpec(""), "command is empty"),
-        (JobSpec("echo", ("a\0b",)), "NUL"),
-        (JobSpec("echo", env={"A=B": "c"}), "contains '='"),
-        (JobSpec("echo", cwd="relative"), "absolute"),
-        (JobSpec("echo", tuple("x" * 1025)), "at most 1024"),
+        ({"command": ""}, "command is empty"),
+        ({"command": "echo", "args": ("a\0b",)}, "NUL"),
+        ({"command": "echo", "env": {"A=B": "c"}}, "contains '='"),
+        ({"command": "echo", "cwd": "relative"}, "absolute"),
+        ({"command": "echo", "args": tuple("x" * 1025)}, "at most 1024"),
     ],
 )
-def test_bad_specs_are_rejected(tmp_path: Path, spec: JobSpec, message: str) -> None:
+def test_bad_specs_are_rejected(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    """A spec the launcher could not run cannot be built, so no manager ever sees one; one
+    that a plugin turns bad (``pre_spawn``) is refused the same way, leaving nothing."""
+
+    class Spoil:
+        @hookimpl
+        def jobworker_pre_spawn(self, spec: JobSpec) -> JobSpec:
+            return attrs.evolve(spec, **fields)
+
+    with pytest.raises(InvalidArgument, match=message):
+        JobSpec(**fields)
+    plugins = Plugins()
+    plugins.register(Spoil(), "spoil")
+
     async def body(m: JobManager) -> None:
         with pytest.raises(InvalidArgument, match=message):
-            await m.start(spec, "a")
+            await m.start(JobSpec("true"), "a")
         assert m.list() == []
 
-    run_with_manager(tmp_path, body)
+    run_with_manager(tmp_path, body, plugins=plugins)
 
 
 def test_hundred_concurrent_jobs(tmp_path: Path) -> None:
@@ -363,3 +379,31 @@ def test_finished_job_holds_no_descriptor_and_still_streams(tmp_path: Path) -> N
         assert spool_fds() == []
 
     run_with_manager(tmp_path, body)
+
+
+def test_containment_is_released_off_the_event_loop(tmp_path: Path) -> None:
+    """Removing a cgroup may wait for the kernel (EBUSY): never on the event loop's thread."""
+    released_on: list[threading.Thread] = []
+
+    class Recording(ProcessGroup):
+        def release(self) -> None:
+            released_on.append(threading.current_thread())
+            super().release()
+
+    class Contain:
+        @hookimpl
+        def jobworker_limits_apply(self) -> Recording:
+            return Recording()
+
+    plugins = Plugins()
+    plugins.register(Contain(), "contain")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("true"), "a")
+        await m.wait(job.job_id)
+        with pytest.raises(SpawnError):  # a failed start releases too
+            await m.start(JobSpec("/no/such/program"), "a")
+
+    run_with_manager(tmp_path, body, plugins=plugins)
+    assert len(released_on) == 2
+    assert threading.main_thread() not in released_on

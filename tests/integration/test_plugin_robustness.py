@@ -27,14 +27,13 @@ import pytest
 import structlog
 
 from jobworker import hookimpl
-from jobworker.backends import auditlog
-from jobworker.backends.auditlog import AuditLog
 from jobworker.errors import ConfigError, PermissionDenied, SpawnError
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
-from jobworker.manager import JobManager
+from jobworker.jobs import JobManager
 from jobworker.model import Action, JobSpec, JobStatus, Stream
 from jobworker.pki import PkiPaths
+from jobworker.plugins.auditlog import AuditLog
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.test_manager import collect, run_with_manager, sh
 from tests.serverfixtures import (
@@ -409,21 +408,30 @@ def sighup_restored() -> Iterator[list[int]]:
     signal.signal(signal.SIGHUP, earlier)
     yield calls
     signal.signal(signal.SIGHUP, saved)
-    auditlog.jobworker_shutdown()
-    auditlog._active = None
 
 
-def test_sighup_reopens_through_the_cli_hooks(tmp_path: Path, sighup_restored: list[int]) -> None:
+@pytest.fixture
+def audit_log_plugin() -> Iterator[Plugins]:
+    """``--plugin audit-log`` as the server loads it, shut down afterwards."""
+    plugins = Plugins()
+    plugins.load(["audit-log"])
+    yield plugins
+    plugins.shutdown()
+
+
+def test_sighup_reopens_through_the_cli_hooks(
+    tmp_path: Path, sighup_restored: list[int], audit_log_plugin: Plugins
+) -> None:
     path = tmp_path / "audit.jsonl"
     parser = argparse.ArgumentParser()
-    auditlog.jobworker_add_options(parser)
+    audit_log_plugin.add_options(parser)
     assert "audit-log" in [group.title for group in parser._action_groups]
-    auditlog.jobworker_configure(parser.parse_args(["--audit-log", str(path)]))
-    auditlog.jobworker_job_started(_status("before"))
+    audit_log_plugin.configure(parser.parse_args(["--audit-log", str(path)]))
+    audit_log_plugin.job_started(_status("before"))
     (fd_before,) = _fds_open_on(path)
 
     os.kill(os.getpid(), signal.SIGHUP)  # the default action would end this process
-    auditlog.jobworker_on_exit(_status("after"))
+    audit_log_plugin.on_exit(_status("after"))
 
     (fd_after,) = _fds_open_on(path)
     assert fd_after != fd_before  # a fresh open, and the old descriptor is closed

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from jobworker.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.jobpaths import JOB_VISIBLE_ROOT
 from tests.serverfixtures import (
     RPC_TIMEOUT_S,
     RunningServer,
@@ -100,7 +101,7 @@ class ServeProcess:
         args = ["serve", "--listen", "127.0.0.1:0", "--spool-dir", str(spool_dir)]
         args += ["--tls-cert", str(files.cert), "--tls-key", str(files.key)]
         args += ["--tls-ca", str(files.ca), "--authz", str(pki.authz), "--grace", str(grace)]
-        args += extra
+        args += ["--isolation-writable", str(JOB_VISIBLE_ROOT), *extra]
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jobworker", *args],
@@ -230,7 +231,7 @@ def sha256_of_stream(stub: pb_grpc.JobServiceStub, job_id: str) -> tuple[str, in
 
 @pytest.mark.slow
 def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
-    serve_process: Any, tmp_path: Path
+    serve_process: Any, job_tmp_path: Path
 ) -> None:
     server: ServeProcess = serve_process()
     alice, root = server.stub("alice"), server.stub("root")
@@ -239,8 +240,9 @@ def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
     wait_exited(alice, warm)
     wait_exited(root, warm)
     baseline = server.fds()
-    out = tmp_path / "written"
-    out.mkdir()
+    out = job_tmp_path / "written"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
 
     def start(i: int) -> str:
         # The pause lets all 200 run at once, with most followers attached before output.

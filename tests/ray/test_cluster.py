@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from jobworker.pki import PkiPaths
+from jobworker.ray_backend.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray.cluster import LocalCluster
@@ -138,17 +139,20 @@ def test_output_of_seq_gzip_is_byte_exact_with_streams_apart_and_resumable(
 
 
 def test_stop_kills_the_whole_tree_on_its_node(alice: pb_grpc.JobServiceStub) -> None:
-    job_id = start_job(alice, "sh", "-c", "setsid sleep 300 & echo $!; sleep 300", node="w2")
+    job_id = start_job(alice, "sh", "-c", "setsid sleep 300 & echo started; sleep 300", node="w2")
     stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60)
-    escaped = int(next(stream).data.split()[0])
-    shell = status(alice, job_id).pid
+    assert next(stream).data == b"started\n"
+    # Host pids, read from /proc (the job may run in its own pid namespace, where $! is
+    # another number): the job's first process and everything below it, setsid or not.
+    first = status(alice, job_id).pid
+    tree = [first, *descendants(first)]
     try:
-        assert alive(escaped) and alive(shell)
+        assert len(tree) >= 3, tree  # sh, the setsid sleep, the other sleep
         reply = stop(alice, job_id)
         assert reply.status.reason == "stopped"
-        wait_for(lambda: not alive(escaped) and not alive(shell), 10, "the job's processes gone")
+        wait_for(lambda: not any(alive(p) for p in tree), 10, "the job's processes gone")
     finally:
-        for pid in (escaped, shell):
+        for pid in tree:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 

@@ -19,8 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.backends import _inotify, cgroupv2
-from jobworker.backends.cgroupv2 import (
+from jobworker import inotify
+from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
+from jobworker.hooks.host import Plugins
+from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
+from jobworker.plugins import cgroupv2
+from jobworker.plugins.cgroupv2 import (
     SERVER_LEAF,
     CgroupV2Plugin,
     JobCgroup,
@@ -29,9 +33,6 @@ from jobworker.backends.cgroupv2 import (
     own_cgroup,
     parse_device,
 )
-from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
-from jobworker.hooks.manager import Plugins
-from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
 
 ALL = ("cpu", "io", "memory", "pids")
 #: Stands in for a control file that refuses every write (the kernel's EBUSY, EINVAL...).
@@ -231,17 +232,9 @@ def test_pids_default_can_be_off_and_swap_allowed(fs: FakeCgroupFs) -> None:
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
-        (Limits(cpu=0), "give a positive number of cores"),
-        (Limits(cpu=float("nan")), "give a positive number of cores"),
         (Limits(cpu=4.5), "more than the 4 CPUs of this host: ask for at most 4"),
         (Limits(cpu=0.001), "below the kernel's minimum of 0.01 cores"),
-        (Limits(cpu_weight=0), "from 1 to 10000"),
-        (Limits(cpu_weight=10001), "from 1 to 10000"),
         (Limits(memory=4096), "memory 4096 bytes is too small: give at least 1M"),
-        (Limits(memory=8 << 20, memory_high=16 << 20), "give a memory high at or below it"),
-        (Limits(pids=0), "pids 0: give at least 1"),
-        (Limits(io=[IoLimit(device="8:0")]), "sets no rate"),
-        (Limits(io=[IoLimit(device="8:0", rbps=0)]), "rbps for '8:0' must be at least 1"),
         (Limits(io=[IoLimit(device="9:9", rbps=1)]), "no block device 9:9 on this host"),
         (Limits(io=[IoLimit(device="8:1", rbps=1)]), "is a partition"),
         (
@@ -474,7 +467,7 @@ def test_wait_until_wakes_on_modification_only(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         loop.call_later(0.2, events.write_text, "populated 0\n")
         started = loop.time()
-        await asyncio.wait_for(_inotify.wait_until(events, empty), timeout=5)
+        await asyncio.wait_for(inotify.wait_until(events, empty), timeout=5)
         return loop.time() - started
 
     elapsed = asyncio.run(scenario())
@@ -497,7 +490,7 @@ def test_wait_until_returns_when_the_file_goes(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         asyncio.get_running_loop().call_later(0.05, events.unlink)
-        await asyncio.wait_for(_inotify.wait_until(events, lambda: False), timeout=5)
+        await asyncio.wait_for(inotify.wait_until(events, lambda: False), timeout=5)
 
     asyncio.run(scenario())
 
@@ -505,13 +498,13 @@ def test_wait_until_returns_when_the_file_goes(tmp_path: Path) -> None:
 def test_wait_empty_of_a_removed_cgroup_returns(tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(JobCgroup(tmp_path / "gone").wait_empty(), timeout=1))
     with pytest.raises(FileNotFoundError):
-        asyncio.run(_inotify.wait_until(tmp_path / "gone", lambda: True))
+        asyncio.run(inotify.wait_until(tmp_path / "gone", lambda: True))
 
 
 def test_blocking_wait_times_out(tmp_path: Path) -> None:
     events = tmp_path / "cgroup.events"
     events.write_text("populated 1\n")
-    assert _inotify.wait_until_blocking(events, lambda: False, timeout=0.05) is False
+    assert inotify.wait_until_blocking(events, lambda: False, timeout=0.05) is False
 
 
 # -- release ------------------------------------------------------------------------------
@@ -546,7 +539,7 @@ def test_registered_instance_answers_limits_apply(fs: FakeCgroupFs) -> None:
 
 def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = argparse.ArgumentParser()
-    cgroupv2.jobworker_add_options(parser)
+    CgroupV2Plugin().jobworker_add_options(parser)
     defaults = parser.parse_args([])
     plugin = CgroupV2Plugin.from_options(defaults)
     assert (plugin.root, plugin.delegated, plugin.default_pids, plugin.allow_swap) == (

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from jobworker import cli
-from jobworker.hooks.manager import Plugins
+from jobworker.cli.client import limits_from_options
+from jobworker.hooks.host import Plugins
 from jobworker.model import IoLimit, Limits
 from jobworker.units import (
     parse_cores,
@@ -117,7 +118,7 @@ def test_limits_flags_build_one_limits_with_io_merged_per_device() -> None:
         "--io-write-iops", "/dev/sda=50",
         "--", "dd", "if=/dev/zero",
     )  # fmt: skip
-    assert cli._limits(options) == Limits(
+    assert limits_from_options(options) == Limits(
         cpu=0.5,
         memory=256 << 20,
         pids=64,
@@ -129,7 +130,7 @@ def test_limits_flags_build_one_limits_with_io_merged_per_device() -> None:
 
 
 def test_no_limits_flags_send_no_limits() -> None:
-    assert cli._limits(_parse("start", "--", "true")) is None
+    assert limits_from_options(_parse("start", "--", "true")) is None
 
 
 def test_command_after_double_dash_keeps_its_own_options() -> None:

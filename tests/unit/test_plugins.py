@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,13 @@ import pytest
 
 from jobworker import hookimpl
 from jobworker.errors import ConfigError, NotFound, PermissionDenied
-from jobworker.hooks.manager import BUILTIN_PLUGINS, Plugins, available_plugins, load_plugins
+from jobworker.hooks.host import (
+    BUILTIN_PLUGINS,
+    ESSENTIAL_PLUGINS,
+    Plugins,
+    available_plugins,
+    load_plugins,
+)
 from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec
 
@@ -144,3 +151,81 @@ def test_observer_failure_does_not_silence_others(caplog: pytest.LogCaptureFixtu
     plugins.register(Bad(), "bad")
     plugins.output_chunk("id", "stdout", b"x")
     assert seen == ["stdout"]
+
+
+class NewStyleWrapper:
+    @hookimpl(wrapper=True)
+    def jobworker_on_exit(self) -> Iterator[None]:
+        return (yield)
+
+
+class OldStyleWrapper:
+    @hookimpl(hookwrapper=True)
+    def jobworker_pre_spawn(self) -> Iterator[None]:
+        yield
+
+
+@pytest.mark.parametrize(
+    ("plugin", "hook"),
+    [(NewStyleWrapper(), "jobworker_on_exit"), (OldStyleWrapper(), "jobworker_pre_spawn")],
+)
+def test_hook_wrappers_are_refused_at_load_naming_plugin_and_hook(
+    plugin: object, hook: str
+) -> None:
+    plugins = Plugins()
+    with pytest.raises(ConfigError, match=rf"plugin 'wrapping': {hook} is a hook wrapper"):
+        plugins.register(plugin, "wrapping")
+    assert not plugins.pm.has_plugin("wrapping")  # nothing half-registered
+
+
+def test_wrapper_in_an_entry_point_is_a_startup_error(fake_distribution: Path) -> None:
+    (fake_distribution / "jw_fake_wrapper.py").write_text(
+        "from jobworker import hookimpl\n"
+        "@hookimpl(wrapper=True)\n"
+        "def jobworker_job_started(status):\n"
+        "    return (yield)\n"
+    )
+    with (fake_distribution / "jw_fake-1.2.3.dist-info" / "entry_points.txt").open("a") as f:
+        f.write("wrapping = jw_fake_wrapper\n")
+    try:
+        with pytest.raises(
+            ConfigError, match="'wrapping': jobworker_job_started is a hook wrapper"
+        ):
+            load_plugins(["wrapping"])
+    finally:
+        sys.modules.pop("jw_fake_wrapper", None)
+
+
+def test_each_host_has_its_own_builtin_plugin_instances(tmp_path: Path) -> None:
+    """Two plugin hosts in one process share nothing (no module-level state)."""
+    whitelists = {}
+    for name, role in (("alice", "user"), ("bob", "admin")):
+        whitelists[name] = tmp_path / f"{name}.toml"
+        whitelists[name].write_text(f'[[clients]]\nidentity = "{name}"\nrole = "{role}"\n')
+    hosts = {}
+    for name, path in whitelists.items():
+        hosts[name] = Plugins()
+        hosts[name].load_for_server(["audit-log"])
+        hosts[name].configure(argparse.Namespace(authz=str(path), audit_log=None))
+    for kind in ("authz", "audit-log"):
+        assert hosts["alice"].pm.get_plugin(kind) is not hosts["bob"].pm.get_plugin(kind)
+    cgroups = [load_plugins(["cgroupv2"]).pm.get_plugin("cgroupv2") for _ in range(2)]
+    assert cgroups[0] is not cgroups[1]  # not configured: that would touch the host's cgroups
+    hosts["alice"].authorize(ALICE, Action.LIST, None)
+    with pytest.raises(PermissionDenied, match="alice is not on the authorization whitelist"):
+        hosts["bob"].authorize(ALICE, Action.LIST, None)
+
+
+def test_the_essential_plugins_are_loaded_for_a_server() -> None:
+    plugins = Plugins()
+    with pytest.raises(ConfigError, match="no authorization plugin is loaded"):
+        plugins.check_essential()
+    plugins.load_for_server([])
+    assert [row["name"] for row in plugins.describe()] == list(ESSENTIAL_PLUGINS)
+    plugins.check_essential()
+
+
+def test_an_unconfigured_authz_denies() -> None:
+    plugins = load_plugins(["authz"])
+    with pytest.raises(PermissionDenied, match="whitelist is not loaded"):
+        plugins.authorize(ALICE, Action.LIST, None)

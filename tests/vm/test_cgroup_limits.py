@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.backends._inotify import wait_until_blocking
-from jobworker.backends.cgroupv2 import CgroupV2Plugin, JobCgroup
+from jobworker.inotify import wait_until_blocking
 from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
+from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 NEEDED = {"cpu", "io", "memory", "pids"}

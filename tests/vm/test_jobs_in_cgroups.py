@@ -21,11 +21,11 @@ from typing import TypeVar
 
 import pytest
 
-from jobworker.backends._inotify import wait_until
-from jobworker.backends.cgroupv2 import CgroupV2Plugin
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.inotify import wait_until
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, TerminationReason
+from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 T = TypeVar("T")
@@ -173,9 +173,9 @@ SERVER_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import structlog
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    from jobworker.backends.cgroupv2 import CgroupV2Plugin
-    from jobworker.hooks.manager import Plugins
-    from jobworker.manager import JobManager
+    from jobworker.plugins.cgroupv2 import CgroupV2Plugin
+    from jobworker.hooks.host import Plugins
+    from jobworker.jobs import JobManager
     from jobworker.model import JobSpec
 
     async def main():

@@ -12,8 +12,8 @@ import pytest
 from jobworker_policy import STOPPED_BY, Policy, Rules
 
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
-from jobworker.hooks.manager import Plugins
-from jobworker.manager import JobManager
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, TerminationReason
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.model import DEFAULT_PATH, JobSpec, JobStatus
 
 if TYPE_CHECKING:
-    from jobworker.manager import JobManager
+    from jobworker.backend import JobBackend
 
 __version__ = "0.1.0"
 
@@ -142,7 +142,7 @@ class Policy:
     def __init__(self, rules: Rules | None = None, stop_grace: float = 5.0) -> None:
         self.rules = rules
         self.stop_grace = stop_grace
-        self._manager: JobManager | None = None
+        self._manager: JobBackend | None = None
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._stops: set[asyncio.Task[Any]] = set()
 
@@ -177,7 +177,7 @@ class Policy:
         )
 
     @hookimpl
-    def jobworker_manager_ready(self, manager: JobManager) -> None:
+    def jobworker_manager_ready(self, manager: JobBackend) -> None:
         self._manager = manager
 
     @hookimpl

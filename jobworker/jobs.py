@@ -30,87 +30,34 @@ from jobworker.errors import (
     ResourceExhausted,
     job_not_found,
 )
-from jobworker.hooks.manager import Plugins
+from jobworker.hooks.host import Plugins
+from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
     JobSpec,
     JobState,
     JobStatus,
+    OutputChunk,
     ResourceUsage,
+    StopResult,
     Stream,
     TerminationReason,
+    describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputChunk, OutputLog
-from jobworker.spawn import PIPE_SIZE, Spawner, resolve_future
+from jobworker.outputlog import OutputLog
+from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
 
-log = structlog.get_logger("jobworker.manager")
+log = structlog.get_logger("jobworker.jobs")
 
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.
 PIPE_DRAIN_TIMEOUT = 2.0
-#: How long killed processes may take to disappear (one stuck in uninterruptible IO).
-SETTLE_TIMEOUT = 30.0
-
-MAX_COMMAND_BYTES = 4096
-MAX_ARGS = 1024
-MAX_ENV = 1024
-MAX_SPEC_BYTES = 256 * 1024
-
-
-def validate_spec(spec: JobSpec) -> None:
-    """Reject a spec the launcher could not run, with a message saying what to change."""
-    if not spec.command:
-        raise InvalidArgument("command is empty: give the program to run")
-    if len(spec.command.encode()) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(f"command is longer than {MAX_COMMAND_BYTES} bytes")
-    if len(spec.args) > MAX_ARGS:
-        raise InvalidArgument(f"{len(spec.args)} arguments: at most {MAX_ARGS} are accepted")
-    if len(spec.env) > MAX_ENV:
-        raise InvalidArgument(f"{len(spec.env)} environment variables: at most {MAX_ENV}")
-    total = sum(len(a.encode()) for a in spec.args) + sum(
-        len(k.encode()) + len(v.encode()) for k, v in spec.env.items()
-    )
-    if total > MAX_SPEC_BYTES:
-        raise InvalidArgument(
-            f"arguments and environment take {total} bytes: at most {MAX_SPEC_BYTES}"
-        )
-    strings = [("command", spec.command), *(("argument", a) for a in spec.args)]
-    strings += [("environment", f"{k}={v}") for k, v in spec.env.items()]
-    if spec.cwd is not None:
-        strings.append(("cwd", spec.cwd))
-    for what, value in strings:
-        if "\0" in value:
-            raise InvalidArgument(f"{what} contains a NUL byte, which no process can receive")
-    for key in spec.env:
-        if not key or "=" in key:
-            raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
-    if spec.cwd is not None and not spec.cwd.startswith("/"):
-        raise InvalidArgument(f"cwd {spec.cwd!r} must be an absolute path")
-
-
-@attrs.frozen
-class StopResult:
-    status: JobStatus
-    already_finished: bool
-    escalated: bool
-    message: str
-
-
-def describe_end(status: JobStatus) -> str:
-    """A short human phrase for how a finished job ended."""
-    ex = status.exit
-    if ex is None:
-        return "running"
-    how = f"exit code {ex.exit_code}" if ex.signal is None else f"signal {ex.signal}"
-    if ex.reason is TerminationReason.STOPPED:
-        kill = ", SIGKILL after the grace period" if ex.escalated else ""
-        return f"stopped by {ex.stopped_by} ({how}{kill})"
-    if ex.reason is TerminationReason.OOM_KILLED:
-        return f"killed by the OOM killer ({how})"
-    if ex.reason is TerminationReason.SIGNALED:
-        return f"killed by {how}"
-    return f"exited with {how}"
+#: How long killed processes may take to disappear (one stuck in uninterruptible IO)
+#: before the job ends anyway, with an error log naming what is left.
+SETTLE_TIMEOUT = 5.0
+#: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
+KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
 
 
 @attrs.define(eq=False)
@@ -120,9 +67,11 @@ class _Job:
     owner: str
     containment: Containment
     pid: int
-    pidfd: int
+    pidfd: int  # -1 once the main process is reaped
+    exit_report: int
     log: OutputLog
     started_at: float
+    plan: IsolationPlan | None
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     ended_at: float | None = None
     exit: ExitInfo | None = None
@@ -148,7 +97,18 @@ class _Job:
             exit=self.exit,
             usage=self.usage,
             output_bytes=self.log.payload_bytes,
+            user=None if self.plan is None else self.plan.account.name,
+            uid=os.getuid() if self.plan is None else self.plan.account.uid,
+            isolation="none" if self.plan is None else self.plan.describe(),
         )
+
+
+def _from_wait_status(raw: int) -> tuple[int, int]:
+    """``waitid``'s (si_code, si_status) for a raw ``wait`` status."""
+    if os.WIFSIGNALED(raw):
+        code = os.CLD_DUMPED if os.WCOREDUMP(raw) else os.CLD_KILLED
+        return code, os.WTERMSIG(raw)
+    return os.CLD_EXITED, os.WEXITSTATUS(raw)
 
 
 def _exit_info(job: _Job, code: int, status: int, report: ContainmentReport) -> ExitInfo:
@@ -226,15 +186,18 @@ class JobManager:
 
     # -- start ---------------------------------------------------------------------------
 
-    async def start(self, spec: JobSpec, owner: str, job_id: str | None = None) -> JobStatus:
+    async def start(self, spec: JobSpec, owner: str) -> JobStatus:
         """Run ``spec`` for ``owner``; return once the command runs (not a launcher).
 
         Raises InvalidArgument, SpawnError (with the OS reason), ResourceExhausted, or the
         error a plugin vetoed with; plugins hear of it through ``start_refused``. On any
-        error nothing of the job remains. ``job_id`` is given by an engine that already
-        named the job (a cluster front server); by default a new one is drawn.
+        error nothing of the job remains.
         """
-        job_id = job_id or new_job_id()
+        return await self.start_as(new_job_id(), spec, owner)
+
+    async def start_as(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
+        """:meth:`start` under an id the caller drew: a cluster front server names a job
+        before a node agent runs it, so that both report it under one id."""
         try:
             return await self._start(job_id, spec, owner)
         except JobworkerError as err:
@@ -245,7 +208,6 @@ class JobManager:
     async def _start(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
         if self._closing:
             raise FailedPrecondition("the server is shutting down; retry on another server")
-        validate_spec(spec)
         if spec.node is not None:
             raise InvalidArgument(
                 f"node {spec.node!r} asked for, but this server runs jobs on itself only:"
@@ -270,6 +232,7 @@ class JobManager:
                     )
                 containment = ProcessGroup()
             try:
+                plan = self._plugins.isolate(job_id, spec, owner)
                 try:
                     output = OutputLog(self._spool_dir / f"{job_id}.out")
                 except OSError as err:
@@ -277,13 +240,15 @@ class JobManager:
                         f"cannot create the job's output spool in {self._spool_dir}: {err}"
                     ) from err
                 try:
-                    spawned = await self._spawner.spawn(spec, containment.join_path)
+                    spawned = await self._spawner.spawn(spec, containment.join_path, plan)
                 except BaseException:
                     output.remove()
                     raise
             except BaseException:
                 containment.kill()
-                containment.release()
+                # Off the event loop, as in _supervise; the thread finishes the release
+                # even if this task is cancelled again while it waits.
+                await asyncio.to_thread(containment.release)
                 raise
         finally:
             self._starting -= 1
@@ -297,8 +262,10 @@ class JobManager:
             containment=containment,
             pid=spawned.pid,
             pidfd=spawned.pidfd,
+            exit_report=spawned.exit_report,
             log=output,
             started_at=time.time(),
+            plan=plan,
             pipes={spawned.stdout, spawned.stderr},
         )
         self._jobs[job_id] = job
@@ -313,7 +280,14 @@ class JobManager:
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
         status = job.snapshot()
-        log.info("job_started", job_id=job_id, owner=owner, command=spec.command, pid=job.pid)
+        log.info(
+            "job_started",
+            job_id=job_id,
+            owner=owner,
+            command=spec.command,
+            pid=job.pid,
+            isolation=status.isolation,
+        )
         self._plugins.job_started(status)
         return status
 
@@ -369,7 +343,8 @@ class JobManager:
             for fd in list(job.pipes):
                 self._close_pipe(job, fd)
             try:
-                job.containment.release()
+                # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
+                await asyncio.to_thread(job.containment.release)
             except Exception:
                 log.exception("containment_release_failed", job_id=job.job_id)
         self._finish(job, code, status, report)
@@ -389,6 +364,12 @@ class JobManager:
         job.containment.kill()
         os.waitpid(job.pid, 0)  # noqa: ASYNC222
         os.close(job.pidfd)
+        job.pidfd = -1
+        # An isolated job's main process is its PID 1, which reports the command's status.
+        reported = read_exit_report(job.exit_report)
+        os.close(job.exit_report)
+        if reported is not None:
+            return _from_wait_status(reported)
         if info is None:  # cannot happen after the pidfd fired; be explicit anyway
             return os.CLD_KILLED, int(signal.SIGKILL)
         return info.si_code, info.si_status
@@ -470,7 +451,20 @@ class JobManager:
         except TimeoutError:
             job.escalated = True
             job.containment.kill()
-            await job.done.wait()
+            if job.pidfd >= 0:
+                # The main process too, even if it left its containment: an isolated job's
+                # PID 1 takes every process of its namespace with it.
+                signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
+            except TimeoutError:
+                log.error(
+                    "job_unkillable",
+                    job_id=job.job_id,
+                    pid=job.pid,
+                    containment=job.containment.name,
+                    waited=KILL_TIMEOUT,
+                )
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -483,7 +477,11 @@ class JobManager:
             *(self.stop(j.job_id, by="server-shutdown", grace=grace) for j in running)
         )
         if self._supervisors:
-            await asyncio.gather(*self._supervisors)
+            # Bounded: a process stuck in the kernel must not keep the server from exiting.
+            _done, stuck = await asyncio.wait(self._supervisors, timeout=KILL_TIMEOUT)
+            for task in stuck:
+                log.error("job_unkillable_at_shutdown", task=task.get_name(), waited=KILL_TIMEOUT)
+                task.cancel()
         for job in self._jobs.values():
             job.log.remove()
         self._jobs.clear()

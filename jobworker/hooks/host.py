@@ -12,7 +12,7 @@ import importlib.metadata
 import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 import structlog
@@ -21,21 +21,27 @@ from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
 from jobworker.hooks import PROJECT_NAME, spec
 
 if TYPE_CHECKING:
+    from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.identity import Identity
-    from jobworker.manager import JobManager
+    from jobworker.isolation import IsolationPlan
     from jobworker.model import Action, JobSpec, JobStatus
     from jobworker.server import ServerConfig
 
 log = structlog.get_logger("jobworker.plugins")
 
-#: Built-in plugins, by the name ``--plugin`` takes, and the module that implements them.
+#: Built-in plugins, by the name ``--plugin`` takes, and their ``module:class``; each
+#: plugin host makes its own instance, with no arguments.
 BUILTIN_PLUGINS: dict[str, str] = {
-    "authz": "jobworker.backends.authz",
-    "audit-log": "jobworker.backends.auditlog",
-    "cgroupv2": "jobworker.backends.cgroupv2",
+    "authz": "jobworker.plugins.authz:Authz",
+    "audit-log": "jobworker.plugins.auditlog:AuditLog",
+    "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
+    "isolation": "jobworker.plugins.isolation:Isolation",
     "ray": "jobworker.ray_backend.plugin:RayPlugin",
 }
+#: Loaded by every server before the plugins it is asked for: authorization and isolation
+#: fail closed.
+ESSENTIAL_PLUGINS: tuple[str, ...] = ("authz", "isolation")
 
 
 def available_plugins() -> list[str]:
@@ -51,8 +57,7 @@ def _load_object(name: str) -> tuple[object, str | None]:
     """Import plugin ``name``; return the object to register and its distribution version."""
     if name in BUILTIN_PLUGINS:
         module, _, cls = BUILTIN_PLUGINS[name].partition(":")
-        loaded = importlib.import_module(module)
-        return (getattr(loaded, cls)() if cls else loaded), None
+        return getattr(importlib.import_module(module), cls)(), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
         raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
@@ -75,11 +80,44 @@ class Plugins:
     # -- loading -------------------------------------------------------------------------
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
-        """Register an already imported plugin (used by tests and embedders)."""
+        """Register an already imported plugin (used by tests and embedders).
+
+        Raises ``ConfigError`` for a hook wrapper: the facade calls each implementation
+        itself (gates and observers have their own error rules), so a wrapper would be
+        called as a plain function.
+        """
         if self.pm.has_plugin(name):
             return
         self.pm.register(plugin, name=name)
+        wrappers = sorted(
+            caller.name
+            for caller in self.pm.get_hookcallers(plugin) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+        )
+        if wrappers:
+            self.pm.unregister(plugin)
+            raise ConfigError(
+                f"plugin {name!r}: {wrappers[0]} is a hook wrapper (wrapper=True or "
+                "hookwrapper=True), which jobworker does not support: implement the hook "
+                "as a plain function"
+            )
         self._versions[name] = version
+
+    def load_for_server(self, names: Iterable[str]) -> None:
+        """Load what ``jobworker serve`` loads: the essential plugins, then ``names``."""
+        self.load([*ESSENTIAL_PLUGINS, *names])
+
+    def check_essential(self) -> None:
+        """Raise ``ConfigError`` unless some plugin authorizes requests and one isolates jobs
+        (even ``--no-isolation`` is the isolation plugin's decision, logged)."""
+        if not self.has_impl("jobworker_authorize"):
+            raise ConfigError("no authorization plugin is loaded; load 'authz' with a whitelist")
+        if not self.has_impl("jobworker_isolate"):
+            raise ConfigError(
+                "no isolation plugin is loaded, so jobs would run with the server's own power:"
+                " load 'isolation' (to run them unisolated on purpose: --no-isolation)"
+            )
 
     def load(self, names: Iterable[str]) -> None:
         """Load plugins by name, in order, then reject hook implementations with no spec."""
@@ -111,7 +149,11 @@ class Plugins:
                 from jobworker import __version__
 
                 version = __version__
-            rows.append({"name": name, "version": version, "hooks": hooks})
+            row: dict[str, Any] = {"name": name, "version": version, "hooks": hooks}
+            mode = getattr(plugin, "mode", None)
+            if isinstance(mode, str):  # what the plugin has in effect, e.g. isolation's
+                row["mode"] = mode
+            rows.append(row)
         return rows
 
     def has_impl(self, hook_name: str) -> bool:
@@ -156,14 +198,13 @@ class Plugins:
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
 
-    async def make_backend(self, config: ServerConfig, spool_dir: Path) -> JobManager | None:
-        """The backend a plugin provides (first answer wins), or None for the local one."""
+    async def make_backend(self, config: ServerConfig, spool_dir: Path) -> JobBackend | None:
+        """The backend a plugin provides (the first answer wins), or None for the local
+        one; an ``async def`` implementation is awaited."""
+        arguments = {"plugins": self, "config": config, "spool_dir": spool_dir}
         for impl in self._impls("jobworker_make_backend"):
             try:
-                result = impl.function(
-                    *[{"plugins": self, "config": config, "spool_dir": spool_dir}[a]
-                      for a in impl.argnames]
-                )  # fmt: skip
+                result = impl.function(*[arguments[a] for a in impl.argnames])
                 if inspect.isawaitable(result):
                     result = await result
             except JobworkerError:
@@ -171,18 +212,19 @@ class Plugins:
             except Exception as exc:
                 raise ConfigError(f"plugin {impl.plugin_name!r}: {exc}") from exc
             if result is not None:
-                return result  # type: ignore[return-value]
+                return cast("JobBackend", result)
         return None
 
-    def implements(self, name: str, hook_names: Iterable[str]) -> bool:
-        """Whether loaded plugin ``name`` implements any of ``hook_names``."""
-        plugin = self.pm.get_plugin(name)
-        if plugin is None:
-            return False
-        callers = self.pm.get_hookcallers(plugin) or []
-        return any(c.name in hook_names for c in callers)
+    def implementing(self, hook_names: Iterable[str]) -> list[str]:
+        """Names of the loaded plugins that implement any of ``hook_names``."""
+        wanted = set(hook_names)
+        return [
+            name
+            for name, plugin in self.pm.list_name_plugin()
+            if any(c.name in wanted for c in self.pm.get_hookcallers(plugin) or [])
+        ]
 
-    def manager_ready(self, manager: JobManager) -> None:
+    def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
 
     def shutdown(self) -> None:
@@ -210,6 +252,16 @@ class Plugins:
             if result is not None:
                 spec = result
         return spec
+
+    def isolate(self, job_id: str, spec: JobSpec, owner: str) -> IsolationPlan | None:
+        accounts: Sequence[str] | None = self.pm.hook.jobworker_accounts(owner=owner)
+        plan: IsolationPlan | None = None
+        for impl in self._impls("jobworker_isolate"):
+            kwargs = {"job_id": job_id, "spec": spec, "owner": owner, "plan": plan}
+            result = self._gate(impl, "jobworker_isolate", accounts=accounts, **kwargs)
+            if result is not None:
+                plan = result
+        return plan
 
     def limits_apply(self, job_id: str, spec: JobSpec) -> Containment | None:
         for impl in self._impls("jobworker_limits_apply"):

@@ -6,38 +6,42 @@ before the job's first process exists; the launcher joins it by writing ``0`` to
 ``cgroup.kill``, so processes that left the job's session are stopped too. Empty is
 learnt from ``cgroup.events`` through inotify, never by polling.
 
-Loaded with ``--plugin cgroupv2`` the module's hook implementations delegate to one
-:class:`CgroupV2Plugin` built from the options; tests and embedders register a
-``CgroupV2Plugin(root=...)`` instance directly.
+:class:`CgroupV2Plugin` is the plugin: ``--plugin cgroupv2`` makes one with no arguments and
+its ``jobworker_configure`` applies the ``--cgroup-*`` options; tests and embedders register
+a ``CgroupV2Plugin(root=...)`` instance directly.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import math
 import os
 import re
-import stat
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import structlog
 
-from jobworker.backends._inotify import wait_until, wait_until_blocking
-from jobworker.containment import ContainmentReport
+from jobworker.cgroupfs import (
+    CGROUP_FS,
+    HYBRID_MOUNT,
+    ROOT_NAME,
+    SYS_DEV_BLOCK,
+    JobCgroup,
+    cgroup2_mounts,
+    default_root,
+    own_cgroup,
+    parse_device,
+    read_int,
+    write_file,
+)
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
-from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
+from jobworker.inotify import wait_until_blocking
+from jobworker.model import IoLimit, JobSpec, Limits
 
 log = structlog.get_logger("jobworker.cgroupv2")
 
-CGROUP_FS = Path("/sys/fs/cgroup")
-#: Where systemd mounts the cgroup2 hierarchy when the controllers are bound to v1.
-HYBRID_MOUNT = CGROUP_FS / "unified"
-ROOT_NAME = "worker_jobs"
 #: ``--cgroup-root delegated``: jobs go under the cgroup systemd delegated to the server.
 DELEGATED = "delegated"
 DELEGATED_JOBS = "jobs"
@@ -47,246 +51,12 @@ CONTROLLERS = ("cpu", "io", "memory", "pids")
 CPU_PERIOD_USEC = 100_000
 MIN_CPU_QUOTA_USEC = 1_000  # cpu.max refuses a smaller quota
 MIN_MEMORY = 1 << 20  # below this even the launcher is OOM-killed
-MAX_CPU_WEIGHT = 10_000
 DEFAULT_PIDS = 1024
 #: How long start-up and shutdown wait for a killed leftover cgroup to empty.
 LEFTOVER_TIMEOUT = 5.0
-#: rmdir can briefly fail with EBUSY right after the last process exited.
-RELEASE_RETRY = 0.2
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_DEVICE_NUMBERS = re.compile(r"(\d+):(\d+)")
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-_SYS_DEV_BLOCK = Path("/sys/dev/block")
 _IO_KEYS = ("rbps", "wbps", "riops", "wiops")
-
-
-# -- cgroupfs helpers ---------------------------------------------------------------------
-
-
-def _write(path: Path, value: str) -> None:
-    """One ``write(2)`` to an existing control file (the kernel parses each write alone).
-
-    No O_CREAT: a missing control file means a missing controller, not a file to make.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def _read_keyed(path: Path) -> dict[str, int]:
-    """``key value`` lines (cpu.stat, memory.events, cgroup.events); empty if missing."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    pairs = (line.split() for line in text.splitlines())
-    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
-
-
-def _read_int(path: Path) -> int | None:
-    """A single number (memory.peak, memory.max); None if missing or ``max``."""
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _read_io_bytes(path: Path) -> tuple[int | None, int | None]:
-    """Read and written bytes summed over every device in io.stat."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None, None
-    totals = {"rbytes": 0, "wbytes": 0}
-    for line in text.splitlines():
-        for field in line.split()[1:]:
-            key, _, value = field.partition("=")
-            if key in totals:
-                totals[key] += int(value)
-    return totals["rbytes"], totals["wbytes"]
-
-
-def _procs(path: Path) -> list[int]:
-    try:
-        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _descendants_first(path: Path) -> Iterator[Path]:
-    """``path`` and every cgroup below it, deepest first (the order rmdir needs)."""
-    for parent, dirs, _files in os.walk(path, topdown=False):
-        for name in dirs:
-            yield Path(parent, name)
-    yield path
-
-
-def _is_populated(path: Path) -> bool:
-    return _read_keyed(path / "cgroup.events").get("populated", 0) != 0
-
-
-def _unescape(text: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space)."""
-    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), text)
-
-
-def cgroup2_mounts(mountinfo: str) -> dict[Path, str]:
-    """Every cgroup2 mount point, with the hierarchy path it shows (usually ``/``)."""
-    mounts: dict[Path, str] = {}
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        separator = fields.index("-")
-        if fields[separator + 1] == "cgroup2":
-            mounts[Path(_unescape(fields[4]))] = _unescape(fields[3])
-    return mounts
-
-
-def default_root(mounts: dict[Path, str]) -> Path:
-    """``worker_jobs`` under the pure v2 mount, else under the hybrid one, else the first."""
-    for preferred in (CGROUP_FS, HYBRID_MOUNT):
-        if preferred in mounts:
-            return preferred / ROOT_NAME
-    if not mounts:
-        raise ConfigError(
-            "no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo): mount cgroup2 "
-            f"at {CGROUP_FS} or start the server without --plugin cgroupv2"
-        )
-    return next(iter(mounts)) / ROOT_NAME
-
-
-def own_cgroup(mount: Path, mount_source: str, proc_cgroup: str) -> Path | None:
-    """Where this process sits in ``mount``, from /proc/self/cgroup; None if not visible."""
-    for line in proc_cgroup.splitlines():
-        if line.startswith("0::"):
-            relative = os.path.relpath(line[3:], mount_source)
-            if relative == ".":
-                return mount
-            return None if relative.startswith("..") else mount / relative
-    return None
-
-
-def parse_device(spec: str, *, sys_dev_block: Path = _SYS_DEV_BLOCK) -> str:
-    """``MAJ:MIN`` of a whole block device given by path (``/dev/vda``) or as ``MAJ:MIN``.
-
-    Raises InvalidArgument for anything io.max would refuse: not a block device, unknown
-    numbers, a partition.
-    """
-    match = _DEVICE_NUMBERS.fullmatch(spec.strip())
-    if match:
-        device = f"{int(match[1])}:{int(match[2])}"
-    else:
-        try:
-            st = os.stat(spec)
-        except OSError as err:
-            raise InvalidArgument(
-                f"IO device {spec!r}: {err.strerror}; give a block device path such as "
-                "/dev/vda or its MAJ:MIN"
-            ) from None
-        if not stat.S_ISBLK(st.st_mode):
-            raise InvalidArgument(
-                f"IO device {spec!r} is not a block device; give one such as /dev/vda or MAJ:MIN"
-            )
-        device = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    sysfs = sys_dev_block / device
-    if not sysfs.exists():
-        raise InvalidArgument(
-            f"IO device {spec!r}: no block device {device} on this host "
-            f"(see {sys_dev_block} or lsblk)"
-        )
-    if (sysfs / "partition").exists():
-        raise InvalidArgument(
-            f"IO device {spec!r} ({device}) is a partition; io.max limits whole disks only: "
-            "give the disk it belongs to (lsblk shows it)"
-        )
-    return device
-
-
-# -- one job ------------------------------------------------------------------------------
-
-
-@attrs.define
-class JobCgroup:
-    """One job's cgroup: the :class:`jobworker.containment.Containment` this plugin returns."""
-
-    path: Path
-    applied: Limits = attrs.field(factory=Limits)
-    pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"cgroupv2:{self.path}"
-
-    @property
-    def join_path(self) -> str:
-        return str(self.path / "cgroup.procs")
-
-    def attach(self, pid: int) -> None:
-        self.pid = pid
-
-    def pids(self) -> list[int]:
-        """Every process in the job's cgroup and any cgroup below it."""
-        return [pid for cgroup in _descendants_first(self.path) for pid in _procs(cgroup)]
-
-    def signal(self, signum: int) -> None:
-        # A process forked after the read escapes this signal; kill() is the backstop.
-        for pid in self.pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        """``cgroup.kill``: the kernel kills the whole subtree, forks in flight included."""
-        try:
-            _write(self.path / "cgroup.kill", "1")
-        except FileNotFoundError:
-            pass  # already released
-
-    def is_empty(self) -> bool:
-        return not _is_populated(self.path)
-
-    async def wait_empty(self) -> None:
-        try:
-            await wait_until(self.path / "cgroup.events", self.is_empty)
-        except FileNotFoundError:
-            pass  # the cgroup is gone, so is every process in it
-
-    def report(self) -> ContainmentReport:
-        cpu = _read_keyed(self.path / "cpu.stat")
-        memory_events = _read_keyed(self.path / "memory.events")
-        io_read, io_write = _read_io_bytes(self.path / "io.stat")
-        usage = ResourceUsage(
-            cpu_usage_usec=cpu.get("usage_usec"),
-            cpu_throttled_usec=cpu.get("throttled_usec"),
-            cpu_nr_throttled=cpu.get("nr_throttled"),
-            memory_peak_bytes=_read_int(self.path / "memory.peak"),
-            io_read_bytes=io_read,
-            io_write_bytes=io_write,
-            pids_peak=_read_int(self.path / "pids.peak"),
-        )
-        oom_kills = memory_events.get("oom_kill", 0) + memory_events.get("oom_group_kill", 0)
-        return ContainmentReport(oom_killed=oom_kills > 0, usage=usage)
-
-    def release(self) -> None:
-        """Remove the cgroup (and any below it); a failure is logged, never raised."""
-        deadline = time.monotonic() + RELEASE_RETRY
-        while True:
-            try:
-                for cgroup in _descendants_first(self.path):
-                    os.rmdir(cgroup)
-                return
-            except FileNotFoundError:
-                return
-            except OSError as err:
-                if err.errno == errno.EBUSY and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                    continue
-                log.warning("cgroup_release_failed", cgroup=str(self.path), error=err.strerror)
-                return
 
 
 # -- the plugin ---------------------------------------------------------------------------
@@ -309,7 +79,20 @@ class _Plan:
     applied: Limits
 
 
-@attrs.define
+def _settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The plugin's settings from the options its ``jobworker_add_options`` added."""
+    if options.cgroup_default_pids < 0:
+        raise ConfigError("--cgroup-default-pids must be 0 (no default) or more")
+    delegated = options.cgroup_root == DELEGATED
+    return {
+        "root": None if delegated else options.cgroup_root,
+        "delegated": delegated,
+        "default_pids": options.cgroup_default_pids or None,
+        "allow_swap": options.cgroup_swap == "allow",
+    }
+
+
+@attrs.define(eq=False)
 class CgroupV2Plugin:
     """Creates, limits and removes job cgroups under ``root``.
 
@@ -325,7 +108,7 @@ class CgroupV2Plugin:
     mount: Path | None = None
     self_cgroup: Path | None = None
     cpus: int = attrs.field(factory=lambda: os.cpu_count() or 1)
-    sys_dev_block: Path = _SYS_DEV_BLOCK
+    sys_dev_block: Path = SYS_DEV_BLOCK
     _available: frozenset[str] = frozenset()
     _enabled: frozenset[str] = frozenset()
     _created_root: bool = False
@@ -333,15 +116,7 @@ class CgroupV2Plugin:
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> CgroupV2Plugin:
-        if options.cgroup_default_pids < 0:
-            raise ConfigError("--cgroup-default-pids must be 0 (no default) or more")
-        delegated = options.cgroup_root == DELEGATED
-        return cls(
-            root=None if delegated else options.cgroup_root,
-            delegated=delegated,
-            default_pids=options.cgroup_default_pids or None,
-            allow_swap=options.cgroup_swap == "allow",
-        )
+        return cls(**_settings(options))
 
     @property
     def enabled(self) -> frozenset[str]:
@@ -457,7 +232,7 @@ class CgroupV2Plugin:
                 self._move_self(cgroup / SERVER_LEAF)
             for controller in sorted(missing):
                 try:
-                    _write(control, f"+{controller}")
+                    write_file(control, f"+{controller}")
                 except OSError as err:
                     log.warning(
                         "cgroup_controller_unusable",
@@ -470,7 +245,7 @@ class CgroupV2Plugin:
 
     def _move_self(self, leaf: Path) -> None:
         leaf.mkdir(exist_ok=True)
-        _write(leaf / "cgroup.procs", str(os.getpid()))
+        write_file(leaf / "cgroup.procs", str(os.getpid()))
         log.info("cgroup_server_moved", cgroup=str(leaf))
         self.self_cgroup = leaf
 
@@ -515,7 +290,7 @@ class CgroupV2Plugin:
         cgroup = JobCgroup(path)
         for name, value in plan.writes:
             try:
-                _write(path / name, value)
+                write_file(path / name, value)
             except OSError as err:
                 cgroup.release()
                 raise FailedPrecondition(
@@ -526,8 +301,8 @@ class CgroupV2Plugin:
             # The kernel rounds memory limits down to whole pages: report what it holds.
             cgroup.applied = attrs.evolve(
                 plan.applied,
-                memory=_read_int(path / "memory.max"),
-                memory_high=_read_int(path / "memory.high"),
+                memory=read_int(path / "memory.max"),
+                memory_high=read_int(path / "memory.high"),
             )
         log.debug("cgroup_created", cgroup=str(path), limits=plan.writes)
         return cgroup
@@ -548,13 +323,12 @@ class CgroupV2Plugin:
         )
 
     def _plan(self, limits: Limits) -> _Plan:
-        """Validate every limit and decide the control file writes, before any mkdir."""
+        """Check what depends on this host and decide the control file writes, before any
+        mkdir. The values themselves were checked when ``limits`` was built (the model)."""
         writes: list[tuple[str, str]] = []
         needs: list[tuple[str, str]] = []  # (controller, Limits field)
         cpu = None
         if limits.cpu is not None:
-            if not (math.isfinite(limits.cpu) and limits.cpu > 0):
-                raise InvalidArgument(f"cpu {limits.cpu}: give a positive number of cores")
             if limits.cpu > self.cpus:
                 raise InvalidArgument(
                     f"cpu {limits.cpu:g} is more than the {self.cpus} CPUs of this host: "
@@ -570,11 +344,6 @@ class CgroupV2Plugin:
             writes.append(("cpu.max", f"{quota} {CPU_PERIOD_USEC}"))
             needs.append(("cpu", "cpu"))
         if limits.cpu_weight is not None:
-            if not 1 <= limits.cpu_weight <= MAX_CPU_WEIGHT:
-                raise InvalidArgument(
-                    f"cpu weight {limits.cpu_weight}: give a value from 1 to {MAX_CPU_WEIGHT} "
-                    "(100 is the default share)"
-                )
             writes.append(("cpu.weight", str(limits.cpu_weight)))
             needs.append(("cpu", "cpu_weight"))
         for field in ("memory", "memory_high"):
@@ -587,17 +356,10 @@ class CgroupV2Plugin:
             writes.append(("memory.max", str(limits.memory)))
             needs.append(("memory", "memory"))
         if limits.memory_high is not None:
-            if limits.memory is not None and limits.memory_high > limits.memory:
-                raise InvalidArgument(
-                    f"memory high {limits.memory_high} is above the memory limit "
-                    f"{limits.memory}: give a memory high at or below it"
-                )
             writes.append(("memory.high", str(limits.memory_high)))
             needs.append(("memory", "memory_high"))
         pids = limits.pids
         if pids is not None:
-            if pids < 1:
-                raise InvalidArgument(f"pids {pids}: give at least 1")
             needs.append(("pids", "pids"))
         elif "pids" in self._enabled:
             pids = self.default_pids
@@ -632,19 +394,47 @@ class CgroupV2Plugin:
             seen[device] = limit.device
             rates = [(key, getattr(limit, key)) for key in _IO_KEYS]
             given = [(key, value) for key, value in rates if value is not None]
-            if not given:
-                raise InvalidArgument(f"IO limit for {limit.device!r} sets no rate")
-            for key, value in given:
-                if value < 1:
-                    raise InvalidArgument(f"IO {key} for {limit.device!r} must be at least 1")
             writes.append(("io.max", f"{device} " + " ".join(f"{k}={v}" for k, v in given)))
             resolved.append(attrs.evolve(limit, device=device))
         return tuple(resolved)
 
-    # -- hooks (when an instance is registered directly) ---------------------------------
+    # -- hooks -------------------------------------------------------------------------
 
     @hookimpl
-    def jobworker_configure(self) -> None:
+    def jobworker_add_options(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "cgroupv2", "Each job in its own cgroup v2 with its limits (docs/cgroups.md)."
+        )
+        group.add_argument(
+            "--cgroup-root",
+            dest="cgroup_root",
+            metavar="PATH",
+            help=f"the cgroup jobs are created under; {DELEGATED!r} for <the server's cgroup>/"
+            f"{DELEGATED_JOBS} under systemd Delegate=yes (default: {ROOT_NAME} under the "
+            f"cgroup2 mount, {CGROUP_FS} or {HYBRID_MOUNT} on a hybrid host)",
+        )
+        group.add_argument(
+            "--cgroup-default-pids",
+            dest="cgroup_default_pids",
+            type=int,
+            default=DEFAULT_PIDS,
+            metavar="N",
+            help=f"pids.max of a job that sets no --pids, so a fork bomb stays contained; "
+            f"0 for none (default {DEFAULT_PIDS})",
+        )
+        group.add_argument(
+            "--cgroup-swap",
+            dest="cgroup_swap",
+            choices=("deny", "allow"),
+            default="deny",
+            help="whether a job with a memory limit may swap beyond it (default deny)",
+        )
+
+    @hookimpl
+    def jobworker_configure(self, options: argparse.Namespace) -> None:
+        if hasattr(options, "cgroup_root"):  # parsed with this plugin's options
+            for name, value in _settings(options).items():
+                setattr(self, name, value)
         self.setup()
 
     @hookimpl
@@ -654,59 +444,3 @@ class CgroupV2Plugin:
     @hookimpl
     def jobworker_shutdown(self) -> None:
         self.shutdown()
-
-
-# -- hooks (when loaded as ``--plugin cgroupv2``) -----------------------------------------
-
-_plugin: CgroupV2Plugin | None = None
-
-
-@hookimpl
-def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "cgroupv2", "Each job in its own cgroup v2 with its limits (docs/cgroups.md)."
-    )
-    group.add_argument(
-        "--cgroup-root",
-        dest="cgroup_root",
-        metavar="PATH",
-        help=f"the cgroup jobs are created under; {DELEGATED!r} for <the server's cgroup>/"
-        f"{DELEGATED_JOBS} under systemd Delegate=yes (default: {ROOT_NAME} under the "
-        f"cgroup2 mount, {CGROUP_FS} or {HYBRID_MOUNT} on a hybrid host)",
-    )
-    group.add_argument(
-        "--cgroup-default-pids",
-        dest="cgroup_default_pids",
-        type=int,
-        default=DEFAULT_PIDS,
-        metavar="N",
-        help=f"pids.max of a job that sets no --pids, so a fork bomb stays contained; "
-        f"0 for none (default {DEFAULT_PIDS})",
-    )
-    group.add_argument(
-        "--cgroup-swap",
-        dest="cgroup_swap",
-        choices=("deny", "allow"),
-        default="deny",
-        help="whether a job with a memory limit may swap beyond it (default deny)",
-    )
-
-
-@hookimpl
-def jobworker_configure(options: argparse.Namespace) -> None:
-    global _plugin
-    _plugin = CgroupV2Plugin.from_options(options)
-    _plugin.setup()
-
-
-@hookimpl
-def jobworker_limits_apply(job_id: str, spec: JobSpec) -> JobCgroup:
-    if _plugin is None:
-        raise FailedPrecondition("the cgroupv2 plugin was not configured")
-    return _plugin.create(job_id, spec)
-
-
-@hookimpl
-def jobworker_shutdown() -> None:
-    if _plugin is not None:
-        _plugin.shutdown()

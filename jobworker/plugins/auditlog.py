@@ -11,9 +11,9 @@ per job, never per output chunk, so one ``os.stat`` per record is cheap. A write
 fails (disk full, file system gone) never stops a job: the record is lost, the server log
 says so once per failure streak, and the next record tries again.
 
-:class:`AuditLog` is one destination and a plugin on its own (tests and embedders register
-``AuditLog(path)``); the module-level hooks, used by ``--plugin audit-log``, delegate to
-the instance ``jobworker_configure`` opened.
+:class:`AuditLog` is the plugin, one destination per instance: ``--plugin audit-log``
+makes one on stderr and its ``jobworker_configure`` opens ``--audit-log``; tests and
+embedders register ``AuditLog(path)``. Each plugin host has its own instance.
 """
 
 from __future__ import annotations
@@ -58,20 +58,26 @@ class AuditLog:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = None if path is None else os.fspath(path)
+        self.path: str | None = None
         self._lock = threading.Lock()
-        self._fd: int | None = None
+        # The process's stderr, whatever sys.stderr was replaced with, until ``use``.
+        self._fd: int | None = 2
         self._reopen_requested = False
         self._lost = 0  # records lost in the current failure streak
-        if self.path is None:
-            self._fd = 2  # the process's stderr, whatever sys.stderr was replaced with
-            return
-        try:
-            self._open()
-        except OSError as err:  # at start-up a bad path is the operator's to fix
-            raise ConfigError(f"cannot open audit log {self.path}: {err.strerror}") from None
+        if path is not None:
+            self.use(path)
 
     # -- the file ------------------------------------------------------------------------
+
+    def use(self, path: str | os.PathLike[str]) -> None:
+        """Append to ``path`` from now on; raises ``ConfigError`` if it cannot be opened."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS, 0o600)
+        except OSError as err:  # at start-up a bad path is the operator's to fix
+            raise ConfigError(f"cannot open audit log {path}: {err.strerror}") from None
+        with self._lock:
+            self._close()
+            self.path, self._fd = os.fspath(path), fd
 
     def _open(self) -> None:
         assert self.path is not None
@@ -137,6 +143,24 @@ class AuditLog:
             self._close()
 
     # -- hooks ---------------------------------------------------------------------------
+
+    @hookimpl
+    def jobworker_add_options(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("audit-log")
+        group.add_argument(
+            "--audit-log",
+            metavar="PATH",
+            help="append audit records (JSON lines, mode 0600 when created) to PATH; reopened "
+            "on SIGHUP or when moved (default: stderr)",
+        )
+
+    @hookimpl
+    def jobworker_configure(self, options: argparse.Namespace) -> None:
+        path = getattr(options, "audit_log", None)
+        if path is not None:
+            self.use(path)
+            _reopen_on_sighup(self)
+        log.info("audit_log_opened", path=self.where)
 
     @hookimpl(specname="jobworker_decision")
     def decision(
@@ -218,11 +242,6 @@ class AuditLog:
         self.close()
 
 
-# -- ``--plugin audit-log`` ---------------------------------------------------------------
-
-_active: AuditLog | None = None
-
-
 def _reopen_on_sighup(audit: AuditLog) -> None:
     """Make SIGHUP reopen ``audit``'s file, keeping any handler that was there before.
 
@@ -241,59 +260,3 @@ def _reopen_on_sighup(audit: AuditLog) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGHUP, on_sighup)
-
-
-@hookimpl
-def jobworker_add_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("audit-log")
-    group.add_argument(
-        "--audit-log",
-        metavar="PATH",
-        help="append audit records (JSON lines, mode 0600 when created) to PATH; reopened "
-        "on SIGHUP or when moved (default: stderr)",
-    )
-
-
-@hookimpl
-def jobworker_configure(options: argparse.Namespace) -> None:
-    global _active
-    _active = AuditLog(getattr(options, "audit_log", None))
-    if _active.path is not None:
-        _reopen_on_sighup(_active)
-    log.info("audit_log_opened", path=_active.where)
-
-
-def _audit() -> AuditLog:
-    """The configured destination; stderr (the default) if configure never ran."""
-    global _active
-    if _active is None:
-        _active = AuditLog()
-    return _active
-
-
-@hookimpl
-def jobworker_decision(
-    identity: Identity, action: Action, job_id: str | None, allowed: bool, reason: str
-) -> None:
-    _audit().decision(identity, action, job_id, allowed, reason)
-
-
-@hookimpl
-def jobworker_job_started(status: JobStatus) -> None:
-    _audit().job_started(status)
-
-
-@hookimpl
-def jobworker_start_refused(job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
-    _audit().start_refused(job_id, spec, owner, error)
-
-
-@hookimpl
-def jobworker_on_exit(status: JobStatus) -> None:
-    _audit().on_exit(status)
-
-
-@hookimpl
-def jobworker_shutdown() -> None:
-    if _active is not None:
-        _active.close()

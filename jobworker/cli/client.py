@@ -1,0 +1,415 @@
+"""The client commands: ``start``, ``run``, ``status``, ``logs``, ``stop`` and ``list``.
+
+Each connects with :class:`jobworker.client.JobClient`; an error the server answers with
+is one line (``jobworker: CODE: message``) and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobworker.cli.common import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_SERVER_ERROR,
+    Parser,
+    argument,
+    print_json,
+    say,
+    silence_stdout,
+)
+from jobworker.client import JobClient
+from jobworker.errors import JobworkerError, UsageError
+from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobStatusView, Limits, TerminationReason
+from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
+from jobworker.tls import TlsFiles, given_files
+from jobworker.units import (
+    parse_cores,
+    parse_count,
+    parse_rate,
+    parse_seconds,
+    parse_size,
+    split_device_value,
+)
+from jobworker.wire import DEFAULT_ADDRESS
+
+# Client TLS options: (option dest, flag, environment variable).
+_CLIENT_TLS = (
+    ("tls_cert", "--tls-cert", "JOBWORKER_TLS_CERT"),
+    ("tls_key", "--tls-key", "JOBWORKER_TLS_KEY"),
+    ("tls_ca", "--tls-ca", "JOBWORKER_TLS_CA"),
+)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"invalid environment variable {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _device_rate(text: str) -> tuple[str, int]:
+    device, value = split_device_value(text)
+    return device, parse_rate(value)
+
+
+def _device_count(text: str) -> tuple[str, int]:
+    device, value = split_device_value(text)
+    return device, parse_count(value)
+
+
+class _DeviceLimit(argparse.Action):
+    """Collect the ``--io-*`` flags as {device: {IoLimit field: value}}; no field twice."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        device, value = values
+        devices: dict[str, dict[str, int]] = dict(getattr(namespace, self.dest) or {})
+        fields = devices[device] = dict(devices.get(device, {}))
+        if self.const in fields:
+            raise argparse.ArgumentError(self, f"given twice for device {device}")
+        fields[self.const] = value
+        setattr(namespace, self.dest, devices)
+
+
+# -- building the parser ------------------------------------------------------------------
+
+
+def _connection_options() -> Parser:
+    parent = Parser(add_help=False)
+    group = parent.add_argument_group(
+        "connection",
+        "Without certificate options or JOBWORKER_TLS_* variables, the dev PKI's "
+        f"{DEV_CLIENT!r} client certificate in {default_pki_dir()} is used.",
+    )
+    group.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS})",
+    )
+    for _dest, flag, env in _CLIENT_TLS:
+        group.add_argument(flag, type=Path, metavar="FILE", help=f"PEM file (env {env})")
+    return parent
+
+
+def _job_options() -> Parser:
+    parent = Parser(add_help=False)
+    job = parent.add_argument_group("job")
+    job.add_argument(
+        "--env",
+        action="append",
+        type=argument(_env_pair),
+        default=[],
+        metavar="KEY=VALUE",
+        help="the job's environment, one variable per flag (PATH defaults if unset)",
+    )
+    job.add_argument("--cwd", metavar="DIR", help="working directory on the server")
+    job.add_argument(
+        "--user",
+        metavar="NAME",
+        help="Unix account to run as (one the whitelist's run_as lists for you)",
+    )
+    job.add_argument(
+        "--network",
+        choices=("host", "none"),
+        help="the host's network, or none (only a loopback); default: the server's",
+    )
+    job.add_argument(
+        "--node", metavar="NAME", help="run on this cluster node (a cluster backend only)"
+    )
+    job.add_argument(
+        "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
+    )
+    limits = parent.add_argument_group(
+        "limits",
+        "Sizes and rates take binary units (K, M, G, T = powers of 1024). DEV is a block "
+        "device path or MAJ:MIN; repeat an IO flag for more devices.",
+    )
+    limits.add_argument("--cpu", type=argument(parse_cores), metavar="CORES", help="e.g. 0.5")
+    limits.add_argument("--memory", type=argument(parse_size), metavar="SIZE", help="e.g. 256M, 1G")
+    limits.add_argument(
+        "--memory-high", type=argument(parse_size), metavar="SIZE", help="throttle above this"
+    )
+    limits.add_argument(
+        "--cpu-weight",
+        type=argument(parse_count),
+        metavar="N",
+        help=f"CPU share, {CPU_WEIGHT_RANGE[0]}-{CPU_WEIGHT_RANGE[1]}",
+    )
+    limits.add_argument("--pids", type=argument(parse_count), metavar="N", help="max processes")
+    for flag, field, parse, metavar, help_ in (
+        ("--io-read-bps", "rbps", _device_rate, "DEV=RATE", "read bytes per second, e.g. 10M"),
+        ("--io-write-bps", "wbps", _device_rate, "DEV=RATE", "write bytes per second"),
+        ("--io-read-iops", "riops", _device_count, "DEV=N", "read operations per second"),
+        ("--io-write-iops", "wiops", _device_count, "DEV=N", "write operations per second"),
+    ):
+        limits.add_argument(
+            flag,
+            dest="io",
+            action=_DeviceLimit,
+            const=field,
+            type=argument(parse),
+            metavar=metavar,
+            help=help_,
+        )
+    return parent
+
+
+def add_commands(commands: Any) -> None:
+    """Add the client commands to ``commands`` (the subparsers of ``jobworker``)."""
+    connection = _connection_options()
+    job = _job_options()
+    start = commands.add_parser(
+        "start", parents=[connection, job], help="start a job and print its id"
+    )
+    start.set_defaults(handler=_client_command(_start))
+    run = commands.add_parser(
+        "run",
+        parents=[connection, job],
+        help="start a job, stream its output and exit with its status",
+    )
+    run.set_defaults(handler=_client_command(_run))
+
+    status = commands.add_parser("status", parents=[connection], help="show a job")
+    status.add_argument("job_id", metavar="JOB")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_client_command(_status))
+
+    logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
+    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep following until the job ends"
+    )
+    logs.set_defaults(handler=_client_command(_logs))
+
+    stop = commands.add_parser("stop", parents=[connection], help="stop a job")
+    stop.add_argument("job_id", metavar="JOB")
+    stop.add_argument(
+        "--grace",
+        type=argument(parse_seconds),
+        metavar="SECONDS",
+        help="time between SIGTERM and SIGKILL (default: the server's)",
+    )
+    stop.set_defaults(handler=_client_command(_stop))
+
+    listing = commands.add_parser("list", parents=[connection], help="list jobs")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--node", metavar="NAME", help="only the jobs of this cluster node")
+    listing.set_defaults(handler=_client_command(_list))
+
+
+# -- shared helpers -----------------------------------------------------------------------
+
+
+def _client_tls(options: argparse.Namespace) -> TlsFiles:
+    """Certificate files from flags, else environment, else the dev PKI's admin client."""
+    cert, key, ca = (getattr(options, dest) or os.environ.get(env) for dest, _, env in _CLIENT_TLS)
+    given = given_files(
+        cert, key, ca, labels=[f"{flag} (or {env})" for _, flag, env in _CLIENT_TLS]
+    )
+    if given is not None:
+        return given
+    files = PkiPaths(default_pki_dir()).client(DEV_CLIENT)
+    if not files.cert.exists():
+        raise UsageError(
+            "no client certificate: pass --tls-cert, --tls-key and --tls-ca (or set "
+            f"JOBWORKER_TLS_CERT, _KEY and _CA); the dev PKI {files.cert.parent} does "
+            "not exist yet (`jobworker serve` or `jobworker certs init` creates it)"
+        )
+    return files
+
+
+def _connect(options: argparse.Namespace) -> JobClient:
+    server = options.server or os.environ.get("JOBWORKER_SERVER") or DEFAULT_ADDRESS
+    return JobClient(server, _client_tls(options))
+
+
+def _client_command(
+    command: Callable[[JobClient, argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` connected; errors from the server exit 1 with their status code.
+
+    Errors raised while connecting (bad flags, unusable certificate files) are local and
+    left to ``main``.
+    """
+
+    @functools.wraps(command)
+    def handler(options: argparse.Namespace) -> int:
+        with _connect(options) as client:
+            try:
+                return command(client, options)
+            except JobworkerError as err:
+                say(f"{err.code}: {err}")
+                return EXIT_SERVER_ERROR
+
+    return handler
+
+
+def limits_from_options(options: argparse.Namespace) -> Limits | None:
+    """The limits flags as one ``Limits``; the IO flags of a device merge into one entry."""
+    io: tuple[IoLimit, ...] = tuple(
+        IoLimit(device=device, **fields) for device, fields in (options.io or {}).items()
+    )
+    limits = Limits(
+        cpu=options.cpu,
+        cpu_weight=options.cpu_weight,
+        memory=options.memory,
+        memory_high=options.memory_high,
+        pids=options.pids,
+        io=io,
+    )
+    return None if limits.is_empty() else limits
+
+
+def _start_job(client: JobClient, options: argparse.Namespace) -> str:
+    command, *args = options.command
+    return client.start(
+        command,
+        args,
+        env=dict(options.env),
+        cwd=options.cwd,
+        limits=limits_from_options(options),
+        user=options.user,
+        network=options.network,
+        node=options.node,
+    )
+
+
+def _copy_output(chunks: Iterator[tuple[str, bytes, int]]) -> None:
+    """Write each chunk to our own stdout or stderr, byte for byte, as it arrives."""
+    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
+    for stream, data, _offset in chunks:
+        target = stderr if stream == "stderr" else stdout
+        target.write(data)
+        target.flush()
+
+
+# -- the commands -------------------------------------------------------------------------
+
+
+def _start(client: JobClient, options: argparse.Namespace) -> int:
+    print(_start_job(client, options))
+    return 0
+
+
+def _run(client: JobClient, options: argparse.Namespace) -> int:
+    job_id = _start_job(client, options)
+    try:
+        with contextlib.closing(client.stream(job_id)) as chunks:
+            _copy_output(chunks)
+    except (KeyboardInterrupt, BrokenPipeError) as err:
+        # The job is ours alone: leave nothing running behind us, as a shell would.
+        client.stop(job_id)
+        if isinstance(err, BrokenPipeError):
+            silence_stdout()
+            return EXIT_BROKEN_PIPE
+        say(f"interrupted: stopped job {job_id}")
+        return EXIT_INTERRUPTED
+    status = client.status(job_id)
+    code = status.shell_exit_code
+    if status.reason is TerminationReason.NODE_LOST:
+        raise JobworkerError(f"job {job_id} was lost with its node {status.node}")
+    if code is None:
+        raise JobworkerError(f"job {job_id}'s output ended but it is still {status.state.value}")
+    return code
+
+
+def _status(client: JobClient, options: argparse.Namespace) -> int:
+    view = client.status(options.job_id)
+    if options.json:
+        print_json(view.as_dict())
+        return 0
+    for key, value in _flatten(view.as_dict()):
+        print(f"{key + ':':<26}{_human(key, value)}")
+    return 0
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _human(key: str, value: Any) -> str:
+    if value is None or value == []:
+        return "-"
+    if key.endswith("_at"):
+        return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+    if key == "args":
+        return shlex.join(value)
+    if key == "limits.io":
+        return "; ".join(
+            " ".join(f"{k}={v}" for k, v in device.items() if v is not None) for device in value
+        )
+    return str(value)
+
+
+def _logs(client: JobClient, options: argparse.Namespace) -> int:
+    with contextlib.closing(client.stream(options.job_id, follow=options.follow)) as chunks:
+        _copy_output(chunks)
+    return 0
+
+
+def _stop(client: JobClient, options: argparse.Namespace) -> int:
+    result = client.stop(options.job_id, grace=options.grace)
+    summary = "already finished" if result.already_finished else "stopped"
+    if result.escalated:
+        summary += " (killed with SIGKILL after the grace period)"
+    print(f"{options.job_id}: {result.message or summary}")
+    return 0
+
+
+def _outcome(view: JobStatusView) -> str:
+    if view.reason is None:
+        return "-"
+    if view.exit_code is not None:
+        return f"{view.reason.value} {view.exit_code}"
+    return f"{view.reason.value} SIG{signal.Signals(view.signal or 0).name.removeprefix('SIG')}"
+
+
+def _list(client: JobClient, options: argparse.Namespace) -> int:
+    views = client.list(node=options.node)
+    if options.json:
+        print_json([view.as_dict() for view in views])
+        return 0
+    rows = [("JOB", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")]
+    rows += [
+        (
+            view.job_id,
+            view.state.value,
+            _outcome(view),
+            view.owner,
+            _human("started_at", view.started_at),
+            shlex.join([view.command, *view.args]),
+        )
+        for view in views
+    ]
+    # Pad every column but the last, so that a long command line is never followed by blanks.
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(
+                [
+                    *(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)),
+                    row[-1],
+                ]
+            )
+        )
+    return 0

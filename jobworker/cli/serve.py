@@ -1,0 +1,91 @@
+"""``jobworker serve``: its options, then :class:`jobworker.server.ServerConfig` and
+:func:`jobworker.server.serve` do the rest."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jobworker.cli.common import argument
+from jobworker.hooks.host import Plugins
+from jobworker.logconfig import LEVELS, configure_logging
+from jobworker.pki import default_pki_dir
+from jobworker.units import parse_count, parse_seconds
+from jobworker.wire import DEFAULT_ADDRESS
+
+
+def add_command(commands: Any, plugins: Plugins) -> None:
+    """Add ``serve`` to ``commands``; the loaded ``plugins`` add their own options to it."""
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the jobworker server. Without --tls-* options it uses (and on "
+        f"first use creates) the dev PKI in {default_pki_dir()} and its authz.toml.",
+    )
+    serve.add_argument(
+        "--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT", help="default %(default)s"
+    )
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key")
+    serve.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA bundle for clients")
+    serve.add_argument("--tls-crl", type=Path, metavar="FILE", help="revoked client certs")
+    serve.add_argument(
+        "--plugin", action="append", default=[], metavar="NAME", help="load a plugin"
+    )
+    serve.add_argument("--spool-dir", type=Path, metavar="DIR", help="where job output goes")
+    serve.add_argument(
+        "--grace",
+        type=argument(parse_seconds),
+        default=10.0,
+        metavar="SECONDS",
+        help="default stop grace period (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-jobs",
+        type=argument(parse_count),
+        default=1000,
+        metavar="N",
+        help="most jobs running at once; more get RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retain-jobs",
+        type=argument(parse_count),
+        default=1000,
+        metavar="N",
+        help="finished jobs (and their output) kept for status and logs (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retain-seconds",
+        type=argument(parse_seconds),
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a finished job is kept at most (default %(default)s)",
+    )
+    serve.add_argument("--log-level", choices=LEVELS, default="info")
+    serve.set_defaults(handler=functools.partial(_serve, plugins))
+    plugins.add_options(serve)
+
+
+def _stop_before_serving(signum: int, frame: object) -> NoReturn:
+    """SIGTERM/SIGINT while the server is still setting up: nothing runs yet, exit 0."""
+    raise SystemExit(0)
+
+
+def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
+    # Until serve() installs its own handlers (which stop jobs first), a stop request
+    # unwinds the set-up cleanly instead of dying with 143.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_serving)
+    # Imported here so that client commands do not pay for loading the server.
+    import asyncio
+
+    from jobworker.server import ServerConfig, serve
+
+    configure_logging(options.log_level)
+    config = ServerConfig.from_options(options)
+    plugins.configure(options)
+    asyncio.run(serve(config, plugins))
+    return 0

@@ -1,0 +1,122 @@
+"""What isolating a job means: the plan the launcher carries out in the job's first process.
+
+A plan is data, not code: the launcher (``_launcher.py``) runs with no imports beyond the
+interpreter's built-ins, so plugins cannot run Python in the child. Instead the
+``jobworker_isolate`` hook builds an :class:`IsolationPlan` on the server, and the launcher
+applies it between joining the job's containment and ``execve``, in this order:
+
+1. new namespaces (user when the server is not root, then mount, PID, IPC, UTS, network;
+   the cgroup namespace right after joining the job's cgroup, so it is rooted there);
+2. as PID 1 of the new PID namespace: a private mount tree; every mount read-only and
+   nosuid; ``writable`` paths bound back read-write; its own ``/proc``; ``/sys/fs/cgroup``
+   showing only the job's cgroup (or nothing); ``hide`` paths covered by an empty
+   read-only mount; a fresh tmpfs on each of ``private_tmp``; loopback up if the network
+   namespace is new;
+3. a child that drops to the plan's account (groups, gid, uid), empties the capability
+   bounding, inheritable and ambient sets for non-root accounts, sets ``no_new_privs`` and
+   ``execve``s ``wrapper + command``; PID 1 stays behind to reap orphans and report the
+   command's wait status to the server, so stops, exit codes and 128+N keep working.
+
+A third-party plugin extends the plan (``attrs.evolve``): more hidden paths, a network
+forced to ``none``, or an exec ``wrapper`` (a seccomp loader, ``aa-exec -p PROFILE --``, a
+Landlock sandboxer) that runs, already unprivileged, before the command.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Iterable
+
+import attrs
+
+from jobworker.model import Network
+
+# clone(2) flags, as the kernel numbers them.
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+#: Where a job's working directory is when its spec names none: its own private /tmp.
+DEFAULT_WORKDIR = "/tmp"
+#: Fresh, empty, job-owned tmpfs mounts.
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _paths(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(os.path.normpath(p) for p in items))
+
+
+@attrs.frozen
+class Account:
+    """The Unix account a job runs as, resolved on the server."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    home: str = "/"
+
+    @classmethod
+    def lookup(cls, name: str) -> Account:
+        """Resolve ``name`` through the host's passwd and group databases.
+
+        Raises KeyError when the account does not exist.
+        """
+        entry = pwd.getpwnam(name)
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir or "/")
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+@attrs.frozen
+class IsolationPlan:
+    """How one job is isolated; see the module docstring for the order it is applied in."""
+
+    account: Account
+    network: Network = Network.HOST
+    #: Run in a user namespace, as ``nobody`` inside and the server's uid outside: what a
+    #: server that is not root can do. The account then only names HOME and USER.
+    user_namespace: bool = False
+    hide: tuple[str, ...] = attrs.field(default=(), converter=_paths)
+    writable: tuple[str, ...] = attrs.field(default=(), converter=_paths)
+    private_tmp: tuple[str, ...] = attrs.field(default=PRIVATE_TMP, converter=_paths)
+    wrapper: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    @property
+    def clone_flags(self) -> int:
+        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+        if self.network is Network.NONE:
+            flags |= CLONE_NEWNET
+        if self.user_namespace:
+            flags |= CLONE_NEWUSER
+        return flags
+
+    def describe(self) -> str:
+        """One line for status and logs, e.g. ``namespaces, user nobody(65534), network none``."""
+        mode = "user namespace" if self.user_namespace else "namespaces"
+        return f"{mode}, user {self.account.name}({self.account.uid}), network {self.network.value}"
+
+    def launcher_fields(self, host_uid: int, host_gid: int) -> list[str]:
+        """The plan as the launcher reads it: ``key=value`` fields (values hold no NUL)."""
+        account = self.account
+        uid, gid, groups = account.uid, account.gid, account.groups
+        fields = [f"ns={self.clone_flags}"]
+        if self.user_namespace:
+            # Only one id can be mapped without privilege: the server's, seen as nobody.
+            uid = gid = 65534
+            groups = ()
+            fields += [f"map_uid={host_uid}", f"map_gid={host_gid}"]
+        fields += [f"uid={uid}", f"gid={gid}", "groups=" + ",".join(map(str, groups))]
+        fields += [f"writable={p}" for p in self.writable]
+        fields += [f"hide={p}" for p in self.hide]
+        fields += [f"tmp={p}" for p in self.private_tmp]
+        fields += [f"wrap={a}" for a in self.wrapper]
+        return fields
