@@ -172,7 +172,10 @@ def test_audit_log_records_cluster_jobs(front: Front, alice: pb_grpc.JobServiceS
     wait_for(lambda: job_id in {r["job_id"] for r in records().get("job_exited", [])}, 10,
              "the job_exited record")  # fmt: skip
     seen = records()
-    assert job_id in {r["job_id"] for r in seen["job_started"]}
+    assert (
+        next(r["node"] for r in seen["job_started"] if r["job_id"] == job_id),
+        next(r["node"] for r in seen["job_exited"] if r["job_id"] == job_id),
+    ) == ("w1", "w1")
     assert any(r["owner"] == "alice" for r in seen["job_refused"])
     assert any(r["job_id"] == job_id and r["action"] == "status" for r in seen["decision"])
 
