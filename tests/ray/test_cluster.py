@@ -3,6 +3,7 @@ lost nodes, a restarted front server, audit and authorization (tests/ray/conftes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from jobworker.ray_backend.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray.cluster import LocalCluster
-from tests.ray.conftest import NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
+from tests.ray.conftest import JOBWORKER, NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
 from tests.serverfixtures import RPC_TIMEOUT_S, output_of, running_server, start_job, wait_exited
 
 ONE_CPU = pb.Limits(cpu=1)
@@ -270,3 +271,26 @@ def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftove
     finally:
         if alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) -> None:
+    files = ray_pki.client("alice")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWORKER_")}
+    env.update(
+        JOBWORKER_HOME=str(ray_pki.directory / "no-dev-pki"),
+        JOBWORKER_SERVER=front.address,
+        JOBWORKER_TLS_CERT=str(files.cert),
+        JOBWORKER_TLS_KEY=str(files.key),
+        JOBWORKER_TLS_CA=str(files.ca),
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([JOBWORKER, *args], env=env, capture_output=True, timeout=60)
+
+    ran = cli("run", "--node", "w2", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, b"out\n", b"err\n")
+    listed = json.loads(cli("list", "--node", "w2", "--json").stdout)
+    assert listed and {job["node"] for job in listed} == {"w2"}
+    refused = cli("start", "--node", "nowhere", "--", "true")
+    assert refused.returncode != 0
+    assert b"no node named 'nowhere'" in refused.stderr
