@@ -31,7 +31,7 @@ from jobworker.model import Limits
 from jobworker.pki import PkiPaths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.ray.cluster import RAY_ENV, local_cluster
+from tests.ray_cluster.cluster import RAY_ENV, local_cluster
 
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
 

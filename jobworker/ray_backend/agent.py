@@ -161,7 +161,7 @@ class NodeAgent:
         placement = self._placements.pop(job_id, None)
         if placement is not None:
             # Two calls to the GCS: off the event loop, which serves every job's output.
-            asyncio.get_running_loop().run_in_executor(None, _release_placement, placement)
+            asyncio.get_running_loop().run_in_executor(None, release_placement, placement)
         self._changed(job_id)
 
     def _on_node(self, status: JobStatus) -> JobStatus:
@@ -184,7 +184,7 @@ class NodeAgent:
             status = await manager.start_as(job_id, spec, owner)
         except BaseException:
             if self._placements.pop(job_id, None) is not None and placement is not None:
-                _release_placement(placement)
+                release_placement(placement)
             raise
         assert self._records is not None
         self._records.add(job_id, status.pid)
@@ -263,7 +263,7 @@ class NodeAgent:
         return ReadResult([(int(chunk.stream), chunk.data, chunk.offset)], at_end=False)
 
 
-def _release_placement(name: str) -> None:
+def release_placement(name: str) -> None:
     """Give a finished job's placement group back to the cluster."""
     import ray
     from ray.util import get_placement_group, remove_placement_group

@@ -62,6 +62,7 @@ from jobworker.ray_backend.agent import (
     PollReply,
     ReadResult,
     agent_name,
+    release_placement,
 )
 
 log = structlog.get_logger("jobworker.ray.front")
@@ -373,10 +374,18 @@ class RayBackend:
                 )
             spec = self._plugins.pre_spawn(job_id, spec, owner)
             node, placement = await self._place(job_id, spec)
-            status: JobStatus = await _call(
-                node.agent.start.remote(job_id, attrs.evolve(spec, node=None), owner, placement),
-                node,
-            )
+            try:
+                status: JobStatus = await _call(
+                    node.agent.start.remote(
+                        job_id, attrs.evolve(spec, node=None), owner, placement
+                    ),
+                    node,
+                )
+            except _Unreachable:
+                # The agent may never have seen the job: it would not release the share.
+                if placement is not None:
+                    await asyncio.to_thread(release_placement, placement)
+                raise
         except JobworkerError as err:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)

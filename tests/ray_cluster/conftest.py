@@ -12,7 +12,9 @@ test PKI of tests/serverfixtures.py) and the audit log, so a test can SIGKILL on
 another, as an operator would. Ray's health check is shortened so that a lost node is
 declared dead in about 5 s instead of 15 s.
 
-Skipped when Ray (the ``ray`` extra) is not installed.
+Skipped when Ray (the ``ray`` extra) is not installed. (The directory is not called
+``ray``: ``tests/`` is on ``sys.path`` under pytest, and ``tests/ray`` would pass for the
+``ray`` package as a namespace package where Ray is not installed.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import pytest
 import jobworker.tls  # noqa: F401  (before grpc: refuse TLS 1.2 as production does)
 from jobworker.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from tests.ray.cluster import RAY_ENV, LocalCluster, local_cluster
+from tests.ray_cluster.cluster import RAY_ENV, LocalCluster, local_cluster
 from tests.serverfixtures import client_credentials, make_api_pki
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None

@@ -1,5 +1,5 @@
 """The Ray backend through the real gRPC API: placement, pins, refusals, output, stop,
-lost nodes, a restarted front server, audit and authorization (tests/ray/conftest.py)."""
+lost nodes, a restarted front server, audit and authorization (tests/ray_cluster/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from jobworker.pki import PkiPaths
 from jobworker.ray_backend.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from tests.ray.cluster import LocalCluster
-from tests.ray.conftest import JOBWORKER, NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
+from tests.ray_cluster.cluster import LocalCluster
+from tests.ray_cluster.conftest import JOBWORKER, NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
 from tests.serverfixtures import RPC_TIMEOUT_S, output_of, running_server, start_job, wait_exited
 
 ONE_CPU = pb.Limits(cpu=1)
