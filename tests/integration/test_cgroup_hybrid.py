@@ -248,7 +248,7 @@ def test_isolated_job_cannot_leave_its_cgroup(
                     break
             assert out == b"0::/\narmed\n"
             procs = (root / job.job_id / "cgroup.procs").read_text().split()
-            assert str(job.pid) in procs and len(procs) == 3  # PID 1, sh, sleep
+            assert str(job.pid) in procs and len(procs) >= 2  # PID 1 and sh (sleep, soon)
             began = time.monotonic()
             result = await manager.stop(job.job_id, by="admin", grace=0.5)
             assert result.escalated and time.monotonic() - began < 0.5 + 5

@@ -86,7 +86,7 @@ def test_job_cannot_leave_its_cgroup_and_stop_is_bounded(root: Path, tmp_path: P
                 break
         assert lines == ["0::/", "armed"]  # no MOVED, MADE or MOUNTED
         procs = (root / job.job_id / "cgroup.procs").read_text().split()
-        assert str(job.pid) in procs and len(procs) >= 3  # its PID 1, sh and sleep stay in
+        assert str(job.pid) in procs and len(procs) >= 2  # its PID 1 and sh stay in
         began = time.monotonic()
         result = await m.stop(job.job_id, by="bob", grace=1)
         assert time.monotonic() - began < 1 + 5
