@@ -157,6 +157,7 @@ def jobworker_server(
     max_running: int = 1000,
     log_level: str = "info",
     isolation: bool = True,
+    metrics: bool = False,
 ) -> Iterator[ServerProcess]:
     """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it
     (``isolation=False``: as with ``--no-isolation``)."""
@@ -173,6 +174,7 @@ def jobworker_server(
         "--log-level",
         log_level,
         *([] if isolation else ["--no-isolation"]),
+        *(["--metrics"] if metrics else []),
     ]
     with server_process(args, work, "jobworker-server") as server:
         yield server

@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--max-running", type=int, default=1000)
     p.add_argument("--log-level", default="info")
     p.add_argument("--no-isolation", action="store_true")
+    p.add_argument("--metrics", action="store_true", help="load the metrics plugin")
     options = p.parse_args()
     configure_logging(options.log_level, json=True)
     pki = PkiPaths(options.pki)
@@ -44,6 +45,17 @@ def main() -> None:
         )
     )
     plugins.register(isolation, name="isolation")
+    if options.metrics:
+        from jobworker.plugins.metrics import Metrics
+
+        metrics = Metrics()
+        metrics.jobworker_configure(
+            argparse.Namespace(
+                metrics_listen="127.0.0.1:0", metrics_tls=False, metrics_plain_http=False
+            )
+        )
+        plugins.register(metrics, name="metrics")
+        plugins.metrics_ready()
     plugins.load([])
     config = jobworker.server.ServerConfig(
         listen="127.0.0.1:0",

@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_memory.py",
     "bench_scale.py",
     "bench_spawn.py",
+    "bench_metrics.py",
 ]
 
 

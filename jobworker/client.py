@@ -27,6 +27,7 @@ from typing import Any, Self
 from jobworker import errors, wire
 from jobworker.model import JobStatusView, Limits, StopView
 from jobworker.tls import TlsFiles, channel_credentials
+from jobworker.usage import JobUsage
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -126,6 +127,22 @@ class JobClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
         return [wire.status_from_pb(job) for job in response.jobs]
+
+    def usage(self, job_id: str, last: int = 0) -> JobUsage:
+        """The job's usage samples, oldest first (the newest ``last`` only; 0: all)."""
+        try:
+            response: pb.JobUsage = self._stub.GetUsage(pb.UsageRequest(job_id=job_id, last=last))
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+        return wire.usage_from_pb(response)
+
+    def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
+        """Usage samples of every running job the caller may see."""
+        try:
+            response: pb.ListUsageResponse = self._stub.ListUsage(pb.ListUsageRequest(last=last))
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+        return [wire.usage_from_pb(job) for job in response.jobs]
 
     def stream(
         self, job_id: str, offset: int = 0, follow: bool = True

@@ -3,6 +3,11 @@
 Jobs live in memory by id. A finished job is retained (with its spooled output) until the
 retention bound evicts it, so a long-running server does not grow without limit.
 
+Clients share the server fairly: each owner may have at most ``max_running_per_client``
+jobs starting or running, and when more than ``retain_finished`` finished jobs are kept,
+the one evicted is the oldest of the owner with the most finished jobs retained, so a
+client that floods the server only ever evicts its own history.
+
 A job is over when its main process has exited, every other process of its containment
 has been killed and is gone, and both output pipes are drained: only then do followers see
 end-of-stream and plugins see ``on_exit``.
@@ -11,6 +16,7 @@ end-of-stream and plugins see ``on_exit``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextvars
 import os
@@ -47,6 +53,7 @@ from jobworker.model import (
 )
 from jobworker.outputlog import OutputLog
 from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
+from jobworker.usage import JobUsage, UsageSample, UsageSampler
 
 log = structlog.get_logger("jobworker.jobs")
 
@@ -58,6 +65,10 @@ PIPE_DRAIN_TIMEOUT = 2.0
 SETTLE_TIMEOUT = 5.0
 #: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
 KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
+#: The least time SIGTERM gets before SIGKILL, even with grace 0: a process that dies of
+#: SIGTERM at once is not killed (nor reported ``escalated``). An isolated job's PID 1
+#: needs the moment to report the command's status before SIGKILL takes it too.
+SIGTERM_MIN_SECONDS = 0.25
 
 
 @attrs.define(eq=False)
@@ -73,6 +84,7 @@ class _Job:
     started_at: float
     plan: IsolationPlan | None
     done: asyncio.Event = attrs.Factory(asyncio.Event)
+    exited: asyncio.Event = attrs.Factory(asyncio.Event)  # the main process has exited
     ended_at: float | None = None
     exit: ExitInfo | None = None
     usage: ResourceUsage | None = None
@@ -142,6 +154,7 @@ class JobManager:
         *,
         default_grace: float = 10.0,
         max_running: int = 1000,
+        max_running_per_client: int | None = None,
         retain_finished: int = 1000,
         retain_seconds: float = 3600.0,
     ) -> None:
@@ -149,10 +162,15 @@ class JobManager:
         self._spool_dir = spool_dir
         self.default_grace = default_grace
         self._max_running = max_running
+        self._max_per_client = max_running_per_client or max_running
         self._retain_finished = retain_finished
         self._retain_seconds = retain_seconds
         self._jobs: dict[str, _Job] = {}
-        self._finished: collections.deque[str] = collections.deque()
+        # Finished job ids of each owner, oldest first, and how many there are in all.
+        self._finished: dict[str, collections.deque[str]] = {}
+        self._finished_count = 0
+        # Jobs starting or running, by owner (the per-client quota).
+        self._active: collections.Counter[str] = collections.Counter()
         self._supervisors: set[asyncio.Task[None]] = set()
         self._starting = 0
         self._idle = asyncio.Event()
@@ -160,6 +178,9 @@ class JobManager:
         self._closing = False
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
         self._spawner = Spawner()
+        self._usage = UsageSampler()
+        #: Where job output is spooled (the metrics plugin reports its size and free space).
+        self.spool_dir = spool_dir
 
     # -- queries -------------------------------------------------------------------------
 
@@ -180,9 +201,22 @@ class JobManager:
         self._evict()
         return [job.snapshot() for job in self._jobs.values()]
 
+    def usage(self, job_id: str, last: int = 0) -> JobUsage:
+        """The job's usage samples (see :mod:`jobworker.usage`); NotFound if unknown."""
+        self._lookup(job_id)
+        found = self._usage.get(job_id, last)
+        return found if found is not None else JobUsage(job_id, "", ())
+
+    def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
+        return self._usage.running(last)
+
+    def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
+        """The newest sample of every job still retained, with its status (for metrics)."""
+        return [(self._jobs[j].snapshot(), s) for j, s in self._usage.latest() if j in self._jobs]
+
     @property
     def running(self) -> int:
-        return len(self._jobs) - len(self._finished) + self._starting
+        return len(self._jobs) - self._finished_count + self._starting
 
     # -- start ---------------------------------------------------------------------------
 
@@ -219,8 +253,15 @@ class JobManager:
                 f"{self.running} jobs are running, the most this server allows"
                 f" ({self._max_running}); stop some or wait for them to finish"
             )
+        if self._active[owner] >= self._max_per_client:
+            raise ResourceExhausted(
+                f"{owner} has {self._active[owner]} jobs starting or running, the most one "
+                f"client may have (--max-jobs-per-client {self._max_per_client}); stop some "
+                "or wait for them to finish"
+            )
         spec = self._plugins.pre_spawn(job_id, spec, owner)
         self._starting += 1
+        self._active[owner] += 1
         self._idle.clear()
         try:
             containment = self._plugins.limits_apply(job_id, spec)
@@ -250,6 +291,9 @@ class JobManager:
                 # even if this task is cancelled again while it waits.
                 await asyncio.to_thread(containment.release)
                 raise
+        except BaseException:
+            self._release_slot(owner)
+            raise
         finally:
             self._starting -= 1
             if self._starting == 0:
@@ -269,6 +313,7 @@ class JobManager:
             pipes={spawned.stdout, spawned.stderr},
         )
         self._jobs[job_id] = job
+        self._usage.track(job_id, spawned.pid, containment)
         loop = asyncio.get_running_loop()
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
             loop.add_reader(fd, self._on_output, job, fd, stream)
@@ -357,6 +402,7 @@ class JobManager:
             await exited
         finally:
             loop.remove_reader(job.pidfd)
+        job.exited.set()
         # Look without reaping: while the zombie exists its pid (and process group id)
         # cannot be reused, so killing the leftovers cannot hit a stranger.
         # The pidfd said the process exited, so neither wait blocks.
@@ -391,7 +437,10 @@ class JobManager:
         job.ended_at = time.time()
         job.log.close()
         job.done.set()
-        self._finished.append(job.job_id)
+        self._release_slot(job.owner)
+        self._usage.finished(job.job_id)
+        self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
+        self._finished_count += 1
         final = job.snapshot()
         log.info(
             "job_exited",
@@ -404,15 +453,29 @@ class JobManager:
         self._plugins.on_exit(final)
         self._evict()
 
+    def _release_slot(self, owner: str) -> None:
+        self._active[owner] -= 1
+        if not self._active[owner]:
+            del self._active[owner]
+
     def _evict(self) -> None:
+        """Drop finished jobs past ``retain_seconds``, then, while more than
+        ``retain_finished`` are kept, the oldest of the owner who has the most."""
         cutoff = time.time() - self._retain_seconds
-        while self._finished:
-            job = self._jobs[self._finished[0]]
-            if len(self._finished) <= self._retain_finished and (job.ended_at or 0) > cutoff:
-                break
-            self._finished.popleft()
-            del self._jobs[job.job_id]
-            job.log.remove()
+        for owner, ids in list(self._finished.items()):
+            while ids and (self._jobs[ids[0]].ended_at or 0) <= cutoff:
+                self._evict_oldest_of(owner)
+        while self._finished_count > self._retain_finished:
+            self._evict_oldest_of(max(self._finished, key=lambda o: len(self._finished[o])))
+
+    def _evict_oldest_of(self, owner: str) -> None:
+        ids = self._finished[owner]
+        job = self._jobs.pop(ids.popleft())
+        if not ids:
+            del self._finished[owner]
+        self._finished_count -= 1
+        self._usage.forget(job.job_id)
+        job.log.remove()
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -444,10 +507,14 @@ class JobManager:
         return StopResult(status, False, job.escalated, describe_end(status))
 
     async def _stop(self, job: _Job, grace: float) -> None:
+        """SIGTERM; SIGKILL (``escalated``) if the main process has not exited after
+        ``grace`` (at least :data:`SIGTERM_MIN_SECONDS`); then wait for the job's end."""
         job.containment.signal(signal.SIGTERM)
         job.containment.signal(signal.SIGCONT)  # a stopped process must run to see SIGTERM
         try:
-            await asyncio.wait_for(asyncio.shield(job.done.wait()), grace)
+            # Once the main process is gone, the supervisor kills what is left of the job.
+            wait = max(grace, SIGTERM_MIN_SECONDS)
+            await asyncio.wait_for(asyncio.shield(job.exited.wait()), wait)
         except TimeoutError:
             job.escalated = True
             job.containment.kill()
@@ -455,16 +522,16 @@ class JobManager:
                 # The main process too, even if it left its containment: an isolated job's
                 # PID 1 takes every process of its namespace with it.
                 signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
-            try:
-                await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
-            except TimeoutError:
-                log.error(
-                    "job_unkillable",
-                    job_id=job.job_id,
-                    pid=job.pid,
-                    containment=job.containment.name,
-                    waited=KILL_TIMEOUT,
-                )
+        try:
+            await asyncio.wait_for(asyncio.shield(job.done.wait()), KILL_TIMEOUT)
+        except TimeoutError:
+            log.error(
+                "job_unkillable",
+                job_id=job.job_id,
+                pid=job.pid,
+                containment=job.containment.name,
+                waited=KILL_TIMEOUT,
+            )
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -484,6 +551,8 @@ class JobManager:
                 task.cancel()
         for job in self._jobs.values():
             job.log.remove()
+        await self._usage.close()
         self._jobs.clear()
         self._finished.clear()
+        self._finished_count = 0
         self._spawner.close()

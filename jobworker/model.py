@@ -50,6 +50,9 @@ MAX_COMMAND_BYTES = 4096
 MAX_ARGS = 1024
 MAX_ENV = 1024
 MAX_SPEC_BYTES = 256 * 1024
+#: The kernel's MAX_ARG_STRLEN (32 pages of 4 KiB): execve refuses a single argument or
+#: environment string of this many bytes or more, its terminating NUL included (E2BIG).
+MAX_ARG_STRLEN = 32 * 4096
 MAX_USER_BYTES = 256
 #: cgroup files take signed 64-bit values; anything larger is a mistake.
 MAX_LIMIT_VALUE = 2**63 - 1
@@ -129,6 +132,13 @@ def _check_spec(spec: JobSpec) -> None:
     for what, value in strings:
         if "\0" in value:
             raise InvalidArgument(f"{what} contains a NUL byte, which no process can receive")
+        size = len(value.encode())
+        if size >= MAX_ARG_STRLEN:
+            raise InvalidArgument(
+                f"{what} {value[:20]!r}... is {size} bytes: the kernel accepts at most "
+                f"{MAX_ARG_STRLEN - 1} bytes in one argument or environment string; "
+                "pass large data in a file"
+            )
     for key in spec.env:
         if not key or "=" in key:
             raise InvalidArgument(f"environment variable name {key!r} is empty or contains '='")
@@ -420,7 +430,7 @@ class JobStatusView:
     user: str | None  # the account the job runs as (None: the server's own, not isolated)
     uid: int | None
     isolation: str
-    node: str | None  # the cluster node it runs on (None: a single server)
+    node: str | None = None  # the cluster node it runs on (None: a single server)
 
     @classmethod
     def from_status(cls, status: JobStatus) -> JobStatusView:

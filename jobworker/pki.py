@@ -296,7 +296,7 @@ def write_crl(
 def _authz_toml(clients: Sequence[tuple[str, str]]) -> bytes:
     header = (
         "# Who may call this jobworker server; every other client is refused.\n"
-        "# identity: matched against the certificate CN or any SAN.\n"
+        "# identity: matched against the certificate CN, then its DNS, e-mail and URI SANs.\n"
         '# role: "user" sees only its own jobs; "admin" sees every job.\n'
     )
     entries = [f'\n[[clients]]\nidentity = "{name}"\nrole = "{role}"\n' for name, role in clients]

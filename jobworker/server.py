@@ -3,6 +3,10 @@
 :func:`serve` runs until SIGTERM or SIGINT (or ``stop_event``), then stops accepting RPCs,
 stops every job (grace, then kill), lets plugins release what they hold, removes the spool
 directory it created, and returns normally.
+
+SIGHUP reloads (:class:`Reloader`): the CRL, the server's certificates and every plugin's
+files (the authz whitelist) are read again and put in force together, or, when one of them
+fails to load, none is and the error names the file. Jobs and open RPCs are untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +72,7 @@ class ServerConfig:
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
+    max_running_per_client: int | None = None
     retain_finished: int = 1000
     retain_seconds: float = 3600.0
 
@@ -100,6 +106,7 @@ class ServerConfig:
             spool_dir=options.spool_dir,
             default_grace=options.grace,
             max_running=options.max_jobs,
+            max_running_per_client=options.max_jobs_per_client,
             retain_finished=options.retain_jobs,
             retain_seconds=options.retain_seconds,
         )
@@ -116,6 +123,7 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         spool_dir,
         default_grace=config.default_grace,
         max_running=config.max_running,
+        max_running_per_client=config.max_running_per_client,
         retain_finished=config.retain_finished,
         retain_seconds=config.retain_seconds,
     )
@@ -162,6 +170,77 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
                 await result
 
         return stream if streaming else unary
+
+
+@attrs.define
+class Reloader:
+    """What SIGHUP does: read the CRL, the server's certificates and the plugins' files
+    again, then put all of them in force, or none.
+
+    It also keeps the CRL's expiry warnings scheduled (``RevocationList.check_expiry``:
+    a day before its next update time and at it), for each CRL put in force.
+    """
+
+    plugins: Plugins
+    certificates: tls.ServerCertificates
+    crl: tls.RevocationList | None
+    _timers: list[asyncio.TimerHandle] = attrs.Factory(list)
+
+    def reload(self) -> bool:
+        """Reload; False (and an error log naming the file) when nothing was."""
+        log.info("reload_requested")
+        try:
+            commits = [self.certificates.prepare()]
+            if self.crl is not None:
+                commits.append(self.crl.prepare())
+            commits += self.plugins.reload()
+        except ConfigError as err:
+            log.error(
+                "reload_failed",
+                error=str(err),
+                consequence="nothing was reloaded: the CRL, certificates and whitelist in "
+                "force stay",
+            )
+            return False
+        for commit in commits:
+            commit()
+        self.watch_crl()
+        log.info("reload_done")
+        return True
+
+    def watch_crl(self) -> None:
+        """(Re)schedule the expiry checks of the CRL in force."""
+        self.cancel()
+        if self.crl is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = datetime.now(UTC)
+        for when in self.crl.warning_times:
+            if when > now:
+                delay = (when - now).total_seconds()
+                self._timers.append(loop.call_later(delay, self.crl.check_expiry))
+        self.crl.check_expiry()
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+
+@contextmanager
+def _reload_on_sighup(reloader: Reloader) -> Iterator[None]:
+    """SIGHUP reloads (only the main thread can own signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        # While its jobs stop, a late SIGHUP must not kill the server.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 @contextmanager
@@ -213,8 +292,9 @@ async def _serve_until(
     ready: Callable[[str], None] | None,
 ) -> None:
     host, _ = _split_listen(config.listen)
-    credentials = await asyncio.to_thread(tls.server_credentials, config.tls)
+    certificates = await asyncio.to_thread(tls.ServerCertificates, config.tls)
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
+    reloader = Reloader(plugins, certificates, crl)
 
     with spool_run(config.spool_dir) as spool_dir:
         jobs = await plugins.make_backend(config, spool_dir) or backend(config, plugins, spool_dir)
@@ -231,7 +311,7 @@ async def _serve_until(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         try:
-            port = server.add_secure_port(config.listen, credentials)
+            port = server.add_secure_port(config.listen, certificates.credentials)
         except RuntimeError as err:
             raise ConfigError(f"cannot listen on {config.listen}: {err}") from None
         if not port:
@@ -240,15 +320,18 @@ async def _serve_until(
 
         plugins.manager_ready(jobs)
         await server.start()
+        reloader.watch_crl()
         try:
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             _log_started(config, plugins, address, spool_dir)
             if ready is not None:
                 ready(address)
-            await stop.wait()
+            with _reload_on_sighup(reloader):
+                await stop.wait()
             log.info("server_stopping", address=address)
         finally:
+            reloader.cancel()
             await health_servicer.enter_graceful_shutdown()
             # New RPCs are refused at once; streams of running jobs end as the jobs stop.
             stopping = asyncio.ensure_future(server.stop(config.default_grace + RPC_DRAIN_SECONDS))

@@ -24,6 +24,7 @@ from jobworker.grpcenv import grpc  # isort: split
 import contextlib
 import functools
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,10 +34,18 @@ import structlog
 
 from jobworker import tls, wire
 from jobworker.backend import JobBackend
-from jobworker.errors import InvalidArgument, JobworkerError, NotFound, job_not_found, wire_code
+from jobworker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    JobworkerError,
+    NotFound,
+    job_not_found,
+    wire_code,
+)
 from jobworker.hooks.host import Plugins
 from jobworker.identity import Identity
 from jobworker.model import Action, JobStatus
+from jobworker.usage import UsageSource
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -68,6 +77,7 @@ class Caller:
     """Who an admitted RPC runs for, and the job it is about (job RPCs only)."""
 
     identity: Identity
+    owner: str
     job: JobStatus | None = None
 
     @property
@@ -131,8 +141,15 @@ class _Admission:
         self._action = action
         self._request = request
         self._context = context
+        self._began = time.monotonic()
+
+    def _finished(self, code: str) -> None:
+        if self._service.observe_rpcs:
+            self._service.plugins.rpc_finished(self._rpc, code, time.monotonic() - self._began)
 
     async def __aenter__(self) -> Caller:
+        if self._service.observe_rpcs:
+            self._service.plugins.rpc_started(self._rpc)
         try:
             return self._admit()
         except Exception as exc:
@@ -148,6 +165,7 @@ class _Admission:
         # Not an Exception: cancellation or generator exit (the client went away).
         if isinstance(exc, Exception):
             await self._abort(exc)
+        self._finished("OK" if exc is None else "CANCELLED")
 
     async def _abort(self, exc: Exception) -> None:
         """End the RPC with the status ``exc`` maps to (``context.abort`` raises)."""
@@ -158,6 +176,7 @@ class _Admission:
         else:
             code, message = grpc.StatusCode.INTERNAL, "internal error"
             log.error("rpc_internal_error", exc_info=exc)
+        self._finished(code.name)
         await self._context.abort(code, message)
 
     def _admit(self) -> Caller:
@@ -165,7 +184,8 @@ class _Admission:
         structlog.contextvars.bind_contextvars(rpc=self._rpc)
         service = self._service
         identity = tls.authenticate(self._context, service.crl)
-        structlog.contextvars.bind_contextvars(identity=identity.name)
+        owner = service.plugins.principal(identity)
+        structlog.contextvars.bind_contextvars(identity=owner)
         job_id: str | None = None
         job: JobStatus | None = None
         undecodable = isinstance(self._request, Undecodable)
@@ -187,7 +207,7 @@ class _Admission:
         if job_id is not None and job is None:
             _check_job_id(job_id)
             raise job_not_found(job_id)
-        return Caller(identity=identity, job=job)
+        return Caller(identity=identity, owner=owner, job=job)
 
     def _decided(self, identity: Identity, job_id: str | None, allowed: bool, reason: str) -> None:
         self._service.plugins.decision(identity, self._action, job_id, allowed, reason)
@@ -269,16 +289,18 @@ class JobService(pb_grpc.JobServiceServicer):
         self.backend = backend
         self.plugins = plugins
         self.crl = crl
+        self.observe_rpcs = plugins.has_impl("jobworker_rpc_finished")
+        self._observe_sent = plugins.has_impl("jobworker_output_sent")
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
-        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.identity.name)
+        status = await self.backend.start(wire.spec_from_pb(request), owner=caller.owner)
         return pb.StartJobResponse(job_id=status.job_id)
 
     @_unary(Action.STOP)
     async def StopJob(self, request: pb.JobRequest, caller: Caller) -> pb.JobResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        result = await self.backend.stop(caller.target.job_id, by=caller.identity.name, grace=grace)
+        result = await self.backend.stop(caller.target.job_id, by=caller.owner, grace=grace)
         return wire.stop_to_pb(result)
 
     @_unary(Action.STATUS)
@@ -293,6 +315,8 @@ class JobService(pb_grpc.JobServiceServicer):
             caller.target.job_id, offset=request.offset, follow=not request.no_follow
         )
         async for chunk in chunks:
+            if self._observe_sent:
+                self.plugins.output_sent(caller.target.job_id, len(chunk.data))
             yield wire.chunk_to_pb(chunk)
 
     @_unary(Action.LIST)
@@ -302,6 +326,22 @@ class JobService(pb_grpc.JobServiceServicer):
             jobs = [s for s in jobs if s.node == request.node]
         visible = [s for s in jobs if self._may_see(caller.identity, s)]
         return pb.ListJobsResponse(jobs=[wire.status_to_pb(s) for s in visible])
+
+    @_unary(Action.STATUS)
+    async def GetUsage(self, request: pb.UsageRequest, caller: Caller) -> pb.JobUsage:
+        return wire.usage_to_pb(self._usage().usage(caller.target.job_id, request.last))
+
+    @_unary(Action.LIST)
+    async def ListUsage(self, request: pb.ListUsageRequest, caller: Caller) -> pb.ListUsageResponse:
+        source = self._usage()
+        visible = {s.job_id for s in self.backend.list() if self._may_see(caller.identity, s)}
+        jobs = [u for u in source.running_usage(request.last) if u.job_id in visible]
+        return pb.ListUsageResponse(jobs=[wire.usage_to_pb(u) for u in jobs])
+
+    def _usage(self) -> UsageSource:
+        if not isinstance(self.backend, UsageSource):
+            raise FailedPrecondition("this server's job backend does not sample usage")
+        return self.backend
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:
         """Listing filters by the STATUS rule; a hidden job is skipped, not an error."""

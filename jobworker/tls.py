@@ -8,6 +8,9 @@ grpcio's Python API can neither set a minimum TLS version nor load a CRL
   grpc is imported, which is the only time grpc reads it). ``server_credentials`` proves
   it is in force with a real TLS 1.2 handshake and refuses to start otherwise.
 * Revocation is checked per RPC by ``check_peer``, which also re-checks the TLS version.
+* Certificates can be replaced while the server runs (:class:`ServerCertificates`): grpc's
+  ``dynamic_ssl_server_credentials`` asks a callback before each new connection's
+  handshake whether the certificate configuration changed.
 
 See docs/security.md.
 """
@@ -26,9 +29,10 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import attrs
@@ -53,6 +57,8 @@ _CA_KEY_TYPES = (
 )
 _TLS_HANDSHAKE_RECORD = 0x16
 _PROBE_TIMEOUT_S = 5.0
+#: How long before a CRL's next update time the server starts logging that it expires.
+CRL_WARNING_AHEAD = timedelta(days=1)
 
 
 def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
@@ -230,6 +236,53 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     return credentials
 
 
+def _certificate_configuration(material: _Material) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(material.key, material.cert_chain)], root_certificates=material.ca
+    )
+
+
+class ServerCertificates:
+    """The server's certificate, key and client CA bundle, replaceable while it runs.
+
+    ``credentials`` are grpc's dynamic SSL credentials: before the handshake of every new
+    connection grpc calls :meth:`_fetch` (on one of its own threads), which hands over a
+    configuration put in force by :meth:`prepare`'s callable, once. Connections already
+    open keep the certificates of their handshake. Built with the checks of
+    :func:`server_credentials` (TLS 1.2 refused, files checked); raises ``ConfigError``.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        # The TLS 1.2 probe gets credentials of its own: grpc hands the initial
+        # configuration of dynamic credentials to the first server that uses them only.
+        server_credentials(files)
+        initial = _certificate_configuration(_load_material(files))
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            initial, self._fetch, require_client_authentication=True
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def prepare(self) -> Callable[[], None]:
+        """Read and check the files again; the callable puts them in force for new
+        connections. Raises ``ConfigError`` naming the file, and nothing changes."""
+        material = _load_material(self._files)
+        configuration = _certificate_configuration(material)
+
+        def commit() -> None:
+            with self._lock:
+                self._pending = configuration
+            log.info("tls_certificates_reloaded", cert=str(self._files.cert))
+
+        return commit
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """Client credentials: present ``cert``, verify the server's certificate against ``ca``.
 
@@ -272,12 +325,34 @@ class RevocationList:
     ca: Path = attrs.field(converter=Path)
     _loaded: _LoadedCrl = attrs.field(init=False)
     _stale_logged: bool = attrs.field(init=False, default=False)
+    _soon_logged: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self.reload()
 
     def reload(self) -> None:
         """Read and verify the CRL file again (after the CA published a new one)."""
+        self.prepare()()
+
+    def prepare(self) -> Callable[[], None]:
+        """Read and verify the CRL file; the callable puts it in force. Raises
+        ``ConfigError`` naming the file, and the list in force stays."""
+        loaded = self._read()
+
+        def commit() -> None:
+            self._loaded = loaded
+            self._stale_logged = self._soon_logged = False
+            log.info(
+                "crl_loaded",
+                path=str(self.path),
+                revoked=len(loaded.crl),
+                next_update=loaded.next_update.isoformat(),
+            )
+            self.check_expiry()
+
+        return commit
+
+    def _read(self) -> _LoadedCrl:
         data = _read(self.path, "CRL")
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
@@ -295,20 +370,33 @@ class RevocationList:
         next_update = crl.next_update_utc
         if next_update is None:
             raise ConfigError(f"CRL {self.path} has no next update time")
-        self._loaded = _LoadedCrl(crl=crl, next_update=next_update)
-        self._stale_logged = False
-        log.info(
-            "crl_loaded",
-            path=str(self.path),
-            revoked=len(crl),
-            next_update=next_update.isoformat(),
-        )
-        self._log_if_stale()
+        return _LoadedCrl(crl=crl, next_update=next_update)
 
     @property
     def next_update(self) -> datetime:
         """When the CA promised a fresh CRL; after it, everyone counts as revoked."""
         return self._loaded.next_update
+
+    @property
+    def warning_times(self) -> tuple[datetime, datetime]:
+        """When :meth:`check_expiry` has something to say: a day before the next update
+        time, and at it."""
+        return self.next_update - CRL_WARNING_AHEAD, self.next_update
+
+    def check_expiry(self) -> None:
+        """Log an error, once per loaded CRL, when it expires within a day, and when it
+        has expired (then everyone is refused)."""
+        if self._log_if_stale() or self._soon_logged:
+            return
+        if datetime.now(UTC) >= self.next_update - CRL_WARNING_AHEAD:
+            self._soon_logged = True
+            log.error(
+                "crl_expires_soon",
+                path=str(self.path),
+                next_update=self.next_update.isoformat(),
+                consequence="once it expires every client is refused until a fresh CRL is "
+                "loaded (replace the file, then send SIGHUP)",
+            )
 
     def _log_if_stale(self) -> bool:
         stale = datetime.now(UTC) >= self._loaded.next_update

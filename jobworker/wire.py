@@ -30,6 +30,7 @@ from jobworker.model import (
     StopView,
     TerminationReason,
 )
+from jobworker.usage import JobUsage, UsageSample
 from jobworker.v1 import jobworker_pb2 as pb
 
 #: Where a server listens, and a client connects, unless told otherwise.
@@ -233,3 +234,47 @@ def stop_from_pb(response: pb.JobResponse) -> StopView:
 
 def chunk_to_pb(chunk: OutputChunk) -> pb.JobOutputChunk:
     return pb.JobOutputChunk(data=chunk.data, stream=chunk.stream.label, offset=chunk.offset)
+
+
+# -- GetUsage, ListUsage ----------------------------------------------------------------------
+
+
+def usage_to_pb(usage: JobUsage) -> pb.JobUsage:
+    return pb.JobUsage(
+        job_id=usage.job_id,
+        source=usage.source,
+        samples=[
+            pb.UsageSample(
+                time=s.time,
+                cpu_usec=s.cpu_usec,
+                memory_bytes=s.memory_bytes,
+                pids=s.pids,
+                memory_peak_bytes=s.memory_peak_bytes,
+                io_read_bytes=s.io_read_bytes,
+                io_write_bytes=s.io_write_bytes,
+            )
+            for s in usage.samples
+        ],
+    )
+
+
+def usage_from_pb(usage: pb.JobUsage) -> JobUsage:
+    def opt(sample: pb.UsageSample, name: str) -> int | None:
+        return getattr(sample, name) if sample.HasField(name) else None  # type: ignore[arg-type]
+
+    return JobUsage(
+        job_id=usage.job_id,
+        source=usage.source,
+        samples=tuple(
+            UsageSample(
+                time=s.time,
+                cpu_usec=s.cpu_usec,
+                memory_bytes=s.memory_bytes,
+                pids=s.pids,
+                memory_peak_bytes=opt(s, "memory_peak_bytes"),
+                io_read_bytes=opt(s, "io_read_bytes"),
+                io_write_bytes=opt(s, "io_write_bytes"),
+            )
+            for s in usage.samples
+        ),
+    )

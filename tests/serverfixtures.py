@@ -120,14 +120,20 @@ def running_server(
     plugins: Plugins | None = None,
     spool_dir: Path | None = None,
     default_grace: float = 5.0,
+    **config_fields: Any,
 ) -> Iterator[RunningServer]:
-    """Serve (by default on an ephemeral port of 127.0.0.1) until the block exits.
+    """Serve (by default on an ephemeral port of 127.0.0.1) until the block exits;
+    ``config_fields`` are more :class:`ServerConfig` fields (``max_running=2``...).
 
     Raises what ``serve`` raised, at start-up or when it returns.
     """
     server_files = attrs.evolve(pki.server(), crl=crl)
     config = ServerConfig(
-        listen=listen, tls=server_files, spool_dir=spool_dir, default_grace=default_grace
+        listen=listen,
+        tls=server_files,
+        spool_dir=spool_dir,
+        default_grace=default_grace,
+        **config_fields,
     )
     plugins = plugins or authz_plugins(pki.authz)
     ready = threading.Event()

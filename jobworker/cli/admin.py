@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from jobworker.cli.common import argument, print_json
+from jobworker.cli.common import argument, for_terminal, print_json
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins, available_plugins
 from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir, init_pki
@@ -78,7 +78,7 @@ def _plugins(options: argparse.Namespace) -> int:
         return 0
     for row in rows:
         details = row.get("error") or ", ".join(row["hooks"]) or "(no hooks)"
-        print(f"{row['name']} {row['version'] or '-'}: {details}")
+        print(for_terminal(f"{row['name']} {row['version'] or '-'}: {details}"))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The client commands: ``start``, ``run``, ``status``, ``logs``, ``stop`` and ``list``.
+"""The client commands: ``start``, ``run``, ``status``, ``logs``, ``stop``, ``list`` (and
+``top``, from :mod:`jobworker.cli.top`).
 
 Each connects with :class:`jobworker.client.JobClient`; an error the server answers with
 is one line (``jobworker: CODE: message``) and exit status 1.
@@ -18,12 +19,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_SERVER_ERROR,
     Parser,
     argument,
+    for_terminal,
     print_json,
     say,
     silence_stdout,
@@ -188,7 +191,12 @@ def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", parents=[connection], help="show a job")
     status.add_argument("job_id", metavar="JOB")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--usage", action="store_true", help="chart the job's CPU and memory over its life"
+    )
     status.set_defaults(handler=_client_command(_status))
+
+    top.add_command(commands, connection, _client_command)
 
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
     logs.add_argument("job_id", metavar="JOB")
@@ -303,7 +311,7 @@ def _copy_output(chunks: Iterator[tuple[str, bytes, int]]) -> None:
 
 
 def _start(client: JobClient, options: argparse.Namespace) -> int:
-    print(_start_job(client, options))
+    print(for_terminal(_start_job(client, options)))
     return 0
 
 
@@ -330,12 +338,14 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
 
 
 def _status(client: JobClient, options: argparse.Namespace) -> int:
+    if options.usage:
+        return top.status_usage(client, options)
     view = client.status(options.job_id)
     if options.json:
         print_json(view.as_dict())
         return 0
     for key, value in _flatten(view.as_dict()):
-        print(f"{key + ':':<26}{_human(key, value)}")
+        print(f"{key + ':':<26}{for_terminal(_human(key, value))}")
     return 0
 
 
@@ -372,7 +382,7 @@ def _stop(client: JobClient, options: argparse.Namespace) -> int:
     summary = "already finished" if result.already_finished else "stopped"
     if result.escalated:
         summary += " (killed with SIGKILL after the grace period)"
-    print(f"{options.job_id}: {result.message or summary}")
+    print(for_terminal(f"{options.job_id}: {result.message or summary}"))
     return 0
 
 
@@ -389,15 +399,18 @@ def _list(client: JobClient, options: argparse.Namespace) -> int:
     if options.json:
         print_json([view.as_dict() for view in views])
         return 0
-    rows = [("JOB", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")]
+    rows: list[tuple[str, ...]] = [("JOB", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")]
     rows += [
-        (
-            view.job_id,
-            view.state.value,
-            _outcome(view),
-            view.owner,
-            _human("started_at", view.started_at),
-            shlex.join([view.command, *view.args]),
+        tuple(
+            for_terminal(cell)
+            for cell in (
+                view.job_id,
+                view.state.value,
+                _outcome(view),
+                view.owner,
+                _human("started_at", view.started_at),
+                shlex.join([view.command, *view.args]),
+            )
         )
         for view in views
     ]

@@ -41,8 +41,21 @@ def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
+def for_terminal(text: str) -> str:
+    """``text`` with every character that is not printable (escape sequences, bell,
+    newlines, NUL, bidi controls...) written as a Python escape such as ``\\x1b``.
+
+    Everything the CLI prints for people goes through it: a job's arguments or a server's
+    message must not rewrite the reader's terminal. JSON output and a job's own output
+    (``logs``, ``run``) are not for this.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def say(message: str) -> None:
-    print(f"jobworker: {message}", file=sys.stderr, flush=True)
+    print(f"jobworker: {for_terminal(message)}", file=sys.stderr, flush=True)
 
 
 def print_json(data: Any) -> None:

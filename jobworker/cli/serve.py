@@ -51,6 +51,14 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         help="most jobs running at once; more get RESOURCE_EXHAUSTED (default %(default)s)",
     )
     serve.add_argument(
+        "--max-jobs-per-client",
+        type=argument(parse_count),
+        default=None,
+        metavar="N",
+        help="most jobs one client identity (admins too) has running at once; more get "
+        "RESOURCE_EXHAUSTED (default: --max-jobs)",
+    )
+    serve.add_argument(
         "--retain-jobs",
         type=argument(parse_count),
         default=1000,
@@ -79,6 +87,8 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
     # unwinds the set-up cleanly instead of dying with 143.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_before_serving)
+    # Until serve() reloads on SIGHUP, one is ignored rather than fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Imported here so that client commands do not pay for loading the server.
     import asyncio
 

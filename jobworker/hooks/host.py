@@ -10,7 +10,7 @@ import argparse
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,6 +38,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
     "isolation": "jobworker.plugins.isolation:Isolation",
     "ray": "jobworker.ray_backend.plugin:RayPlugin",
+    "metrics": "jobworker.plugins.metrics:Metrics",
 }
 #: Loaded by every server before the plugins it is asked for: authorization and isolation
 #: fail closed.
@@ -197,6 +198,13 @@ class Plugins:
             raise
         except Exception as exc:
             raise ConfigError(f"plugin configuration failed: {exc}") from exc
+        self.metrics_ready()
+
+    def metrics_ready(self) -> None:
+        """Hand the metrics registry, if a plugin serves one, to every plugin."""
+        registry = self.pm.hook.jobworker_metrics_registry()
+        if registry is not None:
+            self._observe("jobworker_metrics_ready", registry=registry)
 
     async def make_backend(self, config: ServerConfig, spool_dir: Path) -> JobBackend | None:
         """The backend a plugin provides (the first answer wins), or None for the local
@@ -227,10 +235,25 @@ class Plugins:
     def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)
 
+    def reload(self) -> list[Callable[[], None]]:
+        """Every plugin's reload, read but not in force; raises ``ConfigError``."""
+        try:
+            answers = self.pm.hook.jobworker_reload()
+        except JobworkerError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"plugin reload failed: {exc}") from exc
+        return [commit for commit in answers if commit is not None]
+
     def shutdown(self) -> None:
         self._observe("jobworker_shutdown")
 
     # -- gates ---------------------------------------------------------------------------
+
+    def principal(self, identity: Identity) -> str:
+        """The name ``identity`` owns jobs by (see ``jobworker_principal``)."""
+        name: str | None = self.pm.hook.jobworker_principal(identity=identity)
+        return identity.name if name is None else name
 
     def authorize(self, identity: Identity, action: Action, job: JobStatus | None) -> None:
         """Raise unless at least one plugin allows and none denies (fail closed)."""
@@ -288,6 +311,15 @@ class Plugins:
             allowed=allowed,
             reason=reason,
         )
+
+    def rpc_started(self, method: str) -> None:
+        self._observe("jobworker_rpc_started", method=method)
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        self._observe("jobworker_rpc_finished", method=method, code=code, seconds=seconds)
+
+    def output_sent(self, job_id: str, nbytes: int) -> None:
+        self._observe("jobworker_output_sent", job_id=job_id, nbytes=nbytes)
 
     def start_refused(self, job_id: str, spec: JobSpec, owner: str, error: JobworkerError) -> None:
         self._observe("jobworker_start_refused", job_id=job_id, spec=spec, owner=owner, error=error)

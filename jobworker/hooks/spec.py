@@ -4,18 +4,24 @@ Call order:
 
 1. ``jobworker_add_options(parser)`` -- once, while ``jobworker serve`` builds its parser.
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
-   ``jobworker_make_backend(plugins, config, spool_dir)`` -- once (first result wins):
-   a backend instead of the local engine; then ``jobworker_manager_ready(manager)`` --
+   ``jobworker_metrics_registry()`` (first result wins) and, when a plugin answered,
+   ``jobworker_metrics_ready(registry)`` -- once, right after configure.
+   ``jobworker_make_backend(plugins, config, spool_dir)`` -- once (first result wins): a
+   backend instead of the local engine; then ``jobworker_manager_ready(manager)`` --
    once, when the job backend exists.
-3. Per request: ``jobworker_authorize(identity, action, job)`` (gate), then
-   ``jobworker_decision(...)`` (observer) with the outcome.
+3. Per request: ``jobworker_rpc_started(method)``, ``jobworker_principal(identity)``
+   (first result wins), then ``jobworker_authorize(identity, action, job)`` (gate), then
+   ``jobworker_decision(...)`` (observer) with the outcome, and
+   ``jobworker_rpc_finished(method, code, seconds)`` when it ends (a stream, when its last
+   chunk was sent: ``jobworker_output_sent`` before each).
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
    (first result wins) -> ``jobworker_accounts`` (first result wins) ->
    ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
    ``jobworker_job_started`` ->
    ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
    on the way (any error before the command runs) calls ``jobworker_start_refused``.
-5. ``jobworker_shutdown()`` -- once, after every job was stopped.
+5. ``jobworker_reload()`` -- on each SIGHUP to the server, any time after step 2.
+6. ``jobworker_shutdown()`` -- once, after every job was stopped.
 
 Gate hooks veto by raising: a :class:`jobworker.errors.JobworkerError` keeps its status
 code, any other exception denies with PERMISSION_DENIED and the plugin's message. Observer
@@ -29,7 +35,7 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,6 +87,26 @@ def jobworker_make_backend(
     """
 
 
+@hookspec(firstresult=True)
+def jobworker_metrics_registry() -> object | None:
+    """The ``prometheus_client.CollectorRegistry`` served at ``/metrics``, or None.
+
+    First result wins. The built-in ``metrics`` plugin answers once configured; other
+    plugins should not implement this, but ``jobworker_metrics_ready``.
+    """
+
+
+@hookspec
+def jobworker_metrics_ready(registry: object) -> None:
+    """Register the plugin's own metrics on ``registry`` (a
+    ``prometheus_client.CollectorRegistry``), so they appear on the server's ``/metrics``
+    page. Called once after ``jobworker_configure``, only when the ``metrics`` plugin is
+    loaded. Observer.
+
+    Keep label values bounded (no job ids in counters: they never go away).
+    """
+
+
 @hookspec
 def jobworker_manager_ready(manager: JobBackend) -> None:
     """The server's job backend (a :class:`jobworker.backend.JobBackend`) exists; keep it
@@ -97,7 +123,29 @@ def jobworker_shutdown() -> None:
     """Release what the plugin holds; called once after every job has been stopped."""
 
 
+@hookspec
+def jobworker_reload() -> Callable[[], None] | None:
+    """Re-read the plugin's files (the server got SIGHUP); put nothing in force yet.
+
+    Return a callable that puts what was read in force, or None when there is nothing to
+    reload. Raise :class:`jobworker.errors.ConfigError` naming the file (and line) to keep
+    what is in force: the server then applies no plugin's reload and not its own, so the
+    whitelist, the CRL and the certificates change together or not at all. The returned
+    callables must not fail.
+    """
+
+
 # -- authorization ------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def jobworker_principal(identity: Identity) -> str | None:
+    """The one name ``identity`` acts as: jobs it starts are owned by it, and a user's
+    own jobs are those owned by it. None: no opinion.
+
+    First result wins; without one, ``identity.name``. The ``authz`` plugin answers with
+    the first of ``identity.names`` its whitelist lists, the name that also gives the role.
+    """
 
 
 @hookspec
@@ -116,6 +164,25 @@ def jobworker_decision(
     identity: Identity, action: Action, job_id: str | None, allowed: bool, reason: str
 ) -> None:
     """Observe an authorization outcome (for audit). Observer."""
+
+
+@hookspec
+def jobworker_rpc_started(method: str) -> None:
+    """An RPC of the job service (``method`` like "StartJob") arrived. Observer."""
+
+
+@hookspec
+def jobworker_rpc_finished(method: str, code: str, seconds: float) -> None:
+    """An RPC of the job service ended with gRPC status ``code`` ("OK", "NOT_FOUND", and
+    "CANCELLED" when the client went away) after ``seconds``. Observer."""
+
+
+@hookspec
+def jobworker_output_sent(job_id: str, nbytes: int) -> None:
+    """``nbytes`` of the job's output are being sent to a StreamOutput client. Observer.
+
+    Called on the event loop for every chunk sent: it must return quickly.
+    """
 
 
 # -- job life cycle -----------------------------------------------------------------------

@@ -4,21 +4,27 @@ Always loaded by the server, and fail closed: without a whitelist the server ref
 start. The file (``--authz FILE``, or ``$JOBWORKER_AUTHZ``)::
 
     [[clients]]
-    identity = "alice"   # matched against the certificate CN or any SAN
+    identity = "alice"   # matched against the certificate's names (docs/security.md)
     role = "user"        # "user": only its own jobs; "admin": every job
     run_as = ["alice", "nobody"]  # optional: Unix accounts its jobs may use, default first
 
 A client without ``run_as`` runs its jobs as the server's ``--job-user``; ``root`` is
 never implied, only listed.
 
-A caller none of whose names is listed is denied everything (PERMISSION_DENIED). A user
-may start jobs, list (and sees only its own jobs), and act on its own jobs; another
-owner's job answers NOT_FOUND with the very message of an unknown id, so a user cannot
-probe which ids exist. An admin may do everything.
+The caller's names are matched in order (CN, then DNS, e-mail and URI SANs as the
+certificate lists them, see :mod:`jobworker.identity`); the first listed one is the
+caller's principal: it gives the role, the ``run_as`` list, and the owner of the jobs the
+caller starts, so a certificate can never take its role from one entry and its jobs from
+another. A caller none of whose names is listed is denied everything
+(PERMISSION_DENIED). A user may start jobs, list (and sees only its own jobs), and act on
+its own jobs; another owner's job answers NOT_FOUND with the very message of an unknown
+id, so a user cannot probe which ids exist. An admin may do everything.
 
 :class:`Authz` is the plugin: ``--plugin authz`` makes one with nothing loaded and its
 ``jobworker_configure`` loads ``--authz``; tests and embedders register
 ``Authz.from_file(path)`` under the name "authz". Each plugin host has its own instance.
+On SIGHUP (``jobworker_reload``) the file is read again; one that fails to load leaves
+the old whitelist in force.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import argparse
 import enum
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +122,37 @@ class Authz:
         self.clients = _read_whitelist(Path(path))
         self.path = Path(path)
 
-    def role_of(self, identity: Identity) -> Role | None:
-        """The role of the first of the identity's names (CN, then SANs) that is listed."""
+    def _match(self, identity: Identity) -> tuple[str, _Client] | None:
+        """The first of the identity's names that is listed, and its entry."""
         for name in identity.names:
             if name in self.clients:
-                return self.clients[name].role
+                return name, self.clients[name]
         return None
+
+    def role_of(self, identity: Identity) -> Role | None:
+        """The role of the first of the identity's names (CN, then SANs) that is listed."""
+        match = self._match(identity)
+        return None if match is None else match[1].role
+
+    @hookimpl(specname="jobworker_principal")
+    def principal(self, identity: Identity) -> str | None:
+        """The listed name the identity acts as (and owns jobs by)."""
+        match = self._match(identity)
+        return None if match is None else match[0]
+
+    @hookimpl(specname="jobworker_reload")
+    def reload(self) -> Callable[[], None] | None:
+        """Read the whitelist again; the returned callable puts it in force."""
+        path = self.path
+        if path is None:
+            return None
+        clients = _read_whitelist(path)
+
+        def commit() -> None:
+            self.clients = clients
+            log.info("authz_reloaded", path=str(path), clients=len(clients))
+
+        return commit
 
     @hookimpl(specname="jobworker_accounts")
     def accounts(self, owner: str) -> tuple[str, ...] | None:
@@ -156,10 +187,11 @@ class Authz:
         """Allow (True) or raise: PermissionDenied for strangers, NotFound to hide a job."""
         if self.path is None:  # registered but never configured: deny, never guess
             raise PermissionDenied("the authorization whitelist is not loaded")
-        role = self.role_of(identity)
-        if role is None:
+        match = self._match(identity)
+        if match is None:
             raise PermissionDenied(f"{identity.name} is not on the authorization whitelist")
-        if role is Role.ADMIN or job is None or job.owner == identity.name:
+        name, client = match
+        if client.role is Role.ADMIN or job is None or job.owner == name:
             return True
         raise job_not_found(job.job_id)
 

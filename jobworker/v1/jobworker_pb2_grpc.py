@@ -59,6 +59,16 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/GetUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.JobUsage.FromString,
+                _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/jobworker.v1.JobService/ListUsage',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -97,6 +107,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Usage samples of one job (authorized like GetStatus); see docs/observability.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsage(self, request, context):
+        """Usage samples of every running job the caller may see (authorized like ListJobs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +148,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.JobUsage.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +295,60 @@ class JobService:
             '/jobworker.v1.JobService/ListJobs',
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/GetUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.UsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.JobUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobService/ListUsage',
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.ListUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

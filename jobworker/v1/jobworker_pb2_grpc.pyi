@@ -44,6 +44,10 @@ class JobServiceStub:
     StreamOutput: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]
+    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+    ListUsage: _grpc.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]
+    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -56,6 +60,10 @@ class JobServiceAsyncStub(JobServiceStub):
     StreamOutput: _aio.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]  # type: ignore[assignment]
     """Output from the first byte (or `offset`), following live until the job ends."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListJobsRequest, _jobworker_pb2.ListJobsResponse]  # type: ignore[assignment]
+    GetUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.UsageRequest, _jobworker_pb2.JobUsage]  # type: ignore[assignment]
+    """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+    ListUsage: _aio.UnaryUnaryMultiCallable[_jobworker_pb2.ListUsageRequest, _jobworker_pb2.ListUsageResponse]  # type: ignore[assignment]
+    """Usage samples of every running job the caller may see (authorized like ListJobs)."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -95,5 +103,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobworker_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobworker_pb2.ListJobsResponse, _abc.Awaitable[_jobworker_pb2.ListJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _jobworker_pb2.UsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.JobUsage, _abc.Awaitable[_jobworker_pb2.JobUsage]]:
+        """Usage samples of one job (authorized like GetStatus); see docs/observability.md."""
+
+    @_abc_1.abstractmethod
+    def ListUsage(
+        self,
+        request: _jobworker_pb2.ListUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobworker_pb2.ListUsageResponse, _abc.Awaitable[_jobworker_pb2.ListUsageResponse]]:
+        """Usage samples of every running job the caller may see (authorized like ListJobs)."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ is not on the whitelist.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job
 
 T = RPC_TIMEOUT_S
-JOB_RPCS = ("GetStatus", "StreamOutput", "StopJob")
+JOB_RPCS = ("GetStatus", "GetUsage", "StreamOutput", "StopJob")
 
 
 def call_job_rpc(stub: pb_grpc.JobServiceStub, rpc: str, job_id: str) -> Any:
     """Call one RPC about ``job_id``; StopJob with a short grace, StreamOutput to its end."""
     if rpc == "GetStatus":
         return stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
+    if rpc == "GetUsage":
+        return stub.GetUsage(pb.UsageRequest(job_id=job_id), timeout=T)
     if rpc == "StreamOutput":
         return list(stub.StreamOutput(pb.JobRequest(job_id=job_id, no_follow=True), timeout=T))
     return stub.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
@@ -43,8 +46,12 @@ def refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 
 @pytest.fixture
 def alice_job(api_server: RunningServer) -> Iterator[str]:
-    """A running job of alice's, stopped at the end by the admin."""
-    job_id = start_job(api_server.stub("alice"), "sh", "-c", "echo mine; exec sleep 60")
+    """A running job of alice's that has written its line, stopped at the end by the admin."""
+    alice = api_server.stub("alice")
+    job_id = start_job(alice, "sh", "-c", "echo mine; exec sleep 60")
+    stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=T)
+    next(stream)
+    stream.cancel()
     yield job_id
     api_server.stub("root").StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
 
@@ -54,9 +61,24 @@ def is_running(server: RunningServer, job_id: str) -> bool:
     return bool(status.status == "running")
 
 
+def assert_served(reply: Any, rpc: str, job_id: str, by: str) -> None:
+    """What a permitted call about alice's job answers: her job, its output, its stop."""
+    if rpc == "GetStatus":
+        assert (reply.job_id, reply.owner, reply.status) == (job_id, "alice", "running")
+        assert (reply.command, list(reply.args)) == ("sh", ["-c", "echo mine; exec sleep 60"])
+    elif rpc == "StreamOutput":
+        assert [(c.stream, c.data) for c in reply] == [("stdout", b"mine\n")]
+    else:
+        assert reply.success and not reply.already_finished
+        status = reply.status
+        assert (status.job_id, status.owner, status.status) == (job_id, "alice", "exited")
+        assert (status.reason, status.stopped_by) == ("stopped", by)
+
+
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_user_may_use_own_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    call_job_rpc(api_server.stub("alice"), rpc, alice_job)
+    reply = call_job_rpc(api_server.stub("alice"), rpc, alice_job)
+    assert_served(reply, rpc, alice_job, by="alice")
 
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
@@ -74,7 +96,8 @@ def test_user_sees_other_users_job_as_unknown(
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_admin_may_use_any_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    call_job_rpc(api_server.stub("root"), rpc, alice_job)
+    reply = call_job_rpc(api_server.stub("root"), rpc, alice_job)
+    assert_served(reply, rpc, alice_job, by="root")
 
 
 def test_admin_stop_is_recorded(api_server: RunningServer, alice_job: str) -> None:
@@ -98,6 +121,24 @@ def test_list_shows_users_only_their_jobs_and_admins_all(
     assert {alice_job, bob_job} <= set(listed("root"))
 
 
+def test_list_usage_shows_users_only_their_running_jobs(
+    api_server: RunningServer, alice_job: str
+) -> None:
+    bob_job = start_job(api_server.stub("bob"), "sleep", "60")
+    try:
+
+        def usage(name: str) -> set[str]:
+            reply = api_server.stub(name).ListUsage(pb.ListUsageRequest(last=2), timeout=T)
+            assert all(len(job.samples) <= 2 for job in reply.jobs)
+            return {job.job_id for job in reply.jobs}
+
+        assert alice_job in usage("alice") and bob_job not in usage("alice")
+        assert bob_job in usage("bob") and alice_job not in usage("bob")
+        assert {alice_job, bob_job} <= usage("root")
+    finally:
+        api_server.stub("bob").StopJob(pb.JobRequest(job_id=bob_job, grace_seconds=0), timeout=T)
+
+
 def test_users_and_admins_may_start(api_server: RunningServer) -> None:
     for name in ("alice", "bob", "root"):
         assert start_job(api_server.stub(name), "true")
@@ -114,6 +155,7 @@ def test_not_whitelisted_is_denied_every_rpc(
     }
     calls["StartJob"] = lambda: mallory.StartJob(pb.StartJobRequest(command="true"), timeout=T)
     calls["ListJobs"] = lambda: mallory.ListJobs(pb.ListJobsRequest(), timeout=T)
+    calls["ListUsage"] = lambda: mallory.ListUsage(pb.ListUsageRequest(), timeout=T)
     for rpc, call in calls.items():
         code, message = refusal(call)
         assert code == grpc.StatusCode.PERMISSION_DENIED, rpc
@@ -141,6 +183,7 @@ def test_identity_matches_common_name_or_any_san(tmp_path: Path) -> None:
     assert authz.role_of(Identity("ci-runner", sans=("spiffe://x", "ci.example.com"))) is Role.ADMIN
     assert authz.role_of(Identity("alice")) is Role.USER
     assert authz.role_of(Identity("eve", sans=("alice.example.com",))) is None
+    assert authz.path == tmp_path / "authz.toml"
 
 
 def test_user_rules(tmp_path: Path) -> None:
@@ -169,9 +212,19 @@ def test_user_rules(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "lists no clients"),
+        (
+            "",
+            'lists no clients, so nobody could call the server: add [[clients]] entries with identity = "NAME" and role = "user" or "admin"',
+        ),
         ("clients = []\n", "lists no clients"),
-        ('[[clients]]\nidentity = "a"\nrole = "root"\n', "entry 1 ('a'): role 'root' is not one"),
+        (
+            '[[clients]]\nidentity = "a"\nrole = "root"\n',
+            "entry 1 ('a'): role 'root' is not one of 'user', 'admin'",
+        ),
+        (
+            "clients = [1]\n",
+            "clients entry 1 is not a table: write [[clients]] then identity and role",
+        ),
         ('[[clients]]\nidentity = ""\nrole = "user"\n', "entry 1: identity must be"),
         ('[[clients]]\nidentity = "a"\nrol = "user"\n', "unknown key 'rol'"),
         (
@@ -193,3 +246,22 @@ def test_bad_whitelist_refuses_start_up(tmp_path: Path, text: str, message: str)
 def test_missing_whitelist_refuses_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         Authz.from_file(tmp_path / "nope.toml")
+
+
+def test_unreadable_whitelist_refuses_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Authz.from_file(tmp_path)  # a directory: readable by no one, root included
+    assert str(info.value) == f"cannot read authorization whitelist {tmp_path}: Is a directory"
+
+
+def test_the_plugin_uses_the_whitelist_it_was_configured_with(tmp_path: Path) -> None:
+    """What ``--authz FILE`` does: a fresh plugin denies everything until configured."""
+    plugin = Authz()
+    with pytest.raises(PermissionDenied, match="whitelist is not loaded"):
+        plugin.authorize(Identity("bob"), Action.LIST, None)
+    path = write(tmp_path, '[[clients]]\nidentity = "bob"\nrole = "user"\n')
+    plugin.jobworker_configure(argparse.Namespace(authz=str(path)))
+    assert plugin.role_of(Identity("bob")) is Role.USER
+    assert plugin.authorize(Identity("bob"), Action.LIST, None) is True
+    with pytest.raises(PermissionDenied, match="eve is not on the authorization whitelist"):
+        plugin.authorize(Identity("eve"), Action.LIST, None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -133,8 +135,15 @@ def test_tls13_handshake_succeeds(pki: PkiPaths, port: int) -> None:
 def test_tls12_refused_at_handshake(pki: PkiPaths, port: int) -> None:
     # With a valid client certificate: the refusal is about the protocol version only.
     result = _s_client(port, pki.client("alice"), "-tls1_2")
+    output = result.stderr + result.stdout
     assert result.returncode != 0
-    assert "Protocol version" not in result.stderr + result.stdout
+    assert "Protocol version" not in output
+    # The TCP connection was made and the TLS layer failed (the server hung up
+    # mid-handshake), not a dead port ("system library") or a flag openssl rejected.
+    assert re.search(r":error:[0-9A-F]+:SSL routines:", output), output
+    # The same client on the same port, with TLS 1.3, is accepted.
+    accepted = _s_client(port, pki.client("alice"), "-tls1_3")
+    assert "Protocol version: TLSv1.3" in accepted.stderr + accepted.stdout
 
 
 def test_plaintext_refused(port: int) -> None:
@@ -280,11 +289,50 @@ def test_key_readable_by_others_refused(pki: PkiPaths) -> None:
         server_credentials(pki.server())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file_named(pki: PkiPaths) -> None:
-    pki.ca_cert.chmod(0)
-    with pytest.raises(ConfigError, match=r"CA bundle .*ca\.pem is not readable"):
-        server_credentials(pki.server())
+_LOAD_AS_NOBODY = """
+import os, sys
+from jobworker.errors import ConfigError
+from jobworker.tls import TlsFiles, server_credentials
+if os.geteuid() == 0:  # root reads any file: become nobody (every capability goes too)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+try:
+    server_credentials(TlsFiles(*sys.argv[1:4]))
+except ConfigError as err:
+    print(err)
+    sys.exit(3)
+"""
+
+
+def test_unreadable_file_named(pki: PkiPaths, tmp_path: Path) -> None:
+    """Run as nobody when the tests run as root, so that the mode bits count."""
+    # A directory nobody may enter (pytest's tmp_path is private to its user), with the
+    # certificate and key nobody's own and the CA bundle readable by no one.
+    shared = Path(tempfile.mkdtemp(prefix="jobworker-unreadable-"))
+    try:
+        files = [shared / "server.pem", shared / "server.key", shared / "ca.pem"]
+        for source, target in zip(
+            (pki.server_cert, pki.server_key, pki.ca_cert), files, strict=True
+        ):
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+        files[2].chmod(0)
+        if os.geteuid() == 0:
+            for path in (shared, *files):
+                os.chown(path, 65534, 65534)
+        result = subprocess.run(
+            [sys.executable, "-c", _LOAD_AS_NOBODY, *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(shared)
+    assert result.returncode == 3, result.stdout + result.stderr
+    uid = 65534 if os.geteuid() == 0 else os.getuid()
+    assert result.stdout.strip() == f"CA bundle {files[2]} is not readable by uid {uid}"
 
 
 # --- the process-wide cipher setting and import order -----------------------------------

@@ -6,15 +6,19 @@ mTLS peer (keys and list-of-bytes values as measured), holding real certificates
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from jobworker.errors import Unauthenticated
 from jobworker.identity import Identity, identity_from_auth_context
 from jobworker.pki import CertAuthority, issue_client_cert, make_ca, write_crl
 from jobworker.tls import RevocationList, check_peer
+from tests.hostilecerts import SERVER_AUTH, mint, pem
 
 
 def _auth_context(
@@ -44,19 +48,33 @@ def alice_pem(ca: CertAuthority) -> bytes:
     return issue_client_cert(ca, "alice").cert_pem
 
 
-def test_identity_from_mtls_peer(alice_pem: bytes) -> None:
-    identity = identity_from_auth_context(
-        _auth_context(alice_pem, sans=(b"alice", b"alice@example.org", b"10.0.0.1"))
+def test_identity_from_mtls_peer(ca: CertAuthority) -> None:
+    cert, _ = mint(
+        ca,
+        common_names=["alice"],
+        sans=[
+            x509.DNSName("alice"),
+            x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+            x509.RFC822Name("alice@example.org"),
+            x509.UniformResourceIdentifier("spiffe://corp/alice"),
+        ],
     )
-    assert identity == Identity("alice", ("alice", "alice@example.org", "10.0.0.1"))
+    identity = identity_from_auth_context(_auth_context(pem(cert)))
+    # IP addresses are no names; the others keep the certificate's order.
+    assert identity == Identity("alice", ("alice", "alice@example.org", "spiffe://corp/alice"))
     assert identity.name == "alice"
-    assert identity.names == ("alice", "alice@example.org", "10.0.0.1")
+    assert identity.names == ("alice", "alice@example.org", "spiffe://corp/alice")
 
 
-def test_name_falls_back_to_first_san(alice_pem: bytes) -> None:
-    identity = identity_from_auth_context(
-        _auth_context(alice_pem, cn=None, sans=(b"spiffe://corp/bob", b"bob"))
-    )
+def test_names_come_from_the_certificate_not_grpcs_rendering(alice_pem: bytes) -> None:
+    context = _auth_context(alice_pem, cn=b"root", sans=(b"root",))
+    assert identity_from_auth_context(context).names == ("alice",)
+
+
+def test_name_falls_back_to_first_san(ca: CertAuthority) -> None:
+    sans = [x509.UniformResourceIdentifier("spiffe://corp/bob"), x509.DNSName("bob")]
+    cert, _ = mint(ca, sans=sans)
+    identity = identity_from_auth_context(_auth_context(pem(cert)))
     assert identity.name == "spiffe://corp/bob"
     assert identity.names == ("spiffe://corp/bob", "bob")
 
@@ -75,14 +93,28 @@ def test_no_verified_certificate_is_unauthenticated(context: dict[str, list[byte
         identity_from_auth_context(context)
 
 
-def test_certificate_without_names_is_unauthenticated(alice_pem: bytes) -> None:
-    with pytest.raises(Unauthenticated, match="neither a common name nor"):
-        identity_from_auth_context(_auth_context(alice_pem, cn=None, sans=()))
+@pytest.mark.parametrize(
+    ("names", "refusal"),
+    [
+        ({}, "neither a common name nor"),
+        ({"sans": [x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]}, "neither a common"),
+        ({"common_names": ["a", "b"]}, "more than one common name"),
+        ({"common_names": ["ops\0evil"]}, r"common name 'ops\\x00evil' holds a control"),
+        ({"sans": [x509.DNSName("ops\x7f")]}, "holds a control character"),
+        ({"common_names": ["ops"], "ca": True}, "CA:TRUE"),
+        ({"common_names": ["ops"], "usages": [SERVER_AUTH]}, "does not include clientAuth"),
+    ],
+    ids=["no-names", "ip-only", "two-cns", "nul", "del", "ca", "server-eku"],
+)
+def test_refused_certificates(ca: CertAuthority, names: dict[str, Any], refusal: str) -> None:
+    cert, _ = mint(ca, **names)
+    with pytest.raises(Unauthenticated, match=refusal):
+        identity_from_auth_context(_auth_context(pem(cert)))
 
 
-def test_non_utf8_name_is_unauthenticated(alice_pem: bytes) -> None:
-    with pytest.raises(Unauthenticated, match="not valid UTF-8"):
-        identity_from_auth_context(_auth_context(alice_pem, cn=b"\xff"))
+def test_a_certificate_without_extended_key_usage_is_a_client(ca: CertAuthority) -> None:
+    cert, _ = mint(ca, common_names=["alice"], usages=None)
+    assert identity_from_auth_context(_auth_context(pem(cert))).name == "alice"
 
 
 def test_identity_needs_a_name() -> None:

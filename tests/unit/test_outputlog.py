@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from jobworker.errors import InvalidArgument
+from jobworker.errors import FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
 from jobworker.outputlog import OutputChunk, OutputLog
 
@@ -29,8 +31,12 @@ def test_resume_at_any_boundary_of_a_long_log(tmp_path: Path) -> None:
         assert [c.data for c in resumed] == [c.data for c in chunks[i + 1 :]]
     with pytest.raises(InvalidArgument, match="not a chunk boundary"):
         log.follow(chunks[1000].offset + 1)
-    with pytest.raises(InvalidArgument, match="beyond"):
+    with pytest.raises(InvalidArgument) as beyond:
         log.follow(log.size + 1)
+    assert str(beyond.value) == (
+        f"offset {log.size + 1} is beyond the {log.size} bytes of output so far;"
+        " pass the offset of a chunk you received"
+    )
     log.remove()
 
 
@@ -46,3 +52,193 @@ def test_big_write_is_split_into_records_and_merged_for_followers(tmp_path: Path
     assert log.payload_bytes == len(data) and log.size == len(data) + 16 * 5
     log.remove()
     assert not (tmp_path / "job.out").exists()
+
+
+def test_resume_exactly_at_the_end(tmp_path: Path) -> None:
+    """The offset of the last chunk is a valid cursor: nothing more, no error, no wait."""
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"first")
+        log.append(Stream.STDERR, b"last")
+        end = log.size
+        chunks = await drain(log)
+        assert chunks[-1].offset == end
+        assert await drain(log, end) == []  # a live log, without follow: what exists
+        # Following from the end of a live log waits for the next record, and gets it.
+        follower = log.follow(end)
+        pending = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        log.append(Stream.STDOUT, b"more")
+        assert await asyncio.wait_for(pending, 5) == OutputChunk(Stream.STDOUT, b"more", log.size)
+        await follower.aclose()
+        log.close()
+        # Finished: the final offset ends the stream at once, with or without follow.
+        for follow in (False, True):
+            rest = [c async for c in log.follow(log.size, follow=follow)]
+            assert rest == []
+        log.remove()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_checking_a_resume_offset_reads_a_bounded_number_of_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor deep into a long log is checked from a nearby mark, not from the start."""
+    log = OutputLog(tmp_path / "job.out")
+    for i in range(3000):
+        log.append(Stream.STDOUT if i % 2 == 0 else Stream.STDERR, b"x")
+    log.close()
+    chunks = asyncio.run(drain(log))
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, length: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    for i in (255, 2000, 2999):
+        reads.clear()
+        log.follow(chunks[i].offset)  # validates now; reading would start later
+        assert len(reads) <= 256, (i, len(reads))
+    log.remove()
+
+
+def test_payload_and_size_add_up_over_appends(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"abc")
+    log.append(Stream.STDERR, b"de")
+    assert (log.payload_bytes, log.size) == (5, 5 + 2 * 5)
+    log.remove()
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pwritev may write less than asked (rare on a regular file): the rest follows."""
+    real_pwritev = os.pwritev
+
+    def short_pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        first = bytes(buffers[0])[:3]  # part of the first record's header only
+        return real_pwritev(fd, [first], offset)
+
+    def short_pwrite(fd: int, data: bytes, offset: int) -> int:
+        return real_pwrite(fd, data[:7], offset)  # the rest, seven bytes at a time
+
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"hello, ")
+    log.append(Stream.STDERR, b"short writes")
+    log.close()
+    monkeypatch.undo()
+    chunks = asyncio.run(drain(log))
+    assert [(c.stream, c.data) for c in chunks] == [
+        (Stream.STDOUT, b"hello, "),
+        (Stream.STDERR, b"short writes"),
+    ]
+    assert (tmp_path / "job.out").stat().st_size == log.size == 7 + 12 + 2 * 5
+    log.remove()
+
+
+def test_follow_defaults_to_the_start(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"all of it")
+    log.close()
+
+    async def everything() -> list[bytes]:
+        return [c.data async for c in log.follow()]
+
+    assert asyncio.run(everything()) == [b"all of it"]
+    log.remove()
+
+
+def test_no_follow_reads_what_existed_when_asked(tmp_path: Path) -> None:
+    """Without follow, output appended while the reader reads is not part of its answer."""
+
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"one")
+        log.append(Stream.STDERR, b"two")
+        reader = log.follow(0, follow=False)
+        first = await anext(reader)
+        log.append(Stream.STDOUT, b"later")
+        rest = [c.data async for c in reader]
+        assert (first.data, rest) == (b"one", [b"two"])
+        log.remove()
+
+    asyncio.run(main())
+
+
+def test_removed_log_and_vanished_file(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"kept")
+    # While the job runs the writer's descriptor serves new followers, even if something
+    # (a temporary-file cleaner) unlinked the file.
+    (tmp_path / "job.out").unlink()
+    assert asyncio.run(drain(log)) == [OutputChunk(Stream.STDOUT, b"kept", 9)]
+    log.close()  # finished: followers open the file by name, and it is gone
+    with pytest.raises(FailedPrecondition) as gone:
+        log.follow()
+    assert str(gone.value) == f"the spooled output of this job is gone from {tmp_path}"
+    log.remove()
+    with pytest.raises(InvalidArgument) as removed:
+        log.follow()
+    assert str(removed.value) == "the output of this job was removed"
+
+
+def _straddling_log(path: Path, first: int, alternate: bool) -> tuple[OutputLog, list[bytes]]:
+    """A record of ``first`` bytes, then 1100 of 1000 bytes, one stream or alternating."""
+    log = OutputLog(path)
+    records = [bytes([65 + i % 26]) * (first if i == 0 else 1000) for i in range(1101)]
+    for i, data in enumerate(records):
+        log.append(Stream.STDERR if alternate and i % 2 else Stream.STDOUT, data)
+    log.close()
+    return log, records
+
+
+# Where the follower's read-ahead buffer (1 MiB from offset 0) ends: inside a header in the
+# middle of a merged chunk (a first record of 354 bytes), 3 bytes before the end of a
+# record's data (359), and inside the data of a record that starts a chunk (alternating).
+@pytest.mark.parametrize(
+    ("first", "alternate"), [(354, False), (359, False), (1000, True)], ids=str
+)
+def test_records_straddling_the_read_ahead_buffer(
+    tmp_path: Path, first: int, alternate: bool
+) -> None:
+    log, records = _straddling_log(tmp_path / "job.out", first, alternate)
+    chunks = asyncio.run(drain(log))
+    assert b"".join(c.data for c in chunks) == b"".join(records)
+    if alternate:
+        assert [c.data for c in chunks] == records
+    log.remove()
+
+
+def test_spool_file_is_new_and_private(tmp_path: Path) -> None:
+    planted = tmp_path / "job.out"
+    planted.symlink_to(tmp_path / "elsewhere")  # a name taken before the job: never reused
+    with pytest.raises(FileExistsError):
+        OutputLog(planted)
+    assert not (tmp_path / "elsewhere").exists()
+    log = OutputLog(tmp_path / "other.out")
+    assert stat.S_IMODE((tmp_path / "other.out").stat().st_mode) == 0o600
+    log.remove()
+
+
+def test_remove_ends_waiting_followers(tmp_path: Path) -> None:
+    async def main() -> None:
+        log = OutputLog(tmp_path / "job.out")
+        log.append(Stream.STDOUT, b"seen")
+        follower = asyncio.ensure_future(drain_following(log))
+        await asyncio.sleep(0.05)  # the follower read "seen" and waits for more
+        assert not follower.done()
+        log.remove()
+        assert await asyncio.wait_for(follower, 5) == [b"seen"]
+
+    asyncio.run(main())
+
+
+async def drain_following(log: OutputLog) -> list[bytes]:
+    return [c.data async for c in log.follow(0, follow=True)]

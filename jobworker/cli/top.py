@@ -1,0 +1,213 @@
+"""``jobworker top`` (a live view of running jobs) and ``status JOB --usage`` (a job's CPU
+and memory over its life, as a small chart)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from jobworker.cli.common import print_json
+from jobworker.client import JobClient
+from jobworker.model import JobState, JobStatusView
+from jobworker.usage import JobUsage, UsageSample
+
+_BARS = "▁▂▃▄▅▆▇█"
+#: Widest chart ``status --usage`` draws, in samples (columns).
+CHART_WIDTH = 60
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def _rate(a: int | None, b: int | None, seconds: float) -> float | None:
+    if a is None or b is None or seconds <= 0:
+        return None
+    return max(0, b - a) / seconds
+
+
+@attrs.frozen
+class Row:
+    """One running job in ``top``: its status and what its last two samples say."""
+
+    view: JobStatusView
+    cpu_percent: float | None = None
+    memory: int | None = None
+    io_read_rate: float | None = None
+    io_write_rate: float | None = None
+    pids: int | None = None
+
+    @classmethod
+    def of(cls, view: JobStatusView, samples: Sequence[UsageSample]) -> Row:
+        if not samples:
+            return cls(view)
+        last = samples[-1]
+        first = samples[-2] if len(samples) > 1 else None
+        read0: int | None = 0
+        write0: int | None = 0
+        if first is None:  # one sample: the average since the job started
+            since, cpu0 = view.started_at, 0
+        else:
+            since, cpu0 = first.time, first.cpu_usec
+            read0, write0 = first.io_read_bytes, first.io_write_bytes
+        dt = last.time - since
+        cpu = _rate(cpu0, last.cpu_usec, dt)
+        return cls(
+            view,
+            cpu_percent=None if cpu is None else cpu / 1e4,
+            memory=last.memory_bytes,
+            io_read_rate=_rate(read0, last.io_read_bytes, dt),
+            io_write_rate=_rate(write0, last.io_write_bytes, dt),
+            pids=last.pids,
+        )
+
+
+SORT_KEYS: dict[str, Callable[[Row], Any]] = {
+    "cpu": lambda r: -(r.cpu_percent or 0),
+    "mem": lambda r: -(r.memory or 0),
+    "io": lambda r: -((r.io_read_rate or 0) + (r.io_write_rate or 0)),
+    "runtime": lambda r: r.view.started_at,
+    "owner": lambda r: r.view.owner,
+    "id": lambda r: r.view.job_id,
+}
+
+
+def rows(client: JobClient) -> list[Row]:
+    """Every running job the caller may see, with its newest two samples."""
+    usage = {u.job_id: u.samples for u in client.running_usage(last=2)}
+    return [
+        Row.of(view, usage.get(view.job_id, ()))
+        for view in client.list()
+        if view.state is JobState.RUNNING
+    ]
+
+
+def frame(jobs: list[Row], sort: str, now: float, width: int = 120) -> str:
+    """The table ``top`` prints once a second."""
+    jobs = sorted(jobs, key=SORT_KEYS[sort])
+    header = (
+        f"{'JOB':<24} {'OWNER':<12} {'CPU%':>6} {'MEM':>9} {'READ/s':>9} {'WRITE/s':>9}"
+        f" {'PIDS':>5} {'RUNTIME':>8}  COMMAND"
+    )
+    lines = [f"{len(jobs)} running jobs, sorted by {sort}", header]
+    for r in jobs:
+        runtime = int(now - r.view.started_at)
+        cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.1f}"
+        command = shlex.join([r.view.command, *r.view.args])
+        line = (
+            f"{r.view.job_id:<24} {r.view.owner[:12]:<12} {cpu:>6} {size(r.memory):>9}"
+            f" {size(r.io_read_rate):>9} {size(r.io_write_rate):>9}"
+            f" {'-' if r.pids is None else r.pids:>5}"
+            f" {runtime // 3600:02d}:{runtime // 60 % 60:02d}:{runtime % 60:02d}  {command}"
+        )
+        lines.append(line[:width])
+    return "\n".join(lines)
+
+
+def top(client: JobClient, options: argparse.Namespace) -> int:
+    if options.once:
+        print(frame(rows(client), options.sort, time.time()), flush=True)
+        return 0
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            text = frame(rows(client), options.sort, time.time(), _columns())
+            # Home and clear on a terminal; frames separated by a blank line otherwise.
+            print("\x1b[H\x1b[2J" + text if tty else text + "\n", flush=True)
+            time.sleep(options.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+# -- status --usage -------------------------------------------------------------------------
+
+
+def sparkline(values: Sequence[float], width: int = CHART_WIDTH) -> str:
+    """``values`` as one line of block characters, at most ``width`` wide (bucket maxima)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [max(values[int(i * step) : int((i + 1) * step)]) for i in range(width)]
+    top = max(values)
+    if top <= 0:
+        return _BARS[0] * len(values)
+    return "".join(
+        _BARS[min(len(_BARS) - 1, int(v / top * (len(_BARS) - 1) + 0.5))] for v in values
+    )
+
+
+def cpu_series(samples: Sequence[UsageSample]) -> list[float]:
+    """Cores used between consecutive samples."""
+    return [
+        max(0, b.cpu_usec - a.cpu_usec) / 1e6 / (b.time - a.time)
+        for a, b in itertools.pairwise(samples)
+        if b.time > a.time
+    ]
+
+
+def chart(usage: JobUsage) -> str:
+    samples = usage.samples
+    if not samples:
+        return f"job {usage.job_id}: no usage samples (it ended within its first second)"
+    span = samples[-1].time - samples[0].time
+    cpu = cpu_series(samples)
+    memory = [float(s.memory_bytes) for s in samples]
+    lines = [
+        f"job {usage.job_id}: {len(samples)} samples over {span:.0f}s (from {usage.source})",
+        f"cpu     {sparkline(cpu) or '-'}  peak {max(cpu, default=0):.2f} cores,"
+        f" total {samples[-1].cpu_usec / 1e6:.2f}s",
+        f"memory  {sparkline(memory)}  peak {size(max(memory))}, now {size(memory[-1])}",
+    ]
+    return "\n".join(lines)
+
+
+def status_usage(client: JobClient, options: argparse.Namespace) -> int:
+    usage = client.usage(options.job_id)
+    if options.json:
+        print_json(
+            {
+                "job_id": usage.job_id,
+                "source": usage.source,
+                "samples": [attrs.asdict(s) for s in usage.samples],
+            }
+        )
+    else:
+        print(chart(usage))
+    return 0
+
+
+def add_command(commands: Any, connection: argparse.ArgumentParser, wrap: Any) -> None:
+    parser = commands.add_parser(
+        "top", parents=[connection], help="live view of running jobs and what they use"
+    )
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument(
+        "--sort", choices=sorted(SORT_KEYS), default="cpu", help="row order (default cpu)"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period"
+    )
+    parser.set_defaults(handler=wrap(top))
