@@ -68,6 +68,8 @@ def assert_served(reply: Any, rpc: str, job_id: str, by: str) -> None:
         assert (reply.command, list(reply.args)) == ("sh", ["-c", "echo mine; exec sleep 60"])
     elif rpc == "StreamOutput":
         assert [(c.stream, c.data) for c in reply] == [("stdout", b"mine\n")]
+    elif rpc == "GetUsage":
+        assert reply.job_id == job_id and reply.source in ("proc", "cgroupv2", "")
     else:
         assert reply.success and not reply.already_finished
         status = reply.status
