@@ -116,13 +116,17 @@ class JobClient:
         user: str | None = None,
         network: str | None = None,
         stdin: bool = False,
+        node: str | None = None,
     ) -> str:
         """Start ``command`` and return the job id; ``env`` is the job's whole environment.
 
         ``user``: the Unix account to run as (None: the client's default); ``network``:
         "host" or "none" (None: the server's default); ``stdin``: keep the job's stdin
-        open for :meth:`write_input` (else it reads /dev/null)."""
-        request = wire.start_request(command, args, env, cwd, limits, user, network, stdin)
+        open for :meth:`write_input` (else it reads /dev/null); ``node``: the cluster node
+        to run on (cluster backends only)."""
+        request = wire.start_request(
+            command, args, env, cwd, limits, user, network, stdin, node
+        )
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
         except grpc.RpcError as err:
@@ -147,11 +151,15 @@ class JobClient:
         return wire.stop_from_pb(response)
 
     def list(
-        self, state: JobState | None = None, owner: str | None = None
+        self,
+        state: JobState | None = None,
+        owner: str | None = None,
+        node: str | None = None,
     ) -> builtins.list[JobStatusView]:
         """Every job the caller may see (its own; all of them for an admin), oldest first,
-        only those in ``state`` and of ``owner`` when given; fetched a page at a time."""
-        query = ListQuery(state=state, owner=owner, page_size=LIST_PAGE_SIZE)
+        only those in ``state``, of ``owner`` and on cluster node ``node`` when given; fetched
+        a page at a time."""
+        query = ListQuery(state=state, owner=owner, node=node, page_size=LIST_PAGE_SIZE)
         views: builtins.list[JobStatusView] = []
         while True:
             try:
@@ -164,7 +172,9 @@ class JobClient:
                 return [
                     v
                     for v in views
-                    if (state is None or v.state is state) and owner in (None, v.owner)
+                    if (state is None or v.state is state)
+                    and owner in (None, v.owner)
+                    and node in (None, v.node)
                 ]
             query = attrs.evolve(query, page_token=response.next_page_token)
 

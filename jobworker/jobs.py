@@ -247,7 +247,11 @@ class JobManager:
         error a plugin vetoed with; plugins hear of it through ``start_refused``. On any
         error nothing of the job remains.
         """
-        job_id = new_job_id()
+        return await self.start_as(new_job_id(), spec, owner)
+
+    async def start_as(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
+        """:meth:`start` under an id the caller drew: a cluster front server names a job
+        before a node agent runs it, so that both report it under one id."""
         try:
             return await self._start(job_id, spec, owner)
         except JobworkerError as err:
@@ -258,6 +262,11 @@ class JobManager:
     async def _start(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
         if self._closing:
             raise FailedPrecondition("the server is shutting down; retry on another server")
+        if spec.node is not None:
+            raise InvalidArgument(
+                f"node {spec.node!r} asked for, but this server runs jobs on itself only:"
+                " --node needs a cluster backend (serve --plugin ray)"
+            )
         self._evict()
         if self.running >= self._max_running:
             raise ResourceExhausted(

@@ -185,6 +185,7 @@ class TerminationReason(enum.Enum):
     SIGNALED = "signaled"  # killed by a signal nobody here sent
     STOPPED = "stopped"  # stopped on request
     OOM_KILLED = "oom_killed"  # the kernel's OOM killer, reported by a containment plugin
+    NODE_LOST = "node_lost"  # the cluster node running it was lost (cluster backends)
 
 
 class Action(enum.Enum):
@@ -233,11 +234,14 @@ class ListQuery:
 
     state: JobState | None = None
     owner: str | None = None
+    node: str | None = None  # a cluster node's name (cluster backends)
     page_size: int = 0  # 0: every match, one page
     page_token: str = attrs.field(default="", validator=_check_page_token)
 
     def matches(self, status: JobStatus) -> bool:
         if self.owner is not None and status.owner != self.owner:
+            return False
+        if self.node is not None and status.node != self.node:
             return False
         return self.state is None or status.state is self.state
 
@@ -338,6 +342,8 @@ class JobSpec:
     network: str | None = None
     #: Keep stdin open for writers (``JobManager.write_input``); False: /dev/null.
     stdin: bool = False
+    #: Run on this cluster node (cluster backends only); None: wherever it fits.
+    node: str | None = None
 
     def __attrs_post_init__(self) -> None:
         _check_spec(self)
@@ -397,6 +403,8 @@ class JobStatus:
     uid: int | None = None
     #: How the job is isolated, e.g. "namespaces, user nobody(65534), network host".
     isolation: str = "none"
+    #: The cluster node it runs on; None on a single server.
+    node: str | None = None
 
 
 @attrs.frozen
@@ -420,6 +428,8 @@ def describe_end(status: JobStatus) -> str:
         return f"stopped by {ex.stopped_by} ({how}{kill})"
     if ex.reason is TerminationReason.OOM_KILLED:
         return f"killed by the OOM killer ({how})"
+    if ex.reason is TerminationReason.NODE_LOST:
+        return f"lost with its node {status.node}"
     if ex.reason is TerminationReason.SIGNALED:
         return f"killed by {how}"
     return f"exited with {how}"
@@ -459,6 +469,7 @@ _SHARED_WITH_STATUS = (
     "user",
     "uid",
     "isolation",
+    "node",
 )
 #: The :class:`ExitInfo` fields of a job that has not ended.
 _STILL_RUNNING = {
@@ -499,6 +510,7 @@ class JobStatusView:
     user: str | None  # the account the job runs as (None: the server's own, not isolated)
     uid: int | None
     isolation: str
+    node: str | None = None  # the cluster node it runs on (None: a single server)
 
     @classmethod
     def from_status(cls, status: JobStatus) -> JobStatusView:

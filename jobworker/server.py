@@ -322,7 +322,8 @@ async def serve(
 ) -> None:
     """Run the server until SIGTERM/SIGINT or ``stop_event``; ``plugins`` are configured.
 
-    ``backend`` builds the job engine (jobs on this host by default). ``ready`` is called
+    ``backend`` builds the job engine (jobs on this host by default) unless a plugin
+    provides one (``jobworker_make_backend``, e.g. the ``ray`` plugin). ``ready`` is called
     with the address actually listened on (the port resolved when ``listen`` asks for
     port 0) once RPCs are accepted. Raises ``ConfigError`` before
     listening for bad TLS files, a CRL that does not verify, no authorization plugin, or an
@@ -348,7 +349,7 @@ async def _serve_until(
     reloader = Reloader(plugins, certificates, crl)
 
     with spool_run(config.spool_dir) as spool_dir:
-        jobs = backend(config, plugins, spool_dir)
+        jobs = await plugins.make_backend(config, spool_dir) or backend(config, plugins, spool_dir)
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         server = grpc.aio.server(

@@ -6,7 +6,8 @@ become (:mod:`jobworker.model`), never here; the wire's own conventions live her
 
 * 0 (or "") means "not set" where the model says None;
 * ``exit_code`` is 128+N for a job killed by signal N (``JobStatusView.shell_exit_code``),
-  and means an exit code only when ``signal`` is 0.
+  and means an exit code only when ``signal`` is 0; a job lost with its cluster node has
+  none, and -1 on the wire (never 0, which would read as success).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 DEFAULT_MAX_STREAMS_PER_CLIENT = 100
 
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
+#: ``exit_code`` of a job lost with its cluster node.
+_NODE_LOST_EXIT = -1
 
 
 # -- limits ---------------------------------------------------------------------------------
@@ -114,6 +117,7 @@ def start_request(
     user: str | None = None,
     network: str | None = None,
     stdin: bool = False,
+    node: str | None = None,
 ) -> pb.StartJobRequest:
     return pb.StartJobRequest(
         command=command,
@@ -124,6 +128,7 @@ def start_request(
         user=user or "",
         network=network or "",
         stdin=stdin,
+        node=node or "",
     )
 
 
@@ -138,6 +143,7 @@ def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
         user=request.user or None,
         network=request.network or None,
         stdin=request.stdin,
+        node=request.node or None,
     )
 
 
@@ -152,7 +158,9 @@ def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
     reply = pb.JobStatusResponse(
         job_id=view.job_id,
         status=view.state.value,
-        exit_code=view.shell_exit_code or 0,
+        exit_code=_NODE_LOST_EXIT
+        if view.reason is TerminationReason.NODE_LOST
+        else view.shell_exit_code or 0,
         reason="" if view.reason is None else view.reason.value,
         signal=view.signal or 0,
         owner=view.owner,
@@ -171,6 +179,7 @@ def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
         user=view.user or "",
         uid=-1 if view.uid is None else view.uid,
         isolation=view.isolation,
+        node=view.node or "",
     )
     if view.usage is not None:
         known = {k: v for k, v in attrs.asdict(view.usage).items() if v is not None}
@@ -199,7 +208,9 @@ def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         job_id=status.job_id,
         state=state,
         reason=reason,
-        exit_code=status.exit_code if ended and not status.signal else None,
+        exit_code=status.exit_code
+        if ended and not status.signal and reason is not TerminationReason.NODE_LOST
+        else None,
         signal=status.signal or None,
         owner=status.owner,
         stopped_by=status.stopped_by or None,
@@ -221,6 +232,7 @@ def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         user=status.user or None,
         uid=None if status.uid < 0 else status.uid,
         isolation=status.isolation or "none",
+        node=status.node or None,
     )
 
 
@@ -380,6 +392,7 @@ def list_request(query: ListQuery) -> pb.ListJobsRequest:
     return pb.ListJobsRequest(
         state="" if query.state is None else query.state.value,
         owner=query.owner or "",
+        node=query.node or "",
         page_size=query.page_size,
         page_token=query.page_token,
     )
@@ -397,6 +410,7 @@ def list_query_from_pb(request: pb.ListJobsRequest) -> ListQuery:
     return ListQuery(
         state=state,
         owner=request.owner or None,
+        node=request.node or None,
         page_size=request.page_size,
         page_token=request.page_token,
     )

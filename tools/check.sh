@@ -39,6 +39,11 @@ step "tests on the host (tox -e tests: a virtualenv with only the test extra)"
 # here too (tox.ini's extras and this script cannot drift). About 25 s to build the env.
 tox -e tests -- -p no:cacheprovider
 
+# Its own environment: the ray extra (about 450 MB) stays out of the base install. A local
+# Ray cluster (head + 3 nodes on 127.0.0.1) runs for about a minute.
+step "Ray cluster backend (tox -e ray)"
+tox -e ray
+
 if [ "${JOBWORKER_SKIP_VM:-0}" != 1 ]; then
   step "cgroup v2 tests inside a QEMU VM"
   vm_suite() {

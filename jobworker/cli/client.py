@@ -35,7 +35,14 @@ from jobworker.cli.common import (
 )
 from jobworker.client import JobClient
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.model import CPU_WEIGHT_RANGE, IoLimit, JobState, JobStatusView, Limits
+from jobworker.model import (
+    CPU_WEIGHT_RANGE,
+    IoLimit,
+    JobState,
+    JobStatusView,
+    Limits,
+    TerminationReason,
+)
 from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
 from jobworker.tls import TlsFiles, given_files
 from jobworker.units import (
@@ -141,6 +148,7 @@ def _job_options() -> Parser:
         action="store_true",
         help="keep the job's stdin open: run forwards ours (also done when it is not a"
         " terminal); start leaves it for `jobworker write`",
+        "--node", metavar="NAME", help="run on this cluster node (a cluster backend only)"
     )
     job.add_argument(
         "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
@@ -246,6 +254,7 @@ def add_commands(commands: Any) -> None:
         "--owner", metavar="NAME", help="only jobs of this owner (an admin sees everyone's)"
     )
     listing.add_argument("-q", "--quiet", action="store_true", help="print job ids only")
+    listing.add_argument("--node", metavar="NAME", help="only the jobs of this cluster node")
     listing.set_defaults(handler=_client_command(_list))
 
 
@@ -350,6 +359,7 @@ def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> s
         user=options.user,
         network=options.network,
         stdin=stdin,
+        node=options.node,
     )
 
 
@@ -441,6 +451,8 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     status = client.status(job_id)
     code = status.shell_exit_code
+    if status.reason is TerminationReason.NODE_LOST:
+        raise JobworkerError(f"job {job_id} was lost with its node {status.node}")
     if code is None:
         raise JobworkerError(f"job {job_id}'s output ended but it is still {status.state.value}")
     return code
@@ -516,7 +528,7 @@ def _outcome(view: JobStatusView) -> str:
 
 def _list(client: JobClient, options: argparse.Namespace) -> int:
     state = JobState(options.state) if options.state else None
-    views = client.list(state=state, owner=options.owner)
+    views = client.list(state=state, owner=options.owner, node=options.node)
     if options.quiet:
         for view in views:
             print(view.job_id)

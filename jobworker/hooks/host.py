@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import inspect
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 import structlog
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from jobworker.identity import Identity
     from jobworker.isolation import IsolationPlan
     from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.server import ServerConfig
 
 log = structlog.get_logger("jobworker.plugins")
 
@@ -35,6 +38,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "audit-log": "jobworker.plugins.auditlog:AuditLog",
     "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
     "isolation": "jobworker.plugins.isolation:Isolation",
+    "ray": "jobworker.ray_backend.plugin:RayPlugin",
     "metrics": "jobworker.plugins.metrics:Metrics",
 }
 #: Loaded by every server before the plugins it is asked for: authorization and isolation
@@ -217,6 +221,32 @@ class Plugins:
         registry = self.pm.hook.jobworker_metrics_registry()
         if registry is not None:
             self._observe("jobworker_metrics_ready", registry=registry)
+
+    async def make_backend(self, config: ServerConfig, spool_dir: Path) -> JobBackend | None:
+        """The backend a plugin provides (the first answer wins), or None for the local
+        one; an ``async def`` implementation is awaited."""
+        arguments = {"plugins": self, "config": config, "spool_dir": spool_dir}
+        for impl in self._impls("jobworker_make_backend"):
+            try:
+                result = impl.function(*[arguments[a] for a in impl.argnames])
+                if inspect.isawaitable(result):
+                    result = await result
+            except JobworkerError:
+                raise
+            except Exception as exc:
+                raise ConfigError(f"plugin {impl.plugin_name!r}: {exc}") from exc
+            if result is not None:
+                return cast("JobBackend", result)
+        return None
+
+    def implementing(self, hook_names: Iterable[str]) -> list[str]:
+        """Names of the loaded plugins that implement any of ``hook_names``."""
+        wanted = set(hook_names)
+        return [
+            name
+            for name, plugin in self.pm.list_name_plugin()
+            if any(c.name in wanted for c in self.pm.get_hookcallers(plugin) or [])
+        ]
 
     def manager_ready(self, manager: JobBackend) -> None:
         self._observe("jobworker_manager_ready", manager=manager)

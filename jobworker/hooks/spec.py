@@ -6,7 +6,9 @@ Call order:
 2. ``jobworker_configure(options)`` -- once, before the server accepts requests.
    ``jobworker_metrics_registry()`` (first result wins) and, when a plugin answered,
    ``jobworker_metrics_ready(registry)`` -- once, right after configure.
-   ``jobworker_manager_ready(manager)`` -- once, when the job backend exists.
+   ``jobworker_make_backend(plugins, config, spool_dir)`` -- once (first result wins): a
+   backend instead of the local engine; then ``jobworker_manager_ready(manager)`` --
+   once, when the job backend exists.
 3. Per request: ``jobworker_rpc_started(method)``, ``jobworker_principal(identity)``
    (first result wins), then ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome, and
@@ -33,7 +35,8 @@ its spec; arguments are only ever added, never removed or renamed.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobworker.hooks import hookspec
@@ -42,9 +45,11 @@ if TYPE_CHECKING:
     from jobworker.backend import JobBackend
     from jobworker.containment import Containment
     from jobworker.errors import JobworkerError
+    from jobworker.hooks.host import Plugins
     from jobworker.identity import Identity
     from jobworker.isolation import IsolationPlan
     from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.server import ServerConfig
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -64,6 +69,21 @@ def jobworker_configure(options: argparse.Namespace) -> None:
     """Read the parsed options and prepare; called once before the server starts.
 
     May raise :class:`jobworker.errors.ConfigError` to refuse start-up with a message.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_make_backend(
+    plugins: Plugins, config: ServerConfig, spool_dir: Path
+) -> JobBackend | Awaitable[JobBackend | None] | None:
+    """Provide the server's job backend instead of the local engine (jobs on this host).
+
+    First result wins. Called once on the server's event loop, after
+    ``jobworker_configure`` and before ``jobworker_manager_ready``; may return an awaitable
+    (an ``async def`` implementation). The backend calls the job life-cycle hooks
+    (``pre_spawn``, ``start_refused``, ``job_started``, ``output_chunk``, ``on_exit``)
+    itself. Raise :class:`jobworker.errors.ConfigError` to refuse start-up. The ``ray``
+    plugin implements it (docs/cluster.md).
     """
 
 

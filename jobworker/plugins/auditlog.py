@@ -198,6 +198,7 @@ class AuditLog:
                 "applied_limits": _limits(status.applied_limits),
                 "containment": status.containment,
                 "pid": status.pid,
+                "node": status.node,
                 "started_at": _timestamp(status.started_at),
             }
         )
@@ -228,6 +229,7 @@ class AuditLog:
                 "audit": "job_exited",
                 "job_id": status.job_id,
                 "owner": status.owner,
+                "node": status.node,
                 "reason": None if ex is None else ex.reason.value,
                 "exit_code": None if ex is None else ex.exit_code,
                 "signal": None if ex is None else ex.signal,

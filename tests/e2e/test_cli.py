@@ -89,7 +89,7 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
         "job_id", "state", "reason", "exit_code", "signal", "owner", "stopped_by",
         "escalated", "started_at", "ended_at", "command", "args", "limits", "usage",
         "containment", "output_bytes", "output_kept_bytes", "output_truncated", "pid", "user",
-        "uid", "isolation",
+        "uid", "isolation", "node",
     ]  # fmt: skip
     assert (status["user"], status["uid"]) == ("nobody", 65534)  # the server runs as root
     assert status["isolation"] == "namespaces, user nobody(65534), network host"

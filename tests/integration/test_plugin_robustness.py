@@ -254,6 +254,7 @@ def test_audit_records_of_real_jobs(tmp_path: Path) -> None:
         "applied_limits": started["limits"],
         "containment": "process-group",
         "pid": finished.pid,
+        "node": None,
         "started_at": started["started_at"],
     }
     assert "s3cret" not in path.read_text()

@@ -1,0 +1,163 @@
+"""The Ray cluster backend next to the local engine, in the same run: StartJob latency and
+output streaming rate.
+
+A local Ray cluster (a head and one worker node, on 127.0.0.1, started as the tests start
+theirs) and two servers on this machine: ``jobworker serve`` (the local engine) and
+``jobworker serve --plugin ray`` (jobs on the cluster's worker node, through its agent).
+The same client measures both over mTLS, in alternating rounds:
+
+* StartJob of ``true`` until it runs: without limits (the agent's round trip), and, on
+  the cluster, with ``--cpu 0.1`` (a placement group per job, released when it ends);
+* the output of ``head -c SIZE /dev/zero`` followed live from the start, in MB/s.
+
+Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from _common import CLIENT, MB, MiB, header, make_pki, ms, parser, percentile, row, workdir
+
+from jobworker.client import JobClient
+from jobworker.model import Limits
+from jobworker.pki import PkiPaths
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.ray_cluster.cluster import RAY_ENV, local_cluster
+
+JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
+
+
+@contextmanager
+def serve(pki: PkiPaths, work: Path, name: str, *extra: str) -> Iterator[str]:
+    """``jobworker serve`` on a free port until the block exits; yields its address."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    files = pki.server()
+    log_path = work / f"{name}.log"
+    env = {**os.environ, **RAY_ENV, "JOBWORKER_HOME": str(work / "home")}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+                f"--tls-cert={files.cert}", f"--tls-key={files.key}", f"--tls-ca={files.ca}",
+                f"--authz={pki.authz}", f"--spool-dir={work / name}", *extra,
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with JobClient(f"127.0.0.1:{port}", pki.client(CLIENT)) as client:
+                    client.list()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}") from None
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def timed(action: Callable[[], object], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def stream_rate(client: JobClient, size: int) -> float:
+    """MB/s of following ``head -c size /dev/zero`` from its start to its end."""
+    began = time.perf_counter()
+    job = client.start("head", ["-c", str(size), "/dev/zero"])
+    got = sum(len(data) for _, data, _ in client.stream(job))
+    took = time.perf_counter() - began
+    assert got == size, (got, size)
+    return size / took / MB
+
+
+def measure(
+    clients: dict[str, JobClient], starts: int, size: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Both servers in alternation, round by round, so that they share the machine's
+    noise (other work on a busy host moves every figure)."""
+    found: dict[str, dict[str, list[float]]] = {
+        kind: {"start": [], "start_cpu": [], "stream": []} for kind in clients
+    }
+    for client in clients.values():
+        for _ in range(10):  # warm-up: connections, code paths, the spawn helper
+            client.start("true")
+    for _ in range(rounds):
+        for kind, client in clients.items():
+            found[kind]["start"] += timed(lambda c=client: c.start("true"), starts // rounds)
+            if kind == "ray":  # the local engine refuses limits without a containment plugin
+                found[kind]["start_cpu"] += timed(
+                    lambda c=client: c.start("true", limits=Limits(cpu=0.1)), starts // rounds // 2
+                )
+            found[kind]["stream"].append(stream_rate(client, size))
+    return found
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--starts", type=int, default=200)
+    p.add_argument("--stream-mib", type=int, default=256)
+    options = p.parse_args()
+    starts = 60 if options.quick else options.starts
+    size = (64 if options.quick else options.stream_mib) * MiB
+    rounds = 5
+    header(f"Ray backend vs local engine: {starts} starts, {rounds} x {size // MiB} MiB streams")
+    nodes = [
+        {"name": "head", "num_cpus": 0, "memory": 1 << 30},
+        {"name": "worker", "num_cpus": 2, "memory": 4 << 30},
+    ]
+    with workdir() as work:
+        pki = make_pki(work / "pki")
+        with local_cluster(nodes, work / "ray.log") as cluster:
+            ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
+            with (
+                serve(pki, work, "local") as local_address,
+                serve(pki, work, "ray", *ray_args) as ray_address,
+                JobClient(local_address, pki.client(CLIENT)) as local,
+                JobClient(ray_address, pki.client(CLIENT)) as ray,
+            ):
+                results = measure({"local": local, "ray": ray}, starts, size, rounds)
+    for kind in ("local", "ray"):
+        for key, label in (("start", "StartJob `true`"), ("start_cpu", "StartJob --cpu 0.1")):
+            if not results[kind][key]:
+                continue
+            samples = results[kind][key]
+            row(f"{label} ({kind})", f"p50 {ms(percentile(samples, 0.5))}",
+                f"p99 {ms(percentile(samples, 0.99))}")  # fmt: skip
+        rates = results[kind]["stream"]
+        row(f"stream MB/s ({kind})", f"best {max(rates):.0f}",
+            f"median {sorted(rates)[len(rates) // 2]:.0f}")  # fmt: skip
+    local_rate, ray_rate = max(results["local"]["stream"]), max(results["ray"]["stream"])
+    row("stream ray / local (best)", f"{ray_rate / local_rate:.0%}")
+    p50 = percentile(results["ray"]["start"], 0.5)
+    row("target: ray start p50 <= 30 ms", ms(p50), "met" if p50 <= 0.030 else "NOT met")
+    row("target: ray stream >= 50% of local", "met" if ray_rate >= local_rate / 2 else "NOT met")
+
+
+if __name__ == "__main__":
+    main()

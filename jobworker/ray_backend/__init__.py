@@ -1,0 +1,15 @@
+"""The Ray cluster backend: jobworker's API and CLI in front of jobs on many machines.
+
+* :mod:`.agent` -- one long-lived agent actor per Ray node, pinned to it, running
+  jobworker's own local :class:`~jobworker.jobs.JobManager` there (spawning, containment
+  plugins, the output spool with resume offsets).
+* :mod:`.tree` -- the node-side fallback containment (the job's process tree) and the
+  start-up sweep of processes a lost agent left behind.
+* :mod:`.front` -- the front server's engine: places jobs (placement groups from the
+  job's ``--cpu``/``--memory``, ``--node`` pins), relays the job's life to the front's
+  plugins, detects lost nodes, and streams output from the agents.
+* :mod:`.plugin` -- the ``ray`` plugin: ``jobworker serve --plugin ray --ray-address ...``.
+
+Ray itself is an optional dependency (``pip install 'jobworker[ray]'``); only these
+modules import it, and only when the plugin is used.
+"""

@@ -1,0 +1,274 @@
+"""The node agent: one Ray actor per node running jobworker's own engine on that node.
+
+The front server creates it detached (it outlives the front server), pinned to its node
+(``NodeAffinitySchedulingStrategy(soft=False)``) and asking for no CPU, so it never takes
+a job's share of the node. It owns a local :class:`~jobworker.jobs.JobManager`: jobs are
+spawned, contained (the node-side plugins, e.g. cgroupv2, or :class:`.tree.ProcessTree`),
+spooled and stopped exactly as on a single server.
+
+The agent is the source of truth about its jobs: a restarted front server learns what runs
+by asking (:meth:`NodeAgent.poll`), so the front keeps no state of its own on disk.
+
+Calls are plain values (attrs objects of :mod:`jobworker.model`); errors are
+:class:`~jobworker.errors.JobworkerError` raised through Ray, re-raised by the front.
+Plain class here; the front wraps it with ``ray.remote`` so that importing this module
+needs no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+
+from jobworker.hooks import hookimpl
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.model import JobSpec, JobState, JobStatus, StopResult
+from jobworker.ray_backend.tree import ProcessTree, ProcRecords
+from jobworker.spool import spool_run
+
+log = structlog.get_logger("jobworker.ray.agent")
+
+NAMESPACE = "jobworker"
+
+
+def agent_name(node_id: str) -> str:
+    """The detached actor's name: one agent per Ray node id."""
+    return f"jobworker-agent-{node_id}"
+
+
+@attrs.frozen
+class AgentConfig:
+    """What every agent is told by the front server."""
+
+    node_name: str
+    #: Node-side plugins (containment, isolation) and the serve options they read.
+    plugins: tuple[str, ...] = ()
+    options: dict[str, Any] = attrs.field(factory=dict)
+    spool_root: str | None = None
+    default_grace: float = 10.0
+    max_running: int = 1000
+    retain_finished: int = 1000
+    retain_seconds: float = 3600.0
+
+
+@attrs.frozen
+class PollReply:
+    """Jobs that changed (with the agent's version after them), and ids no longer kept."""
+
+    version: int
+    jobs: list[JobStatus]
+    evicted: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class ReadResult:
+    """Output from an offset: ``(stream, data, offset after)`` triples; ``at_end`` once
+    nothing more will come (followed: the job is over; not followed: what existed)."""
+
+    chunks: list[tuple[int, bytes, int]]
+    at_end: bool
+
+
+class _Events:
+    """The agent's own observer: bumps the version the front long-polls on."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self._agent = agent
+
+    @hookimpl
+    def jobworker_job_started(self, status: JobStatus) -> None:
+        self._agent._changed(status.job_id)
+
+    @hookimpl
+    def jobworker_on_exit(self, status: JobStatus) -> None:
+        self._agent._job_over(status.job_id)
+
+
+class _TreeFallback:
+    """Containment for nodes without a cgroup plugin. CPU and memory were placement asks on
+    the front; without a plugin nothing enforces them (status shows no applied limits)."""
+
+    @hookimpl
+    def jobworker_limits_apply(self, job_id: str, spec: JobSpec) -> ProcessTree:
+        return ProcessTree()
+
+
+class NodeAgent:
+    """Runs on one node; every method runs on the actor's event loop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._manager: JobManager | None = None
+        self._plugins: Plugins | None = None
+        self._stack = contextlib.ExitStack()
+        self._version = 0
+        self._wakeup: asyncio.Event | None = None
+        self._placements: dict[str, str] = {}
+        self._records: ProcRecords | None = None
+        self._swept: list[str] = []
+        #: The version at which each retained job last changed (started, ended).
+        self._changed_at: dict[str, int] = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _ready(self) -> JobManager:
+        """Build the engine on first use, on the actor's own event loop."""
+        if self._manager is not None:
+            return self._manager
+        config = self._config
+        plugins = Plugins()
+        plugins.load(config.plugins)
+        if not plugins.has_impl("jobworker_limits_apply"):
+            plugins.register(_TreeFallback(), name="process-tree")
+        plugins.register(_Events(self), name="ray-agent-events")
+        plugins.configure(argparse.Namespace(**config.options))
+        root = Path(config.spool_root) if config.spool_root else None
+        spool_dir = self._stack.enter_context(spool_run(root))
+        self._records = ProcRecords(spool_dir.parent / f"agent-{config.node_name}-procs")
+        self._swept = self._records.sweep()
+        if self._swept:
+            log.warning("stale_jobs_killed", node=config.node_name, jobs=self._swept)
+        self._plugins = plugins
+        self._wakeup = asyncio.Event()
+        self._manager = JobManager(
+            plugins,
+            spool_dir,
+            default_grace=config.default_grace,
+            max_running=config.max_running,
+            retain_finished=config.retain_finished,
+            retain_seconds=config.retain_seconds,
+        )
+        log.info("agent_ready", node=config.node_name, pid=os.getpid(), spool_dir=str(spool_dir))
+        return self._manager
+
+    def _changed(self, job_id: str) -> None:
+        self._version += 1
+        self._changed_at[job_id] = self._version
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _job_over(self, job_id: str) -> None:
+        if self._records is not None:
+            self._records.remove(job_id)
+        placement = self._placements.pop(job_id, None)
+        if placement is not None:
+            # Two calls to the GCS: off the event loop, which serves every job's output.
+            asyncio.get_running_loop().run_in_executor(None, release_placement, placement)
+        self._changed(job_id)
+
+    def _on_node(self, status: JobStatus) -> JobStatus:
+        return attrs.evolve(status, node=self._config.node_name)
+
+    # -- the engine's surface -------------------------------------------------------------
+
+    async def hello(self) -> dict[str, Any]:
+        """Readiness check; also runs the start-up sweep. Returns facts for the front's log."""
+        self._ready()
+        return {"node": self._config.node_name, "pid": os.getpid(), "swept": self._swept}
+
+    async def start(
+        self, job_id: str, spec: JobSpec, owner: str, placement: str | None
+    ) -> JobStatus:
+        manager = self._ready()
+        if placement is not None:
+            self._placements[job_id] = placement
+        try:
+            status = await manager.start_as(job_id, spec, owner)
+        except BaseException:
+            if self._placements.pop(job_id, None) is not None and placement is not None:
+                release_placement(placement)
+            raise
+        assert self._records is not None
+        self._records.add(job_id, status.pid)
+        return self._on_node(status)
+
+    async def stop(self, job_id: str, by: str, grace: float | None) -> StopResult:
+        result = await self._ready().stop(job_id, by=by, grace=grace)
+        return attrs.evolve(result, status=self._on_node(result.status))
+
+    async def stop_all(self, by: str, grace: float | None) -> None:
+        manager = self._ready()
+        running = [s.job_id for s in manager.list() if s.state is JobState.RUNNING]
+        await asyncio.gather(*(manager.stop(j, by=by, grace=grace) for j in running))
+
+    async def poll(self, since: int, wait: float) -> PollReply:
+        """What changed after version ``since``, as soon as something did or after ``wait``
+        seconds: the front's long poll, which is also its heartbeat.
+
+        A reply to a change carries only the jobs that changed (a start does not cost a
+        list of every retained job); a heartbeat (``wait`` passed) also carries the running
+        jobs, whose output grows, and the ids evicted since. ``since`` < 0 asks for all.
+        """
+        manager = self._ready()
+        assert self._wakeup is not None
+        if since >= 0 and self._version <= since:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            except TimeoutError:
+                return self._heartbeat(manager, since)
+        if since < 0:
+            return self._heartbeat(manager, since)
+        changed = [manager.find(j) for j, v in self._changed_at.items() if v > since]
+        return PollReply(self._version, [self._on_node(s) for s in changed if s is not None])
+
+    def _heartbeat(self, manager: JobManager, since: int) -> PollReply:
+        statuses = manager.list()  # also evicts what the retention bounds say
+        present = {s.job_id for s in statuses}
+        evicted = [j for j in self._changed_at if j not in present]
+        for job_id in evicted:
+            del self._changed_at[job_id]
+        reported = [
+            self._on_node(s)
+            for s in statuses
+            if since < 0 or s.state is JobState.RUNNING or self._changed_at.get(s.job_id, 0) > since
+        ]
+        return PollReply(self._version, reported, evicted)
+
+    async def read(
+        self, job_id: str, offset: int, max_bytes: int, wait: float, follow: bool
+    ) -> ReadResult:
+        """Output of ``job_id`` from ``offset``: up to about ``max_bytes`` of what exists, or
+        (``follow``) the next chunk within ``wait`` seconds."""
+        manager = self._ready()
+        chunks: list[tuple[int, bytes, int]] = []
+        size = 0
+        existing = manager.follow(job_id, offset, follow=False)
+        async with contextlib.aclosing(existing):  # type: ignore[type-var]
+            async for chunk in existing:
+                chunks.append((int(chunk.stream), chunk.data, chunk.offset))
+                size += len(chunk.data)
+                if size >= max_bytes:
+                    break
+        if chunks:
+            return ReadResult(chunks, at_end=False)
+        if not follow or manager.get(job_id).state is JobState.EXITED:
+            return ReadResult([], at_end=True)
+        live = manager.follow(job_id, offset, follow=True)
+        async with contextlib.aclosing(live):  # type: ignore[type-var]
+            try:
+                chunk = await asyncio.wait_for(anext(live), wait)
+            except StopAsyncIteration:
+                return ReadResult([], at_end=True)
+            except TimeoutError:
+                return ReadResult([], at_end=False)
+        return ReadResult([(int(chunk.stream), chunk.data, chunk.offset)], at_end=False)
+
+
+def release_placement(name: str) -> None:
+    """Give a finished job's placement group back to the cluster."""
+    import ray
+    from ray.util import get_placement_group, remove_placement_group
+
+    try:
+        remove_placement_group(get_placement_group(name))
+    except (ValueError, ray.exceptions.RayError) as err:
+        log.warning("placement_release_failed", placement=name, error=str(err))

@@ -1,0 +1,296 @@
+"""The Ray backend through the real gRPC API: placement, pins, refusals, output, stop,
+lost nodes, a restarted front server, audit and authorization (tests/ray_cluster/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobworker.pki import PkiPaths
+from jobworker.ray_backend.tree import descendants
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.ray_cluster.cluster import LocalCluster
+from tests.ray_cluster.conftest import JOBWORKER, NODES, PLACEMENT_TIMEOUT_S, Front, StartFront
+from tests.serverfixtures import RPC_TIMEOUT_S, output_of, running_server, start_job, wait_exited
+
+ONE_CPU = pb.Limits(cpu=1)
+
+
+def status(stub: pb_grpc.JobServiceStub, job_id: str) -> pb.JobStatusResponse:
+    reply: pb.JobStatusResponse = stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=10)
+    return reply
+
+
+def stop(stub: pb_grpc.JobServiceStub, job_id: str) -> pb.JobResponse:
+    reply: pb.JobResponse = stub.StopJob(
+        pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=RPC_TIMEOUT_S
+    )
+    return reply
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> float:
+    """Poll ``predicate`` (a callable) until true; return the seconds it took."""
+    assert callable(predicate)
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def alice(front: Front) -> Iterator[pb_grpc.JobServiceStub]:
+    stub = front.stub("alice")
+    yield stub
+    # Leave no running job of this test behind: they would hold the nodes' CPUs.
+    for job in stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs:
+        if job.status == "running":
+            stop(stub, job.job_id)
+
+
+def test_two_one_cpu_jobs_spread_over_the_two_one_cpu_nodes(
+    alice: pb_grpc.JobServiceStub,
+) -> None:
+    first = start_job(alice, "sleep", "30", limits=ONE_CPU)
+    second = start_job(alice, "sleep", "30", limits=ONE_CPU)
+    nodes = {status(alice, first).node, status(alice, second).node}
+    # The head takes no CPU job and w3 is kept for the node-loss test, so the two 1-CPU
+    # jobs can only be on w1 and w2, one each -- unless placement also used w3.
+    assert len(nodes) == 2
+    assert nodes <= {"w1", "w2", "w3"}
+    listed = alice.ListJobs(pb.ListJobsRequest(), timeout=10).jobs
+    assert {j.node for j in listed if j.job_id in (first, second)} == nodes
+
+
+def test_node_pins_a_job(alice: pb_grpc.JobServiceStub) -> None:
+    job_id = start_job(alice, "sh", "-c", "echo pinned", node="w2")
+    final = wait_exited(alice, job_id)
+    assert (final.node, final.reason, final.exit_code) == ("w2", "exited", 0)
+    on_w2 = alice.ListJobs(pb.ListJobsRequest(node="w2"), timeout=10).jobs
+    assert job_id in {j.job_id for j in on_w2}
+    assert all(j.node == "w2" for j in on_w2)
+    with pytest.raises(grpc.RpcError) as refused:
+        start_job(alice, "true", node="nowhere")
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "no node named 'nowhere'" in refused.value.details()
+    assert "w1" in refused.value.details()
+
+
+def test_infeasible_job_is_refused_at_once_naming_the_ask_and_the_largest_node(
+    alice: pb_grpc.JobServiceStub,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        start_job(alice, "true", limits=pb.Limits(cpu=8))
+    assert time.monotonic() - started < 5
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = refused.value.details()
+    assert "8 CPU asked for" in message
+    assert "the largest node is" in message and "1 CPU" in message
+
+
+def test_job_that_does_not_fit_now_is_refused_after_the_placement_timeout(
+    alice: pb_grpc.JobServiceStub,
+) -> None:
+    holder = start_job(alice, "sleep", "30", limits=ONE_CPU, node="w1")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        start_job(alice, "true", limits=ONE_CPU, node="w1")
+    took = time.monotonic() - started
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert PLACEMENT_TIMEOUT_S - 0.5 < took < PLACEMENT_TIMEOUT_S + 5
+    assert "free now" in refused.value.details()
+    stop(alice, holder)
+    # The stopped job gave its CPU back: the same ask fits again.
+    wait_exited(alice, start_job(alice, "true", limits=ONE_CPU, node="w1"))
+
+
+def test_output_of_seq_gzip_is_byte_exact_with_streams_apart_and_resumable(
+    alice: pb_grpc.JobServiceStub,
+) -> None:
+    script = "seq 200000 | gzip; echo done >&2"
+    job_id = start_job(alice, "sh", "-c", script)
+    chunks = list(alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60))
+    expected = subprocess.run(["sh", "-c", "seq 200000 | gzip"], capture_output=True).stdout
+    assert b"".join(c.data for c in chunks if c.stream == "stdout") == expected
+    assert b"".join(c.data for c in chunks if c.stream == "stderr") == b"done\n"
+    # Resume from every chunk's offset: the rest, nothing lost or repeated.
+    middle = len(chunks) // 2
+    rest = output_of(alice, job_id, offset=chunks[middle].offset)
+    assert rest == [(c.stream, c.data) for c in chunks[middle + 1 :]]
+    assert status(alice, job_id).output_bytes == len(expected) + len(b"done\n")
+
+
+def test_stop_kills_the_whole_tree_on_its_node(alice: pb_grpc.JobServiceStub) -> None:
+    job_id = start_job(alice, "sh", "-c", "setsid sleep 300 & echo started; sleep 300", node="w2")
+    stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60)
+    assert next(stream).data == b"started\n"
+    # Host pids, read from /proc (the job may run in its own pid namespace, where $! is
+    # another number): the job's first process and everything below it, setsid or not.
+    first = status(alice, job_id).pid
+    tree = [first, *descendants(first)]
+    try:
+        assert len(tree) >= 3, tree  # sh, the setsid sleep, the other sleep
+        reply = stop(alice, job_id)
+        assert reply.status.reason == "stopped"
+        wait_for(lambda: not any(alive(p) for p in tree), 10, "the job's processes gone")
+    finally:
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_audit_log_records_cluster_jobs(front: Front, alice: pb_grpc.JobServiceStub) -> None:
+    job_id = start_job(alice, "true", node="w1")
+    wait_exited(alice, job_id)
+    with pytest.raises(grpc.RpcError):
+        start_job(alice, "true", limits=pb.Limits(cpu=64))
+
+    def records() -> dict[str, list[dict[str, object]]]:
+        found: dict[str, list[dict[str, object]]] = {}
+        for record in front.audit():
+            found.setdefault(str(record["audit"]), []).append(record)
+        return found
+
+    wait_for(lambda: job_id in {r["job_id"] for r in records().get("job_exited", [])}, 10,
+             "the job_exited record")  # fmt: skip
+    seen = records()
+    assert (
+        next(r["node"] for r in seen["job_started"] if r["job_id"] == job_id),
+        next(r["node"] for r in seen["job_exited"] if r["job_id"] == job_id),
+    ) == ("w1", "w1")
+    assert any(r["owner"] == "alice" for r in seen["job_refused"])
+    assert any(r["job_id"] == job_id and r["action"] == "status" for r in seen["decision"])
+
+
+def _outcomes(stub_of: object, pki: PkiPaths, job_of_alice: str) -> dict[str, str]:
+    """Status code per (identity, call) against one server."""
+    assert callable(stub_of)
+    found = {}
+    for name in ("alice", "bob", "root", "mallory"):
+        stub = stub_of(name)
+        calls = {
+            "status": lambda s=stub: s.GetStatus(pb.JobRequest(job_id=job_of_alice), timeout=10),
+            "stream": lambda s=stub: list(
+                s.StreamOutput(pb.JobRequest(job_id=job_of_alice), timeout=10)
+            ),
+            "stop-unknown": lambda s=stub: s.StopJob(pb.JobRequest(job_id="nope"), timeout=10),
+            "list": lambda s=stub: s.ListJobs(pb.ListJobsRequest(), timeout=10),
+            "start-bad": lambda s=stub: s.StartJob(pb.StartJobRequest(command=""), timeout=10),
+        }
+        for call, run in calls.items():
+            try:
+                run()
+                found[f"{name} {call}"] = "OK"
+            except grpc.RpcError as err:
+                found[f"{name} {call}"] = err.code().name
+    return found
+
+
+def test_authorization_is_the_same_as_on_a_single_server(
+    front: Front, alice: pb_grpc.JobServiceStub, ray_pki: PkiPaths
+) -> None:
+    cluster_job = start_job(alice, "true")
+    wait_exited(alice, cluster_job)
+    cluster = _outcomes(front.stub, ray_pki, cluster_job)
+    with running_server(ray_pki) as local:
+        local_job = start_job(local.stub("alice"), "true")
+        wait_exited(local.stub("alice"), local_job)
+        single = _outcomes(local.stub, ray_pki, local_job)
+    assert cluster == single
+    assert cluster["bob status"] != "OK" and cluster["root status"] == "OK"
+
+
+def test_restarted_front_server_knows_the_running_jobs(start_front: StartFront) -> None:
+    first = start_front()
+    stub = first.stub("alice")
+    job_id = start_job(stub, "sh", "-c", "echo before; sleep 300", node="w1")
+    assert next(iter(stub.StreamOutput(pb.JobRequest(job_id=job_id), timeout=10))).data
+    first.kill()
+
+    second = start_front()
+    stub = second.stub("alice")
+    again = status(stub, job_id)
+    assert (again.status, again.owner, again.node) == ("running", "alice", "w1")
+    listed = {j.job_id for j in stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs}
+    assert job_id in listed
+    head = next(iter(stub.StreamOutput(pb.JobRequest(job_id=job_id, offset=0), timeout=10)))
+    assert head.data == b"before\n"
+    assert stop(stub, job_id).status.reason == "stopped"
+    # SIGTERM of a front server stops its jobs, as a single server does.
+    running = start_job(stub, "sleep", "300", node="w1")
+    second.terminate()
+    third = start_front()
+    assert status(third.stub("alice"), running).reason == "stopped"
+
+
+def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftovers(
+    front: Front, alice: pb_grpc.JobServiceStub, ray_cluster: LocalCluster
+) -> None:
+    doomed = start_job(alice, "sleep", "300", node="w3")
+    spared = start_job(alice, "sleep", "300", node="w1")
+    orphan = status(alice, doomed).pid
+    try:
+        ray_cluster.kill_raylet("w3")
+        took = wait_for(lambda: status(alice, doomed).status == "exited", 30, "node_lost")
+        lost = status(alice, doomed)
+        assert (lost.reason, lost.exit_code, lost.node) == ("node_lost", -1, "w3")
+        assert took < 30
+        assert status(alice, spared).status == "running"
+        with pytest.raises(grpc.RpcError) as gone:
+            output_of(alice, doomed)
+        assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "lost" in gone.value.details()
+        exited = [r for r in front.audit() if r["audit"] == "job_exited"]
+        assert any(r["job_id"] == doomed and r["reason"] == "node_lost" for r in exited)
+        # A SIGKILLed raylet leaves its jobs' processes running, with nobody to stop them;
+        # when the node comes back, its new agent kills them before taking jobs.
+        assert alive(orphan)
+        ray_cluster.add_node(next(n for n in NODES if n["name"] == "w3"))
+        wait_for(lambda: not alive(orphan), 30, "the new agent's sweep")
+        back = start_job(alice, "true", node="w3")
+        assert wait_exited(alice, back).node == "w3"
+    finally:
+        if alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
+
+
+def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) -> None:
+    files = ray_pki.client("alice")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWORKER_")}
+    env.update(
+        JOBWORKER_HOME=str(ray_pki.directory / "no-dev-pki"),
+        JOBWORKER_SERVER=front.address,
+        JOBWORKER_TLS_CERT=str(files.cert),
+        JOBWORKER_TLS_KEY=str(files.key),
+        JOBWORKER_TLS_CA=str(files.ca),
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([JOBWORKER, *args], env=env, capture_output=True, timeout=60)
+
+    ran = cli("run", "--node", "w2", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, b"out\n", b"err\n")
+    listed = json.loads(cli("list", "--node", "w2", "--json").stdout)
+    assert listed and {job["node"] for job in listed} == {"w2"}
+    refused = cli("start", "--node", "nowhere", "--", "true")
+    assert refused.returncode != 0
+    assert b"no node named 'nowhere'" in refused.stderr
