@@ -124,9 +124,7 @@ class JobClient:
         "host" or "none" (None: the server's default); ``stdin``: keep the job's stdin
         open for :meth:`write_input` (else it reads /dev/null); ``node``: the cluster node
         to run on (cluster backends only)."""
-        request = wire.start_request(
-            command, args, env, cwd, limits, user, network, stdin, node
-        )
+        request = wire.start_request(command, args, env, cwd, limits, user, network, stdin, node)
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
         except grpc.RpcError as err:

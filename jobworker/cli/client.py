@@ -148,6 +148,8 @@ def _job_options() -> Parser:
         action="store_true",
         help="keep the job's stdin open: run forwards ours (also done when it is not a"
         " terminal); start leaves it for `jobworker write`",
+    )
+    job.add_argument(
         "--node", metavar="NAME", help="run on this cluster node (a cluster backend only)"
     )
     job.add_argument(

@@ -45,6 +45,8 @@ from jobworker.errors import (
 from jobworker.hooks.host import Plugins
 from jobworker.model import (
     ExitInfo,
+    InputChunk,
+    InputResult,
     JobSpec,
     JobState,
     JobStatus,
@@ -94,6 +96,12 @@ def describe_ask(ask: dict[str, float]) -> str:
     if "memory" in ask:
         parts.append(f"{_gib(ask['memory'])} memory")
     return ", ".join(parts)
+
+
+_NO_STDIN = (
+    "the Ray cluster backend does not forward stdin yet: start the job without -i, or on a"
+    " single jobworker server"
+)
 
 
 @attrs.define(eq=False)
@@ -367,6 +375,8 @@ class RayBackend:
         try:
             if self._closing:
                 raise FailedPrecondition("the server is shutting down; retry on another server")
+            if spec.stdin:
+                raise FailedPrecondition(_NO_STDIN)
             if self.running >= self._max_running:
                 raise ResourceExhausted(
                     f"{self.running} jobs are running, the most this server allows"
@@ -520,6 +530,11 @@ class RayBackend:
             log.warning("output_relay_ended", job_id=job_id, error=str(err))
 
     # -- stop ------------------------------------------------------------------------------
+
+    async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
+        """Not yet on a cluster: its jobs start with stdin closed (see :meth:`start`)."""
+        self._lookup(job_id)  # NOT_FOUND first, as on a single server
+        raise FailedPrecondition(_NO_STDIN)
 
     async def wait(self, job_id: str) -> JobStatus:
         job = self._lookup(job_id)

@@ -128,6 +128,7 @@ class StartJobRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     command: _builtins.str
     cwd: _builtins.str
     """empty: the job's private /tmp (the server's cwd if not isolated)"""
@@ -137,6 +138,8 @@ class StartJobRequest(_message.Message):
     """"host" | "none" (loopback only); empty: the server's default"""
     node: _builtins.str
     """cluster backends: run on this node (by name); empty = any"""
+    stdin: _builtins.bool
+    """Keep the job's stdin open for WriteInput (until a writer sends eof); false: /dev/null."""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -156,10 +159,11 @@ class StartJobRequest(_message.Message):
         user: _builtins.str = ...,
         network: _builtins.str = ...,
         node: _builtins.str = ...,
+        stdin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "node", b"node", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "limits", b"limits", "network", b"network", "node", b"node", "stdin", b"stdin", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,6 +343,8 @@ class JobStatusResponse(_message.Message):
     UID_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    OUTPUT_KEPT_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
     """"running" | "exited" """
@@ -370,6 +376,13 @@ class JobStatusResponse(_message.Message):
     """e.g. "namespaces, user nobody(65534), network host"; "none" when not isolated"""
     node: _builtins.str
     """cluster backends: the node it runs on; empty on one server"""
+    output_truncated: _builtins.bool
+    """The output was cut (the job's cap, the server's spool budget, a failed spool write):
+    only `output_kept_bytes` of the `output_bytes` the job wrote can be streamed, and a
+    stream that reaches the cut ends with DATA_LOSS.
+    """
+    output_kept_bytes: _builtins.int
+    """bytes kept for streaming (= output_bytes unless truncated)"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -402,10 +415,12 @@ class JobStatusResponse(_message.Message):
         uid: _builtins.int = ...,
         isolation: _builtins.str = ...,
         node: _builtins.str = ...,
+        output_truncated: _builtins.bool = ...,
+        output_kept_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "output_kept_bytes", b"output_kept_bytes", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,16 +458,32 @@ class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """only the jobs of this cluster node; empty = all"""
+    page_size: _builtins.int
+    """0: every matching job in one response"""
+    page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first"""
+    state: _builtins.str
+    """"running" | "exited"; "": any"""
+    owner: _builtins.str
+    """only this owner's jobs; "": every job the caller may see"""
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,20 +494,78 @@ class ListJobsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """"" on the last page"""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatusResponse]: ...
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___JobStatusResponse] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class InputChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """required in the first message; later ones may leave it empty"""
+    data: _builtins.bytes
+    """written to the job's stdin as is (any bytes)"""
+    eof: _builtins.bool
+    """close the job's stdin after `data`; nothing may follow"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputChunk: _TypeAlias = InputChunk  # noqa: Y015
+
+@_typing.final
+class WriteInputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_WRITTEN_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    bytes_written: _builtins.int
+    """bytes of this call now in the job's stdin pipe"""
+    closed: _builtins.bool
+    """True when the job's stdin was closed by this call (eof) or by the job (it exited or
+    closed its end); further writers get FAILED_PRECONDITION.
+    """
+    def __init__(
+        self,
+        *,
+        bytes_written: _builtins.int = ...,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_written", b"bytes_written", "closed", b"closed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteInputResponse: _TypeAlias = WriteInputResponse  # noqa: Y015
 
 @_typing.final
 class UsageSample(_message.Message):
