@@ -88,7 +88,8 @@ def view(job_id: str, started_at: float, owner: str = "alice") -> JobStatusView:
         job_id=job_id, state=JobState.RUNNING, reason=None, exit_code=None, signal=None,
         owner=owner, stopped_by=None, escalated=False, started_at=started_at, ended_at=None,
         command="sleep", args=("60",), limits=Limits(), usage=None, containment="x",
-        output_bytes=0, pid=1, user=None, uid=None, isolation="none",
+        output_bytes=0, output_kept_bytes=0, output_truncated=False, pid=1, user=None,
+        uid=None, isolation="none",
     )  # fmt: skip
 
 
