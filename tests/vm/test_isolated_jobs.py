@@ -19,17 +19,9 @@ from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, Stream, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.isolation import Isolation
+from tests.vm.test_jobs_in_cgroups import CGROUP_FS, _pure_v2
 
-CGROUP_FS = Path("/sys/fs/cgroup")
 T = TypeVar("T")
-
-
-def _pure_v2() -> bool:
-    controllers = CGROUP_FS / "cgroup.controllers"
-    return controllers.exists() and {"cpu", "memory", "pids"} <= set(
-        controllers.read_text().split()
-    )
-
 
 pytestmark = [
     pytest.mark.cgroup,
