@@ -87,7 +87,7 @@ class _Job:
     containment: Containment
     pid: int
     pidfd: int  # -1 once the main process is reaped
-    exit_report: int
+    exit_report: int  # -1 once read
     log: OutputLog
     started_at: float
     plan: IsolationPlan | None
@@ -499,6 +499,11 @@ class JobManager:
         except Exception:
             log.exception("job_supervision_failed", job_id=job.job_id)
         finally:
+            # Still open only when reaping was cancelled (a shutdown giving up on a job).
+            for fd in (job.pidfd, job.exit_report):
+                if fd >= 0:
+                    os.close(fd)
+            job.pidfd = job.exit_report = -1
             self._close_stdin(job)
             if self._ingest is not None:
                 for fd in list(job.pipes):
@@ -530,6 +535,7 @@ class JobManager:
         # An isolated job's main process is its PID 1, which reports the command's status.
         reported = read_exit_report(job.exit_report)
         os.close(job.exit_report)
+        job.exit_report = -1
         if reported is not None:
             return _from_wait_status(reported)
         if info is None:  # cannot happen after the pidfd fired; be explicit anyway
