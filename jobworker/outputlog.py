@@ -28,6 +28,7 @@ import bisect
 import os
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,10 +41,46 @@ CHUNK_MAX = 64 * 1024
 #: Largest chunk handed to a follower (one gRPC message): adjacent records of one stream
 #: are merged up to this, since every message costs a trip through the stack.
 FOLLOW_CHUNK_MAX = 256 * 1024
-#: One follower chunk of full records: what a follower reads with one ``pread``. A stalled
-#: follower holds no more than this and the chunk it is sending (docs/performance.md).
-_READ_AHEAD = FOLLOW_CHUNK_MAX + (FOLLOW_CHUNK_MAX // CHUNK_MAX) * _HEADER.size
+#: A follower's first chunks are at most one record; see :func:`next_chunk_max`.
+FOLLOW_CHUNK_MIN = CHUNK_MAX
+#: A consumer that asks for the next chunk within this many seconds of receiving one is
+#: keeping up, and earns chunks twice as large; a slower one gets chunks half as large.
+KEEPING_UP = 0.05
+#: A follower gets chunks of :data:`FOLLOW_CHUNK_MIN` until it has taken this much. Being
+#: prompt proves nothing before: a grpc client buffers about 4 MiB of a stream whose
+#: messages its application never reads, and sends for it look prompt until that is full.
+FOLLOW_RAMP_BYTES = 8 * 1024 * 1024
 _MARK_EVERY = 256
+
+
+def next_chunk_max(current: int, took: float, taken: int) -> int:
+    """The size limit of a follower's next chunk, from how long it took over the last one
+    and how many bytes it has taken in all.
+
+    Like TCP's slow start: a follower earns large chunks (fewer trips through the stack)
+    by taking small ones promptly, and loses them by being slow. What a follower that
+    stops reading pins in the server is the chunk being sent (the encoded message and
+    grpc's copy of it): one that never read pins two records' worth, not two 256 KiB
+    messages (docs/performance.md has the figures).
+    """
+    if took > KEEPING_UP:
+        return max(current // 2, FOLLOW_CHUNK_MIN)
+    if taken < FOLLOW_RAMP_BYTES:
+        return current
+    return min(current * 2, FOLLOW_CHUNK_MAX)
+
+
+def _read_ahead(chunk_max: int) -> int:
+    """Bytes of file holding one chunk of ``chunk_max`` payload in full records."""
+    return chunk_max + (chunk_max // CHUNK_MAX) * _HEADER.size
+
+
+def _take_chunk(stream: Stream, parts: list[memoryview], position: int) -> OutputChunk:
+    """The chunk of ``parts`` (emptied): built in the ``yield`` expression, so the
+    generator's frame keeps no reference to it while the consumer sends it."""
+    chunk = OutputChunk(stream, b"".join(parts), position)  # the one copy out of the buffer
+    parts.clear()
+    return chunk
 
 
 class SpoolBudget:
@@ -320,6 +357,8 @@ class OutputLog:
         end = self._size if not follow else None
         buf = b""
         buf_at = position
+        chunk_max = FOLLOW_CHUNK_MIN
+        taken = 0
         try:
             while True:
                 limit = self._size if end is None else end
@@ -332,7 +371,7 @@ class OutputLog:
                     continue
                 # Refill the read-ahead buffer from the file when it does not hold a record.
                 if position - buf_at + _HEADER.size > len(buf):
-                    buf = os.pread(fd, min(_READ_AHEAD, limit - position), position)
+                    buf = os.pread(fd, min(_read_ahead(chunk_max), limit - position), position)
                     buf_at = position
                 chunk_stream: Stream | None = None
                 parts: list[memoryview] = []
@@ -344,7 +383,7 @@ class OutputLog:
                     tag, length = _HEADER.unpack_from(buf, rel)
                     stream = Stream(tag)
                     if chunk_stream is not None and (
-                        stream is not chunk_stream or size + length > FOLLOW_CHUNK_MAX
+                        stream is not chunk_stream or size + length > chunk_max
                     ):
                         break
                     if rel + _HEADER.size + length > len(buf):
@@ -358,11 +397,11 @@ class OutputLog:
                     size += length
                     position += _HEADER.size + length
                 if chunk_stream is not None:
-                    data = b"".join(parts)  # the one copy out of the read buffer
-                    parts.clear()
                     if position - buf_at >= len(buf):
                         buf = b""  # all sent: hold nothing while the client is slow
-                    yield OutputChunk(chunk_stream, data, position)
-                    del data
+                    sent = time.monotonic()
+                    yield _take_chunk(chunk_stream, parts, position)
+                    taken += size
+                    chunk_max = next_chunk_max(chunk_max, time.monotonic() - sent, taken)
         finally:
             os.close(fd)

@@ -11,7 +11,15 @@ import pytest
 
 from jobworker.errors import FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
-from jobworker.outputlog import OutputChunk, OutputLog
+from jobworker.outputlog import (
+    CHUNK_MAX,
+    FOLLOW_CHUNK_MAX,
+    FOLLOW_RAMP_BYTES,
+    KEEPING_UP,
+    OutputChunk,
+    OutputLog,
+    next_chunk_max,
+)
 
 
 async def drain(log: OutputLog, offset: int = 0) -> list[OutputChunk]:
@@ -41,17 +49,53 @@ def test_resume_at_any_boundary_of_a_long_log(tmp_path: Path) -> None:
 
 
 def test_big_write_is_split_into_records_and_merged_for_followers(tmp_path: Path) -> None:
+    """A prompt follower gets one-record chunks for its first FOLLOW_RAMP_BYTES, then
+    merged ones up to the message cap."""
     log = OutputLog(tmp_path / "job.out")
-    data = bytes(range(256)) * 4096  # 1 MiB: sixteen 64 KiB records
+    data = bytes(range(256)) * 4096 * 12  # 12 MiB: 192 records of 64 KiB
     log.append(Stream.STDOUT, data)
     log.close()
     chunks = asyncio.run(drain(log))
     assert b"".join(c.data for c in chunks) == data
     sizes = [len(c.data) for c in chunks]
-    assert max(sizes) == 256 * 1024 and len(sizes) <= 5  # merged, up to the message cap
-    assert log.payload_bytes == len(data) and log.size == len(data) + 16 * 5
+    ramp = FOLLOW_RAMP_BYTES // CHUNK_MAX
+    assert sizes[:ramp] == [CHUNK_MAX] * ramp
+    assert sizes[ramp : ramp + 2] == [2 * CHUNK_MAX, 4 * CHUNK_MAX]
+    assert max(sizes) == FOLLOW_CHUNK_MAX == 256 * 1024
+    assert log.payload_bytes == len(data) and log.size == len(data) + 192 * 5
     log.remove()
     assert not (tmp_path / "job.out").exists()
+
+
+def test_a_slow_follower_gets_smaller_chunks_again(tmp_path: Path) -> None:
+    """Chunks shrink back to one record when the consumer takes long over each."""
+    log = OutputLog(tmp_path / "job.out")
+    data = bytes(range(256)) * 4096 * 16
+    log.append(Stream.STDOUT, data)
+    log.close()
+
+    async def main() -> list[int]:
+        sizes = []
+        async for chunk in log.follow():
+            sizes.append(len(chunk.data))
+            if len(sizes) > FOLLOW_RAMP_BYTES // CHUNK_MAX + 4:
+                await asyncio.sleep(KEEPING_UP * 1.5)
+                if len(sizes) > FOLLOW_RAMP_BYTES // CHUNK_MAX + 7:
+                    break
+        return sizes
+
+    sizes = asyncio.run(main())
+    assert FOLLOW_CHUNK_MAX in sizes
+    assert sizes[-4:] == [FOLLOW_CHUNK_MAX, FOLLOW_CHUNK_MAX // 2, CHUNK_MAX, CHUNK_MAX]
+    log.remove()
+
+
+def test_next_chunk_max() -> None:
+    assert next_chunk_max(CHUNK_MAX, 0.0, FOLLOW_RAMP_BYTES - 1) == CHUNK_MAX
+    assert next_chunk_max(CHUNK_MAX, 0.0, FOLLOW_RAMP_BYTES) == 2 * CHUNK_MAX
+    assert next_chunk_max(FOLLOW_CHUNK_MAX, 0.0, 10 * FOLLOW_RAMP_BYTES) == FOLLOW_CHUNK_MAX
+    assert next_chunk_max(FOLLOW_CHUNK_MAX, KEEPING_UP * 2, 0) == FOLLOW_CHUNK_MAX // 2
+    assert next_chunk_max(CHUNK_MAX, KEEPING_UP * 2, 0) == CHUNK_MAX
 
 
 def test_resume_exactly_at_the_end(tmp_path: Path) -> None:
