@@ -3,7 +3,8 @@
 It connects first (so the TLS handshake is done), prints ``ready``, and with ``--job -``
 then reads the job id (bare mode: the byte count) from stdin: the benchmark can start its
 followers before the job. It prints one JSON line when the stream ends: bytes received,
-seconds from the call to the last byte, and the sha256 of the data with ``--digest``.
+seconds from the call to the last byte, its own CPU seconds, and the sha256 of the data
+with ``--digest``.
 ``--mode stall`` reads the first chunk and then nothing more until it is killed (a client
 that stopped reading).
 """
@@ -37,14 +38,15 @@ def bare_chunks(address: str, pki: Path, go: str) -> Iterable[bytes]:
         yield from ch.unary_stream("/bench.Bare/Stream")(str(total).encode())
 
 
-def job_chunks(address: str, pki: Path, job_id: str) -> Iterable[bytes]:
+def job_chunks(address: str, pki: Path, job_id: str) -> Iterable[bytes | memoryview]:
     with JobClient(address, PkiPaths(pki).client(CLIENT)) as client:
         client.list()
         print("ready", flush=True)
         if job_id == "-":
             job_id = input().strip()
         yield b""
-        for _stream, data, _offset in client.stream(job_id):
+        # Views into the messages, as `jobworker run` and `logs` read them.
+        for _stream, data, _offset in client.stream_views(job_id):
             yield data
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     digest = hashlib.sha256() if options.digest else None
     received = 0
     began = time.perf_counter()
+    cpu_began = time.process_time()
     for data in chunks:
         if options.mode == "stall":
             time.sleep(3600)  # killed by the benchmark
@@ -75,7 +78,11 @@ def main() -> None:
         if digest is not None:
             digest.update(data)
     seconds = time.perf_counter() - began
-    result: dict[str, object] = {"bytes": received, "seconds": seconds}
+    result: dict[str, object] = {
+        "bytes": received,
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_began,
+    }
     if digest is not None:
         result["sha256"] = digest.hexdigest()
     print(json.dumps(result), flush=True)

@@ -4,10 +4,17 @@ with 0, 1 and 10 followers, one of the ten stalled (it reads one chunk, then not
 Run time is the server's own ``ended_at - started_at``. The job's output goes to the spool
 file whatever the followers do, so only CPU shared with them (2 cores here) may slow it.
 For scale: the same command writing into a pipe that this process drains locally.
+
+The control: the job with no follower while a bare grpc.aio stream of the same size
+(``_bare_server.py``, 256 KiB messages, its own server and client processes) runs beside
+it. It does the same kind of work a follower makes the machine do, and nothing of
+jobworker's, so it measures what sharing the CPU with any stream at that rate costs the
+job here.
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +23,7 @@ from _common import (
     CLIENT,
     MB,
     GiB,
+    bare_server,
     followers,
     header,
     jobworker_server,
@@ -26,6 +34,7 @@ from _common import (
 )
 
 from jobworker.client import JobClient
+from jobworker.outputlog import FOLLOW_CHUNK_MAX
 
 
 def local_pipe(command: list[str]) -> float:
@@ -46,6 +55,7 @@ def main() -> None:
         type=Path,
         help="also run this checkout's server first (git archive REV | tar -x -C DIR)",
     )
+    p.add_argument("--repeat", type=int, default=1, help="runs of each, median reported")
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     command = ["head", "-c", str(size), "/dev/zero"]
@@ -53,41 +63,59 @@ def main() -> None:
     versions: list[tuple[str, Path | None]] = [("jobworker", None)]
     if options.baseline_src is not None:
         versions.insert(0, (f"baseline {options.baseline_src.name}", options.baseline_src))
-    results: dict[str, dict[str, float]] = {name: {} for name, _ in versions}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in versions}
+    control = "0 followers, a bare grpc stream beside it (control)"
     with workdir() as work:
         pki = make_pki(work / "pki")
-        for name, src in versions:
-            with (
-                jobworker_server(pki, work, src=src, name=name.replace(" ", "-")) as server,
-                JobClient(server.address, pki.client(CLIENT)) as client,
-            ):
-                for label, readers, stalled in (
-                    ("0 followers", 0, 0),
-                    ("1 follower", 1, 0),
-                    ("10 followers (1 stalled)", 9, 1),
+        bare = bare_server(pki, work, FOLLOW_CHUNK_MAX)
+        with bare as bare_address:
+            for name, src in versions:
+                with (
+                    jobworker_server(pki, work, src=src, name=name.replace(" ", "-")) as server,
+                    JobClient(server.address, pki.client(CLIENT)) as client,
                 ):
-                    group = followers(server.address, pki, readers)
-                    stall = followers(server.address, pki, stalled, mode="stall")
-                    job = client.start(command[0], command[1:])
-                    group.go(job)
-                    stall.go(job)
-                    group.results()
-                    while (status := client.status(job)).ended_at is None:
-                        time.sleep(0.05)
-                    stall.kill()
-                    results[name][label] = status.ended_at - status.started_at
+
+                    def run_time(job: str) -> float:
+                        while (status := client.status(job)).ended_at is None:
+                            time.sleep(0.05)
+                        return status.ended_at - status.started_at
+
+                    for _ in range(options.repeat):
+                        for label, readers, stalled in (
+                            ("0 followers", 0, 0),
+                            ("1 follower", 1, 0),
+                            ("10 followers (1 stalled)", 9, 1),
+                        ):
+                            group = followers(server.address, pki, readers)
+                            stall = followers(server.address, pki, stalled, mode="stall")
+                            job = client.start(command[0], command[1:])
+                            group.go(job)
+                            stall.go(job)
+                            group.results()
+                            seconds = run_time(job)
+                            stall.kill()
+                            results[name].setdefault(label, []).append(seconds)
+                        beside = followers(bare_address.address, pki, 1, mode="bare")
+                        beside.go(str(size))
+                        job = client.start(command[0], command[1:])
+                        seconds = run_time(job)
+                        beside.results()
+                        results[name].setdefault(control, []).append(seconds)
     local = local_pipe(command)
     row(
         "local: same command into a drained pipe", f"{local:.2f} s", f"{size / local / MB:.0f} MB/s"
     )
     for name, runs in results.items():
-        base = runs["0 followers"]
-        for label, seconds in runs.items():
+        base = statistics.median(runs["0 followers"])
+        for label, all_seconds in runs.items():
+            seconds = statistics.median(all_seconds)
             row(
                 f"{name}, {label}",
                 f"{seconds:.2f} s",
                 f"{size / seconds / MB:.0f} MB/s",
                 f"x{seconds / base:.2f} of 0 followers",
+                "runs:",
+                [round(s, 2) for s in all_seconds],
             )
 
 

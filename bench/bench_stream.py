@@ -6,8 +6,12 @@
   alone cannot explain a ratio;
 * jobworker, one follower: ``head -c SIZE /dev/zero`` as a job, read through
   ``jobworker.client.JobClient.stream`` in a process of its own;
+* jobworker, one follower of a job that has already finished (its output spooled and in
+  the page cache): StreamOutput alone, with no job and no ingest thread taking CPU, which
+  is what the bare stream measures too;
 * jobworker, ten concurrent followers of one job: aggregate MB/s and fairness (slowest
-  follower's rate over the fastest's).
+  follower's rate over the fastest's); and the control, ten concurrent bare 256 KiB
+  streams: what the machine allows ten streams at all, against one.
 
 Followers connect before the job starts and time from their call to their last byte.
 Ceiling and jobworker runs alternate, so that load from elsewhere hits both alike; the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from _common import (
 )
 
 from jobworker.client import JobClient
+from jobworker.model import JobState
 from jobworker.outputlog import FOLLOW_CHUNK_MAX
 
 MESSAGE = 64 * 1024
@@ -47,11 +53,16 @@ def rate(result: dict[str, float]) -> float:
     return result["bytes"] / result["seconds"] / MB
 
 
+#: Client CPU seconds per GiB of each kind of run, beside the server's.
+CLIENT_CPU: dict[str, list[float]] = {}
+
+
 def measured(pid: int, size: int, run: Callable[[], list[dict[str, float]]]) -> tuple[float, float]:
     """(MB/s of the one follower, server CPU seconds per GiB) of one run."""
     before = cpu_seconds(pid)
     (result,) = run()
     assert result["bytes"] == size, result
+    CLIENT_CPU.setdefault(run.__name__, []).append(result["cpu_seconds"] * GiB / size)
     return rate(result), (cpu_seconds(pid) - before) * GiB / size
 
 
@@ -73,6 +84,7 @@ def main() -> None:
     ceiling_runs: list[tuple[float, float]] = []
     large_runs: list[tuple[float, float]] = []
     single_runs: list[tuple[float, float]] = []
+    finished_runs: list[tuple[float, float]] = []
     base_runs: list[tuple[float, float]] = []
     with workdir() as work:
         pki = make_pki(work / "pki")
@@ -109,10 +121,19 @@ def main() -> None:
                 one.go(client.start(*command))
                 return one.results()
 
+            def finished_run() -> list[dict[str, float]]:
+                one = followers(server.address, pki, 1)
+                job = client.start(*command)
+                while client.status(job).state is JobState.RUNNING:
+                    time.sleep(0.05)
+                one.go(job)
+                return one.results()
+
             for _ in range(repeat):
                 ceiling_runs.append(measured(bare.pid, size, bare_run))
                 large_runs.append(measured(bare_large.pid, size, bare_large_run))
                 single_runs.append(measured(server.pid, size, job_run))
+                finished_runs.append(measured(server.pid, size, finished_run))
                 if base is not None:
                     base_runs.append(measured(base.pid, size, base_run))
             many = followers(server.address, pki, options.fanout)
@@ -120,6 +141,10 @@ def main() -> None:
             results = many.results()
             assert all(r["bytes"] == size for r in results), results
             rss = server.status()
+            bare_many = followers(bare_large.address, pki, options.fanout, mode="bare")
+            bare_many.go(str(size))
+            bare_results = bare_many.results()
+            assert all(r["bytes"] == size for r in bare_results), bare_results
     ceiling = statistics.median(r for r, _ in ceiling_runs)
     ceiling_cpu = statistics.median(c for _, c in ceiling_runs)
     large = statistics.median(r for r, _ in large_runs)
@@ -147,8 +172,20 @@ def main() -> None:
         "runs:",
         [round(r) for r, _ in single_runs],
     )
+    finished = statistics.median(r for r, _ in finished_runs)
+    row(
+        "jobworker, 1 follower of a finished job",
+        f"{finished:.0f} MB/s",
+        f"server CPU {statistics.median(c for _, c in finished_runs):.2f} s/GiB",
+        "runs:",
+        [round(r) for r, _ in finished_runs],
+    )
     row("ratio jobworker / ceiling (target >= 0.90)", f"{single / ceiling:.2f}")
     row(f"ratio jobworker / bare with {LARGE_MESSAGE // 1024} KiB msgs", f"{single / large:.2f}")
+    row(
+        f"ratio finished job / bare with {LARGE_MESSAGE // 1024} KiB msgs (target >= 0.90)",
+        f"{finished / large:.2f}",
+    )
     row("ratio of server CPU per GiB, ceiling / jobworker", f"{ceiling_cpu / single_cpu:.2f}")
     row(
         f"jobworker, {options.fanout} followers of one job",
@@ -168,6 +205,16 @@ def main() -> None:
             [round(r) for r, _ in base_runs],
         )
         row("ratio this version / baseline", f"{single / base_rate:.2f}")
+    row(
+        "follower's CPU s/GiB (median)",
+        ", ".join(f"{name}: {statistics.median(c):.2f}" for name, c in CLIENT_CPU.items()),
+    )
+    bare_aggregate = options.fanout * size / max(r["seconds"] for r in bare_results) / MB
+    row(
+        f"control: {options.fanout} bare {LARGE_MESSAGE // 1024} KiB streams",
+        f"aggregate {bare_aggregate:.0f} MB/s",
+        f"x{bare_aggregate / large:.2f} of one bare stream",
+    )
     row("fairness (slowest / fastest follower)", f"{min(rates) / max(rates):.2f}")
     row("aggregate / ceiling", f"{aggregate / ceiling:.2f}")
     row("server VmHWM after the runs", f"{rss['VmHWM'] / (1 << 20):.0f} MiB")
