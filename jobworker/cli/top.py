@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from jobworker.cli.common import print_json
+from jobworker.cli.common import for_terminal, print_json
 from jobworker.client import JobClient
 from jobworker.model import JobState, JobStatusView
 from jobworker.usage import JobUsage, UsageSample
@@ -109,9 +109,10 @@ def frame(jobs: list[Row], sort: str, now: float, width: int = 120) -> str:
     for r in jobs:
         runtime = int(now - r.view.started_at)
         cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.1f}"
-        command = shlex.join([r.view.command, *r.view.args])
+        command = for_terminal(shlex.join([r.view.command, *r.view.args]))
+        owner = for_terminal(r.view.owner)[:12]
         line = (
-            f"{r.view.job_id:<24} {r.view.owner[:12]:<12} {cpu:>6} {size(r.memory):>9}"
+            f"{r.view.job_id:<24} {owner:<12} {cpu:>6} {size(r.memory):>9}"
             f" {size(r.io_read_rate):>9} {size(r.io_write_rate):>9}"
             f" {'-' if r.pids is None else r.pids:>5}"
             f" {runtime // 3600:02d}:{runtime // 60 % 60:02d}:{runtime % 60:02d}  {command}"

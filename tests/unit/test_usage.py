@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import time
 
+import attrs
 import pytest
 
 from jobworker.cli.top import Row, cpu_series, frame, sparkline
@@ -83,6 +84,13 @@ def test_top_frame_sorts() -> None:
     assert ids(frame([big, busy], "runtime", 10.0)) == ["busy", "big"]
     text = frame([big], "id", 3671.0)
     assert "1.0GiB" in text and "01:01:06" in text and text.endswith("sleep 60")
+
+
+def test_top_frame_escapes_what_a_job_or_its_owner_chose() -> None:
+    hostile = attrs.evolve(view("x", 0.0, owner="\x1b]0;o"), args=("\x1b[2J",))
+    text = frame([Row(hostile)], "id", 1.0)
+    assert "\x1b" not in text and text.endswith("sleep '\\x1b[2J'")
+    assert "\\x1b]0;o" in text
 
 
 def test_sparkline_scales_to_the_peak_and_width() -> None:
