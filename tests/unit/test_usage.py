@@ -82,6 +82,10 @@ def test_top_frame_sorts() -> None:
     assert ids(frame([big, busy], "cpu", 10.0)) == ["busy", "big"]
     assert ids(frame([busy, big], "mem", 10.0)) == ["big", "busy"]
     assert ids(frame([big, busy], "runtime", 10.0)) == ["busy", "big"]
+    assert ids(frame([busy, big], "cpu", 10.0, reverse=True)) == ["big", "busy"]
+    assert frame([busy], "cpu", 10.0, reverse=True).startswith(
+        "1 running jobs, sorted by cpu, reversed\n"
+    )
     text = frame([big], "id", 3671.0)
     assert "1.0GiB" in text and "01:01:06" in text and text.endswith("sleep 60")
 
