@@ -21,7 +21,7 @@ from jobworker.containment import ContainmentReport
 from jobworker.errors import ConfigError, InvalidArgument
 from jobworker.inotify import wait_until
 from jobworker.model import Limits, ResourceUsage
-from jobworker.usage import UsageSample, read_small
+from jobworker.usage import SLOW_TICKS, UsageSample, read_small
 
 log = structlog.get_logger("jobworker.cgroupv2")
 
@@ -34,6 +34,8 @@ RELEASE_RETRY = 0.2
 
 _DEVICE_NUMBERS = re.compile(r"(\d+):(\d+)")
 _MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+_IO_READ = re.compile(rb"rbytes=(\d+)")
+_IO_WRITE = re.compile(rb"wbytes=(\d+)")
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 
 
@@ -196,6 +198,18 @@ class JobCgroup:
     path: Path
     applied: Limits = attrs.field(factory=Limits)
     pid: int | None = None
+    #: Samples taken, counted from a phase of the job's own so that jobs started together
+    #: do not all read their slow files on the same tick.
+    _ticks: int = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(lambda self: hash(self.path.name), takes_self=True),
+    )
+    #: pids, memory peak, IO bytes read and written: the last slow read.
+    _slow: tuple[int, int | None, int | None, int | None] | None = attrs.field(
+        init=False, eq=False, repr=False, default=None
+    )
 
     @property
     def name(self) -> str:
@@ -255,7 +269,10 @@ class JobCgroup:
     def sample_usage(self) -> UsageSample | None:
         """The job's usage now (see :mod:`jobworker.usage`); None once the cgroup is gone.
 
-        Raw reads, no ``Path``: the sampler reads five files of every job every second.
+        ``cpu.stat`` and ``memory.current`` every call; ``pids.current``, ``memory.peak``
+        and ``io.stat`` one call in :data:`~jobworker.usage.SLOW_TICKS`, the last values kept
+        between. Raw reads, no ``Path``: the sampler calls this for every job every second.
+        Called by the sampler's thread only.
         """
         base = f"{self.path}/"
         cpu = read_small(base + "cpu.stat")
@@ -263,20 +280,21 @@ class JobCgroup:
             return None
         # "usage_usec N" is cpu.stat's first line.
         cpu_usec = int(cpu.split(b"\n", 1)[0].split()[1])
+        memory = _small_int(base + "memory.current") or 0
+        if self._slow is None or self._ticks % SLOW_TICKS == 0:
+            self._slow = self._read_slow(base)
+        self._ticks += 1
+        return UsageSample(time.time(), cpu_usec, memory, *self._slow)
+
+    @staticmethod
+    def _read_slow(base: str) -> tuple[int, int | None, int | None, int | None]:
         io_read = io_write = None
         io = read_small(base + "io.stat")
         if io is not None:
-            io_read = sum(int(v) for v in re.findall(rb"rbytes=(\d+)", io))
-            io_write = sum(int(v) for v in re.findall(rb"wbytes=(\d+)", io))
-        return UsageSample(
-            time=time.time(),
-            cpu_usec=cpu_usec,
-            memory_bytes=_small_int(base + "memory.current") or 0,
-            pids=_small_int(base + "pids.current") or 0,
-            memory_peak_bytes=_small_int(base + "memory.peak"),
-            io_read_bytes=io_read,
-            io_write_bytes=io_write,
-        )
+            io_read = sum(int(v) for v in _IO_READ.findall(io))
+            io_write = sum(int(v) for v in _IO_WRITE.findall(io))
+        pids = _small_int(base + "pids.current") or 0
+        return pids, _small_int(base + "memory.peak"), io_read, io_write
 
     def release(self) -> None:
         """Remove the cgroup (and any below it); a failure is logged, never raised.

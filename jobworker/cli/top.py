@@ -4,16 +4,21 @@ and memory over its life, as a small chart)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
+import select
 import shlex
 import sys
+import termios
 import time
-from collections.abc import Callable, Sequence
+import tty
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 
-from jobworker.cli.common import print_json
+from jobworker.cli.common import for_terminal, print_json
 from jobworker.client import JobClient
 from jobworker.model import JobState, JobStatusView
 from jobworker.usage import JobUsage, UsageSample
@@ -98,20 +103,27 @@ def rows(client: JobClient) -> list[Row]:
     ]
 
 
-def frame(jobs: list[Row], sort: str, now: float, width: int = 120) -> str:
+#: Keys of the live view, when stdin is a terminal: a sort order each, then ``r`` and ``q``.
+SORT_BY_KEY = {"c": "cpu", "m": "mem", "i": "io", "t": "runtime", "o": "owner", "j": "id"}
+KEY_HELP = "keys: c cpu  m mem  i io  t runtime  o owner  j id  r reverse  q quit"
+
+
+def frame(jobs: list[Row], sort: str, now: float, width: int = 120, reverse: bool = False) -> str:
     """The table ``top`` prints once a second."""
-    jobs = sorted(jobs, key=SORT_KEYS[sort])
+    jobs = sorted(jobs, key=SORT_KEYS[sort], reverse=reverse)
     header = (
         f"{'JOB':<24} {'OWNER':<12} {'CPU%':>6} {'MEM':>9} {'READ/s':>9} {'WRITE/s':>9}"
         f" {'PIDS':>5} {'RUNTIME':>8}  COMMAND"
     )
-    lines = [f"{len(jobs)} running jobs, sorted by {sort}", header]
+    order = f"sorted by {sort}, reversed" if reverse else f"sorted by {sort}"
+    lines = [f"{len(jobs)} running jobs, {order}", header]
     for r in jobs:
         runtime = int(now - r.view.started_at)
         cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.1f}"
-        command = shlex.join([r.view.command, *r.view.args])
+        command = for_terminal(shlex.join([r.view.command, *r.view.args]))
+        owner = for_terminal(r.view.owner)[:12]
         line = (
-            f"{r.view.job_id:<24} {r.view.owner[:12]:<12} {cpu:>6} {size(r.memory):>9}"
+            f"{r.view.job_id:<24} {owner:<12} {cpu:>6} {size(r.memory):>9}"
             f" {size(r.io_read_rate):>9} {size(r.io_write_rate):>9}"
             f" {'-' if r.pids is None else r.pids:>5}"
             f" {runtime // 3600:02d}:{runtime // 60 % 60:02d}:{runtime % 60:02d}  {command}"
@@ -124,15 +136,60 @@ def top(client: JobClient, options: argparse.Namespace) -> int:
     if options.once:
         print(frame(rows(client), options.sort, time.time()), flush=True)
         return 0
-    tty = sys.stdout.isatty()
+    keys = sys.stdin.fileno() if sys.stdin.isatty() else None
+    on_terminal = sys.stdout.isatty()
+    sort, reverse = options.sort, False
     try:
-        while True:
-            text = frame(rows(client), options.sort, time.time(), _columns())
-            # Home and clear on a terminal; frames separated by a blank line otherwise.
-            print("\x1b[H\x1b[2J" + text if tty else text + "\n", flush=True)
-            time.sleep(options.interval)
+        with _cbreak(keys):
+            jobs, due = rows(client), time.monotonic() + options.interval
+            while True:
+                text = frame(jobs, sort, time.time(), _columns(), reverse)
+                if keys is not None:
+                    text = f"{KEY_HELP}\n{text}"
+                # Home and clear on a terminal; frames separated by a blank line otherwise.
+                print("\x1b[H\x1b[2J" + text if on_terminal else text + "\n", flush=True)
+                pressed = _wait(keys, due - time.monotonic())
+                if "q" in pressed:
+                    return 0
+                for key in pressed:
+                    if key == "r":
+                        reverse = not reverse
+                    sort = SORT_BY_KEY.get(key, sort)
+                if time.monotonic() >= due:
+                    jobs, due = rows(client), time.monotonic() + options.interval
     except KeyboardInterrupt:
         return 0
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int | None) -> Iterator[None]:
+    """The terminal on ``fd`` delivers each key at once, unechoed (Ctrl-C still interrupts);
+    its settings are restored however the block ends. Nothing when ``fd`` is None."""
+    if fd is None:
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd, termios.TCSANOW)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait(keys: int | None, seconds: float) -> str:
+    """Up to ``seconds`` for keys (returned at once when some come); "q" once the terminal
+    is gone (end of input, or EIO after a hang-up)."""
+    if keys is None:
+        time.sleep(max(0.0, seconds))
+        return ""
+    ready, _, _ = select.select([keys], [], [], max(0.0, seconds))
+    if not ready:
+        return ""
+    try:
+        data = os.read(keys, 64)
+    except OSError:
+        return "q"
+    return data.decode(errors="replace") if data else "q"
 
 
 def _columns() -> int:
@@ -205,7 +262,10 @@ def add_command(commands: Any, connection: argparse.ArgumentParser, wrap: Any) -
     )
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument(
-        "--sort", choices=sorted(SORT_KEYS), default="cpu", help="row order (default cpu)"
+        "--sort",
+        choices=sorted(SORT_KEYS),
+        default="cpu",
+        help="row order (default cpu); on a terminal, keys change it (c m i t o j, r reverse)",
     )
     parser.add_argument(
         "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period"

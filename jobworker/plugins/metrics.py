@@ -4,7 +4,8 @@
 ``prometheus_client.CollectorRegistry`` on ``--metrics-listen`` (default
 ``127.0.0.1:9464``). A non-loopback address must say how it is protected:
 ``--metrics-tls`` serves HTTPS with the server's certificate and requires a client
-certificate from the server's CA whose identity is on the authorization whitelist;
+certificate from the server's CA whose identity is on the authorization whitelist and
+not revoked by its CRL, all of them reloaded on SIGHUP with the gRPC port's;
 ``--metrics-plain-http`` says plain HTTP is meant.
 
 Counters and gauges follow the hooks (job started, refused, exited; RPCs; output); the
@@ -21,11 +22,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
+import socketserver
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+import attrs
 import structlog
 
 from jobworker.backend import JobBackend
@@ -33,6 +39,8 @@ from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
 from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec, JobStatus
+from jobworker.plugins.authz import Authz
+from jobworker.tls import RevocationList
 
 try:
     import prometheus_client
@@ -51,6 +59,8 @@ MAX_OWNERS = 100
 OTHER_OWNER = "_other"
 #: RPC latency buckets, seconds: StartJob takes milliseconds, a followed stream hours.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600)
+#: Seconds a scraper has for its TLS handshake, and for each read or write of its request.
+SCRAPE_TIMEOUT = 10.0
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -80,36 +90,120 @@ def _peer_identity(cert: dict[str, Any]) -> Identity | None:
         return None
 
 
-def _whitelisted(options: argparse.Namespace) -> Callable[[Any, Any], bool]:
-    """``socketserver``'s ``verify_request``: only identities on the whitelist may scrape.
+def _tls_context(options: argparse.Namespace) -> ssl.SSLContext:
+    """TLS 1.3 with the server's certificate; a client certificate from its CA required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cafile=str(options.tls_ca))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"--metrics-tls: CA bundle {options.tls_ca}: {err}") from err
+    try:
+        context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"--metrics-tls: certificate {options.tls_cert} and key {options.tls_key}: {err}"
+        ) from err
+    return context
 
-    Runs after the TLS handshake verified the certificate against the server's CA.
-    """
-    from jobworker.plugins.authz import Authz
-    from jobworker.tls import RevocationList
 
-    if getattr(options, "authz", None) is None:
-        raise ConfigError("--metrics-tls needs the authorization whitelist (--authz)")
-    whitelist = Authz.from_file(options.authz)
-    # The gRPC port's revocation list, read once: a revoked client scrapes nothing either.
-    crl_path = getattr(options, "tls_crl", None)
-    crl = None if not crl_path else RevocationList(Path(crl_path), Path(options.tls_ca))
+@attrs.define
+class _ScrapeGate:
+    """Who may scrape over ``--metrics-tls``: the TLS context (the server's certificate, its
+    CA) and the gRPC port's whitelist and CRL. SIGHUP re-reads them all with the server's
+    own (``jobworker_reload``), and all of them, or none, are put in force."""
 
-    def verify(request: Any, client_address: Any) -> bool:
-        identity = _peer_identity(request.getpeercert() or {})
-        der = request.getpeercert(binary_form=True)
+    options: argparse.Namespace
+    context: ssl.SSLContext
+    whitelist: Authz
+    crl: RevocationList | None
+
+    @classmethod
+    def load(cls, options: argparse.Namespace) -> _ScrapeGate:
+        if getattr(options, "authz", None) is None:
+            raise ConfigError("--metrics-tls needs the authorization whitelist (--authz)")
+        crl_path = getattr(options, "tls_crl", None)
+        crl = None if not crl_path else RevocationList(Path(crl_path), Path(options.tls_ca))
+        return cls(options, _tls_context(options), Authz.from_file(options.authz), crl)
+
+    def prepare(self) -> Callable[[], None]:
+        """Read everything again; raises ``ConfigError`` naming the file, and then the
+        returned callable, which puts it in force, is not made."""
+        context = _tls_context(self.options)
+        whitelist = Authz.from_file(self.options.authz)
+        crl_commit = None if self.crl is None else self.crl.prepare()
+
+        def commit() -> None:
+            self.context, self.whitelist = context, whitelist
+            if crl_commit is not None:
+                crl_commit()
+            log.info("metrics_tls_reloaded", clients=len(whitelist.clients))
+
+        return commit
+
+    def admits(self, conn: ssl.SSLSocket, peer: Any) -> bool:
+        """Whether the verified peer of a finished handshake may scrape (and a log if not)."""
+        identity = _peer_identity(conn.getpeercert() or {})
+        der = conn.getpeercert(binary_form=True)
+        crl = self.crl
         revoked = crl is not None and (
             der is None or crl.is_revoked(ssl.DER_cert_to_PEM_cert(der).encode())
         )
-        if identity is not None and not revoked and whitelist.role_of(identity) is not None:
+        if identity is not None and not revoked and self.whitelist.role_of(identity) is not None:
             return True
         shown = None if identity is None else identity.name
-        log.warning(
-            "metrics_scrape_refused", peer=str(client_address), identity=shown, revoked=revoked
-        )
+        log.warning("metrics_scrape_refused", peer=str(peer), identity=shown, revoked=revoked)
         return False
 
-    return verify
+
+class _Handler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """A scrape is not worth a line on stderr."""
+
+
+class _Endpoint(socketserver.ThreadingMixIn, WSGIServer):
+    """The HTTP(S) server of ``/metrics``, a thread per connection.
+
+    Made here rather than by ``prometheus_client.start_http_server``, which wraps the
+    listening socket in one TLS context for good and shakes hands in the accept loop: here
+    each accepted connection is wrapped in the gate's context of the moment (so a reload
+    takes effect at the next connection), and the handshake and the whitelist check run in
+    the connection's own thread with a deadline, so a client that stalls them holds up no
+    one else.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], family: socket.AddressFamily, gate: _ScrapeGate | None
+    ) -> None:
+        self.address_family = family
+        self.gate = gate
+        super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, peer = self.socket.accept()
+        if self.gate is None:
+            return conn, peer
+        return self.gate.context.wrap_socket(
+            conn, server_side=True, do_handshake_on_connect=False
+        ), peer
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        gate = self.gate
+        if gate is not None:
+            request.settimeout(SCRAPE_TIMEOUT)
+            try:
+                request.do_handshake()
+            except OSError as err:  # no or a bad certificate, a timeout, a reset
+                log.warning("metrics_scrape_refused", peer=str(client_address), error=str(err))
+                return
+            if not gate.admits(request, client_address):
+                return
+        super().finish_request(request, client_address)
 
 
 class _ScrapeTime(Collector):
@@ -183,7 +277,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.manager: JobBackend | None = None
         self.address: str | None = None
-        self._server: Any = None
+        self._server: _Endpoint | None = None
         self._owners: set[str] = set()
         r = self.registry
         prometheus_client.ProcessCollector(registry=r)
@@ -258,24 +352,16 @@ class Metrics:
                 "--metrics-tls (client certificates from the server's CA) or, to serve "
                 "plain HTTP on purpose, --metrics-plain-http"
             )
-        tls: dict[str, Any] = {}
-        if options.metrics_tls:
-            tls = {
-                "certfile": str(options.tls_cert),
-                "keyfile": str(options.tls_key),
-                "client_cafile": str(options.tls_ca),
-                "client_auth_required": True,
-                "tls_min_version": ssl.TLSVersion.TLSv1_3,
-            }
+        gate = _ScrapeGate.load(options) if options.metrics_tls else None
         try:
-            server, _ = prometheus_client.start_http_server(
-                port, addr=host, registry=self.registry, **tls
-            )
-        except (OSError, ssl.SSLError) as err:
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            server = _Endpoint((str(sockaddr[0]), port), family, gate)
+        except OSError as err:
             raise ConfigError(f"cannot serve metrics on {options.metrics_listen}: {err}") from err
-        if options.metrics_tls:
-            # socketserver's documented hook, on the server prometheus-client built.
-            server.verify_request = _whitelisted(options)  # type: ignore[method-assign,assignment]
+        server.set_app(prometheus_client.make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._server = server
         bound_port = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
@@ -285,6 +371,15 @@ class Metrics:
             address=self.address,
             url=f"{'https' if options.metrics_tls else 'http'}://{self.address}/metrics",
         )
+
+    @hookimpl
+    def jobworker_reload(self) -> Callable[[], None] | None:
+        """SIGHUP: the CRL, whitelist and certificates of ``--metrics-tls`` follow the
+        gRPC port's."""
+        server = self._server
+        if server is None or server.gate is None:
+            return None
+        return server.gate.prepare()
 
     @hookimpl
     def jobworker_metrics_registry(self) -> CollectorRegistry:

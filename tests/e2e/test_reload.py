@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,10 +48,10 @@ def replace(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(new, path)
 
 
-def served_certificate(address: str, pki: Path) -> x509.Certificate:
-    """The certificate a new connection's handshake presents (as client alice)."""
+def served_certificate(address: str, pki: Path, client: str = "alice") -> x509.Certificate:
+    """The certificate a new connection's handshake presents (as ``client``)."""
     context = ssl.create_default_context(cafile=pki / "ca.pem")
-    context.load_cert_chain(pki / "alice.pem", pki / "alice-key.pem")
+    context.load_cert_chain(pki / f"{client}.pem", pki / f"{client}-key.pem")
     context.set_alpn_protocols(["h2"])
     host, port = address.rsplit(":", 1)
     with (
@@ -131,3 +132,60 @@ def test_crl_expiry_is_logged_when_it_happens(
     expired = wait_for_event(server, "crl_expired")
     assert expired["path"] == str(crl)
     assert datetime.fromisoformat(str(expired["timestamp"])) >= expires - timedelta(seconds=1)
+
+
+def scrape(address: str, pki: Path, client: str) -> bool:
+    """Whether ``client`` may scrape the metrics port over TLS (and got the metrics)."""
+    context = ssl.create_default_context(cafile=pki / "ca.pem")
+    context.check_hostname = False  # the certificate names localhost, the URL the address
+    context.load_cert_chain(pki / f"{client}.pem", pki / f"{client}-key.pem")
+    try:
+        with urllib.request.urlopen(
+            f"https://{address}/metrics", timeout=10, context=context
+        ) as response:
+            return b"jobworker_jobs_running" in response.read()
+    except OSError:  # refused after the handshake: the connection is closed unanswered
+        return False
+
+
+def test_sighup_reloads_the_metrics_port_crl_whitelist_and_certificate(
+    pki: Pki, start_server: StartServer, tmp_path: Path
+) -> None:
+    directory = tmp_path / "pki"
+    shutil.copytree(pki.directory, directory)
+    paths = PkiPaths(directory)
+    ca = paths.load_ca()
+    crl = write_crl(ca, [], directory / "ca.crl")
+    whitelist = directory / "authz.toml"
+    original = whitelist.read_text()
+    server = start_server(
+        *Pki(directory=directory, init_output="").server_args(), f"--tls-crl={crl}",
+        "--plugin", "metrics", "--metrics-listen", "127.0.0.1:0", "--metrics-tls",
+    )  # fmt: skip
+    metrics = str(wait_for_event(server, "metrics_listening")["address"])
+    assert scrape(metrics, directory, "alice")
+    assert not scrape(metrics, directory, "mallory")  # signed by the CA, not on the whitelist
+
+    # A bad CRL: nothing changes on either port.
+    whitelist.write_text(original + '\n[[clients]]\nidentity = "mallory"\nrole = "user"\n')
+    crl_text = crl.read_bytes()
+    crl.write_text("not a CRL")
+    hup(server, "reload_failed")
+    assert scrape(metrics, directory, "alice")
+    assert not scrape(metrics, directory, "mallory")
+
+    # alice revoked, mallory whitelisted, a new server certificate: all in force at once.
+    crl.write_bytes(crl_text)
+    alice = x509.load_pem_x509_certificate((directory / "alice.pem").read_bytes())
+    replace(crl, lambda p: write_crl(ca, [alice.serial_number], p))
+    fresh = issue_server_cert(ca, ["localhost", "127.0.0.1"])
+    replace(paths.server_key, lambda p: (p.touch(0o600), p.write_bytes(fresh.key_pem)))
+    replace(paths.server_cert, lambda p: p.write_bytes(fresh.cert_pem))
+    hup(server, "reload_done")
+    assert not scrape(metrics, directory, "alice")
+    assert scrape(metrics, directory, "mallory")
+    assert (
+        served_certificate(metrics, directory, "mallory").serial_number == fresh.cert.serial_number
+    )
+    refused = [e for e in server.events() if e["event"] == "metrics_scrape_refused"]
+    assert refused[-1]["identity"] == "alice" and refused[-1]["revoked"] is True

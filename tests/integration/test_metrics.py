@@ -4,6 +4,7 @@ jobs and parse it with prometheus-client's own parser."""
 from __future__ import annotations
 
 import argparse
+import socket
 import ssl
 import time
 import urllib.request
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobworker.hooks import hookimpl
 from jobworker.jobs import JobManager
 from jobworker.pki import PkiPaths, write_crl
-from jobworker.plugins.metrics import Metrics
+from jobworker.plugins.metrics import SCRAPE_TIMEOUT, Metrics
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import (
     RPC_TIMEOUT_S,
@@ -201,5 +202,28 @@ def test_metrics_over_tls_refuse_a_revoked_client(api_pki: PkiPaths, tmp_path: P
         alice = api_pki.client("alice")
         context.load_cert_chain(alice.cert, alice.key)
         assert value(scrape(url, context), "jobworker_jobs_running") == 0
+    finally:
+        metrics.jobworker_shutdown()
+
+
+def test_a_client_that_never_shakes_hands_holds_up_no_other_scrape(api_pki: PkiPaths) -> None:
+    metrics = Metrics()
+    metrics.jobworker_configure(options(api_pki, listen="127.0.0.1:0", tls=True))
+    try:
+        assert metrics.address is not None
+        host, port = metrics.address.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=api_pki.server().ca)
+        context.check_hostname = False
+        alice = api_pki.client("alice")
+        context.load_cert_chain(alice.cert, alice.key)
+        with socket.create_connection((host, int(port)), timeout=RPC_TIMEOUT_S):
+            began = time.monotonic()  # connected, silent: its handshake waits in its thread
+            assert (
+                value(
+                    scrape(f"https://{metrics.address}/metrics", context), "jobworker_jobs_running"
+                )
+                == 0
+            )
+            assert time.monotonic() - began < SCRAPE_TIMEOUT / 2
     finally:
         metrics.jobworker_shutdown()

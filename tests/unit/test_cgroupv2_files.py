@@ -34,6 +34,7 @@ from jobworker.plugins.cgroupv2 import (
     own_cgroup,
     parse_device,
 )
+from jobworker.usage import SLOW_TICKS
 
 ALL = ("cpu", "io", "memory", "pids")
 #: Stands in for a control file that refuses every write (the kernel's EBUSY, EINVAL...).
@@ -595,3 +596,38 @@ def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ConfigError, match="--cgroup-default-pids"):
         CgroupV2Plugin.from_options(parser.parse_args(["--cgroup-default-pids", "-1"]))
+
+
+# -- usage samples ------------------------------------------------------------------------
+
+
+def _accounting(path: Path, n: int) -> None:
+    """Every file a sample reads, each holding a number made of ``n``."""
+    (path / "cpu.stat").write_text(f"usage_usec {n}\nuser_usec {n}\nsystem_usec 0\n")
+    (path / "memory.current").write_text(f"{n * 10}\n")
+    (path / "memory.peak").write_text(f"{n * 20}\n")
+    (path / "pids.current").write_text(f"{n}\n")
+    (path / "io.stat").write_text(f"8:0 rbytes={n} wbytes={n * 2} rios=1 wios=1\n")
+
+
+def test_a_sample_reads_cpu_and_memory_each_tick_and_the_slow_files_every_few(
+    tmp_path: Path,
+) -> None:
+    cgroup = JobCgroup(path=tmp_path / "job")
+    cgroup.path.mkdir()
+    _accounting(cgroup.path, 1)
+    first = cgroup.sample_usage()
+    assert first is not None
+    assert (first.cpu_usec, first.memory_bytes, first.pids) == (1, 10, 1)
+    assert (first.memory_peak_bytes, first.io_read_bytes, first.io_write_bytes) == (20, 1, 2)
+    _accounting(cgroup.path, 7)
+    later = [s for s in (cgroup.sample_usage() for _ in range(SLOW_TICKS)) if s is not None]
+    assert [(s.cpu_usec, s.memory_bytes) for s in later] == [(7, 70)] * SLOW_TICKS
+    slow = [(s.pids, s.memory_peak_bytes, s.io_read_bytes, s.io_write_bytes) for s in later]
+    # Stale for at most SLOW_TICKS - 1 ticks, then fresh from then on.
+    assert slow[-1] == (7, 140, 7, 14)
+    assert slow == sorted(slow) and set(slow) <= {(1, 20, 1, 2), (7, 140, 7, 14)}
+    for name in os.listdir(cgroup.path):
+        os.unlink(cgroup.path / name)
+    cgroup.path.rmdir()
+    assert cgroup.sample_usage() is None  # the cgroup is gone
