@@ -29,6 +29,7 @@ from pathlib import Path
 from _common import (
     CLIENT,
     MB,
+    Followers,
     GiB,
     bare_server,
     cpu_seconds,
@@ -57,8 +58,16 @@ def rate(result: dict[str, float]) -> float:
 CLIENT_CPU: dict[str, list[float]] = {}
 
 
-def measured(pid: int, size: int, run: Callable[[], list[dict[str, float]]]) -> tuple[float, float]:
-    """(MB/s of the one follower, server CPU seconds per GiB) of one run."""
+def measured(
+    pid: int,
+    size: int,
+    run: Callable[[], list[dict[str, float]]],
+    prepare: Callable[[], object] | None = None,
+) -> tuple[float, float]:
+    """(MB/s of the one follower, server CPU seconds per GiB) of one run, after
+    ``prepare`` (whose CPU is not counted)."""
+    if prepare is not None:
+        prepare()
     before = cpu_seconds(pid)
     (result,) = run()
     assert result["bytes"] == size, result
@@ -121,11 +130,17 @@ def main() -> None:
                 one.go(client.start(*command))
                 return one.results()
 
-            def finished_run() -> list[dict[str, float]]:
+            finished: list[tuple[Followers, str]] = []
+
+            def run_job_to_the_end() -> None:
                 one = followers(server.address, pki, 1)
                 job = client.start(*command)
                 while client.status(job).state is JobState.RUNNING:
                     time.sleep(0.05)
+                finished.append((one, job))
+
+            def finished_run() -> list[dict[str, float]]:
+                one, job = finished.pop()
                 one.go(job)
                 return one.results()
 
@@ -133,7 +148,9 @@ def main() -> None:
                 ceiling_runs.append(measured(bare.pid, size, bare_run))
                 large_runs.append(measured(bare_large.pid, size, bare_large_run))
                 single_runs.append(measured(server.pid, size, job_run))
-                finished_runs.append(measured(server.pid, size, finished_run))
+                finished_runs.append(
+                    measured(server.pid, size, finished_run, prepare=run_job_to_the_end)
+                )
                 if base is not None:
                     base_runs.append(measured(base.pid, size, base_run))
             many = followers(server.address, pki, options.fanout)
