@@ -100,12 +100,13 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             bare = stack.enter_context(bare_server(pki, work, MESSAGE))
             bare_large = stack.enter_context(bare_server(pki, work, LARGE_MESSAGE))
-            server = stack.enter_context(jobworker_server(pki, work))
+            # Few jobs retained: older spools are deleted, not written back while timing.
+            server = stack.enter_context(jobworker_server(pki, work, retain=3))
             client = stack.enter_context(JobClient(server.address, pki.client(CLIENT)))
             base = None
             if options.baseline_src is not None:
                 base = stack.enter_context(
-                    jobworker_server(pki, work, src=options.baseline_src, name="baseline")
+                    jobworker_server(pki, work, src=options.baseline_src, name="baseline", retain=3)
                 )
                 base_client = stack.enter_context(JobClient(base.address, pki.client(CLIENT)))
 

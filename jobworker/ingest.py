@@ -6,6 +6,15 @@ RPC and every follower. Here it stalls only ingestion, which the job feels as a 
 exactly as it would writing to a slow disk itself. ``read`` and ``pwritev`` release the
 GIL, so the loop keeps sending to followers while this thread copies the next read.
 
+Why first in line for the CPU: the thread runs at nice :data:`PRIORITY` (when the server may
+raise it: root, or ``CAP_SYS_NICE``), ahead of the event loop and of the jobs. A job that
+writes fast with a follower reading shares the CPU with the follower's sending; at equal
+priority the pipe was drained late and the job ran 2x slower with one follower on 2 cores.
+The thread's own work per byte is small (a read and a write, the GIL released in both), so
+it cannot take much from anything else, and followers lose nothing: they read the spool
+at their pace (docs/performance.md has the figures). Plugins' ``jobworker_output_chunk``
+observers run in this thread, at this priority too.
+
 The thread owns the descriptors it is given: it closes a pipe at end-of-file, or when
 :meth:`Ingest.drop` asks, and only then tells the loop, so a descriptor is never closed
 while the other side might still use its number.
@@ -26,6 +35,9 @@ log = structlog.get_logger("jobworker.ingest")
 
 #: After reading, how long the thread lets output accumulate before it reads again.
 BATCH_DELAY = 0.0005
+
+#: The ingest thread's nice value (-20: the kernel's highest for normal threads).
+PRIORITY = -20
 
 #: Receives each read, in the ingest thread.
 Sink = Callable[[bytes], None]
@@ -95,7 +107,13 @@ class Ingest:
         os.close(fd)
         self._loop.call_soon_threadsafe(_eof, on_eof, done)
 
+    @property
+    def native_id(self) -> int | None:
+        """The thread's id in the kernel (its /proc/self/task entry)."""
+        return self._thread.native_id
+
     def _run(self) -> None:
+        _raise_priority()
         read_any = False
         while True:
             if read_any:
@@ -138,6 +156,18 @@ class Ingest:
         for request in requests:
             request()
         return stopping
+
+
+def _raise_priority() -> None:
+    """This thread to :data:`PRIORITY`; where not permitted, a log line and no change."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITY)
+    except PermissionError:
+        log.info(
+            "ingest_priority_unchanged",
+            reason="raising a thread's priority needs root or CAP_SYS_NICE",
+            hint="followers may slow fast-writing jobs (docs/performance.md)",
+        )
 
 
 def _resolve(done: asyncio.Future[None]) -> None:
