@@ -6,6 +6,10 @@
   alone cannot explain a ratio;
 * jobworker, one follower: ``head -c SIZE /dev/zero`` as a job, read through
   ``jobworker.client.JobClient.stream`` in a process of its own;
+* the bare 256 KiB stream again, with the job's own work running beside it (``head -c
+  SIZE /dev/zero | cat > FILE``: the job writing into a pipe, and a copy from that pipe into
+  a file, as the ingest thread does): the ceiling for a *live* job on this machine, where
+  producing the output takes CPU from streaming it;
 * jobworker, one follower of a job that has already finished (its output spooled and in
   the page cache): StreamOutput alone, with no job and no ingest thread taking CPU, which
   is what the bare stream measures too;
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +97,7 @@ def main() -> None:
     command = ("head", ["-c", str(size), "/dev/zero"])
     ceiling_runs: list[tuple[float, float]] = []
     large_runs: list[tuple[float, float]] = []
+    beside_runs: list[tuple[float, float]] = []
     single_runs: list[tuple[float, float]] = []
     finished_runs: list[tuple[float, float]] = []
     base_runs: list[tuple[float, float]] = []
@@ -126,6 +132,18 @@ def main() -> None:
                 one.go(str(size))
                 return one.results()
 
+            def bare_beside_run() -> list[dict[str, float]]:
+                one = followers(bare_large.address, pki, 1, mode="bare")
+                beside = work / "beside.out"
+                producer = subprocess.Popen(
+                    ["sh", "-c", f"head -c {size} /dev/zero | cat > {beside}"]
+                )
+                one.go(str(size))
+                results = one.results()
+                producer.wait()
+                beside.unlink()
+                return results
+
             def job_run() -> list[dict[str, float]]:
                 one = followers(server.address, pki, 1)
                 one.go(client.start(*command))
@@ -148,6 +166,7 @@ def main() -> None:
             for _ in range(repeat):
                 ceiling_runs.append(measured(bare.pid, size, bare_run))
                 large_runs.append(measured(bare_large.pid, size, bare_large_run))
+                beside_runs.append(measured(bare_large.pid, size, bare_beside_run))
                 single_runs.append(measured(server.pid, size, job_run))
                 finished_runs.append(
                     measured(server.pid, size, finished_run, prepare=run_job_to_the_end)
@@ -183,6 +202,13 @@ def main() -> None:
         "runs:",
         [round(r) for r, _ in large_runs],
     )
+    beside = statistics.median(r for r, _ in beside_runs)
+    row(
+        f"bare {LARGE_MESSAGE // 1024} KiB, the job's work beside it",
+        f"{beside:.0f} MB/s",
+        "runs:",
+        [round(r) for r, _ in beside_runs],
+    )
     row(
         "jobworker, 1 follower",
         f"{single:.0f} MB/s",
@@ -200,6 +226,10 @@ def main() -> None:
     )
     row("ratio jobworker / ceiling (target >= 0.90)", f"{single / ceiling:.2f}")
     row(f"ratio jobworker / bare with {LARGE_MESSAGE // 1024} KiB msgs", f"{single / large:.2f}")
+    row(
+        f"ratio jobworker / bare {LARGE_MESSAGE // 1024} KiB with the job's work beside it",
+        f"{single / beside:.2f}",
+    )
     row(
         f"ratio finished job / bare with {LARGE_MESSAGE // 1024} KiB msgs (target >= 0.90)",
         f"{finished / large:.2f}",
