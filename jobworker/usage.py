@@ -405,21 +405,31 @@ class UsageSampler:
         self._procs = ProcTable()
         #: Held while a worker thread reads: a cancelled tick's thread still runs.
         self._reading = threading.Lock()
+        self._running = 0
+        #: Set when the last running job ends: the sampler stops (closing the files it
+        #: keeps open) at once, not after its next sleep.
+        self._idle = asyncio.Event()
 
     def track(self, job_id: str, pid: int, containment: object) -> None:
         """Start sampling a job whose command now runs."""
         self._jobs[job_id] = _Tracked(pid, containment, UsageRing(self._capacity))
+        self._running += 1
+        self._idle.clear()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-sampler")
 
     def finished(self, job_id: str) -> None:
         """The job is over: keep its samples, take no more."""
         tracked = self._jobs.get(job_id)
-        if tracked is not None:
+        if tracked is not None and tracked.running:
             tracked.running = False
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
 
     def forget(self, job_id: str) -> None:
         """The job is evicted: drop its samples."""
+        self.finished(job_id)
         self._jobs.pop(job_id, None)
 
     def get(self, job_id: str, last: int = 0) -> JobUsage | None:
@@ -479,7 +489,12 @@ class UsageSampler:
                 if tracked is not None and tracked.running:
                     tracked.ring.add(sample)
             average = cost if not average else average + _COST_WEIGHT * (cost - average)
-            await asyncio.sleep(max(self._interval, average / CPU_BUDGET))
+            try:
+                await asyncio.wait_for(
+                    self._idle.wait(), max(self._interval, average / CPU_BUDGET)
+                )
+            except TimeoutError:
+                pass
 
 
 def sample_jobs(jobs: dict[str, _Tracked], procs: ProcTable) -> dict[str, UsageSample]:

@@ -210,3 +210,31 @@ def test_the_sampler_closes_every_file_once_its_proc_jobs_are_over() -> None:
         assert _fds() == before
 
     asyncio.run(main())
+
+
+def test_when_the_last_job_ends_the_sampler_closes_its_files_at_once() -> None:
+    """Not a period later: a server with no job running holds no /proc descriptor (the
+    reliability test counts them as soon as its jobs are reaped)."""
+
+    async def main() -> None:
+        before = _fds()
+        sampler = UsageSampler(interval=30.0)  # a tick this long would not come in time
+        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        try:
+            sampler.track("job", proc.pid, None)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if sampler.get("job").samples:  # type: ignore[union-attr]
+                    break
+            assert _fds() == before + 1
+        finally:
+            proc.kill()
+            proc.wait()
+        sampler.finished("job")
+        for _ in range(3):  # a few turns of the loop, far less than the period
+            await asyncio.sleep(0)
+        assert _fds() == before
+        assert sampler.get("job").samples  # type: ignore[union-attr]  # kept with the job
+        await sampler.close()
+
+    asyncio.run(main())
