@@ -490,9 +490,7 @@ class UsageSampler:
                     tracked.ring.add(sample)
             average = cost if not average else average + _COST_WEIGHT * (cost - average)
             try:
-                await asyncio.wait_for(
-                    self._idle.wait(), max(self._interval, average / CPU_BUDGET)
-                )
+                await asyncio.wait_for(self._idle.wait(), max(self._interval, average / CPU_BUDGET))
             except TimeoutError:
                 pass
 
