@@ -46,7 +46,17 @@ SCRATCH_SERIAL = "jwscratch"
 # killer's lines (KERN_ERR and KERN_WARNING, which "quiet" lets through) stay in dmesg.
 KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1 cgroup_no_v1=all rdinit=/init"
 # Loadable in Debian's kernel and needed before the host root can be mounted.
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay")
+#: ext4 (and the crc32c it loads at mount): a file system on the scratch disk, for
+#: bench_spool_stall.py --io-max.
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "crc32c_generic",
+    "ext4",
+)
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
 BUSYBOX = Path("/bin/busybox")
 QEMU = "qemu-system-x86_64"
@@ -292,6 +302,11 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         pkg = current.read_text().strip() if current.exists() else kernel_package()
         kdir = cache / pkg
         root = kdir / "root"
+        pruned = kdir / "pruned"
+        if pruned.exists() and pruned.read_text() != repr(GUEST_MODULES):
+            # Pruned for another module list: the modules now wanted are gone; start over.
+            log("the cache was pruned for other guest modules: unpacking the kernel again ...")
+            shutil.rmtree(kdir)
         if not (kdir / "extracted").exists():
             debs = sorted(cache.glob(f"{pkg}_*.deb"))
             if not debs:
@@ -314,9 +329,9 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         if not vmlinux.exists():
             log("extracting the ELF kernel from vmlinuz ...")
             extract_vmlinux(root / "boot" / f"vmlinuz-{release}", vmlinux)
-        if not (kdir / "pruned").exists():
+        if not pruned.exists():
             prune(cache, root, moddir)
-            (kdir / "pruned").touch()
+            pruned.write_text(repr(GUEST_MODULES))
         digest = hashlib.sha256()
         for part in (INIT_SCRIPT.read_bytes(), BUSYBOX.read_bytes(), repr(GUEST_MODULES).encode()):
             digest.update(hashlib.sha256(part).digest())
