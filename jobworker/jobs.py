@@ -221,13 +221,13 @@ class JobManager:
         self._evict()
         return [job.snapshot() for job in self._jobs.values()]
 
-    def usage(self, job_id: str, last: int = 0) -> JobUsage:
+    async def usage(self, job_id: str, last: int = 0) -> JobUsage:
         """The job's usage samples (see :mod:`jobworker.usage`); NotFound if unknown."""
         self._lookup(job_id)
         found = self._usage.get(job_id, last)
         return found if found is not None else JobUsage(job_id, "", ())
 
-    def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
+    async def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
         return self._usage.running(last)
 
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:

@@ -404,13 +404,14 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @_unary(Action.STATUS)
     async def GetUsage(self, request: pb.UsageRequest, caller: Caller) -> pb.JobUsage:
-        return wire.usage_to_pb(self._usage().usage(caller.target.job_id, request.last))
+        usage = await self._usage().usage(caller.target.job_id, request.last)
+        return wire.usage_to_pb(usage)
 
     @_unary(Action.LIST)
     async def ListUsage(self, request: pb.ListUsageRequest, caller: Caller) -> pb.ListUsageResponse:
-        source = self._usage()
+        running = await self._usage().running_usage(request.last)
         visible = {s.job_id for s in self.backend.list() if self._may_see(caller.identity, s)}
-        jobs = [u for u in source.running_usage(request.last) if u.job_id in visible]
+        jobs = [u for u in running if u.job_id in visible]
         return pb.ListUsageResponse(jobs=[wire.usage_to_pb(u) for u in jobs])
 
     def _usage(self) -> UsageSource:

@@ -130,13 +130,15 @@ class SelfSampling(Protocol):
 
 @runtime_checkable
 class UsageSource(Protocol):
-    """A job backend that samples usage (the local :class:`jobworker.jobs.JobManager`)."""
+    """A job backend that samples usage: the local :class:`jobworker.jobs.JobManager`, and
+    the Ray backend (:class:`jobworker.ray_backend.front.RayBackend`), which asks the node
+    agents' managers -- hence async."""
 
-    def usage(self, job_id: str, last: int = 0) -> JobUsage:
+    async def usage(self, job_id: str, last: int = 0) -> JobUsage:
         """The job's samples (the newest ``last`` only, 0: all); NotFound if unknown."""
 
-    def running_usage(self, last: int = 0) -> list[JobUsage]:
-        """Samples of every running job."""
+    async def running_usage(self, last: int = 0) -> list[JobUsage]:
+        """Samples of every running job (of every reachable node, on a cluster)."""
 
 
 class UsageRing:

@@ -109,11 +109,14 @@ KEY_HELP = "keys: c cpu  m mem  i io  t runtime  o owner  j id  r reverse  q qui
 
 
 def frame(jobs: list[Row], sort: str, now: float, width: int = 120, reverse: bool = False) -> str:
-    """The table ``top`` prints once a second."""
+    """The table ``top`` prints once a second; a NODE column when some job runs on a
+    cluster node."""
     jobs = sorted(jobs, key=SORT_KEYS[sort], reverse=reverse)
+    nodes = any(r.view.node for r in jobs)
+    node_header = f" {'NODE':<12}" if nodes else ""
     header = (
-        f"{'JOB':<24} {'OWNER':<12} {'CPU%':>6} {'MEM':>9} {'READ/s':>9} {'WRITE/s':>9}"
-        f" {'PIDS':>5} {'RUNTIME':>8}  COMMAND"
+        f"{'JOB':<24} {'OWNER':<12}{node_header} {'CPU%':>6} {'MEM':>9} {'READ/s':>9}"
+        f" {'WRITE/s':>9} {'PIDS':>5} {'RUNTIME':>8}  COMMAND"
     )
     order = f"sorted by {sort}, reversed" if reverse else f"sorted by {sort}"
     lines = [f"{len(jobs)} running jobs, {order}", header]
@@ -122,8 +125,9 @@ def frame(jobs: list[Row], sort: str, now: float, width: int = 120, reverse: boo
         cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.1f}"
         command = for_terminal(shlex.join([r.view.command, *r.view.args]))
         owner = for_terminal(r.view.owner)[:12]
+        node = f" {for_terminal(r.view.node or '-')[:12]:<12}" if nodes else ""
         line = (
-            f"{r.view.job_id:<24} {owner:<12} {cpu:>6} {size(r.memory):>9}"
+            f"{r.view.job_id:<24} {owner:<12}{node} {cpu:>6} {size(r.memory):>9}"
             f" {size(r.io_read_rate):>9} {size(r.io_write_rate):>9}"
             f" {'-' if r.pids is None else r.pids:>5}"
             f" {runtime // 3600:02d}:{runtime // 60 % 60:02d}:{runtime % 60:02d}  {command}"

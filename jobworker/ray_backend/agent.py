@@ -9,7 +9,8 @@ spooled and stopped exactly as on a single server.
 The agent is the source of truth about its jobs: a restarted front server learns what runs
 by asking (:meth:`NodeAgent.poll`), so the front keeps no state of its own on disk.
 
-Calls are plain values (attrs objects of :mod:`jobworker.model`); errors are
+Calls are plain values (attrs objects of :mod:`jobworker.model` and
+:mod:`jobworker.usage`, pickled by Ray); errors are
 :class:`~jobworker.errors.JobworkerError` raised through Ray, re-raised by the front.
 Plain class here; the front wraps it with ``ray.remote`` so that importing this module
 needs no Ray.
@@ -33,6 +34,7 @@ from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobState, JobStatus, StopResult
 from jobworker.ray_backend.tree import ProcessTree, ProcRecords
 from jobworker.spool import spool_run
+from jobworker.usage import JobUsage
 
 log = structlog.get_logger("jobworker.ray.agent")
 
@@ -261,6 +263,15 @@ class NodeAgent:
             except TimeoutError:
                 return ReadResult([], at_end=False)
         return ReadResult([(int(chunk.stream), chunk.data, chunk.offset)], at_end=False)
+
+    async def usage(self, job_id: str, last: int) -> JobUsage:
+        """The samples the node's engine took of ``job_id`` (see :mod:`jobworker.usage`);
+        NotFound once the agent no longer keeps the job."""
+        return await self._ready().usage(job_id, last)
+
+    async def running_usage(self, last: int) -> list[JobUsage]:
+        """The newest ``last`` samples (0: all) of every job running on this node."""
+        return await self._ready().running_usage(last)
 
 
 def release_placement(name: str) -> None:

@@ -21,6 +21,15 @@ seen at once; ``output_bytes`` of a running job may lag by up to that much. A fa
 asks the GCS whether the node is alive: once Ray declares it dead (its health check, about
 15 s by default) or the agent is gone, that node's running jobs end with ``node_lost``.
 A restarted front server rebuilds the picture by polling every agent.
+
+Usage samples (:mod:`jobworker.usage`) are taken on the node by the agent's engine, as on a
+single server. ``GetUsage`` asks the job's agent (bounded by ``CALL_TIMEOUT``, like every
+agent call); ``ListUsage`` asks every live node's agent at once and leaves out, with a
+warning in the log, a node that does not answer within ``USAGE_LIST_TIMEOUT``. The front
+keeps the samples it relayed of each running job (a :class:`~jobworker.usage.UsageRing`,
+at most ``RING_SIZE`` samples), so that the usage of a job whose node is lost can still be
+read up to the last sample relayed; they are dropped when the job ends on a live node (its
+agent keeps its own).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ from jobworker.ray_backend.agent import (
     agent_name,
     release_placement,
 )
+from jobworker.usage import JobUsage, UsageRing
 
 log = structlog.get_logger("jobworker.ray.front")
 
@@ -81,6 +91,9 @@ READ_BYTES = 8 << 20
 RETRY_SECONDS = 0.5
 #: How often the front looks for nodes that joined the cluster.
 DISCOVER_SECONDS = 5.0
+#: Longest wait for one node's running jobs' usage (``ListUsage``, what ``jobworker top``
+#: asks every second): a node slower than that is left out of the answer.
+USAGE_LIST_TIMEOUT = 5.0
 
 _T = TypeVar("_T")
 
@@ -119,19 +132,36 @@ class _Node:
 
 
 @attrs.define(eq=False)
+class _KeptUsage:
+    """The samples of a running job the front relayed from its agent, newest kept on."""
+
+    source: str
+    ring: UsageRing = attrs.Factory(UsageRing)
+
+    def add(self, usage: JobUsage) -> None:
+        if usage.source:
+            self.source = usage.source
+        newest = self.ring.latest
+        for sample in usage.samples:  # oldest first
+            if newest is None or sample.time > newest.time:
+                self.ring.add(sample)
+
+
+@attrs.define(eq=False)
 class _Job:
     status: JobStatus
     node: _Node
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     output_lost: bool = False
+    usage: _KeptUsage | None = None
 
 
-async def _call(ref: Awaitable[_T], node: _Node) -> _T:
+async def _call(ref: Awaitable[_T], node: _Node, within: float = CALL_TIMEOUT) -> _T:
     """Await an agent call; an error the agent raised is re-raised as itself."""
     import ray
 
     try:
-        return await asyncio.wait_for(ref, CALL_TIMEOUT)
+        return await asyncio.wait_for(ref, within)
     except ray.exceptions.RayTaskError as err:
         cause = err.cause
         if isinstance(cause, JobworkerError):
@@ -307,6 +337,7 @@ class RayBackend:
             return
         job.status = status
         if status.state is JobState.EXITED:
+            job.usage = None  # the agent keeps the samples with the job
             self._ended(job)
 
     def _ended(self, job: _Job) -> None:
@@ -528,6 +559,65 @@ class RayBackend:
                 self._plugins.output_chunk(job_id, chunk.stream.label, chunk.data)
         except JobworkerError as err:
             log.warning("output_relay_ended", job_id=job_id, error=str(err))
+
+    # -- usage -----------------------------------------------------------------------------
+
+    async def usage(self, job_id: str, last: int = 0) -> JobUsage:
+        """The job's samples, from its node's agent; for a job whose node was lost, those
+        the front relayed before (FAILED_PRECONDITION if none)."""
+        job = self._lookup(job_id)
+        if not job.output_lost:
+            try:
+                usage: JobUsage = await _call(job.node.agent.usage.remote(job_id, last), job.node)
+            except _Unreachable:
+                if not job.output_lost:
+                    raise
+            else:
+                self._keep_usage(job, usage)
+                return usage
+        return self._kept_usage(job, last)
+
+    async def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
+        """The samples of every running job of every node that answers within
+        ``USAGE_LIST_TIMEOUT``; a node that does not is left out (and logged)."""
+        nodes = [n for n in self._nodes.values() if not n.lost]
+        replies = await asyncio.gather(*(self._node_usage(n, last) for n in nodes))
+        found = []
+        for node, reply in zip(nodes, replies, strict=True):
+            for usage in reply:
+                job = self._jobs.get(usage.job_id)
+                if job is None or job.node is not node:
+                    continue  # started after the front's last look at the node
+                self._keep_usage(job, usage)
+                found.append(usage)
+        return found
+
+    async def _node_usage(self, node: _Node, last: int) -> builtins.list[JobUsage]:
+        try:
+            usage: builtins.list[JobUsage] = await _call(
+                node.agent.running_usage.remote(last), node, USAGE_LIST_TIMEOUT
+            )
+        except Exception as err:
+            log.warning("usage_node_skipped", node=node.name,
+                        error=str(getattr(err, "error", err)) or type(err).__name__)  # fmt: skip
+            return []
+        return usage
+
+    def _keep_usage(self, job: _Job, usage: JobUsage) -> None:
+        if job.done.is_set():
+            return
+        if job.usage is None:
+            job.usage = _KeptUsage(usage.source)
+        job.usage.add(usage)
+
+    def _kept_usage(self, job: _Job, last: int) -> JobUsage:
+        kept = job.usage
+        if kept is None or not len(kept.ring):
+            raise FailedPrecondition(
+                f"job {job.status.job_id} ran on node {job.node.name}, which was lost with the"
+                " job's usage samples (the front server had relayed none)"
+            )
+        return JobUsage(job.status.job_id, kept.source, kept.ring.samples(last))
 
     # -- stop ------------------------------------------------------------------------------
 

@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from jobworker.pki import PkiPaths
+from jobworker.ray_backend.front import USAGE_LIST_TIMEOUT
 from jobworker.ray_backend.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -23,10 +24,16 @@ from tests.ray_cluster.conftest import JOBWORKER, NODES, PLACEMENT_TIMEOUT_S, Fr
 from tests.serverfixtures import RPC_TIMEOUT_S, output_of, running_server, start_job, wait_exited
 
 ONE_CPU = pb.Limits(cpu=1)
+BUSY = ("sh", "-c", "while :; do :; done")
 
 
 def status(stub: pb_grpc.JobServiceStub, job_id: str) -> pb.JobStatusResponse:
     reply: pb.JobStatusResponse = stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=10)
+    return reply
+
+
+def usage(stub: pb_grpc.JobServiceStub, job_id: str) -> pb.JobUsage:
+    reply: pb.JobUsage = stub.GetUsage(pb.UsageRequest(job_id=job_id), timeout=10)
     return reply
 
 
@@ -248,8 +255,17 @@ def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftove
     doomed = start_job(alice, "sleep", "300", node="w3")
     spared = start_job(alice, "sleep", "300", node="w1")
     orphan = status(alice, doomed).pid
+    # Its usage, asked before the loss, is what the front can still answer after it.
+    wait_for(lambda: usage(alice, doomed).samples, 10, "a usage sample of the doomed job")
+    before = usage(alice, doomed).samples
     try:
         ray_cluster.kill_raylet("w3")
+        # Usage of every node at once: the dead one is left out, and the answer is not
+        # held up longer than USAGE_LIST_TIMEOUT by it.
+        started = time.monotonic()
+        listed = alice.ListUsage(pb.ListUsageRequest(last=2), timeout=30).jobs
+        assert time.monotonic() - started < USAGE_LIST_TIMEOUT + 3
+        assert spared in {u.job_id for u in listed}
         took = wait_for(lambda: status(alice, doomed).status == "exited", 30, "node_lost")
         lost = status(alice, doomed)
         assert (lost.reason, lost.exit_code, lost.node) == ("node_lost", -1, "w3")
@@ -259,6 +275,8 @@ def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftove
             output_of(alice, doomed)
         assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "lost" in gone.value.details()
+        kept = usage(alice, doomed).samples
+        assert kept and kept[0] == before[0] and kept[-1].time >= before[-1].time
         exited = [r for r in front.audit() if r["audit"] == "job_exited"]
         assert any(r["job_id"] == doomed and r["reason"] == "node_lost" for r in exited)
         # A SIGKILLed raylet leaves its jobs' processes running, with nobody to stop them;
@@ -273,7 +291,38 @@ def test_killed_raylet_gives_node_lost_and_the_returning_node_sweeps_the_leftove
             os.kill(orphan, signal.SIGKILL)
 
 
-def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) -> None:
+def test_usage_of_a_busy_job_is_sampled_on_its_node(
+    front: Front, alice: pb_grpc.JobServiceStub
+) -> None:
+    job_id = start_job(alice, *BUSY, node="w2")
+
+    def rising() -> bool:
+        samples = usage(alice, job_id).samples
+        return len(samples) >= 2 and samples[-1].cpu_usec > samples[0].cpu_usec
+
+    wait_for(rising, 20, "two samples with rising CPU")
+    found = usage(alice, job_id)
+    assert found.source in ("proc", "cgroupv2")
+    cpu = [s.cpu_usec for s in found.samples]
+    assert cpu == sorted(cpu)
+    assert found.samples[-1].memory_bytes > 0 and found.samples[-1].pids >= 1
+    assert len(alice.GetUsage(pb.UsageRequest(job_id=job_id, last=1), timeout=10).samples) == 1
+    listed = {u.job_id: u for u in alice.ListUsage(pb.ListUsageRequest(last=2), timeout=10).jobs}
+    assert len(listed[job_id].samples) == 2
+    # Another user sees neither the job's usage nor the job in the list, as on one server.
+    bob = front.stub("bob")
+    with pytest.raises(grpc.RpcError) as hidden:
+        usage(bob, job_id)
+    assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
+    assert job_id not in {u.job_id for u in bob.ListUsage(pb.ListUsageRequest(), timeout=10).jobs}
+    stop(alice, job_id)
+    # The agent keeps a finished job's samples with the job.
+    assert len(usage(alice, job_id).samples) >= len(cpu)
+    assert job_id not in {u.job_id for u in alice.ListUsage(pb.ListUsageRequest(), timeout=10).jobs}
+
+
+def cli_of(front: Front, ray_pki: PkiPaths) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """The ``jobworker`` command as alice, against ``front``."""
     files = ray_pki.client("alice")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWORKER_")}
     env.update(
@@ -287,6 +336,11 @@ def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) ->
     def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([JOBWORKER, *args], env=env, capture_output=True, timeout=60)
 
+    return cli
+
+
+def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) -> None:
+    cli = cli_of(front, ray_pki)
     ran = cli("run", "--node", "w2", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (ran.returncode, ran.stdout, ran.stderr) == (3, b"out\n", b"err\n")
     listed = json.loads(cli("list", "--node", "w2", "--json").stdout)
@@ -294,3 +348,30 @@ def test_the_cli_runs_pins_and_lists_by_node(front: Front, ray_pki: PkiPaths) ->
     refused = cli("start", "--node", "nowhere", "--", "true")
     assert refused.returncode != 0
     assert b"no node named 'nowhere'" in refused.stderr
+
+
+def test_the_cli_shows_a_cluster_jobs_usage_and_top_its_node(
+    front: Front, alice: pb_grpc.JobServiceStub, ray_pki: PkiPaths
+) -> None:
+    cli = cli_of(front, ray_pki)
+    job_id = start_job(alice, *BUSY, node="w1")
+
+    def samples() -> list[dict[str, float]]:
+        shown = cli("status", job_id, "--usage", "--json")
+        assert shown.returncode == 0, shown.stderr
+        found: list[dict[str, float]] = json.loads(shown.stdout)["samples"]
+        return found
+
+    wait_for(lambda: len(samples()) >= 2, 20, "two samples through the CLI")
+    cpu = [s["cpu_usec"] for s in samples()]
+    assert cpu == sorted(cpu) and cpu[-1] > cpu[0]
+    chart = cli("status", job_id, "--usage")
+    assert chart.returncode == 0 and f"job {job_id}:".encode() in chart.stdout
+    top = cli("top", "--once", "--sort", "id")
+    assert top.returncode == 0, top.stderr
+    lines = top.stdout.decode().splitlines()
+    assert lines[1].split()[:3] == ["JOB", "OWNER", "NODE"]
+    row = next(line.split() for line in lines[2:] if line.startswith(job_id))
+    assert row[1:3] == ["alice", "w1"]
+    assert float(row[3]) > 10  # CPU%: a busy loop, on a 2-core machine with others
+    stop(alice, job_id)

@@ -90,6 +90,18 @@ def test_top_frame_sorts() -> None:
     assert "1.0GiB" in text and "01:01:06" in text and text.endswith("sleep 60")
 
 
+def test_top_frame_has_a_node_column_only_for_cluster_jobs() -> None:
+    local = Row(view("local", 0.0), cpu_percent=1.0)
+    assert "NODE" not in frame([local], "cpu", 10.0)
+    remote = Row(attrs.evolve(view("remote", 0.0), node="w1"), cpu_percent=2.0)
+    lines = frame([local, remote], "cpu", 10.0).splitlines()
+    assert lines[1].split()[:3] == ["JOB", "OWNER", "NODE"]
+    assert [line.split()[:3] for line in lines[2:]] == [
+        ["remote", "alice", "w1"],
+        ["local", "alice", "-"],
+    ]
+
+
 def test_top_frame_escapes_what_a_job_or_its_owner_chose() -> None:
     hostile = attrs.evolve(view("x", 0.0, owner="\x1b]0;o"), args=("\x1b[2J",))
     text = frame([Row(hostile)], "id", 1.0)

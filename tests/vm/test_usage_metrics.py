@@ -85,7 +85,7 @@ def test_oom_stop_and_refusal_counted_and_cpu_samples_reach_the_limit(tmp_path: 
         # Half a core for a busy loop: the samples' CPU rate sits at the limit.
         busy = await m.start(JobSpec(*BUSY, limits=Limits(cpu=0.5)), "alice")
         await asyncio.sleep(6)
-        usage = m.usage(busy.job_id)
+        usage = await m.usage(busy.job_id)
         during = await asyncio.to_thread(_scrape, metrics.address)
         await m.stop(busy.job_id, by="alice", grace=0)
         after = await asyncio.to_thread(_scrape, metrics.address)
