@@ -1,92 +1,162 @@
-"""Reading every job's pipes and spooling what they carry, in one thread of its own.
+"""Reading every job's pipes and spooling what they carry, in two threads of their own.
 
-Why a thread: a spool write can block for seconds when the disk is slow (the kernel
+Why threads: a spool write can block for seconds when the disk is slow (the kernel
 throttles a writer past its dirty-page limit), and on the event loop that would stall every
 RPC and every follower. Here it stalls only ingestion, which the job feels as a full pipe,
 exactly as it would writing to a slow disk itself. ``read`` and ``pwritev`` release the
-GIL, so the loop keeps sending to followers while this thread copies the next read.
+GIL, so the loop keeps sending to followers meanwhile.
 
-Why first in line for the CPU: the thread runs at nice :data:`PRIORITY` (when the server may
-raise it: root, or ``CAP_SYS_NICE``), ahead of the event loop and of the jobs. A job that
-writes fast with a follower reading shares the CPU with the follower's sending; at equal
-priority the pipe was drained late and the job ran 2x slower with one follower on 2 cores.
-The thread's own work per byte is small (a read and a write, the GIL released in both), so
-it cannot take much from anything else, and followers lose nothing: they read the spool
-at their pace (docs/performance.md has the figures). Plugins' ``jobworker_output_chunk``
-observers run in this thread, at this priority too.
+Why two: the *reader* waits on every pipe and reads; the *writer* hands each read to its
+sink (the spool write). A job's end is noticed by the reader, so it never waits behind
+another job's throttled spool write: a job whose reads are all written is finished at once
+(stopping a job on a server whose disk is throttled took 0.6 s before). The writer takes
+reads in the order they were read, so the spool keeps the order between a job's stdout
+and stderr that one thread gave. Memory is bounded twice: a pipe with
+:data:`PENDING_PER_PIPE` reads' worth waiting is not read again until the writer catches up
+(the job waits on its full pipe, as before), and past :data:`PENDING_MAX` bytes waiting in
+all no pipe with data is read; a pipe at its end is still noticed, since that needs no read
+of data.
 
-The thread owns the descriptors it is given: it closes a pipe at end-of-file, or when
-:meth:`Ingest.drop` asks, and only then tells the loop, so a descriptor is never closed
-while the other side might still use its number.
+Why first in line for the CPU: both threads run at nice :data:`PRIORITY` (when the server
+may raise it: root, or ``CAP_SYS_NICE``), ahead of the event loop and of the jobs. A job
+that writes fast with a follower reading shares the CPU with the follower's sending; at
+equal priority the pipe was drained late and the job ran 2x slower with one follower on 2
+cores. The threads' own work per byte is small (a read and a write, the GIL released in
+both), so they cannot take much from anything else, and followers lose nothing: they read
+the spool at their pace (docs/performance.md has the figures).
+
+The threads own the descriptors they are given: a pipe is closed at end-of-file, or when
+:meth:`Ingest.drop` asks, once all that was read from it is written, and only then is the
+loop told, so a descriptor is never closed while the other side might still use its number.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import fcntl
 import os
 import selectors
+import termios
 import threading
 import time
 from collections.abc import Callable
 
+import attrs
 import structlog
 
 log = structlog.get_logger("jobworker.ingest")
 
-#: After reading, how long the thread lets output accumulate before it reads again.
+#: After reading, how long the reader lets output accumulate before it reads again.
 BATCH_DELAY = 0.0005
 
-#: The ingest thread's nice value (-20: the kernel's highest for normal threads).
+#: The ingest threads' nice value (-20: the kernel's highest for normal threads).
 PRIORITY = -20
 
-#: Receives each read, in the ingest thread.
+#: Reads of one pipe that may wait for the writer before the pipe is no longer read.
+PENDING_PER_PIPE = 2
+#: Bytes read from all pipes and not yet written, past which no pipe with data is read.
+PENDING_MAX = 64 << 20
+
+#: Receives each read, in the writer thread.
 Sink = Callable[[bytes], None]
 
 
+@attrs.define(eq=False)
+class Pipe:
+    """One pipe being ingested: the handle :meth:`Ingest.add` returns, for :meth:`Ingest.drop`
+    (a descriptor's number may be reused once closed; the handle is not). ``pending``,
+    ``ended`` and ``closed`` change under ``Ingest._lock``."""
+
+    fd: int
+    sink: Sink
+    on_eof: Callable[[], None]
+    #: Bytes read and not yet written.
+    pending: int = 0
+    #: End-of-file seen, or dropped: the pipe is closed once nothing of it is pending.
+    ended: bool = False
+    #: Closed (or about to be, by the thread that saw its last byte written).
+    closed: bool = False
+    #: Not in the selector (the reader's own): too much of it is waiting for the writer.
+    paused: bool = False
+    done: asyncio.Future[None] | None = None
+
+
 class Ingest:
-    """One thread, one epoll, every running job's stdout and stderr pipes."""
+    """Two threads, one epoll, every running job's stdout and stderr pipes."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_size: int) -> None:
         self._loop = loop
         self._read_size = read_size
+        self._per_pipe = PENDING_PER_PIPE * read_size
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._pipes: set[Pipe] = set()  # the reader's own
         self._lock = threading.Lock()
         self._requests: list[Callable[[], None]] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="jobworker-ingest", daemon=True)
-        self._thread.start()
+        # The writer's queue, in read order; its condition shares the lock.
+        self._queue: collections.deque[tuple[Pipe, bytes]] = collections.deque()
+        self._queued = 0
+        self._queue_ready = threading.Condition(self._lock)
+        self._resume_asked = False
+        self._reader = threading.Thread(target=self._read, name="jobworker-ingest", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="jobworker-spool", daemon=True)
+        self._reader.start()
+        self._writer.start()
 
-    def add(self, fd: int, sink: Sink, on_eof: Callable[[], None]) -> None:
+    @property
+    def native_ids(self) -> tuple[int | None, int | None]:
+        """The reader's and the writer's ids in the kernel (their /proc/self/task entries)."""
+        return self._reader.native_id, self._writer.native_id
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes read from pipes and not yet written."""
+        with self._lock:
+            return self._queued
+
+    def add(self, fd: int, sink: Sink, on_eof: Callable[[], None]) -> Pipe:
         """Read ``fd`` into ``sink`` until end-of-file, then close it and call ``on_eof``
         on the loop."""
+        pipe = Pipe(fd, sink, on_eof)
 
         def register() -> None:
-            self._selector.register(fd, selectors.EVENT_READ, (sink, on_eof))
+            self._pipes.add(pipe)
+            self._selector.register(fd, selectors.EVENT_READ, pipe)
 
         self._request(register)
+        return pipe
 
-    def drop(self, fd: int) -> asyncio.Future[None]:
-        """Stop reading ``fd`` and close it (a pipe a leftover process still holds); the
-        future resolves on the loop once it is closed and ``on_eof`` has run."""
+    def drop(self, pipe: Pipe) -> asyncio.Future[None]:
+        """Stop reading ``pipe`` and close it (a pipe a leftover process still holds) once
+        what was read from it is written; the future resolves on the loop once it is closed
+        and ``on_eof`` has run."""
         done: asyncio.Future[None] = self._loop.create_future()
 
         def drop() -> None:
-            try:
-                key = self._selector.get_key(fd)
-            except KeyError:  # already at end-of-file
-                self._loop.call_soon_threadsafe(_resolve, done)
+            with self._lock:
+                ended, closed = pipe.ended, pipe.closed
+                if ended and not closed:
+                    pipe.done = done  # the writer resolves it with the pipe's last write
+            if ended:
+                if closed:
+                    self._loop.call_soon_threadsafe(_resolve, done)
                 return
-            self._finish(fd, key.data[1], done)
+            pipe.done = done
+            self._end(pipe)
 
         self._request(drop)
         return done
 
     def close(self) -> None:
-        """Stop the thread (every job has ended: nothing is registered any more)."""
+        """Stop both threads (every job has ended: nothing is registered any more)."""
         self._request(lambda: None, stop=True)
-        self._thread.join()
+        self._reader.join()
+        with self._lock:
+            self._queue_ready.notify()
+        self._writer.join()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -100,19 +170,9 @@ class Ingest:
         except BlockingIOError:  # already awake with many requests queued
             pass
 
-    def _finish(
-        self, fd: int, on_eof: Callable[[], None], done: asyncio.Future[None] | None
-    ) -> None:
-        self._selector.unregister(fd)
-        os.close(fd)
-        self._loop.call_soon_threadsafe(_eof, on_eof, done)
+    # -- the reader ------------------------------------------------------------------------
 
-    @property
-    def native_id(self) -> int | None:
-        """The thread's id in the kernel (its /proc/self/task entry)."""
-        return self._thread.native_id
-
-    def _run(self) -> None:
+    def _read(self) -> None:
         _raise_priority()
         read_any = False
         while True:
@@ -126,22 +186,60 @@ class Ingest:
                     if self._serve_requests():
                         return
                     continue
-                sink, on_eof = key.data
+                pipe: Pipe = key.data
+                with self._lock:
+                    full = self._queued >= PENDING_MAX
+                if full and _available(pipe.fd) > 0:
+                    self._pause(pipe)  # its end, when it comes, is seen once resumed
+                    continue
                 try:
-                    data = os.read(key.fd, self._read_size)
+                    data = os.read(pipe.fd, self._read_size)
                 except BlockingIOError:
                     continue
                 except OSError as err:
                     log.warning("job_output_read_failed", error=str(err))
                     data = b""
                 if not data:
-                    self._finish(key.fd, on_eof, None)
+                    self._end(pipe)
                     continue
                 read_any = True
-                try:
-                    sink(data)
-                except Exception:  # a bug: keep ingesting every other job
-                    log.exception("job_output_sink_failed")
+                with self._lock:
+                    pipe.pending += len(data)
+                    self._queued += len(data)
+                    self._queue.append((pipe, data))
+                    self._queue_ready.notify()
+                    pause = pipe.pending >= self._per_pipe
+                if pause:
+                    self._pause(pipe)
+
+    def _pause(self, pipe: Pipe) -> None:
+        self._selector.unregister(pipe.fd)
+        pipe.paused = True
+
+    def _resume(self) -> None:
+        """Read again the pipes the writer has caught up with."""
+        with self._lock:
+            self._resume_asked = False
+            room = self._queued < PENDING_MAX
+            ready = [
+                p
+                for p in self._pipes
+                if p.paused and not p.ended and room and p.pending < self._per_pipe
+            ]
+        for pipe in ready:
+            pipe.paused = False
+            self._selector.register(pipe.fd, selectors.EVENT_READ, pipe)
+
+    def _end(self, pipe: Pipe) -> None:
+        """End-of-file (or dropped): no more reads; closed now if nothing is pending."""
+        if not pipe.paused:
+            self._selector.unregister(pipe.fd)
+        self._pipes.discard(pipe)
+        with self._lock:
+            pipe.ended = True
+            finish = pipe.closed = not pipe.pending
+        if finish:
+            self._finish(pipe)
 
     def _serve_requests(self) -> bool:
         while True:
@@ -156,6 +254,53 @@ class Ingest:
         for request in requests:
             request()
         return stopping
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        _raise_priority()
+        while True:
+            with self._lock:
+                while not self._queue:
+                    if self._stopping and not self._reader.is_alive():
+                        return
+                    self._queue_ready.wait()  # close() notifies once the reader is gone
+                pipe, data = self._queue.popleft()
+            try:
+                pipe.sink(data)
+            except Exception:  # a bug: keep ingesting every other job
+                log.exception("job_output_sink_failed")
+            with self._lock:
+                pipe.pending -= len(data)
+                self._queued -= len(data)
+                finish = pipe.ended and not pipe.pending
+                pipe.closed |= finish
+                resume = not self._resume_asked and (pipe.paused or self._queued < PENDING_MAX)
+                if resume:
+                    self._resume_asked = True
+            del data
+            if finish:
+                self._finish(pipe)
+            if resume:
+                self._request(self._resume)
+
+    # -- either --------------------------------------------------------------------------
+
+    def _finish(self, pipe: Pipe) -> None:
+        """Close the pipe and tell the loop: by the reader at end-of-file with nothing
+        pending, or by the writer after the pipe's last pending read."""
+        os.close(pipe.fd)
+        self._loop.call_soon_threadsafe(_eof, pipe.on_eof, pipe.done)
+
+
+def _available(fd: int) -> int:
+    """Bytes waiting in a pipe (0 at its end)."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little")
 
 
 def _raise_priority() -> None:

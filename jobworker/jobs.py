@@ -39,7 +39,7 @@ from jobworker.errors import (
     job_not_found,
 )
 from jobworker.hooks.host import Plugins
-from jobworker.ingest import Ingest
+from jobworker.ingest import Ingest, Pipe
 from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
@@ -99,7 +99,8 @@ class _Job:
     stopped_by: str | None = None
     escalated: bool = False
     stop_task: asyncio.Task[None] | None = None
-    pipes: set[int] = attrs.Factory(set)
+    #: Its stdout and stderr while the ingest threads read them, by descriptor.
+    pipes: dict[int, Pipe] = attrs.Factory(dict)
     pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
     publish_pending: bool = False
     cut_logged: bool = False
@@ -334,7 +335,6 @@ class JobManager:
             log=output,
             started_at=time.time(),
             plan=plan,
-            pipes={spawned.stdout, spawned.stderr},
             stdin=spawned.stdin,
         )
         self._jobs[job_id] = job
@@ -343,7 +343,7 @@ class JobManager:
         if self._ingest is None:
             self._ingest = Ingest(loop, PIPE_SIZE)
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
-            self._ingest.add(
+            job.pipes[fd] = self._ingest.add(
                 fd,
                 functools.partial(self._on_output, loop, job, stream),
                 functools.partial(self._pipe_closed, job, fd),
@@ -402,7 +402,7 @@ class JobManager:
 
     def _pipe_closed(self, job: _Job, fd: int) -> None:
         """The ingest thread has closed ``fd`` (end-of-file, or dropped)."""
-        job.pipes.discard(fd)
+        job.pipes.pop(fd, None)
         if not job.pipes:
             job.pipes_closed.set()
 
@@ -506,8 +506,8 @@ class JobManager:
             job.pidfd = job.exit_report = -1
             self._close_stdin(job)
             if self._ingest is not None:
-                for fd in list(job.pipes):
-                    await self._ingest.drop(fd)
+                for pipe in list(job.pipes.values()):
+                    await self._ingest.drop(pipe)
             try:
                 # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
                 await asyncio.to_thread(job.containment.release)
