@@ -69,7 +69,7 @@ PIPE_DRAIN_TIMEOUT = 2.0
 #: before the job ends anyway, with an error log naming what is left.
 SETTLE_TIMEOUT = 5.0
 #: Reads handed to ``jobworker_output_chunk`` observers and not yet seen by them: the
-#: ingest thread waits beyond this, so a slow observer bounds memory, never loses a byte.
+#: spool-writing thread waits beyond this, so a slow observer bounds memory, never loses a byte.
 OBSERVER_BACKLOG = 8
 #: After SIGKILL, how long a stop waits for the job to end before it gives up waiting.
 KILL_TIMEOUT = SETTLE_TIMEOUT + PIPE_DRAIN_TIMEOUT + 1.0
@@ -372,7 +372,7 @@ class JobManager:
     def _on_output(
         self, loop: asyncio.AbstractEventLoop, job: _Job, stream: Stream, data: bytes
     ) -> None:
-        """One read of a job's pipe (up to the pipe's size), in the ingest thread."""
+        """One read of a job's pipe (up to the pipe's size), in the spool-writing thread."""
         job.log.write(stream, data)
         if not job.publish_pending:
             # One wake-up of the loop for any number of reads it has not caught up with.
@@ -401,7 +401,7 @@ class JobManager:
             self._observer_slots.release()
 
     def _pipe_closed(self, job: _Job, fd: int) -> None:
-        """The ingest thread has closed ``fd`` (end-of-file, or dropped)."""
+        """The ingest threads have closed ``fd`` (end-of-file, or dropped)."""
         job.pipes.pop(fd, None)
         if not job.pipes:
             job.pipes_closed.set()

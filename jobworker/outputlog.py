@@ -9,7 +9,7 @@ own position, so a slow follower never holds anyone else back.
 A position in the file is the follower's resume cursor: every chunk carries the position
 just after it.
 
-Two sides, two threads: :meth:`OutputLog.write` runs in the ingest thread
+Two sides, two threads: :meth:`OutputLog.write` runs in the spool-writing thread
 (:mod:`jobworker.ingest`), so a slow disk never stalls the event loop; :meth:`publish` runs
 on the loop and makes what was written visible to followers. :meth:`append` does both, for
 callers on the loop.
@@ -121,7 +121,7 @@ class OutputLog:
         self._max_bytes = max_bytes
         self._budget = budget or SpoolBudget(None)
         self._charged = 0  # spool bytes taken from the budget
-        # Writer side (the ingest thread), guarded by _lock; the loop copies it in publish().
+        # Writer side (the spool-writing thread), guarded by _lock; the loop copies it in publish().
         self._lock = threading.Lock()
         self._w_size = 0
         self._w_payload = 0
@@ -182,7 +182,7 @@ class OutputLog:
                 self._w_cut = reason
 
     def write(self, stream: Stream, data: bytes) -> None:
-        """Spool ``data`` (the ingest thread); never blocks on followers.
+        """Spool ``data`` (the spool-writing thread); never blocks on followers.
 
         Keeps what the cap and the budget allow; a failed write cuts the log (the job goes
         on). Raises nothing: the log records why it was cut.
