@@ -408,15 +408,14 @@ class UsageSampler:
         #: Held while a worker thread reads: a cancelled tick's thread still runs.
         self._reading = threading.Lock()
         self._running = 0
-        #: Set when the last running job ends: the sampler stops (closing the files it
-        #: keeps open) at once, not after its next sleep.
-        self._idle = asyncio.Event()
+        #: The sampler's sleep between ticks, resolved early when the last running job
+        #: ends: it stops (closing the files it keeps open) at once, not a period later.
+        self._sleeping: asyncio.Future[None] | None = None
 
     def track(self, job_id: str, pid: int, containment: object) -> None:
         """Start sampling a job whose command now runs."""
         self._jobs[job_id] = _Tracked(pid, containment, UsageRing(self._capacity))
         self._running += 1
-        self._idle.clear()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-sampler")
 
@@ -426,8 +425,8 @@ class UsageSampler:
         if tracked is not None and tracked.running:
             tracked.running = False
             self._running -= 1
-            if not self._running:
-                self._idle.set()
+            if not self._running and self._sleeping is not None:
+                _wake(self._sleeping)
 
     def forget(self, job_id: str) -> None:
         """The job is evicted: drop its samples."""
@@ -491,10 +490,24 @@ class UsageSampler:
                 if tracked is not None and tracked.running:
                     tracked.ring.add(sample)
             average = cost if not average else average + _COST_WEIGHT * (cost - average)
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(self._interval, average / CPU_BUDGET))
-            except TimeoutError:
-                pass
+            await self._sleep(max(self._interval, average / CPU_BUDGET))
+
+    async def _sleep(self, seconds: float) -> None:
+        """``asyncio.sleep``, ended early by :meth:`finished` (no task of its own: a
+        server's task count stays what its RPCs make it)."""
+        loop = asyncio.get_running_loop()
+        self._sleeping = loop.create_future()
+        timer = loop.call_later(seconds, _wake, self._sleeping)
+        try:
+            await self._sleeping
+        finally:
+            timer.cancel()
+            self._sleeping = None
+
+
+def _wake(sleeping: asyncio.Future[None]) -> None:
+    if not sleeping.done():
+        sleeping.set_result(None)
 
 
 def sample_jobs(jobs: dict[str, _Tracked], procs: ProcTable) -> dict[str, UsageSample]:
