@@ -58,13 +58,8 @@ PENDING_PER_PIPE = 2
 #: Bytes read from all pipes and not yet written, past which no pipe with data is read.
 PENDING_MAX = 64 << 20
 
-#: Read buffers kept for reuse once written: a fresh 1 MiB buffer per read cost more CPU
-#: than the read itself (page faults, then ``munmap`` with every thread's TLB to flush).
-BUFFERS_KEPT = 4
-
-#: Receives each read, in the writer thread: a view into a buffer that is reused once the
-#: call returns (copy what must outlive it).
-Sink = Callable[[memoryview], None]
+#: Receives each read, in the writer thread.
+Sink = Callable[[bytes], None]
 
 
 @attrs.define(eq=False)
@@ -102,8 +97,7 @@ class Ingest:
         self._requests: list[Callable[[], None]] = []
         self._stopping = False
         # The writer's queue, in read order; its condition shares the lock.
-        self._queue: collections.deque[tuple[Pipe, bytearray, int]] = collections.deque()
-        self._buffers: list[bytearray] = []
+        self._queue: collections.deque[tuple[Pipe, bytes]] = collections.deque()
         self._queued = 0
         self._queue_ready = threading.Condition(self._lock)
         self._resume_asked = False
@@ -198,27 +192,21 @@ class Ingest:
                 if full and _available(pipe.fd) > 0:
                     self._pause(pipe)  # its end, when it comes, is seen once resumed
                     continue
-                with self._lock:
-                    buf = self._buffers.pop() if self._buffers else None
-                if buf is None:
-                    buf = bytearray(self._read_size)
                 try:
-                    count = os.readv(pipe.fd, [buf])
+                    data = os.read(pipe.fd, self._read_size)
                 except BlockingIOError:
-                    self._give_back(buf)
                     continue
                 except OSError as err:
                     log.warning("job_output_read_failed", error=str(err))
-                    count = 0
-                if not count:
-                    self._give_back(buf)
+                    data = b""
+                if not data:
                     self._end(pipe)
                     continue
                 read_any = True
                 with self._lock:
-                    pipe.pending += count
-                    self._queued += count
-                    self._queue.append((pipe, buf, count))
+                    pipe.pending += len(data)
+                    self._queued += len(data)
+                    self._queue.append((pipe, data))
                     self._queue_ready.notify()
                     pause = pipe.pending >= self._per_pipe
                 if pause:
@@ -277,31 +265,26 @@ class Ingest:
                     if self._stopping and not self._reader.is_alive():
                         return
                     self._queue_ready.wait()  # close() notifies once the reader is gone
-                pipe, buf, count = self._queue.popleft()
+                pipe, data = self._queue.popleft()
             try:
-                pipe.sink(memoryview(buf)[:count])
+                pipe.sink(data)
             except Exception:  # a bug: keep ingesting every other job
                 log.exception("job_output_sink_failed")
-            self._give_back(buf)
             with self._lock:
-                pipe.pending -= count
-                self._queued -= count
+                pipe.pending -= len(data)
+                self._queued -= len(data)
                 finish = pipe.ended and not pipe.pending
                 pipe.closed |= finish
                 resume = not self._resume_asked and (pipe.paused or self._queued < PENDING_MAX)
                 if resume:
                     self._resume_asked = True
+            del data
             if finish:
                 self._finish(pipe)
             if resume:
                 self._request(self._resume)
 
     # -- either --------------------------------------------------------------------------
-
-    def _give_back(self, buf: bytearray) -> None:
-        with self._lock:
-            if len(self._buffers) < BUFFERS_KEPT:
-                self._buffers.append(buf)
 
     def _finish(self, pipe: Pipe) -> None:
         """Close the pipe and tell the loop: by the reader at end-of-file with nothing

@@ -370,10 +370,9 @@ class JobManager:
     # -- output --------------------------------------------------------------------------
 
     def _on_output(
-        self, loop: asyncio.AbstractEventLoop, job: _Job, stream: Stream, data: memoryview
+        self, loop: asyncio.AbstractEventLoop, job: _Job, stream: Stream, data: bytes
     ) -> None:
-        """One read of a job's pipe (up to the pipe's size), in the spool-writing thread;
-        ``data`` is reused once this returns."""
+        """One read of a job's pipe (up to the pipe's size), in the spool-writing thread."""
         job.log.write(stream, data)
         if not job.publish_pending:
             # One wake-up of the loop for any number of reads it has not caught up with.
@@ -381,7 +380,7 @@ class JobManager:
             loop.call_soon_threadsafe(self._publish, job)
         if self._observe_output:
             self._observer_slots.acquire()
-            loop.call_soon_threadsafe(self._observe, job, stream, bytes(data))
+            loop.call_soon_threadsafe(self._observe, job, stream, data)
 
     def _publish(self, job: _Job) -> None:
         job.publish_pending = False  # first: a read after this point schedules again

@@ -181,7 +181,7 @@ class OutputLog:
             if self._w_cut is None:
                 self._w_cut = reason
 
-    def write(self, stream: Stream, data: bytes | memoryview) -> None:
+    def write(self, stream: Stream, data: bytes) -> None:
         """Spool ``data`` (the spool-writing thread); never blocks on followers.
 
         Keeps what the cap and the budget allow; a failed write cuts the log (the job goes
