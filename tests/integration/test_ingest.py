@@ -175,7 +175,14 @@ def test_a_pipe_waiting_on_the_writer_is_not_read_past_its_bound() -> None:
         ended = loop.create_future()
         ingest.add(r, sink, lambda: ended.set_result(None))
         payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
-        writer = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+
+        def write_all() -> None:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(w, view) :]
+            os.close(w)
+
+        writer = threading.Thread(target=write_all)
         writer.start()
         peak = 0
         for _ in range(50):
