@@ -187,6 +187,10 @@ class Ingest:
                         return
                     continue
                 pipe: Pipe = key.data
+                if pipe.ended:
+                    # Dropped by a request served earlier in this same batch of events:
+                    # unregistered (perhaps closed, its number reused) since select().
+                    continue
                 with self._lock:
                     full = self._queued >= PENDING_MAX
                 if full and _available(pipe.fd) > 0:

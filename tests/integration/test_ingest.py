@@ -231,3 +231,40 @@ def test_drop_writes_what_was_read_then_closes() -> None:
         ingest.close()
 
     asyncio.run(main())
+
+
+def test_drops_racing_reads_of_the_same_pipes_neither_crash_nor_lose_an_end() -> None:
+    """Pipes dropped while they carry data: a drop served in the same batch of events as
+    the pipe's own readiness must not read a pipe already ended (and maybe closed, its
+    number reused). Every pipe reports its end exactly once, and the threads live on."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ingest = Ingest(loop, 1 << 16)
+        ends: list[int] = []
+        writers: list[int] = []
+        drops = []
+        for i in range(300):
+            r, w = _pipe()
+            writers.append(w)
+            pipe = ingest.add(r, lambda data: None, lambda i=i: ends.append(i))
+            os.write(w, b"x" * 100)
+            drops.append(ingest.drop(pipe))
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(*drops), 20)
+        assert sorted(ends) == list(range(300))
+        # Still alive: a new pipe is read and ended as usual.
+        r, w = _pipe()
+        ended = loop.create_future()
+        got: list[bytes] = []
+        ingest.add(r, got.append, lambda: ended.set_result(None))
+        os.write(w, b"after")
+        os.close(w)
+        await asyncio.wait_for(ended, 10)
+        assert got == [b"after"]
+        for w in writers:
+            os.close(w)
+        ingest.close()
+
+    asyncio.run(main())
