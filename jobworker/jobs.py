@@ -233,7 +233,12 @@ class JobManager:
 
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
         """The newest sample of every job still retained, with its status (for metrics)."""
-        return [(self._jobs[j].snapshot(), s) for j, s in self._usage.latest() if j in self._jobs]
+        # The metrics server's thread: a job evicted meanwhile is skipped, not a KeyError.
+        return [
+            (job.snapshot(), s)
+            for j, s in self._usage.latest()
+            if (job := self._jobs.get(j)) is not None
+        ]
 
     @property
     def running(self) -> int:

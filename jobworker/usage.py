@@ -448,7 +448,9 @@ class UsageSampler:
 
     def latest(self) -> list[tuple[str, UsageSample]]:
         """The newest sample of every job still kept (running or retained)."""
-        return [(job_id, t.ring.latest) for job_id, t in self._jobs.items() if t.ring.latest]
+        # Called from the metrics server's thread: list() copies the items in one step (no
+        # Python code runs meanwhile), so the loop adding a job cannot break the iteration.
+        return [(job_id, t.ring.latest) for job_id, t in list(self._jobs.items()) if t.ring.latest]
 
     async def close(self) -> None:
         if self._task is not None:

@@ -34,7 +34,7 @@ from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobState, JobStatus, StopResult
 from jobworker.ray_backend.tree import ProcessTree, ProcRecords
 from jobworker.spool import spool_run
-from jobworker.usage import JobUsage
+from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.agent")
 
@@ -63,11 +63,14 @@ class AgentConfig:
 
 @attrs.frozen
 class PollReply:
-    """Jobs that changed (with the agent's version after them), and ids no longer kept."""
+    """Jobs that changed (with the agent's version after them), ids no longer kept, and
+    (heartbeats only) the newest usage sample of each running job, for the front's
+    per-job metrics."""
 
     version: int
     jobs: list[JobStatus]
     evicted: list[str] = attrs.field(factory=list)
+    usage: dict[str, UsageSample] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -216,13 +219,13 @@ class NodeAgent:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
             except TimeoutError:
-                return self._heartbeat(manager, since)
+                return await self._heartbeat(manager, since)
         if since < 0:
-            return self._heartbeat(manager, since)
+            return await self._heartbeat(manager, since)
         changed = [manager.find(j) for j, v in self._changed_at.items() if v > since]
         return PollReply(self._version, [self._on_node(s) for s in changed if s is not None])
 
-    def _heartbeat(self, manager: JobManager, since: int) -> PollReply:
+    async def _heartbeat(self, manager: JobManager, since: int) -> PollReply:
         statuses = manager.list()  # also evicts what the retention bounds say
         present = {s.job_id for s in statuses}
         evicted = [j for j in self._changed_at if j not in present]
@@ -233,7 +236,8 @@ class NodeAgent:
             for s in statuses
             if since < 0 or s.state is JobState.RUNNING or self._changed_at.get(s.job_id, 0) > since
         ]
-        return PollReply(self._version, reported, evicted)
+        newest = {u.job_id: u.samples[-1] for u in await manager.running_usage(last=1) if u.samples}
+        return PollReply(self._version, reported, evicted, newest)
 
     async def read(
         self, job_id: str, offset: int, max_bytes: int, wait: float, follow: bool

@@ -75,7 +75,7 @@ from jobworker.ray_backend.agent import (
     agent_name,
     release_placement,
 )
-from jobworker.usage import JobUsage, UsageRing
+from jobworker.usage import JobUsage, UsageRing, UsageSample
 
 log = structlog.get_logger("jobworker.ray.front")
 
@@ -154,6 +154,8 @@ class _Job:
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     output_lost: bool = False
     usage: _KeptUsage | None = None
+    #: The newest sample its agent's heartbeat carried (running jobs; kept once it ends).
+    newest_usage: UsageSample | None = None
 
 
 async def _call(ref: Awaitable[_T], node: _Node, within: float = CALL_TIMEOUT) -> _T:
@@ -331,6 +333,10 @@ class RayBackend:
             job = self._jobs.get(job_id)
             if job is not None and job.node is node and job.done.is_set():
                 del self._jobs[job_id]
+        for job_id, sample in reply.usage.items():
+            job = self._jobs.get(job_id)
+            if job is not None and job.node is node:
+                job.newest_usage = sample
 
     def _update(self, job: _Job, status: JobStatus) -> None:
         if job.done.is_set():
@@ -388,6 +394,13 @@ class RayBackend:
         if job is None:
             raise job_not_found(job_id)
         return job
+
+    def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
+        """The newest sample of every job still kept, with its status (the metrics
+        plugin's per-job series): as fresh as the agents' heartbeats (:data:`POLL_SECONDS`)."""
+        # Called from the metrics server's thread: list() copies the values in one step
+        # (no Python code runs meanwhile), so the loop adding a job cannot break it.
+        return [(j.status, j.newest_usage) for j in list(self._jobs.values()) if j.newest_usage]
 
     @property
     def running(self) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -374,4 +375,36 @@ def test_the_cli_shows_a_cluster_jobs_usage_and_top_its_node(
     row = next(line.split() for line in lines[2:] if line.startswith(job_id))
     assert row[1:3] == ["alice", "w1"]
     assert float(row[3]) > 10  # CPU%: a busy loop, on a 2-core machine with others
+    stop(alice, job_id)
+
+
+def test_a_front_with_the_metrics_plugin_shows_per_job_series_from_the_nodes(
+    start_front: StartFront,
+) -> None:
+    """The per-job series (CPU, memory, pids) of a job on a node, from the usage its agent's
+    heartbeat carries, on the front's /metrics; gone once the job is no longer kept."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.ray_cluster.conftest import _free_port
+
+    port = _free_port()
+    front = start_front("--plugin", "metrics", f"--metrics-listen=127.0.0.1:{port}")
+    alice = front.stub("alice")
+    job_id = start_job(alice, *BUSY, node="w1")
+    labels = {"job_id": job_id, "owner": "alice"}
+
+    def series() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels == labels
+        }
+
+    wait_for(lambda: series().get("jobworker_job_cpu_seconds_total", 0) > 0.2, 30, "CPU")
+    found = series()
+    assert found["jobworker_job_memory_bytes"] > 0
+    assert found["jobworker_job_pids"] >= 1
     stop(alice, job_id)
