@@ -77,8 +77,6 @@ class Pipe:
     ended: bool = False
     #: Closed (or about to be, by the thread that saw its last byte written).
     closed: bool = False
-    #: Not in the selector (the reader's own): too much of it is waiting for the writer.
-    paused: bool = False
     done: asyncio.Future[None] | None = None
 
 
@@ -92,7 +90,6 @@ class Ingest:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._pipes: set[Pipe] = set()  # the reader's own
         self._lock = threading.Lock()
         self._requests: list[Callable[[], None]] = []
         self._stopping = False
@@ -100,6 +97,9 @@ class Ingest:
         self._queue: collections.deque[tuple[Pipe, bytes]] = collections.deque()
         self._queued = 0
         self._queue_ready = threading.Condition(self._lock)
+        #: Pipes out of the selector while too much of them waits for the writer. Changed by
+        #: the reader under the lock; the writer asks for a resume only when it is not empty.
+        self._paused: set[Pipe] = set()
         self._resume_asked = False
         self._reader = threading.Thread(target=self._read, name="jobworker-ingest", daemon=True)
         self._writer = threading.Thread(target=self._write, name="jobworker-spool", daemon=True)
@@ -123,7 +123,6 @@ class Ingest:
         pipe = Pipe(fd, sink, on_eof)
 
         def register() -> None:
-            self._pipes.add(pipe)
             self._selector.register(fd, selectors.EVENT_READ, pipe)
 
         self._request(register)
@@ -192,9 +191,12 @@ class Ingest:
                     # unregistered (perhaps closed, its number reused) since select().
                     continue
                 with self._lock:
-                    full = self._queued >= PENDING_MAX
-                if full and _available(pipe.fd) > 0:
-                    self._pause(pipe)  # its end, when it comes, is seen once resumed
+                    # Its end, when it comes, is seen once resumed.
+                    pause = self._queued >= PENDING_MAX and _available(pipe.fd) > 0
+                    if pause:
+                        self._paused.add(pipe)
+                if pause:
+                    self._selector.unregister(pipe.fd)
                     continue
                 try:
                     data = os.read(pipe.fd, self._read_size)
@@ -212,33 +214,32 @@ class Ingest:
                     self._queued += len(data)
                     self._queue.append((pipe, data))
                     self._queue_ready.notify()
+                    # Marked paused in the same step as the read is queued: the writer
+                    # then always sees it, and asks for a resume after writing it.
                     pause = pipe.pending >= self._per_pipe
+                    if pause:
+                        self._paused.add(pipe)
                 if pause:
-                    self._pause(pipe)
-
-    def _pause(self, pipe: Pipe) -> None:
-        self._selector.unregister(pipe.fd)
-        pipe.paused = True
+                    self._selector.unregister(pipe.fd)
 
     def _resume(self) -> None:
         """Read again the pipes the writer has caught up with."""
         with self._lock:
             self._resume_asked = False
-            room = self._queued < PENDING_MAX
-            ready = [
-                p
-                for p in self._pipes
-                if p.paused and not p.ended and room and p.pending < self._per_pipe
-            ]
+            if self._queued >= PENDING_MAX:
+                return
+            ready = [p for p in self._paused if p.pending < self._per_pipe]
+            self._paused.difference_update(ready)
         for pipe in ready:
-            pipe.paused = False
             self._selector.register(pipe.fd, selectors.EVENT_READ, pipe)
 
     def _end(self, pipe: Pipe) -> None:
         """End-of-file (or dropped): no more reads; closed now if nothing is pending."""
-        if not pipe.paused:
+        with self._lock:
+            paused = pipe in self._paused
+            self._paused.discard(pipe)
+        if not paused:
             self._selector.unregister(pipe.fd)
-        self._pipes.discard(pipe)
         with self._lock:
             pipe.ended = True
             finish = pipe.closed = not pipe.pending
@@ -279,7 +280,8 @@ class Ingest:
                 self._queued -= len(data)
                 finish = pipe.ended and not pipe.pending
                 pipe.closed |= finish
-                resume = not self._resume_asked and (pipe.paused or self._queued < PENDING_MAX)
+                # Only when a pipe waits to be read again: not a wake-up of the reader per write.
+                resume = bool(self._paused) and not self._resume_asked
                 if resume:
                     self._resume_asked = True
             del data
