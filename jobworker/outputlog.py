@@ -9,10 +9,13 @@ own position, so a slow follower never holds anyone else back.
 A position in the file is the follower's resume cursor: every chunk carries the position
 just after it.
 
-Two sides, two threads: :meth:`OutputLog.write` runs in the spool-writing thread
-(:mod:`jobworker.ingest`), so a slow disk never stalls the event loop; :meth:`publish` runs
-on the loop and makes what was written visible to followers. :meth:`append` does both, for
-callers on the loop.
+Two sides: a :class:`SpoolWriter` appends records in the spool-writing thread
+(:mod:`jobworker.ingest`), so a slow disk never stalls the event loop; that thread runs in
+the ingest process (:mod:`jobworker.ingest_process`), or in the server when a plugin
+observes output chunks. The writer's :class:`SpoolState` reaches the loop, where
+:meth:`OutputLog.publish` (in-process) or :meth:`OutputLog.adopt` (from the ingest
+process) makes what was written visible to followers. :meth:`OutputLog.append` writes and
+publishes at once, for callers on the loop.
 
 **The cut.** Output is kept up to the job's cap and while the server-wide
 :class:`SpoolBudget` allows; past that, or after a write fails (disk full), the log is
@@ -31,6 +34,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import attrs
 
 from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument
 from jobworker.model import OutputChunk, Stream
@@ -110,6 +115,149 @@ class SpoolBudget:
             self._used -= amount
 
 
+@attrs.frozen
+class SpoolState:
+    """What a :class:`SpoolWriter` has spooled: handed to the event loop (in-process, or
+    from the ingest process over its socket), which publishes it to followers."""
+
+    size: int
+    payload: int
+    seen: int
+    records: int
+    #: Record boundaries added since the previous state (every :data:`_MARK_EVERY`-th).
+    marks: tuple[int, ...]
+    cut: str | None
+    charged: int
+
+
+class SpoolWriter:
+    """The writing side of one job's spool: records appended at the end, the output cap and
+    the server's budget applied, and the cut. Runs in one thread at a time (the spool
+    writer, here or in the ingest process); :meth:`take` may be called from another."""
+
+    def __init__(self, fd: int, max_bytes: int | None, budget: SpoolBudget) -> None:
+        self._fd = fd
+        self._max_bytes = max_bytes
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._size = 0
+        self._payload = 0
+        self._records = 0
+        self._marks: list[int] = []
+        self._seen = 0
+        self._cut: str | None = None
+        self.charged = 0  # spool bytes taken from the budget
+
+    def cut(self, reason: str) -> None:
+        """Keep nothing more (any thread): followers get DATA_LOSS at what was kept."""
+        with self._lock:
+            if self._cut is None:
+                self._cut = reason
+
+    def take(self) -> SpoolState:
+        """The state so far; the marks it carries are not carried again."""
+        with self._lock:
+            marks, self._marks = self._marks, []
+            return SpoolState(
+                self._size,
+                self._payload,
+                self._seen,
+                self._records,
+                tuple(marks),
+                self._cut,
+                self.charged,
+            )
+
+    def adopt(self, state: SpoolState) -> None:
+        """Mirror a writer elsewhere (the ingest process), so that this one could go on
+        where it stands; its budget charge stays there."""
+        with self._lock:
+            self._size, self._payload, self._seen = state.size, state.payload, state.seen
+            self._records = state.records
+            self._marks += state.marks
+            if self._cut is None:
+                self._cut = state.cut
+
+    def write(self, stream: Stream, data: bytes) -> None:
+        """Spool ``data``; never blocks on followers.
+
+        Keeps what the cap and the budget allow; a failed write cuts the log (the job goes
+        on). Raises nothing: the state records why it was cut.
+        """
+        with self._lock:
+            self._seen += len(data)
+            if self._cut is not None:
+                return
+        kept = len(data)
+        reason = None
+        if self._max_bytes is not None and self._payload + kept > self._max_bytes:
+            kept = max(0, self._max_bytes - self._payload)
+            reason = f"the job's output cap of {self._max_bytes} bytes (serve --max-output-bytes)"
+        kept = self._reserve(kept)
+        if reason is None and kept < len(data):
+            reason = (
+                f"the server's spool budget of {self._budget.limit} bytes for all jobs"
+                " (serve --max-spool-bytes)"
+            )
+        if kept:
+            try:
+                self._write_records(stream, memoryview(data)[:kept])
+            except OSError as err:
+                reason = f"writing the spool failed: {err.strerror or err}"
+        if reason is not None:
+            self.cut(reason)
+
+    def _reserve(self, kept: int) -> int:
+        """Shrink ``kept`` payload bytes to what the budget grants, headers included."""
+        if not kept or self._budget.limit is None:
+            self.charged += self._budget.take(_spool_bytes(kept))
+            return kept
+        wanted = _spool_bytes(kept)
+        granted = self._budget.take(wanted)
+        if granted < wanted:
+            # Whole records only: give back what a partial header would waste.
+            records = -(-granted // (CHUNK_MAX + _HEADER.size))
+            kept = max(0, granted - records * _HEADER.size)
+            self._budget.give_back(granted - _spool_bytes(kept))
+            granted = _spool_bytes(kept)
+        self.charged += granted
+        return kept
+
+    def _write_records(self, stream: Stream, view: memoryview) -> None:
+        # Every record of this read in one system call: the per-call cost dominates.
+        parts: list[bytes | memoryview] = []
+        marks: list[int] = []
+        position, records = self._size, self._records
+        for start in range(0, len(view), CHUNK_MAX):
+            piece = view[start : start + CHUNK_MAX]
+            parts += [_HEADER.pack(stream, len(piece)), piece]
+            position += _HEADER.size + len(piece)
+            records += 1
+            if records % _MARK_EVERY == 0:
+                marks.append(position)
+        total = position - self._size
+        written = os.pwritev(self._fd, parts, self._size)
+        if written < total:  # short writes are rare on regular files, not impossible
+            rest = b"".join(parts)[written:]
+            while rest:
+                done = os.pwrite(self._fd, rest, self._size + total - len(rest))
+                rest = rest[done:]
+        with self._lock:
+            self._size += total
+            self._records = records
+            self._marks += marks
+            self._payload += len(view)
+
+    def give_back(self) -> None:
+        """Return the budget this log took (its spool is deleted)."""
+        self._budget.give_back(self.charged)
+        self.charged = 0
+
+
+def _spool_bytes(payload: int) -> int:
+    return payload + _HEADER.size * -(-payload // CHUNK_MAX)
+
+
 class OutputLog:
     """Append-only spool of one job's output with live followers."""
 
@@ -118,17 +266,10 @@ class OutputLog:
     ) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._max_bytes = max_bytes
-        self._budget = budget or SpoolBudget(None)
-        self._charged = 0  # spool bytes taken from the budget
-        # Writer side (the spool-writing thread), guarded by _lock; the loop copies it in publish().
-        self._lock = threading.Lock()
-        self._w_size = 0
-        self._w_payload = 0
-        self._w_records = 0
-        self._w_marks: list[int] = []
-        self._w_seen = 0
-        self._w_cut: str | None = None
+        self.max_bytes = max_bytes
+        #: The writing side: used in the spool-writing thread, or mirroring the ingest
+        #: process's writer (:meth:`adopt`).
+        self.writer = SpoolWriter(self._fd, max_bytes, budget or SpoolBudget(None))
         # Reader side (the event loop).
         self._size = 0
         self._payload = 0
@@ -142,6 +283,11 @@ class OutputLog:
         # A set, so that a follower that gives up removes its own future at once: a job
         # that writes nothing for hours must not collect every cancelled follower.
         self._waiters: set[asyncio.Future[None]] = set()
+
+    @property
+    def fd(self) -> int:
+        """The spool file, open for writing; -1 once the log is complete."""
+        return self._fd
 
     @property
     def size(self) -> int:
@@ -177,94 +323,26 @@ class OutputLog:
 
     def cut(self, reason: str) -> None:
         """Keep nothing more (any thread): followers get DATA_LOSS at what was kept."""
-        with self._lock:
-            if self._w_cut is None:
-                self._w_cut = reason
+        self.writer.cut(reason)
 
     def write(self, stream: Stream, data: bytes) -> None:
-        """Spool ``data`` (the spool-writing thread); never blocks on followers.
-
-        Keeps what the cap and the budget allow; a failed write cuts the log (the job goes
-        on). Raises nothing: the log records why it was cut.
-        """
-        with self._lock:
-            self._w_seen += len(data)
-            if self._w_cut is not None:
-                return
-        kept = len(data)
-        reason = None
-        if self._max_bytes is not None and self._w_payload + kept > self._max_bytes:
-            kept = max(0, self._max_bytes - self._w_payload)
-            reason = f"the job's output cap of {self._max_bytes} bytes (serve --max-output-bytes)"
-        kept = self._reserve(kept)
-        if reason is None and kept < len(data):
-            reason = (
-                f"the server's spool budget of {self._budget.limit} bytes for all jobs"
-                " (serve --max-spool-bytes)"
-            )
-        if kept:
-            try:
-                self._write_records(stream, memoryview(data)[:kept])
-            except OSError as err:
-                reason = f"writing the spool failed: {err.strerror or err}"
-        if reason is not None:
-            self.cut(reason)
-
-    def _reserve(self, kept: int) -> int:
-        """Shrink ``kept`` payload bytes to what the budget grants, headers included."""
-        if not kept or self._budget.limit is None:
-            self._charged += self._budget.take(self._spool_bytes(kept))
-            return kept
-        wanted = self._spool_bytes(kept)
-        granted = self._budget.take(wanted)
-        if granted < wanted:
-            # Whole records only: give back what a partial header would waste.
-            records = -(-granted // (CHUNK_MAX + _HEADER.size))
-            kept = max(0, granted - records * _HEADER.size)
-            self._budget.give_back(granted - self._spool_bytes(kept))
-            granted = self._spool_bytes(kept)
-        self._charged += granted
-        return kept
-
-    @staticmethod
-    def _spool_bytes(payload: int) -> int:
-        return payload + _HEADER.size * -(-payload // CHUNK_MAX)
-
-    def _write_records(self, stream: Stream, view: memoryview) -> None:
-        # Every record of this read in one system call: the per-call cost dominates.
-        parts: list[bytes | memoryview] = []
-        marks: list[int] = []
-        position, records = self._w_size, self._w_records
-        for start in range(0, len(view), CHUNK_MAX):
-            piece = view[start : start + CHUNK_MAX]
-            parts += [_HEADER.pack(stream, len(piece)), piece]
-            position += _HEADER.size + len(piece)
-            records += 1
-            if records % _MARK_EVERY == 0:
-                marks.append(position)
-        total = position - self._w_size
-        written = os.pwritev(self._fd, parts, self._w_size)
-        if written < total:  # short writes are rare on regular files, not impossible
-            rest = b"".join(parts)[written:]
-            while rest:
-                done = os.pwrite(self._fd, rest, self._w_size + total - len(rest))
-                rest = rest[done:]
-        with self._lock:
-            self._w_size += total
-            self._w_records = records
-            self._w_marks += marks
-            self._w_payload += len(view)
+        """Spool ``data`` (the spool-writing thread); see :meth:`SpoolWriter.write`."""
+        self.writer.write(stream, data)
 
     def publish(self) -> None:
-        """Make what :meth:`write` spooled visible to followers (the event loop)."""
-        with self._lock:
-            self._size = self._w_size
-            self._payload = self._w_payload
-            self._seen = self._w_seen
-            self._cut = self._w_cut
-            self._marks += self._w_marks
-            self._w_marks = []
+        """Make what was spooled visible to followers (the event loop)."""
+        state = self.writer.take()
+        self._size = state.size
+        self._payload = state.payload
+        self._seen = state.seen
+        self._cut = state.cut
+        self._marks += state.marks
         self._wake()
+
+    def adopt(self, state: SpoolState) -> None:
+        """Publish what the ingest process's writer spooled (the event loop)."""
+        self.writer.adopt(state)
+        self.publish()
 
     def close(self) -> None:
         """No more output: followers finish once they have read everything.
@@ -284,8 +362,7 @@ class OutputLog:
         self._wake()
         self._close_fd()
         self.path.unlink(missing_ok=True)
-        self._budget.give_back(self._charged)
-        self._charged = 0
+        self.writer.give_back()
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
