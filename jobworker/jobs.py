@@ -40,6 +40,7 @@ from jobworker.errors import (
 )
 from jobworker.hooks.host import Plugins
 from jobworker.ingest import Ingest, Pipe
+from jobworker.ingest_process import IngestProcess, RemotePipe
 from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
@@ -99,8 +100,9 @@ class _Job:
     stopped_by: str | None = None
     escalated: bool = False
     stop_task: asyncio.Task[None] | None = None
-    #: Its stdout and stderr while the ingest threads read them, by descriptor.
-    pipes: dict[int, Pipe] = attrs.Factory(dict)
+    #: Its stdout and stderr while they are read (by the ingest process, or by the
+    #: threads), by descriptor.
+    pipes: dict[int, Pipe | RemotePipe] = attrs.Factory(dict)
     pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
     publish_pending: bool = False
     cut_logged: bool = False
@@ -197,7 +199,11 @@ class JobManager:
         self._observer_slots = threading.BoundedSemaphore(OBSERVER_BACKLOG)
         self._max_output_bytes = max_output_bytes
         self._spool_budget = SpoolBudget(max_spool_bytes)
+        #: The ingest threads in this process: they read every pipe when a plugin observes
+        #: output chunks, else the pipes of a lost ingest process.
         self._ingest: Ingest | None = None
+        #: The ingest process (:mod:`jobworker.ingest_process`), when no plugin observes chunks.
+        self._ingest_process: IngestProcess | None = None
         self._spawner = Spawner()
         self._usage = UsageSampler()
         #: Where job output is spooled (the metrics plugin reports its size and free space).
@@ -239,6 +245,11 @@ class JobManager:
             for j, s in self._usage.latest()
             if (job := self._jobs.get(j)) is not None
         ]
+
+    @property
+    def ingest_pid(self) -> int | None:
+        """The ingest process's pid while one runs (None: the pipes are read in here)."""
+        return None if self._ingest_process is None else self._ingest_process.pid
 
     @property
     def running(self) -> int:
@@ -311,6 +322,7 @@ class JobManager:
                         f"cannot create the job's output spool in {self._spool_dir}: {err}"
                     ) from err
                 try:
+                    ingest_process = await self._ready_ingest_process()
                     spawned = await self._spawner.spawn(spec, containment.join_path, plan)
                 except BaseException:
                     output.remove()
@@ -345,14 +357,21 @@ class JobManager:
         self._jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment)
         loop = asyncio.get_running_loop()
-        if self._ingest is None:
-            self._ingest = Ingest(loop, PIPE_SIZE)
         for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
-            job.pipes[fd] = self._ingest.add(
-                fd,
-                functools.partial(self._on_output, loop, job, stream),
-                functools.partial(self._pipe_closed, job, fd),
-            )
+            sink = functools.partial(self._on_output, loop, job, stream)
+            on_eof = functools.partial(self._pipe_closed, job, fd)
+            if ingest_process is None:
+                job.pipes[fd] = self._threads().add(fd, sink, on_eof)
+            else:
+                job.pipes[fd] = ingest_process.add(
+                    fd,
+                    job_id,
+                    job.log,
+                    stream,
+                    sink,
+                    on_eof,
+                    functools.partial(self._published, job),
+                )
         # A fresh context: the job outlives the RPC that started it, and its log lines
         # must not carry that RPC's identity and name.
         task = loop.create_task(
@@ -387,9 +406,41 @@ class JobManager:
             self._observer_slots.acquire()
             loop.call_soon_threadsafe(self._observe, job, stream, data)
 
+    async def _ready_ingest_process(self) -> IngestProcess | None:
+        """The ingest process, started if need be; None where the threads read the pipes
+        (a plugin observes output chunks, or the process could not start)."""
+        if self._observe_output:
+            return None
+        if self._ingest_process is None:
+            self._ingest_process = IngestProcess(
+                asyncio.get_running_loop(), PIPE_SIZE, self._spool_budget, self._threads
+            )
+        return self._ingest_process if await self._ingest_process.ready() else None
+
+    def _threads(self) -> Ingest:
+        if self._ingest is None:
+            self._ingest = Ingest(asyncio.get_running_loop(), PIPE_SIZE)
+        return self._ingest
+
+    async def _drop(self, pipe: Pipe | RemotePipe) -> None:
+        if isinstance(pipe, RemotePipe):
+            assert self._ingest_process is not None
+            await self._ingest_process.drop(pipe)
+        else:
+            await self._threads().drop(pipe)
+
+    def _remove_output(self, job: _Job) -> None:
+        job.log.remove()
+        if self._ingest_process is not None:
+            self._ingest_process.forget(job.job_id)
+
     def _publish(self, job: _Job) -> None:
         job.publish_pending = False  # first: a read after this point schedules again
         job.log.publish()
+        self._published(job)
+
+    def _published(self, job: _Job) -> None:
+        """After new output was published: say so once if the log was cut."""
         if job.log.truncated and not job.cut_logged:
             job.cut_logged = True
             log.error(
@@ -510,9 +561,8 @@ class JobManager:
                     os.close(fd)
             job.pidfd = job.exit_report = -1
             self._close_stdin(job)
-            if self._ingest is not None:
-                for pipe in list(job.pipes.values()):
-                    await self._ingest.drop(pipe)
+            for pipe in list(job.pipes.values()):
+                await self._drop(pipe)
             try:
                 # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
                 await asyncio.to_thread(job.containment.release)
@@ -602,7 +652,7 @@ class JobManager:
             del self._finished[owner]
         self._finished_count -= 1
         self._usage.forget(job.job_id)
-        job.log.remove()
+        self._remove_output(job)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -677,12 +727,15 @@ class JobManager:
                 log.error("job_unkillable_at_shutdown", task=task.get_name(), waited=KILL_TIMEOUT)
                 task.cancel()
         for job in self._jobs.values():
-            job.log.remove()
+            self._remove_output(job)
         await self._usage.close()
         self._jobs.clear()
         self._finished.clear()
         self._finished_count = 0
         self._spawner.close()
+        if self._ingest_process is not None:
+            self._ingest_process.close()
+            self._ingest_process = None
         if self._ingest is not None:
             self._ingest.close()
             self._ingest = None

@@ -153,6 +153,32 @@ def _posix_spawn_launcher(args: list[str], fd_plan: list[int], setsid: bool) -> 
     )
 
 
+def spawn_helper(argv: list[str], channel: int) -> int:
+    """``posix_spawn`` a helper process of the server's (``argv``; the server never forks),
+    in a session of its own (Ctrl-C on the server's terminal is the server's to handle),
+    with ``channel`` as its fd 3, /dev/null as stdin and stdout, and the server's stderr.
+    Returns its pid; the caller reaps it."""
+    devnull = _above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+    channel = _above_stdio(os.dup(channel))
+    try:
+        stderr = 2 if _fd_open(2) else devnull
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            {},
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate((devnull, devnull, stderr))
+            ]
+            + [(os.POSIX_SPAWN_DUP2, channel, 3)],
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_SIGNALS_TO_DEFAULT,
+        )
+    finally:
+        os.close(channel)
+        os.close(devnull)
+
+
 class _Zygote:
     """The helper process and the request/reply exchange with it."""
 

@@ -266,7 +266,7 @@ def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
 
     spool = sorted(p.name for p in server.run_dir.iterdir())
     assert spool == sorted([".lock", *(f"{j}.out" for j in [warm, *jobs])]), "stray files"
-    wait_for(lambda: not server.children() or _only_helper(server), 10, "children reaped")
+    wait_for(lambda: _only_helpers(server), 10, "children reaped")
     assert [s for s in server.children().values() if s == "Z"] == [], "zombies"
     now = server.fds()
     extra = _multiset_minus(now, baseline)
@@ -277,9 +277,23 @@ def test_200_jobs_each_streamed_by_two_clients_lose_nothing_and_leave_nothing(
     assert list(server.spool_dir.iterdir()) == []
 
 
-def _only_helper(server: ServeProcess) -> bool:
-    """The spawn helper (zygote) is the one child a server keeps while no job runs."""
-    return len(server.children()) <= 1 and "Z" not in server.children().values()
+def _only_helpers(server: ServeProcess) -> bool:
+    """The spawn helper (zygote) and the ingest process are the children a server keeps
+    while no job runs."""
+    children = server.children()
+    if "Z" in children.values():
+        return False
+    names = sorted(_command_of(pid) for pid in children)
+    return all(name in ("jobworker-ingest", "zygote") for name in names) and len(names) <= 2
+
+
+def _command_of(pid: int) -> str:
+    """``jobworker-ingest`` for the ingest process, ``zygote`` for the other helper."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return "gone"
+    return "jobworker-ingest" if b"jobworker-ingest" in argv else "zygote"
 
 
 def _multiset_minus(a: list[str], b: list[str]) -> list[str]:

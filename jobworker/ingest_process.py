@@ -1,0 +1,505 @@
+"""Ingestion in a process of its own: the jobs' pipes read and spooled outside the server.
+
+Why a process: the ingest threads (:mod:`jobworker.ingest`) share the server's GIL with
+the event loop. Every read and every spool write needs the GIL back for a moment, and
+while the loop is busy sending to a follower the thread waits for it, up to the
+interpreter's switch interval, with the job blocked on its full pipe. Timed on 2 cores, a
+job writing 1 GiB took 1.8-1.9x as long with one follower; with the same work done in a
+process beside the server, 1.08x (docs/performance.md, "Ingestion out of process"). The
+helper runs the same two threads, with a GIL of its own, and reports after each spool
+write what the log now holds; the loop publishes that to followers.
+
+Used when no plugin observes output chunks (an observer needs the bytes in the server;
+then the threads run in the server as before).
+
+The protocol is one ``SOCK_SEQPACKET`` socket pair, a JSON object per message, descriptors
+passed with ``SCM_RIGHTS``:
+
+* server to helper: ``log`` (a job's spool file, its output cap), ``pipe`` (a pipe to read
+  into a log), ``drop`` (stop reading a pipe), ``forget`` (a log was removed: give its
+  budget back);
+* helper to server: ``state`` (a log's :class:`~jobworker.outputlog.SpoolState`, after each
+  write) and ``eof`` (a pipe is closed, after its last state).
+
+The server keeps its own descriptor of every pipe until the helper reports it closed. If
+the helper dies, nothing blocks and nothing is lost silently: every log it was writing is
+cut (followers get DATA_LOSS at what was reported, the job's status says why), the pipes
+are drained by the in-process threads so the jobs never block or get SIGPIPE, and the next
+job starts a new helper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+
+from jobworker.ingest import PRIORITY, Ingest, Pipe, Sink
+from jobworker.model import Stream
+from jobworker.outputlog import OutputLog, SpoolBudget, SpoolState, SpoolWriter
+from jobworker.spawn import spawn_helper
+
+log = structlog.get_logger("jobworker.ingest_process")
+
+#: Bytes of one message, at most (a state carries at most a few hundred marks).
+MESSAGE_MAX = 1 << 20
+#: How long a helper may take to exit once the server closes its socket.
+EXIT_TIMEOUT = 5.0
+#: How long a new helper may take to say it is ready (Python's start-up: about 0.2 s).
+READY_TIMEOUT = 10.0
+
+
+@attrs.define(eq=False)
+class RemotePipe:
+    """A pipe the helper reads: the handle :meth:`IngestProcess.add` returns."""
+
+    id: int
+    fd: int  # the server's own descriptor of the pipe, closed at the helper's eof
+    log: OutputLog
+    #: What reads the pipe in the server if the helper is lost.
+    sink: Sink
+    on_eof: Callable[[], None]
+    #: The in-process threads' handle, once the helper was lost.
+    local: Pipe | None = None
+    done: asyncio.Future[None] | None = None
+
+
+class IngestProcess:
+    """The helper process, seen from the server's event loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_size: int,
+        budget: SpoolBudget,
+        fallback: Callable[[], Ingest],
+    ) -> None:
+        self._loop = loop
+        self._read_size = read_size
+        self._budget_limit = budget.limit
+        self._fallback = fallback
+        self._ids = itertools.count(1)
+        self._pipes: dict[int, RemotePipe] = {}
+        #: Logs told to the helper (with what to call once they changed), and what the
+        #: helper last said they charge the budget.
+        self._logs: dict[str, tuple[OutputLog, Callable[[], None]]] = {}
+        self._charged: dict[str, int] = {}
+        self._sock: socket.socket | None = None
+        self._pid: int | None = None
+        #: Messages the helper has not taken yet, with copies of their descriptors.
+        self._outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+        self._waiting_to_send = False
+        self._ready: asyncio.Future[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    async def ready(self) -> bool:
+        """Start the helper if none runs, and wait until it reads; False if it could not
+        start (the caller reads the job's pipes itself, and a later job tries again)."""
+        if self._sock is None:
+            try:
+                self._start()
+            except OSError as err:
+                log.error("ingest_process_failed_to_start", error=str(err))
+                return False
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
+        except TimeoutError:
+            self._lost(f"did not start within {READY_TIMEOUT:g} s")
+        return self._sock is not None
+
+    def add(
+        self,
+        fd: int,
+        log_id: str,
+        output: OutputLog,
+        stream: Stream,
+        sink: Sink,
+        on_eof: Callable[[], None],
+        published: Callable[[], None],
+    ) -> RemotePipe:
+        """Have the helper read ``fd`` into ``output``; ``published`` runs on the loop after
+        each report of what ``output`` holds, ``on_eof`` once the pipe is closed. ``sink``
+        reads the pipe here instead should the helper be lost."""
+        pipe = RemotePipe(next(self._ids), fd, output, sink, on_eof)
+        if self._sock is None:
+            self._start()
+        if log_id not in self._logs:
+            self._logs[log_id] = (output, published)
+            self._send({"t": "log", "log": log_id, "max": output.max_bytes}, (output.fd,))
+        self._pipes[pipe.id] = pipe
+        self._send({"t": "pipe", "pipe": pipe.id, "log": log_id, "stream": int(stream)}, (fd,))
+        return pipe
+
+    def drop(self, pipe: RemotePipe) -> asyncio.Future[None]:
+        """Stop reading ``pipe`` once what was read of it is spooled; resolves once closed."""
+        if pipe.local is not None:
+            return self._fallback().drop(pipe.local)
+        if pipe.done is None:
+            pipe.done = self._loop.create_future()
+            if pipe.id in self._pipes:
+                self._send({"t": "drop", "pipe": pipe.id})
+            else:
+                pipe.done.set_result(None)
+        return pipe.done
+
+    def forget(self, log_id: str) -> None:
+        """The log was removed: the helper gives back the budget it took."""
+        self._logs.pop(log_id, None)
+        charged = self._charged.pop(log_id, 0)
+        if self._sock is not None:
+            self._send({"t": "forget", "log": log_id, "charged": charged})
+
+    def close(self) -> None:
+        """Stop the helper (every job has ended)."""
+        sock, pid = self._sock, self._pid
+        self._sock = self._pid = None
+        self._drop_outbox(sock)
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()  # the helper exits at end-of-file
+        if pid is not None and _reap(pid, EXIT_TIMEOUT) is None:
+            log.error("ingest_process_kill", pid=pid, waited=EXIT_TIMEOUT)
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid, None)
+
+    # -- the helper ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        used = sum(self._charged.values())
+        # -I, and the path of this very jobworker: the helper imports the server's code,
+        # never a `jobworker` planted in the working directory or named by PYTHON* variables.
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[2]); "
+            "from jobworker.ingest_process import main; main(sys.argv[3:])"
+        )
+        # Its name first after the code, for `ps`; its socket is fd 3.
+        args = [sys.executable, "-I", "-c", code, "jobworker-ingest"]
+        args += [str(Path(__file__).parent.parent), str(self._read_size), str(used)]
+        if self._budget_limit is not None:
+            args.append(str(self._budget_limit))
+        with theirs:
+            self._pid = spawn_helper(args, theirs.fileno())
+        # Blocking, but every call on the loop passes MSG_DONTWAIT.
+        self._sock = ours
+        self._ready = self._loop.create_future()
+        self._loop.add_reader(ours.fileno(), self._receive)
+        log.info("ingest_process_started", pid=self._pid)
+
+    def _send(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        """Queue a message (with copies of ``fds``: the originals may be closed before it
+        leaves) and send what the helper will take now; the rest waits for it."""
+        self._outbox.append((json.dumps(message).encode(), tuple(os.dup(fd) for fd in fds)))
+        if len(self._outbox) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while sock is not None and self._outbox:
+            data, fds = self._outbox[0]
+            try:
+                _send(sock, data, fds, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not self._waiting_to_send:
+                    self._waiting_to_send = True
+                    self._loop.add_writer(sock.fileno(), self._flush)
+                return
+            except OSError as err:
+                self._lost(f"its socket failed: {err.strerror}")
+                return
+            self._outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        if sock is not None and self._waiting_to_send:
+            self._waiting_to_send = False
+            self._loop.remove_writer(sock.fileno())
+
+    def _receive(self) -> None:
+        sock = self._sock
+        while sock is not None and sock is self._sock:
+            try:
+                data = sock.recv(MESSAGE_MAX, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                self._lost(f"its socket failed: {err.strerror}")
+                return
+            if not data:
+                self._lost("it exited")
+                return
+            message = json.loads(data)
+            if message["t"] == "state":
+                self._state(message)
+            elif message["t"] == "ready":
+                assert self._ready is not None
+                if not self._ready.done():
+                    self._ready.set_result(None)
+            else:
+                self._eof(self._pipes.pop(message["pipe"]))
+
+    def _state(self, message: dict[str, Any]) -> None:
+        fields = message["state"]
+        state = SpoolState(**{**fields, "marks": tuple(fields["marks"])})
+        self._charged[message["log"]] = state.charged
+        known = self._logs.get(message["log"])
+        if known is not None:
+            output, published = known
+            output.adopt(state)
+            published()
+
+    def _eof(self, pipe: RemotePipe) -> None:
+        os.close(pipe.fd)
+        pipe.on_eof()
+        if pipe.done is not None and not pipe.done.done():
+            pipe.done.set_result(None)
+
+    def _lost(self, why: str) -> None:
+        """The helper is gone (or its socket failed): cut what it was writing, and drain
+        its pipes here instead."""
+        sock, pid = self._sock, self._pid
+        self._sock = self._pid = None
+        if sock is None:
+            return
+        self._drop_outbox(sock)
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)  # ready() sees the helper gone
+        status = None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # it must not write on behind the threads' back
+            status = _reap(pid, None)
+        reason = f"the ingest process (pid {pid}) {why} ({status})"
+        pipes = list(self._pipes.values())
+        self._pipes.clear()
+        log.error("ingest_process_lost", reason=reason, pipes=len(pipes))
+        for pipe in pipes:
+            pipe.log.cut(reason)
+            pipe.log.publish()
+            pipe.local = self._fallback().add(pipe.fd, pipe.sink, pipe.on_eof)
+            if pipe.done is not None:
+                _chain(self._fallback().drop(pipe.local), pipe.done)
+        # What the logs of the lost helper charged stays charged: the next one is told (_start).
+
+    def _drop_outbox(self, sock: socket.socket | None) -> None:
+        if self._waiting_to_send and sock is not None:
+            self._loop.remove_writer(sock.fileno())
+        self._waiting_to_send = False
+        for _data, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
+        self._outbox.clear()
+
+
+def _reap(pid: int, timeout: float | None) -> str | None:
+    """Wait for the helper (at most ``timeout`` seconds); how it ended, or None if it has
+    not."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG if deadline is not None else 0)
+        if done:
+            if os.WIFSIGNALED(status):
+                return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            return f"exit status {os.waitstatus_to_exitcode(status)}"
+        if deadline is None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _send(sock: socket.socket, data: bytes, fds: tuple[int, ...], flags: int) -> None:
+    """One message with ``fds`` (``socket.send_fds`` of Python 3.11 ignores ``flags``)."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], ancillary, flags)
+
+
+def _receive(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries, close-on-exec (``socket.recv_fds`` of
+    Python 3.11 ignores ``flags``)."""
+    fds = array.array("i")
+    data, ancillary, _flags, _addr = sock.recvmsg(
+        MESSAGE_MAX, socket.CMSG_LEN(2 * fds.itemsize), flags | socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
+    def done(_: asyncio.Future[None]) -> None:
+        if not target.done():
+            target.set_result(None)
+
+    source.add_done_callback(done)
+
+
+# -- the helper process ----------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Log:
+    writer: SpoolWriter
+    fd: int
+    pipes: set[int] = attrs.Factory(set)
+    forgotten: bool = False
+
+
+class _Helper:
+    """The helper's side: an event loop for the server's messages, the ingest threads for
+    the pipes."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        read_size: int,
+        budget: SpoolBudget,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._budget = budget
+        self._ingest = Ingest(loop, read_size)
+        self._logs: dict[str, _Log] = {}
+        self._pipes: dict[int, Pipe] = {}
+        self.finished: asyncio.Future[None] = loop.create_future()
+
+    def receive(self) -> None:
+        while True:
+            try:
+                data, fds = _receive(self._sock, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except ConnectionError:
+                data, fds = b"", []
+            if not data:  # the server closed its end: every job has ended, or it died
+                if not self.finished.done():
+                    self.finished.set_result(None)
+                return
+            self._serve(json.loads(data), fds)
+
+    def _serve(self, message: dict[str, Any], fds: list[int]) -> None:
+        kind = message["t"]
+        if kind == "log":
+            writer = SpoolWriter(fds[0], message["max"], self._budget)
+            self._logs[message["log"]] = _Log(writer, fds[0])
+        elif kind == "pipe":
+            log_id, pipe_id = message["log"], message["pipe"]
+            entry = self._logs[log_id]
+            entry.pipes.add(pipe_id)
+            stream = Stream(message["stream"])
+            self._pipes[pipe_id] = self._ingest.add(
+                fds[0],
+                lambda data: self._write(log_id, entry.writer, stream, data),
+                lambda: self._eof(log_id, pipe_id),
+            )
+        elif kind == "drop":
+            pipe = self._pipes.get(message["pipe"])
+            if pipe is not None:
+                self._ingest.drop(pipe)
+        elif kind == "forget":
+            entry_or_none = self._logs.get(message["log"])
+            if entry_or_none is None:  # a log of a helper before this one
+                self._budget.give_back(message["charged"])
+                return
+            entry_or_none.forgotten = True
+            entry_or_none.writer.cut("the job's output was removed")
+            for pipe_id in list(entry_or_none.pipes):
+                self._ingest.drop(self._pipes[pipe_id])
+            self._close_log(message["log"])
+
+    def _write(self, log_id: str, writer: SpoolWriter, stream: Stream, data: bytes) -> None:
+        """The spool-writing thread: write, then tell the server what the log holds."""
+        writer.write(stream, data)
+        state = attrs.asdict(writer.take())
+        self.tell({"t": "state", "log": log_id, "state": state})
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """Send to the server (either thread); if it is gone, the loop ends at end-of-file."""
+        try:
+            self._sock.sendall(json.dumps(message).encode())
+        except OSError:
+            pass
+
+    def _eof(self, log_id: str, pipe_id: int) -> None:
+        del self._pipes[pipe_id]
+        self.tell({"t": "eof", "pipe": pipe_id})
+        entry = self._logs[log_id]
+        entry.pipes.discard(pipe_id)
+        if not entry.pipes:
+            self._close_log(log_id)
+
+    def _close_log(self, log_id: str) -> None:
+        """Once its pipes are closed (none is written any more), the spool's descriptor
+        goes; the budget it charged stays until the server removes the log."""
+        entry = self._logs[log_id]
+        if entry.pipes:
+            return
+        if entry.fd >= 0:
+            os.close(entry.fd)
+            entry.fd = -1
+        if entry.forgotten:
+            entry.writer.give_back()
+            del self._logs[log_id]
+
+    def close(self) -> None:
+        self._ingest.close()
+
+
+def main(argv: list[str]) -> None:
+    """The helper: ``READ_SIZE SPOOL_USED [SPOOL_LIMIT]``, its socket on fd 3."""
+    from jobworker.logconfig import configure_logging
+
+    p = argparse.ArgumentParser(prog="jobworker-ingest")
+    p.add_argument("read_size", type=int)
+    p.add_argument("spool_used", type=int)
+    p.add_argument("spool_limit", type=int, nargs="?")
+    options = p.parse_args(argv)
+    configure_logging()
+    # The server decides when ingestion ends (it closes the socket once every job has
+    # ended): a SIGTERM to the whole service (systemd's stop) must not cut the output of
+    # jobs the server is still stopping.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+    except PermissionError:
+        pass  # the threads log it
+    # Blocking: the spool-writing thread's reports wait while the server's queue is full
+    # (the loop receives with MSG_DONTWAIT).
+    sock = socket.socket(fileno=3)
+    budget = SpoolBudget(options.spool_limit)
+    budget.take(options.spool_used)
+    asyncio.run(_run(sock, options.read_size, budget))
+
+
+async def _run(sock: socket.socket, read_size: int, budget: SpoolBudget) -> None:
+    loop = asyncio.get_running_loop()
+    helper = _Helper(loop, sock, read_size, budget)
+    loop.add_reader(sock.fileno(), helper.receive)
+    helper.tell({"t": "ready"})
+    try:
+        await helper.finished
+    finally:
+        loop.remove_reader(sock.fileno())
+        helper.close()
+        sock.close()

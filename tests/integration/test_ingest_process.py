@@ -1,0 +1,182 @@
+"""Ingestion in a process of its own (jobworker.ingest_process): real jobs, a real helper
+process, and what happens when it is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobworker import hookimpl
+from jobworker.errors import DataLoss
+from jobworker.hooks.host import Plugins
+from jobworker.jobs import JobManager
+from jobworker.model import JobSpec, Stream, TerminationReason
+
+
+def ingest_threads_here() -> bool:
+    return any(t.name in ("jobworker-ingest", "jobworker-spool") for t in threading.enumerate())
+
+
+def run(tmp_path: Path, body, plugins: Plugins | None = None):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        manager = JobManager(plugins or Plugins(), tmp_path)
+        try:
+            return await body(manager)
+        finally:
+            await manager.shutdown()
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+async def wait_for(predicate) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_output_is_spooled_by_a_process_of_its_own_byte_exact(tmp_path: Path) -> None:
+    # The same random bytes on both streams: each must arrive whole and in order.
+    script = "head -c 3000000 /dev/urandom | tee /dev/stderr; printf end"
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("sh", ("-c", script)), "alice")
+        helper = m.ingest_pid
+        assert helper is not None and helper != os.getpid()
+        # The pipes are read there, by the two threads (and its loop); none runs in here.
+        assert len(os.listdir(f"/proc/{helper}/task")) == 3
+        assert not ingest_threads_here()
+        chunks = [c async for c in m.follow(job.job_id)]
+        out = b"".join(c.data for c in chunks if c.stream is Stream.STDOUT)
+        err = b"".join(c.data for c in chunks if c.stream is Stream.STDERR)
+        assert len(err) == 3_000_000 and out == err + b"end"
+        status = await m.wait(job.job_id)
+        assert status.exit is not None and status.exit.exit_code == 0
+        assert not status.output_truncated and status.output_bytes == 6_000_003
+        # Resuming from a chunk's offset, in the middle of what the helper wrote.
+        middle = chunks[len(chunks) // 2]
+        rest = [c async for c in m.follow(job.job_id, middle.offset)]
+        assert [(c.stream, c.data) for c in rest] == [
+            (c.stream, c.data) for c in chunks[len(chunks) // 2 + 1 :]
+        ] or b"".join(c.data for c in rest) == b"".join(
+            c.data for c in chunks[len(chunks) // 2 + 1 :]
+        )
+
+    run(tmp_path, body)
+
+
+def test_a_killed_ingest_process_cuts_the_output_and_the_job_runs_on(tmp_path: Path) -> None:
+    # The job writes, waits to be told, writes again: after the helper is killed it must
+    # neither block on a full pipe nor die of SIGPIPE.
+    go = tmp_path / "go"
+    script = (
+        f"head -c 1000000 /dev/zero; while [ ! -e {go} ]; do sleep 0.02; done;"
+        " head -c 5000000 /dev/zero; echo finished >&2"
+    )
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("sh", ("-c", script)), "alice")
+        helper = m.ingest_pid
+        assert helper is not None
+        await wait_for(lambda: m.get(job.job_id).output_bytes == 1_000_000)
+        os.kill(helper, signal.SIGKILL)
+        await wait_for(lambda: m.get(job.job_id).output_truncated)
+        go.touch()
+        status = await m.wait(job.job_id)
+        assert status.exit is not None
+        assert status.exit.reason is TerminationReason.EXITED and status.exit.exit_code == 0
+        assert status.output_truncated and status.output_kept_bytes == 1_000_000
+        # Read and counted here after the loss, though no longer kept.
+        assert status.output_bytes == 1_000_000 + 5_000_000 + len("finished\n")
+        received = 0
+        with pytest.raises(DataLoss, match=rf"the ingest process \(pid {helper}\)"):
+            async for chunk in m.follow(job.job_id):
+                received += len(chunk.data)
+        assert received == 1_000_000
+        # The next job gets a new helper, and all of its output.
+        again = await m.start(JobSpec("sh", ("-c", "head -c 2000000 /dev/zero")), "alice")
+        assert m.ingest_pid not in (None, helper)
+        got = sum([len(c.data) async for c in m.follow(again.job_id)])
+        final = await m.wait(again.job_id)
+        assert got == 2_000_000 and not final.output_truncated
+
+    run(tmp_path, body)
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.seen = 0
+
+    @hookimpl
+    def jobworker_output_chunk(self, data: bytes) -> None:
+        self.seen += len(data)
+
+
+def test_an_output_chunk_observer_keeps_ingestion_in_the_server(tmp_path: Path) -> None:
+    plugins = Plugins()
+    counter = Counter()
+    plugins.register(counter, "counter")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("head", ("-c", "4000000", "/dev/zero")), "alice")
+        await m.wait(job.job_id)
+        assert m.ingest_pid is None
+        assert ingest_threads_here()
+        await wait_for(lambda: counter.seen == 4_000_000)
+
+    run(tmp_path, body, plugins)
+
+
+def test_the_ingest_process_ends_with_the_server_even_when_it_is_killed(tmp_path: Path) -> None:
+    # A server killed with SIGKILL cannot stop its helper: the helper must notice.
+    server = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from jobworker.hooks.host import Plugins
+        from jobworker.jobs import JobManager
+        from jobworker.logconfig import configure_logging
+        from jobworker.model import JobSpec
+
+        configure_logging("warning")
+
+        async def main():
+            m = JobManager(Plugins(), Path({str(tmp_path)!r}))
+            await m.start(JobSpec("sleep", ("60",)), "alice")
+            print(m.ingest_pid, flush=True)
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        helper = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{helper}").exists() and not _zombie(helper):
+            assert time.monotonic() < deadline, "the ingest process outlived its server"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
