@@ -117,6 +117,11 @@ class ServerProcess:
     def status(self) -> dict[str, int]:
         return proc_status(self.pid)
 
+    def ingest_status(self) -> dict[str, int]:
+        """VmRSS and VmHWM of its ingest process (zeros while there is none)."""
+        found = ingest_pids(self.pid)
+        return proc_status(found[0]) if found else {"VmRSS": 0, "VmHWM": 0, "Threads": 0}
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -270,6 +275,31 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> boo
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time ``pid`` has used so far, with its ingest process's (the
+    server's work, done in a process of its own)."""
+    return sum(_own_cpu_seconds(p) for p in (pid, *ingest_pids(pid)))
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ingest_pids(pid: int) -> list[int]:
+    """The ingest process(es) of the server ``pid`` (jobworker.ingest_process)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == pid and b"jobworker-ingest" in Path(
+                f"/proc/{entry}/cmdline"
+            ).read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
