@@ -12,6 +12,7 @@ included for both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ from _common import (
     CLIENT,
     MB,
     GiB,
+    ServerProcess,
     header,
     jobworker_server,
     make_pki,
@@ -100,29 +102,50 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--size", type=float, default=1.0, help="GiB (default 1)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run this checkout's server (git archive REV | tar -x -C DIR), alternating",
+    )
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     header(f"ssh vs jobworker run: {size / GiB:g} GiB into wc -c, {options.repeat} runs")
     jobworker = str(Path(sys.executable).with_name("jobworker"))
     ssh_runs: list[float] = []
     jw_runs: list[float] = []
+    base_runs: list[float] = []
     with workdir() as work:
         pki = make_pki(work / "pki")
         sshd, ssh = start_sshd(work)
+        files = pki.client(CLIENT)
+
+        def env_for(server: ServerProcess) -> dict[str, str]:
+            return {
+                **os.environ,
+                "JOBWORKER_SERVER": server.address,
+                "JOBWORKER_TLS_CERT": str(files.cert),
+                "JOBWORKER_TLS_KEY": str(files.key),
+                "JOBWORKER_TLS_CA": str(files.ca),
+            }
+
         try:
-            with jobworker_server(pki, work) as server:
-                files = pki.client(CLIENT)
-                env = {
-                    **os.environ,
-                    "JOBWORKER_SERVER": server.address,
-                    "JOBWORKER_TLS_CERT": str(files.cert),
-                    "JOBWORKER_TLS_KEY": str(files.key),
-                    "JOBWORKER_TLS_CA": str(files.ca),
-                }
+            with contextlib.ExitStack() as stack:
+                # Few jobs retained: older spools are deleted, not written back while timing.
+                server = stack.enter_context(jobworker_server(pki, work, retain=2))
+                base = None
+                if options.baseline_src is not None:
+                    base = stack.enter_context(
+                        jobworker_server(
+                            pki, work, src=options.baseline_src, name="baseline", retain=2
+                        )
+                    )
                 command = ["head", "-c", str(size), "/dev/zero"]
+                run = [jobworker, "run", "--", *command]
                 for _ in range(options.repeat):
                     ssh_runs.append(timed([*ssh, *command], size))
-                    jw_runs.append(timed([jobworker, "run", "--", *command], size, env))
+                    jw_runs.append(timed(run, size, env_for(server)))
+                    if base is not None:
+                        base_runs.append(timed(run, size, env_for(base)))
         finally:
             sshd.terminate()
             sshd.wait()
@@ -135,6 +158,15 @@ def main() -> None:
     )
     row("jobworker run", f"{jw_rate:.0f} MB/s", "runs:", [round(r) for r in jw_runs])
     row("ratio jobworker / ssh (target >= 1.0)", f"{jw_rate / ssh_rate:.2f}")
+    if base_runs:
+        base_rate = statistics.median(base_runs)
+        row(
+            f"jobworker run, baseline {options.baseline_src}",
+            f"{base_rate:.0f} MB/s",
+            "runs:",
+            [round(r) for r in base_runs],
+        )
+        row("ratio baseline / ssh", f"{base_rate / ssh_rate:.2f}")
 
 
 if __name__ == "__main__":
