@@ -105,6 +105,7 @@ class _Job:
     pipes: dict[int, Pipe | RemotePipe] = attrs.Factory(dict)
     pipes_closed: asyncio.Event = attrs.Factory(asyncio.Event)
     publish_pending: bool = False
+    counted: int = 0  # of its output, bytes added to JobManager.output_bytes_read
     cut_logged: bool = False
     stdin: int = -1  # write end of the job's stdin pipe; -1: never open, or closed
     stdin_writer: bool = False  # a write_input call holds stdin
@@ -208,6 +209,9 @@ class JobManager:
         self._usage = UsageSampler()
         #: Where job output is spooled (the metrics plugin reports its size and free space).
         self.spool_dir = spool_dir
+        #: Bytes of output read from every job so far, kept or not (for the metrics plugin:
+        #: an int, read whole from its thread).
+        self.output_bytes_read = 0
 
     # -- queries -------------------------------------------------------------------------
 
@@ -440,7 +444,9 @@ class JobManager:
         self._published(job)
 
     def _published(self, job: _Job) -> None:
-        """After new output was published: say so once if the log was cut."""
+        """After new output was published: count it, and say so once if the log was cut."""
+        self.output_bytes_read += job.log.payload_bytes - job.counted
+        job.counted = job.log.payload_bytes
         if job.log.truncated and not job.cut_logged:
             job.cut_logged = True
             log.error(

@@ -219,6 +219,13 @@ class _ScrapeTime(Collector):
         latest = getattr(manager, "latest_usage", None)
         if latest is not None:
             yield from _job_families(latest())
+        # Read from the engine, not counted through the output_chunk hook: an observer of
+        # chunks would keep ingestion in the server's process (docs/performance.md).
+        read = getattr(manager, "output_bytes_read", None)
+        if isinstance(read, int):
+            yield CounterMetricFamily(
+                "jobworker_output_spooled_bytes", "Job output bytes read from jobs", value=read
+            )
         spool = getattr(manager, "spool_dir", None)
         if isinstance(spool, Path):
             yield from _spool_families(spool)
@@ -300,9 +307,6 @@ class Metrics:
             ["method", "code"],
             buckets=RPC_BUCKETS,
             registry=r,
-        )
-        self.spooled = prometheus_client.Counter(
-            "jobworker_output_spooled_bytes", "Job output bytes written to the spool", registry=r
         )
         self.streamed = prometheus_client.Counter(
             "jobworker_output_streamed_bytes", "Job output bytes sent to clients", registry=r
@@ -430,10 +434,6 @@ class Metrics:
         self.rpcs.labels(method, code).observe(seconds)
         if method == "StreamOutput":
             self.followers.dec()
-
-    @hookimpl
-    def jobworker_output_chunk(self, data: bytes) -> None:
-        self.spooled.inc(len(data))
 
     @hookimpl
     def jobworker_output_sent(self, nbytes: int) -> None:

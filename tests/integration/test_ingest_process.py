@@ -180,3 +180,18 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_no_built_in_plugin_keeps_ingestion_in_the_server(tmp_path: Path) -> None:
+    # The metrics plugin counts output from the engine, so loading it costs no speed.
+    plugins = Plugins()
+    plugins.load(["metrics", "audit-log", "authz", "isolation"])
+    assert not plugins.has_impl("jobworker_output_chunk")
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("head", ("-c", "3000000", "/dev/zero")), "alice")
+        await m.wait(job.job_id)
+        assert m.ingest_pid is not None
+        assert m.output_bytes_read == 3_000_000
+
+    run(tmp_path, body)
