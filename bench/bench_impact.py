@@ -14,8 +14,11 @@ job here.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +56,14 @@ def main() -> None:
     p.add_argument(
         "--baseline-src",
         type=Path,
-        help="also run this checkout's server first (git archive REV | tar -x -C DIR)",
+        help="also run this checkout's server, alternating (git archive REV | tar -x -C DIR)",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of each, median reported")
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="spool under this directory (a tmpfs keeps disk writeback out of the figures)",
+    )
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     command = ["head", "-c", str(size), "/dev/zero"]
@@ -65,46 +73,54 @@ def main() -> None:
         versions.insert(0, (f"baseline {options.baseline_src.name}", options.baseline_src))
     results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in versions}
     control = "0 followers, a bare grpc stream beside it (control)"
-    with workdir() as work:
+    with workdir() as work, contextlib.ExitStack() as stack:
         pki = make_pki(work / "pki")
-        bare = bare_server(pki, work, FOLLOW_CHUNK_MAX)
-        with bare as bare_address:
-            for name, src in versions:
-                with (
-                    # Two jobs retained: the spool of older ones is deleted, not written back
-                    # to disk while later runs are timed (which made them vary 1.3-3.4 s).
-                    jobworker_server(
-                        pki, work, src=src, name=name.replace(" ", "-"), retain=2
-                    ) as server,
-                    JobClient(server.address, pki.client(CLIENT)) as client,
+        bare = stack.enter_context(bare_server(pki, work, FOLLOW_CHUNK_MAX))
+        servers = []
+        for name, src in versions:
+            extra: list[str] = []
+            if options.spool_dir is not None:
+                spool = Path(tempfile.mkdtemp(prefix="bench-impact-", dir=options.spool_dir))
+                stack.callback(shutil.rmtree, spool, ignore_errors=True)
+                extra = ["--spool-dir", str(spool)]
+            # Two jobs retained: the spool of older ones is deleted, not written back to
+            # disk while later runs are timed (which made them vary 1.3-3.4 s).
+            server = stack.enter_context(
+                jobworker_server(
+                    pki, work, src=src, name=name.replace(" ", "-"), retain=2, extra=extra
+                )
+            )
+            client = stack.enter_context(JobClient(server.address, pki.client(CLIENT)))
+            client.start("true")  # any helper process the server starts, started
+            servers.append((name, server, client))
+        for _ in range(options.repeat):
+            for name, server, client in servers:
+
+                def run_time(job: str, client: JobClient = client) -> float:
+                    while (status := client.status(job)).ended_at is None:
+                        time.sleep(0.05)
+                    return status.ended_at - status.started_at
+
+                for label, readers, stalled in (
+                    ("0 followers", 0, 0),
+                    ("1 follower", 1, 0),
+                    ("10 followers (1 stalled)", 9, 1),
                 ):
-
-                    def run_time(job: str) -> float:
-                        while (status := client.status(job)).ended_at is None:
-                            time.sleep(0.05)
-                        return status.ended_at - status.started_at
-
-                    for _ in range(options.repeat):
-                        for label, readers, stalled in (
-                            ("0 followers", 0, 0),
-                            ("1 follower", 1, 0),
-                            ("10 followers (1 stalled)", 9, 1),
-                        ):
-                            group = followers(server.address, pki, readers)
-                            stall = followers(server.address, pki, stalled, mode="stall")
-                            job = client.start(command[0], command[1:])
-                            group.go(job)
-                            stall.go(job)
-                            group.results()
-                            seconds = run_time(job)
-                            stall.kill()
-                            results[name].setdefault(label, []).append(seconds)
-                        beside = followers(bare_address.address, pki, 1, mode="bare")
-                        beside.go(str(size))
-                        job = client.start(command[0], command[1:])
-                        seconds = run_time(job)
-                        beside.results()
-                        results[name].setdefault(control, []).append(seconds)
+                    group = followers(server.address, pki, readers)
+                    stall = followers(server.address, pki, stalled, mode="stall")
+                    job = client.start(command[0], command[1:])
+                    group.go(job)
+                    stall.go(job)
+                    group.results()
+                    seconds = run_time(job)
+                    stall.kill()
+                    results[name].setdefault(label, []).append(seconds)
+                beside = followers(bare.address, pki, 1, mode="bare")
+                beside.go(str(size))
+                job = client.start(command[0], command[1:])
+                seconds = run_time(job)
+                beside.results()
+                results[name].setdefault(control, []).append(seconds)
     local = local_pipe(command)
     row(
         "local: same command into a drained pipe", f"{local:.2f} s", f"{size / local / MB:.0f} MB/s"

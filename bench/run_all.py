@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench_metrics.py",
     "bench_stalled.py",
     "bench_spool_stall.py",
+    "bench_flood.py",
     "bench_ssh.py",
     "bench_stdin.py",
 ]
