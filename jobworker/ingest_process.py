@@ -41,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,13 +141,18 @@ class IngestProcess:
         each report of what ``output`` holds, ``on_eof`` once the pipe is closed. ``sink``
         reads the pipe here instead should the helper be lost."""
         pipe = RemotePipe(next(self._ids), fd, output, sink, on_eof)
-        if self._sock is None:
-            self._start()
-        if log_id not in self._logs:
-            self._logs[log_id] = (output, published)
-            self._send({"t": "log", "log": log_id, "max": output.max_bytes}, (output.fd,))
+        try:
+            if self._sock is None:
+                raise ConnectionError("the ingest process was lost since ready()")
+            if log_id not in self._logs:
+                self._send({"t": "log", "log": log_id, "max": output.max_bytes}, (output.fd,))
+                self._logs[log_id] = (output, published)
+            self._send({"t": "pipe", "pipe": pipe.id, "log": log_id, "stream": int(stream)}, (fd,))
+        except OSError as err:  # no helper, or no descriptor left to pass this one with
+            log.warning("ingest_in_server", reason=str(err))
+            pipe.local = self._fallback().add(fd, sink, on_eof)
+            return pipe
         self._pipes[pipe.id] = pipe
-        self._send({"t": "pipe", "pipe": pipe.id, "log": log_id, "stream": int(stream)}, (fd,))
         return pipe
 
     def drop(self, pipe: RemotePipe) -> asyncio.Future[None]:
@@ -178,8 +184,7 @@ class IngestProcess:
             sock.close()  # the helper exits at end-of-file
         if pid is not None and _reap(pid, EXIT_TIMEOUT) is None:
             log.error("ingest_process_kill", pid=pid, waited=EXIT_TIMEOUT)
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid, None)
+            _kill(pid)
 
     # -- the helper ----------------------------------------------------------------------
 
@@ -208,7 +213,15 @@ class IngestProcess:
     def _send(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         """Queue a message (with copies of ``fds``: the originals may be closed before it
         leaves) and send what the helper will take now; the rest waits for it."""
-        self._outbox.append((json.dumps(message).encode(), tuple(os.dup(fd) for fd in fds)))
+        copies: list[int] = []
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError:
+            for fd in copies:
+                os.close(fd)
+            raise
+        self._outbox.append((json.dumps(message).encode(), tuple(copies)))
         if len(self._outbox) == 1:
             self._flush()
 
@@ -259,9 +272,9 @@ class IngestProcess:
     def _state(self, message: dict[str, Any]) -> None:
         fields = message["state"]
         state = SpoolState(**{**fields, "marks": tuple(fields["marks"])})
-        self._charged[message["log"]] = state.charged
         known = self._logs.get(message["log"])
-        if known is not None:
+        if known is not None:  # else forgotten, its report already in flight
+            self._charged[message["log"]] = state.charged
             output, published = known
             output.adopt(state)
             published()
@@ -286,10 +299,10 @@ class IngestProcess:
             self._ready.set_result(None)  # ready() sees the helper gone
         status = None
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # it must not write on behind the threads' back
-            status = _reap(pid, None)
-        reason = f"the ingest process (pid {pid}) {why} ({status})"
+            # It must not write on behind the threads' back (only cut logs are written
+            # here, so a write it finishes in the kernel first is harmless).
+            status = _kill(pid)
+        reason = f"the ingest process (pid {pid}) {why} ({status or 'killed'})"
         pipes = list(self._pipes.values())
         self._pipes.clear()
         log.error("ingest_process_lost", reason=reason, pipes=len(pipes))
@@ -309,6 +322,19 @@ class IngestProcess:
             for fd in fds:
                 os.close(fd)
         self._outbox.clear()
+
+
+def _kill(pid: int) -> str | None:
+    """SIGKILL the helper and reap it; how it ended. A process held in the kernel (an
+    uninterruptible write to a stuck disk) is reaped by a thread of its own, not here on
+    the loop."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    status = _reap(pid, 1.0)
+    if status is None:
+        log.error("ingest_process_stuck", pid=pid, hint="reaped once the kernel lets it go")
+        threading.Thread(target=_reap, args=(pid, None), daemon=True).start()
+    return status
 
 
 def _reap(pid: int, timeout: float | None) -> str | None:
