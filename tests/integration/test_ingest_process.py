@@ -195,3 +195,29 @@ def test_no_built_in_plugin_keeps_ingestion_in_the_server(tmp_path: Path) -> Non
         assert m.output_bytes_read == 3_000_000
 
     run(tmp_path, body)
+
+
+def test_a_stopped_ingest_process_blocks_neither_starts_nor_the_loop(tmp_path: Path) -> None:
+    # SIGSTOP: the helper takes no message. 150 starts queue 450 messages, more than its
+    # socket holds; the server must queue the rest and go on, and lose nothing once it runs.
+    async def body(m: JobManager) -> None:
+        first = await m.start(JobSpec("echo", ("first",)), "alice")
+        await m.wait(first.job_id)
+        helper = m.ingest_pid
+        assert helper is not None
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            jobs = [await m.start(JobSpec("echo", (f"job {i}",)), "alice") for i in range(150)]
+            assert time.monotonic() - began < 30
+            await asyncio.sleep(0.5)
+            assert m.get(jobs[0].job_id).output_bytes == 0  # nothing read while stopped
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        for i, job in enumerate(jobs):
+            status = await m.wait(job.job_id)
+            assert status.output_bytes == len(f"job {i}\n") and not status.output_truncated
+            assert [c.data async for c in m.follow(job.job_id)] == [f"job {i}\n".encode()]
+        assert m.ingest_pid == helper
+
+    run(tmp_path, body)
