@@ -17,13 +17,13 @@ and stderr that one thread gave. Memory is bounded twice: a pipe with
 all no pipe with data is read; a pipe at its end is still noticed, since that needs no read
 of data.
 
-Why first in line for the CPU: both threads run at nice :data:`PRIORITY` (when the server
-may raise it: root, or ``CAP_SYS_NICE``), ahead of the event loop and of the jobs. A job
-that writes fast with a follower reading shares the CPU with the follower's sending; at
-equal priority the pipe was drained late and the job ran 2x slower with one follower on 2
-cores. The threads' own work per byte is small (a read and a write, the GIL released in
-both), so they cannot take much from anything else, and followers lose nothing: they read
-the spool at their pace (docs/performance.md has the figures).
+Why first in line for the CPU when they run in the server: there both threads run at nice
+:data:`PRIORITY` (when the server may raise it: root, or ``CAP_SYS_NICE``), ahead of the
+event loop and of the jobs. A job that writes fast with a follower reading shares the CPU
+with the follower's sending; at equal priority the pipe was drained late and the job ran
+2x slower with one follower on 2 cores. In the ingest process (:mod:`jobworker.
+ingest_process`) they keep the process's priority: with a GIL of their own they no longer
+wait for the loop, and there nice -20 starved the server on a slow machine.
 
 The threads own the descriptors they are given: a pipe is closed at end-of-file, or when
 :meth:`Ingest.drop` asks, once all that was read from it is written, and only then is the
@@ -83,8 +83,12 @@ class Pipe:
 class Ingest:
     """Two threads, one epoll, every running job's stdout and stderr pipes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_size: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, read_size: int, priority: int | None = PRIORITY
+    ) -> None:
+        """``priority``: the threads' nice value (None: the process's own)."""
         self._loop = loop
+        self._priority = priority
         self._read_size = read_size
         self._per_pipe = PENDING_PER_PIPE * read_size
         self._selector = selectors.DefaultSelector()
@@ -172,7 +176,7 @@ class Ingest:
     # -- the reader ------------------------------------------------------------------------
 
     def _read(self) -> None:
-        _raise_priority()
+        _raise_priority(self._priority)
         read_any = False
         while True:
             if read_any:
@@ -263,7 +267,7 @@ class Ingest:
     # -- the writer ------------------------------------------------------------------------
 
     def _write(self) -> None:
-        _raise_priority()
+        _raise_priority(self._priority)
         while True:
             with self._lock:
                 while not self._queue:
@@ -309,10 +313,12 @@ def _available(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
-def _raise_priority() -> None:
-    """This thread to :data:`PRIORITY`; where not permitted, a log line and no change."""
+def _raise_priority(priority: int | None) -> None:
+    """This thread to ``priority``; where not permitted, a log line and no change."""
+    if priority is None:
+        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITY)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), priority)
     except PermissionError:
         log.info(
             "ingest_priority_unchanged",

@@ -50,7 +50,7 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.ingest import PRIORITY, Ingest, Pipe, Sink
+from jobworker.ingest import Ingest, Pipe, Sink
 from jobworker.model import Stream
 from jobworker.outputlog import OutputLog, SpoolBudget, SpoolState, SpoolWriter
 from jobworker.spawn import spawn_helper
@@ -404,7 +404,10 @@ class _Helper:
         self._loop = loop
         self._sock = sock
         self._budget = budget
-        self._ingest = Ingest(loop, read_size)
+        # At the server's own priority: here, with a GIL of their own, the threads no
+        # longer wait for the loop, and at nice -20 a busy helper starved the server's loop
+        # on a slow machine (GetStatus p99 over 1 s in the VM; docs/performance.md).
+        self._ingest = Ingest(loop, read_size, priority=None)
         self._logs: dict[str, _Log] = {}
         self._pipes: dict[int, Pipe] = {}
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -506,10 +509,6 @@ def main(argv: list[str]) -> None:
     # jobs the server is still stopping.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
-    except PermissionError:
-        pass  # the threads log it
     # Blocking: the spool-writing thread's reports wait while the server's queue is full
     # (the loop receives with MSG_DONTWAIT).
     sock = socket.socket(fileno=3)

@@ -22,6 +22,10 @@ from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Stream, TerminationReason
 
 
+def nice_of(pid: int, tid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def ingest_threads_here() -> bool:
     return any(t.name in ("jobworker-ingest", "jobworker-spool") for t in threading.enumerate())
 
@@ -53,8 +57,11 @@ def test_output_is_spooled_by_a_process_of_its_own_byte_exact(tmp_path: Path) ->
         helper = m.ingest_pid
         assert helper is not None and helper != os.getpid()
         # The pipes are read there, by the two threads (and its loop); none runs in here.
-        assert len(os.listdir(f"/proc/{helper}/task")) == 3
+        tasks = os.listdir(f"/proc/{helper}/task")
+        assert len(tasks) == 3
         assert not ingest_threads_here()
+        # At the server's priority (nice -20 there starved the server on a slow machine).
+        assert {nice_of(helper, int(t)) for t in tasks} == {os.getpriority(os.PRIO_PROCESS, 0)}
         chunks = [c async for c in m.follow(job.job_id)]
         out = b"".join(c.data for c in chunks if c.stream is Stream.STDOUT)
         err = b"".join(c.data for c in chunks if c.stream is Stream.STDERR)
