@@ -43,7 +43,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class RemotePipe:
 
     id: int
     fd: int  # the server's own descriptor of the pipe, closed at the helper's eof
+    stream: Stream
     log: OutputLog
     #: What reads the pipe in the server if the helper is lost.
     sink: Sink
@@ -129,31 +130,40 @@ class IngestProcess:
 
     def add(
         self,
-        fd: int,
         log_id: str,
         output: OutputLog,
-        stream: Stream,
-        sink: Sink,
-        on_eof: Callable[[], None],
+        pipes: Sequence[tuple[int, Stream, Sink, Callable[[], None]]],
         published: Callable[[], None],
-    ) -> RemotePipe:
-        """Have the helper read ``fd`` into ``output``; ``published`` runs on the loop after
-        each report of what ``output`` holds, ``on_eof`` once the pipe is closed. ``sink``
-        reads the pipe here instead should the helper be lost."""
-        pipe = RemotePipe(next(self._ids), fd, output, sink, on_eof)
+    ) -> list[RemotePipe]:
+        """Have the helper read a job's pipes (``fd, stream, sink, on_eof`` each) into
+        ``output``: ``published`` runs on the loop after each report of what ``output``
+        holds, each ``on_eof`` once its pipe is closed. All of a job's pipes or none: with
+        no helper, or no descriptor left to pass them with, the threads here read them all
+        with their ``sink`` (one writer per spool file, always), as they do should the
+        helper be lost later."""
+        handles = [
+            RemotePipe(next(self._ids), fd, stream, output, sink, on_eof)
+            for fd, stream, sink, on_eof in pipes
+        ]
         try:
             if self._sock is None:
                 raise ConnectionError("the ingest process was lost since ready()")
-            if log_id not in self._logs:
-                self._send({"t": "log", "log": log_id, "max": output.max_bytes}, (output.fd,))
-                self._logs[log_id] = (output, published)
-            self._send({"t": "pipe", "pipe": pipe.id, "log": log_id, "stream": int(stream)}, (fd,))
-        except OSError as err:  # no helper, or no descriptor left to pass this one with
+            # Copies: the originals may be closed before the messages leave.
+            copies = _dup_all([output.fd, *(h.fd for h in handles)])
+        except OSError as err:
             log.warning("ingest_in_server", reason=str(err))
-            pipe.local = self._fallback().add(fd, sink, on_eof)
-            return pipe
-        self._pipes[pipe.id] = pipe
-        return pipe
+            for handle in handles:
+                handle.local = self._fallback().add(handle.fd, handle.sink, handle.on_eof)
+            return handles
+        # Known before anything is sent: if sending fails, _lost hands them to the threads.
+        self._logs[log_id] = (output, published)
+        for handle in handles:
+            self._pipes[handle.id] = handle
+        self._queue({"t": "log", "log": log_id, "max": output.max_bytes}, copies[:1])
+        for handle, copy in zip(handles, copies[1:], strict=True):
+            message = {"t": "pipe", "pipe": handle.id, "log": log_id, "stream": int(handle.stream)}
+            self._queue(message, (copy,))
+        return handles
 
     def drop(self, pipe: RemotePipe) -> asyncio.Future[None]:
         """Stop reading ``pipe`` once what was read of it is spooled; resolves once closed."""
@@ -162,17 +172,16 @@ class IngestProcess:
         if pipe.done is None:
             pipe.done = self._loop.create_future()
             if pipe.id in self._pipes:
-                self._send({"t": "drop", "pipe": pipe.id})
+                self._queue({"t": "drop", "pipe": pipe.id})
             else:
                 pipe.done.set_result(None)
         return pipe.done
 
     def forget(self, log_id: str) -> None:
         """The log was removed: the helper gives back the budget it took."""
-        self._logs.pop(log_id, None)
-        charged = self._charged.pop(log_id, 0)
-        if self._sock is not None:
-            self._send({"t": "forget", "log": log_id, "charged": charged})
+        if self._logs.pop(log_id, None) is None:
+            return  # its pipes were read here: the helper never knew it
+        self._queue({"t": "forget", "log": log_id, "charged": self._charged.pop(log_id, 0)})
 
     def close(self) -> None:
         """Stop the helper (every job has ended)."""
@@ -202,27 +211,27 @@ class IngestProcess:
         args += [str(Path(__file__).parent.parent), str(self._read_size), str(used)]
         if self._budget_limit is not None:
             args.append(str(self._budget_limit))
-        with theirs:
-            self._pid = spawn_helper(args, theirs.fileno())
+        try:
+            with theirs:
+                self._pid = spawn_helper(args, theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
         # Blocking, but every call on the loop passes MSG_DONTWAIT.
         self._sock = ours
         self._ready = self._loop.create_future()
         self._loop.add_reader(ours.fileno(), self._receive)
         log.info("ingest_process_started", pid=self._pid)
 
-    def _send(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-        """Queue a message (with copies of ``fds``: the originals may be closed before it
-        leaves) and send what the helper will take now; the rest waits for it."""
-        copies: list[int] = []
-        try:
+    def _queue(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        """Send ``message`` with ``fds`` (copies, closed once sent) as soon as the helper
+        takes it; in order, and never blocking the loop. Dropped with no helper."""
+        if self._sock is None:
             for fd in fds:
-                copies.append(os.dup(fd))
-        except OSError:
-            for fd in copies:
                 os.close(fd)
-            raise
-        self._outbox.append((json.dumps(message).encode(), tuple(copies)))
-        if len(self._outbox) == 1:
+            return
+        self._outbox.append((json.dumps(message).encode(), fds))
+        if not self._waiting_to_send:
             self._flush()
 
     def _flush(self) -> None:
@@ -335,6 +344,19 @@ def _kill(pid: int) -> str | None:
         log.error("ingest_process_stuck", pid=pid, hint="reaped once the kernel lets it go")
         threading.Thread(target=_reap, args=(pid, None), daemon=True).start()
     return status
+
+
+def _dup_all(fds: list[int]) -> tuple[int, ...]:
+    """Copies of ``fds``; none left open if one cannot be made."""
+    copies: list[int] = []
+    try:
+        for fd in fds:
+            copies.append(os.dup(fd))
+    except OSError:
+        for fd in copies:
+            os.close(fd)
+        raise
+    return tuple(copies)
 
 
 def _reap(pid: int, timeout: float | None) -> str | None:

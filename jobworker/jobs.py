@@ -361,21 +361,23 @@ class JobManager:
         self._jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment)
         loop = asyncio.get_running_loop()
-        for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR)):
-            sink = functools.partial(self._on_output, loop, job, stream)
-            on_eof = functools.partial(self._pipe_closed, job, fd)
-            if ingest_process is None:
+        pipes = [
+            (
+                fd,
+                stream,
+                functools.partial(self._on_output, loop, job, stream),
+                functools.partial(self._pipe_closed, job, fd),
+            )
+            for fd, stream in ((spawned.stdout, Stream.STDOUT), (spawned.stderr, Stream.STDERR))
+        ]
+        if ingest_process is None:
+            for fd, _stream, sink, on_eof in pipes:
                 job.pipes[fd] = self._threads().add(fd, sink, on_eof)
-            else:
-                job.pipes[fd] = ingest_process.add(
-                    fd,
-                    job_id,
-                    job.log,
-                    stream,
-                    sink,
-                    on_eof,
-                    functools.partial(self._published, job),
-                )
+        else:
+            handles = ingest_process.add(
+                job_id, job.log, pipes, functools.partial(self._published, job)
+            )
+            job.pipes.update((handle.fd, handle) for handle in handles)
         # A fresh context: the job outlives the RPC that started it, and its log lines
         # must not carry that RPC's identity and name.
         task = loop.create_task(
