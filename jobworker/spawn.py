@@ -142,9 +142,15 @@ def _instructions(spec: JobSpec, join_path: str | None, plan: IsolationPlan | No
 
 def _posix_spawn_launcher(args: list[str], fd_plan: list[int], setsid: bool) -> int:
     """posix_spawn ``python -I -S _launcher.py ARGS`` with fd ``i`` = ``fd_plan[i]``."""
+    return _posix_spawn([sys.executable, "-I", "-S", LAUNCHER, *args], fd_plan, setsid)
+
+
+def _posix_spawn(argv: list[str], fd_plan: list[int], setsid: bool) -> int:
+    """posix_spawn ``argv`` with fd ``i`` = ``fd_plan[i]``, an empty environment, an empty
+    signal mask and default dispositions."""
     return os.posix_spawn(
-        sys.executable,
-        [sys.executable, "-I", "-S", LAUNCHER, *args],
+        argv[0],
+        argv,
         {},
         file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fd_plan)],
         setsid=setsid,
@@ -162,18 +168,7 @@ def spawn_helper(argv: list[str], channel: int) -> int:
     channel = _above_stdio(os.dup(channel))
     try:
         stderr = 2 if _fd_open(2) else devnull
-        return os.posix_spawn(
-            argv[0],
-            argv,
-            {},
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate((devnull, devnull, stderr))
-            ]
-            + [(os.POSIX_SPAWN_DUP2, channel, 3)],
-            setsid=True,
-            setsigmask=(),
-            setsigdef=_SIGNALS_TO_DEFAULT,
-        )
+        return _posix_spawn(argv, [devnull, devnull, stderr, channel], setsid=True)
     finally:
         os.close(channel)
         os.close(devnull)
