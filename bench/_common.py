@@ -102,6 +102,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_baseline_option(p: argparse.ArgumentParser) -> None:
+    """``--baseline-src DIR``: another version's server, run beside this one's."""
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run this checkout's server, alternating (git archive REV | tar -x -C DIR)",
+    )
+
+
+def versions(baseline_src: Path | None) -> list[tuple[str, Path | None]]:
+    """(name, source) of each server version to run: the baseline first, then this one."""
+    found: list[tuple[str, Path | None]] = [("jobworker", None)]
+    if baseline_src is not None:
+        found.insert(0, (f"baseline {baseline_src.name}", baseline_src))
+    return found
+
+
 @attrs.define
 class ServerProcess:
     """A server started as a subprocess; it prints its address on stdout once serving."""

@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
-from _common import CLIENT, header, jobworker_server, make_pki, parser, percentile, row, workdir
+from _common import (
+    CLIENT,
+    add_baseline_option,
+    header,
+    jobworker_server,
+    make_pki,
+    parser,
+    percentile,
+    row,
+    versions,
+    workdir,
+)
 
 from jobworker.client import JobClient
 
@@ -45,22 +55,16 @@ def one_run(client: JobClient) -> tuple[float, float, float, float]:
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--repeat", type=int, default=4, help="runs of each version")
-    p.add_argument(
-        "--baseline-src",
-        type=Path,
-        help="also run this checkout's server, alternating (git archive REV | tar -x -C DIR)",
-    )
+    add_baseline_option(p)
     options = p.parse_args()
     repeat = 1 if options.quick else options.repeat
     header(f"GetStatus every {INTERVAL * 1000:g} ms while {WRITERS} jobs write all they can")
-    versions: list[tuple[str, Path | None]] = [("jobworker", None)]
-    if options.baseline_src is not None:
-        versions.insert(0, (f"baseline {options.baseline_src.name}", options.baseline_src))
-    results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in versions}
+    sources = versions(options.baseline_src)
+    results: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in sources}
     with workdir() as work:
         pki = make_pki(work / "pki")
         for index in range(repeat):
-            for name, src in versions:
+            for name, src in sources:
                 with (
                     jobworker_server(
                         pki, work, src=src, name=f"{name.replace(' ', '-')}-{index}", retain=5

@@ -26,6 +26,7 @@ from _common import (
     CLIENT,
     MB,
     GiB,
+    add_baseline_option,
     bare_server,
     followers,
     header,
@@ -33,6 +34,7 @@ from _common import (
     make_pki,
     parser,
     row,
+    versions,
     workdir,
 )
 
@@ -53,11 +55,7 @@ def local_pipe(command: list[str]) -> float:
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--size", type=float, default=2.0, help="GiB per job (default 2)")
-    p.add_argument(
-        "--baseline-src",
-        type=Path,
-        help="also run this checkout's server, alternating (git archive REV | tar -x -C DIR)",
-    )
+    add_baseline_option(p)
     p.add_argument("--repeat", type=int, default=1, help="runs of each, median reported")
     p.add_argument(
         "--spool-dir",
@@ -68,16 +66,14 @@ def main() -> None:
     size = int((0.25 if options.quick else options.size) * GiB)
     command = ["head", "-c", str(size), "/dev/zero"]
     header(f"job run time with followers: {' '.join(command)}")
-    versions: list[tuple[str, Path | None]] = [("jobworker", None)]
-    if options.baseline_src is not None:
-        versions.insert(0, (f"baseline {options.baseline_src.name}", options.baseline_src))
-    results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in versions}
+    sources = versions(options.baseline_src)
+    results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in sources}
     control = "0 followers, a bare grpc stream beside it (control)"
     with workdir() as work, contextlib.ExitStack() as stack:
         pki = make_pki(work / "pki")
         bare = stack.enter_context(bare_server(pki, work, FOLLOW_CHUNK_MAX))
         servers = []
-        for name, src in versions:
+        for name, src in sources:
             extra: list[str] = []
             if options.spool_dir is not None:
                 spool = Path(tempfile.mkdtemp(prefix="bench-impact-", dir=options.spool_dir))

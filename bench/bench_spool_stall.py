@@ -29,6 +29,7 @@ from _common import (
     BENCH_DIR,
     CLIENT,
     MiB,
+    add_baseline_option,
     header,
     jobworker_server,
     make_pki,
@@ -129,7 +130,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="MiB the job writes")
     p.add_argument("--delay-ms", type=float, default=50.0)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--baseline-src", type=Path)
+    add_baseline_option(p)
     p.add_argument("--io-max", type=int, help="throttle a real disk to this many bytes/s (VM)")
     options = p.parse_args()
     size = 64 if options.quick else options.size

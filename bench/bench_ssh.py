@@ -27,6 +27,7 @@ from _common import (
     MB,
     GiB,
     ServerProcess,
+    add_baseline_option,
     header,
     jobworker_server,
     make_pki,
@@ -102,11 +103,7 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--size", type=float, default=1.0, help="GiB (default 1)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument(
-        "--baseline-src",
-        type=Path,
-        help="also run this checkout's server (git archive REV | tar -x -C DIR), alternating",
-    )
+    add_baseline_option(p)
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     header(f"ssh vs jobworker run: {size / GiB:g} GiB into wc -c, {options.repeat} runs")

@@ -24,6 +24,7 @@ import grpc
 from _common import (
     CLIENT,
     MiB,
+    add_baseline_option,
     header,
     jobworker_server,
     make_pki,
@@ -100,7 +101,7 @@ def main() -> None:
     p.add_argument("--followers", type=int, default=500)
     p.add_argument("--size", type=int, default=256, help="MiB the job writes before it waits")
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--baseline-src", type=Path, help="checkout of the version to compare with")
+    add_baseline_option(p)
     p.add_argument(
         "--read-first",
         type=int,

@@ -30,13 +30,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from _common import (
     CLIENT,
     MB,
     Followers,
     GiB,
+    add_baseline_option,
     bare_server,
     cpu_seconds,
     followers,
@@ -86,11 +86,7 @@ def main() -> None:
     p.add_argument("--size", type=float, default=2.0, help="GiB per job (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each, median reported")
     p.add_argument("--fanout", type=int, default=10)
-    p.add_argument(
-        "--baseline-src",
-        type=Path,
-        help="also run this checkout's server (git archive REV | tar -x -C DIR), alternating",
-    )
+    add_baseline_option(p)
     options = p.parse_args()
     size = int((0.25 if options.quick else options.size) * GiB)
     repeat = 1 if options.quick else options.repeat
