@@ -15,9 +15,9 @@ then the threads run in the server as before).
 The protocol is one ``SOCK_SEQPACKET`` socket pair, a JSON object per message, descriptors
 passed with ``SCM_RIGHTS``:
 
-* server to helper: ``log`` (a job's spool file, its output cap), ``pipe`` (a pipe to read
-  into a log), ``drop`` (stop reading a pipe), ``forget`` (a log was removed: give its
-  budget back);
+* server to helper: ``job`` (a job's spool file, its output cap and its pipes, in one
+  message), ``drop`` (stop reading a pipe), ``forget`` (a log was removed: give its budget
+  back);
 * helper to server: ``state`` (a log's :class:`~jobworker.outputlog.SpoolState`, after each
   write) and ``eof`` (a pipe is closed, after its last state).
 
@@ -35,6 +35,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -59,6 +60,8 @@ log = structlog.get_logger("jobworker.ingest_process")
 
 #: Bytes of one message, at most (a state carries at most a few hundred marks).
 MESSAGE_MAX = 1 << 20
+#: Descriptors one message carries, at most (a job's spool file and its two pipes).
+FDS_MAX = 3
 #: How long a helper may take to exit once the server closes its socket.
 EXIT_TIMEOUT = 5.0
 #: How long a new helper may take to say it is ready (Python's start-up: about 0.2 s).
@@ -159,10 +162,11 @@ class IngestProcess:
         self._logs[log_id] = (output, published)
         for handle in handles:
             self._pipes[handle.id] = handle
-        self._queue({"t": "log", "log": log_id, "max": output.max_bytes}, copies[:1])
-        for handle, copy in zip(handles, copies[1:], strict=True):
-            message = {"t": "pipe", "pipe": handle.id, "log": log_id, "stream": int(handle.stream)}
-            self._queue(message, (copy,))
+        # One message: the helper must know every pipe of the log before it reads any, or
+        # it would close the spool once the first pipe ended, and write the second through
+        # a number the kernel may have given to another job's file.
+        pipes_of = [[handle.id, int(handle.stream)] for handle in handles]
+        self._queue({"t": "job", "log": log_id, "max": output.max_bytes, "pipes": pipes_of}, copies)
         return handles
 
     def drop(self, pipe: RemotePipe) -> asyncio.Future[None]:
@@ -385,7 +389,7 @@ def _receive(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
     Python 3.11 ignores ``flags``)."""
     fds = array.array("i")
     data, ancillary, _flags, _addr = sock.recvmsg(
-        MESSAGE_MAX, socket.CMSG_LEN(2 * fds.itemsize), flags | socket.MSG_CMSG_CLOEXEC
+        MESSAGE_MAX, socket.CMSG_LEN(FDS_MAX * fds.itemsize), flags | socket.MSG_CMSG_CLOEXEC
     )
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -450,19 +454,17 @@ class _Helper:
 
     def _serve(self, message: dict[str, Any], fds: list[int]) -> None:
         kind = message["t"]
-        if kind == "log":
-            writer = SpoolWriter(fds[0], message["max"], self._budget)
-            self._logs[message["log"]] = _Log(writer, fds[0])
-        elif kind == "pipe":
-            log_id, pipe_id = message["log"], message["pipe"]
-            entry = self._logs[log_id]
-            entry.pipes.add(pipe_id)
-            stream = Stream(message["stream"])
-            self._pipes[pipe_id] = self._ingest.add(
-                fds[0],
-                lambda data: self._write(log_id, entry.writer, stream, data),
-                lambda: self._eof(log_id, pipe_id),
-            )
+        if kind == "job":  # fds: the spool file, then each pipe
+            log_id = message["log"]
+            entry = _Log(SpoolWriter(fds[0], message["max"], self._budget), fds[0])
+            self._logs[log_id] = entry
+            entry.pipes.update(pipe_id for pipe_id, _ in message["pipes"])
+            for (pipe_id, stream), fd in zip(message["pipes"], fds[1:], strict=True):
+                self._pipes[pipe_id] = self._ingest.add(
+                    fd,
+                    functools.partial(self._write, log_id, entry.writer, Stream(stream)),
+                    functools.partial(self._eof, log_id, pipe_id),
+                )
         elif kind == "drop":
             pipe = self._pipes.get(message["pipe"])
             if pipe is not None:

@@ -228,3 +228,25 @@ def test_a_stopped_ingest_process_blocks_neither_starts_nor_the_loop(tmp_path: P
         assert m.ingest_pid == helper
 
     run(tmp_path, body)
+
+
+def test_short_jobs_keep_both_streams_whole(tmp_path: Path) -> None:
+    # Jobs that end before their pipes reach the helper. When the spool and each pipe went
+    # in messages of their own, the helper could see stdout end before stderr arrived,
+    # close the spool, and write stderr through a number the kernel had reused ("Illegal
+    # seek": a pipe; or another job's file): 0-3 jobs in 300 were cut.
+    async def body(m: JobManager) -> None:
+        jobs = [
+            await m.start(JobSpec("sh", ("-c", f"echo out {i}; echo err {i} >&2")), "alice")
+            for i in range(300)
+        ]
+        for i, job in enumerate(jobs):
+            status = await m.wait(job.job_id)
+            assert not status.output_truncated, i
+            chunks = sorted([(c.stream, c.data) async for c in m.follow(job.job_id)])
+            assert chunks == [
+                (Stream.STDOUT, f"out {i}\n".encode()),
+                (Stream.STDERR, f"err {i}\n".encode()),
+            ]
+
+    run(tmp_path, body)
