@@ -7,8 +7,8 @@ and no work per message: what grpcio + TLS on loopback can move at best.
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker import tls  # isort: split
+# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.api import tls  # isort: split
 
 import argparse
 import asyncio
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from jobworker.pki import PkiPaths
+from jobworker.api.pki import PkiPaths
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ Followers run as processes of their own too (``_follower.py``), one per stream.
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker import tls  # isort: split
+# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.api import tls  # isort: split
 
 import argparse
 import contextlib
@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from jobworker.pki import PkiPaths, init_pki
+from jobworker.api.pki import PkiPaths, init_pki
 
 BENCH_DIR = Path(__file__).resolve().parent
 CLIENT = "bench"
@@ -187,7 +187,7 @@ def jobworker_server(
     name: str = "jobworker-server",
     wrapper: Path | None = None,
 ) -> Iterator[ServerProcess]:
-    """``bench/_server.py``: ``jobworker.server.serve`` as ``jobworker serve`` runs it
+    """``bench/_server.py``: ``jobworker.api.server.serve`` as ``jobworker serve`` runs it
     (``isolation=False``: as with ``--no-isolation``); ``extra`` goes to _server.py.
 
     ``src``: a checkout of another jobworker version (``git archive REV | tar -x -C DIR``)
@@ -306,7 +306,7 @@ def _own_cpu_seconds(pid: int) -> float:
 
 
 def ingest_pids(pid: int) -> list[int]:
-    """The ingest process(es) of the server ``pid`` (jobworker.ingest_process)."""
+    """The ingest process(es) of the server ``pid`` (jobworker.backends.local.ingest_process)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

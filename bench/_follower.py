@@ -11,8 +11,8 @@ that stopped reading).
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker.tls import channel_credentials  # isort: split
+# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.api.tls import channel_credentials  # isort: split
 
 import argparse
 import hashlib
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 
+from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
-from jobworker.pki import PkiPaths
 
 CLIENT = "bench"
 

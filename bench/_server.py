@@ -6,17 +6,18 @@ and prints the address on stdout once serving, and logs JSON to stderr at any le
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker import tls  # isort: split
+# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.api import tls  # isort: split
 
 import argparse
 import asyncio
 from pathlib import Path
 
-import jobworker.server
+import jobworker.api.server
+import jobworker.config
+from jobworker.api.pki import PkiPaths
 from jobworker.hooks.host import Plugins
 from jobworker.logconfig import configure_logging
-from jobworker.pki import PkiPaths
 from jobworker.plugins.authz import Authz
 from jobworker.plugins.isolation import Isolation
 
@@ -60,7 +61,7 @@ def main() -> None:
         plugins.register(metrics, name="metrics")
         plugins.metrics_ready()
     plugins.load([])
-    config = jobworker.server.ServerConfig(
+    config = jobworker.config.ServerConfig(
         listen="127.0.0.1:0",
         tls=pki.server(),
         default_grace=5.0,
@@ -74,7 +75,7 @@ def main() -> None:
     def ready(address: str) -> None:
         print(address, flush=True)
 
-    asyncio.run(jobworker.server.serve(config, plugins, ready=ready))
+    asyncio.run(jobworker.api.server.serve(config, plugins, ready=ready))
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from _common import (
     workdir,
 )
 
+from jobworker.backends.local.outputlog import FOLLOW_CHUNK_MAX
 from jobworker.client import JobClient
-from jobworker.outputlog import FOLLOW_CHUNK_MAX
 
 
 def local_pipe(command: list[str]) -> float:

@@ -40,17 +40,10 @@ from _common import (
     workdir,
 )
 
-from jobworker.cgroupfs import JobCgroup
+from jobworker.backends.local.cgroupfs import JobCgroup
+from jobworker.backends.local.sampling import ProcTable, _Tracked, read_small, sample_jobs
 from jobworker.client import JobClient
-from jobworker.usage import (
-    ProcTable,
-    SelfSampling,
-    UsageRing,
-    UsageSample,
-    _Tracked,
-    read_small,
-    sample_jobs,
-)
+from jobworker.usage import SelfSampling, UsageRing, UsageSample
 
 COMMAND = ["true"]
 
@@ -103,8 +96,8 @@ def hook_cost(count: int) -> tuple[float, float]:
     import argparse
     import types
 
+    from jobworker.api.identity import Identity
     from jobworker.hooks.host import Plugins
-    from jobworker.identity import Identity
     from jobworker.model import Action, TerminationReason
     from jobworker.plugins.metrics import Metrics
 

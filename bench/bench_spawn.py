@@ -12,11 +12,11 @@ from pathlib import Path
 
 from _common import header, ms, parser, percentile, row, workdir
 
+from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.spawn import Spawner
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.logconfig import configure_logging
 from jobworker.model import JobSpec
-from jobworker.spawn import Spawner
 
 
 async def manager_starts(spool: Path, count: int, zygote: bool) -> list[float]:

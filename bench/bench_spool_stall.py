@@ -40,8 +40,8 @@ from _common import (
     workdir,
 )
 
+from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
-from jobworker.pki import PkiPaths
 
 SCRATCH_SERIAL = "jwscratch"  # tests/vm/run_vm.py's scratch disk
 SPOOL_MOUNT = Path("/mnt/jobworker-bench-spool")

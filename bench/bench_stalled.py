@@ -12,8 +12,8 @@ run.
 
 from __future__ import annotations
 
-# jobworker.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker.tls import channel_credentials  # isort: split
+# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.api.tls import channel_credentials  # isort: split
 
 import statistics
 import time
@@ -33,8 +33,8 @@ from _common import (
     workdir,
 )
 
+from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
-from jobworker.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 

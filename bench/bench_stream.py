@@ -48,9 +48,9 @@ from _common import (
     workdir,
 )
 
+from jobworker.backends.local.outputlog import FOLLOW_CHUNK_MAX
 from jobworker.client import JobClient
 from jobworker.model import JobState
-from jobworker.outputlog import FOLLOW_CHUNK_MAX
 
 MESSAGE = 64 * 1024
 LARGE_MESSAGE = FOLLOW_CHUNK_MAX

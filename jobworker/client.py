@@ -1,7 +1,7 @@
 """A small typed client for the jobworker API; the CLI uses it and so can you::
 
     from jobworker.client import JobClient
-    from jobworker.tls import TlsFiles
+    from jobworker.api.tls import TlsFiles
 
     with JobClient("127.0.0.1:50051", TlsFiles("alice.pem", "alice.key", "ca.pem")) as jobs:
         job_id = jobs.start("sh", ["-c", "echo hi"])
@@ -16,8 +16,8 @@ server's message, so callers never handle ``grpc.RpcError``.
 
 from __future__ import annotations
 
-# First: grpc reads process-wide settings once, when it is imported (jobworker.grpcenv).
-from jobworker.grpcenv import grpc  # isort: split
+# First: grpc reads process-wide settings once, when it is imported (jobworker.api.grpcenv).
+from jobworker.api.grpcenv import grpc  # isort: split
 
 import builtins
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
@@ -26,9 +26,10 @@ from typing import Any, Self
 
 import attrs
 
-from jobworker import errors, wire
+from jobworker import errors
+from jobworker.api import wire
+from jobworker.api.tls import TlsFiles, channel_credentials
 from jobworker.model import InputResult, JobState, JobStatusView, Limits, ListQuery, StopView
-from jobworker.tls import TlsFiles, channel_credentials
 from jobworker.usage import JobUsage
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc

@@ -1,6 +1,6 @@
 """Test-wide set-up.
 
-``jobworker.grpcenv`` imports grpc with TLS 1.2 refused; importing it here, before any test
+``jobworker.api.grpcenv`` imports grpc with TLS 1.2 refused; importing it here, before any test
 module imports grpc, gives every server started by the test process the production
 handshake policy.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import jobworker.grpcenv  # noqa: F401
+import jobworker.api.grpcenv  # noqa: F401
 from tests.jobpaths import JOB_VISIBLE_ROOT
 
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.pki import CertAuthority, PkiPaths
-from jobworker.tls import TlsFiles
+from jobworker.api.pki import CertAuthority, PkiPaths
+from jobworker.api.tls import TlsFiles
 
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH

@@ -1,13 +1,13 @@
 """An in-process jobworker server for tests: real mTLS on 127.0.0.1, real processes.
 
-``running_server`` runs :func:`jobworker.server.serve` on its own event loop in a thread,
+``running_server`` runs :func:`jobworker.api.server.serve` on its own event loop in a thread,
 the way ``jobworker serve`` runs it, and stops it through ``stop_event``. Clients are plain
 (synchronous) grpc channels in the test's thread, one per identity of the test PKI:
 
 * ``alice`` and ``bob``: role user; ``root``: role admin;
 * ``mallory``: a valid certificate of the same CA, but not on the whitelist.
 
-grpc must be imported after ``jobworker.tls`` (tests/integration/conftest.py sees to it).
+grpc must be imported after ``jobworker.api.tls`` (tests/integration/conftest.py sees to it).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 import attrs
 import grpc
 
+from jobworker.api.pki import PkiPaths, init_pki
+from jobworker.api.server import serve
+from jobworker.api.tls import TlsFiles
+from jobworker.config import ServerConfig
 from jobworker.hooks.host import ESSENTIAL_PLUGINS, Plugins
-from jobworker.pki import PkiPaths, init_pki
 from jobworker.plugins.authz import Authz
 from jobworker.plugins.isolation import Isolation
-from jobworker.server import ServerConfig, serve
-from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.jobpaths import JOB_VISIBLE_ROOT

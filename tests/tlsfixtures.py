@@ -5,7 +5,7 @@ The server is a real grpc server on 127.0.0.1 (ephemeral port) built with
 bytes-out method that runs ``check_peer`` and answers with the caller's identity as JSON,
 or aborts with UNAUTHENTICATED and the check's message.
 
-grpc must be imported after ``jobworker.tls`` in the test process (tests/integration/
+grpc must be imported after ``jobworker.api.tls`` in the test process (tests/integration/
 conftest.py sees to it), otherwise ``server_credentials`` refuses to build credentials.
 """
 
@@ -23,9 +23,9 @@ import attrs
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from jobworker.api.pki import CertAuthority, PkiPaths, init_pki, issue_client_cert
+from jobworker.api.tls import RevocationList, TlsFiles, check_peer, server_credentials
 from jobworker.errors import Unauthenticated
-from jobworker.pki import CertAuthority, PkiPaths, init_pki, issue_client_cert
-from jobworker.tls import RevocationList, TlsFiles, check_peer, server_credentials
 
 WHOAMI = "/jobworker.test.Probe/WhoAmI"
 RPC_TIMEOUT_S = 5.0

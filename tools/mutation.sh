@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 targets=("$@")
 if ((${#targets[@]} == 0)); then
   targets=(
-    "jobworker.outputlog.*"
-    "jobworker.identity.*"
+    "jobworker.backends.local.outputlog.*"
+    "jobworker.api.identity.*"
     "jobworker.backends.authz.*"
     "jobworker.manager.x_describe_end__*"
     "jobworker.manager.x__exit_info__*"

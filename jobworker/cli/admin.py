@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from jobworker.api.pki import DEV_CLIENT, PkiPaths, default_pki_dir, init_pki
+from jobworker.api.wire import DEFAULT_ADDRESS
 from jobworker.cli.common import argument, for_terminal, print_json
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins, available_plugins
-from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir, init_pki
 from jobworker.plugins.authz import ROLES
-from jobworker.wire import DEFAULT_ADDRESS
 
 
 def _client_role(text: str) -> tuple[str, str]:

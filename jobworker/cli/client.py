@@ -21,6 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobworker.api.pki import DEV_CLIENT, PkiPaths, default_pki_dir
+from jobworker.api.tls import TlsFiles, given_files
+from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
@@ -43,8 +46,6 @@ from jobworker.model import (
     Limits,
     TerminationReason,
 )
-from jobworker.pki import DEV_CLIENT, PkiPaths, default_pki_dir
-from jobworker.tls import TlsFiles, given_files
 from jobworker.units import (
     parse_cores,
     parse_count,
@@ -53,7 +54,6 @@ from jobworker.units import (
     parse_size,
     split_device_value,
 )
-from jobworker.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 
 # Client TLS options: (option dest, flag, environment variable).
 _CLIENT_TLS = (

@@ -1,5 +1,5 @@
-"""``jobworker serve``: its options, then :class:`jobworker.server.ServerConfig` and
-:func:`jobworker.server.serve` do the rest."""
+"""``jobworker serve``: its options, then :class:`jobworker.api.server.ServerConfig` and
+:func:`jobworker.api.server.serve` do the rest."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import signal
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jobworker.cli.common import argument
-from jobworker.hooks.host import Plugins
-from jobworker.logconfig import LEVELS, configure_logging
-from jobworker.pki import default_pki_dir
-from jobworker.units import parse_count, parse_seconds, parse_size
-from jobworker.wire import (
+from jobworker.api.pki import default_pki_dir
+from jobworker.api.wire import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_STREAMS_PER_CLIENT,
 )
+from jobworker.cli.common import argument
+from jobworker.hooks.host import Plugins
+from jobworker.logconfig import LEVELS, configure_logging
+from jobworker.units import parse_count, parse_seconds, parse_size
 
 
 def add_command(commands: Any, plugins: Plugins) -> None:
@@ -120,7 +120,8 @@ def _serve(plugins: Plugins, options: argparse.Namespace) -> int:
     # Imported here so that client commands do not pay for loading the server.
     import asyncio
 
-    from jobworker.server import ServerConfig, serve
+    from jobworker.api.server import serve
+    from jobworker.config import ServerConfig
 
     configure_logging(options.log_level)
     config = ServerConfig.from_options(options)

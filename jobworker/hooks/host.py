@@ -22,12 +22,12 @@ from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
 from jobworker.hooks import PROJECT_NAME, spec
 
 if TYPE_CHECKING:
-    from jobworker.backend import JobBackend
-    from jobworker.containment import Containment
-    from jobworker.identity import Identity
-    from jobworker.isolation import IsolationPlan
+    from jobworker.api.identity import Identity
+    from jobworker.backends.base import JobBackend
+    from jobworker.backends.local.containment import Containment
+    from jobworker.backends.local.isolation import IsolationPlan
+    from jobworker.config import ServerConfig
     from jobworker.model import Action, JobSpec, JobStatus
-    from jobworker.server import ServerConfig
 
 log = structlog.get_logger("jobworker.plugins")
 
@@ -38,7 +38,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "audit-log": "jobworker.plugins.auditlog:AuditLog",
     "cgroupv2": "jobworker.plugins.cgroupv2:CgroupV2Plugin",
     "isolation": "jobworker.plugins.isolation:Isolation",
-    "ray": "jobworker.ray_backend.plugin:RayPlugin",
+    "ray": "jobworker.backends.ray.plugin:RayPlugin",
     "metrics": "jobworker.plugins.metrics:Metrics",
 }
 #: Loaded by every server before the plugins it is asked for: authorization and isolation

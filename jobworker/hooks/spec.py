@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING
 from jobworker.hooks import hookspec
 
 if TYPE_CHECKING:
-    from jobworker.backend import JobBackend
-    from jobworker.containment import Containment
+    from jobworker.api.identity import Identity
+    from jobworker.backends.base import JobBackend
+    from jobworker.backends.local.containment import Containment
+    from jobworker.backends.local.isolation import IsolationPlan
+    from jobworker.config import ServerConfig
     from jobworker.errors import JobworkerError
     from jobworker.hooks.host import Plugins
-    from jobworker.identity import Identity
-    from jobworker.isolation import IsolationPlan
     from jobworker.model import Action, JobSpec, JobStatus
-    from jobworker.server import ServerConfig
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def jobworker_metrics_ready(registry: object) -> None:
 
 @hookspec
 def jobworker_manager_ready(manager: JobBackend) -> None:
-    """The server's job backend (a :class:`jobworker.backend.JobBackend`) exists; keep it
+    """The server's job backend (a :class:`jobworker.backends.base.JobBackend`) exists; keep it
     to act on jobs later. Observer.
 
     Called once, after ``jobworker_configure`` and before the first request. A plugin that
@@ -201,7 +201,8 @@ def jobworker_pre_spawn(job_id: str, spec: JobSpec, owner: str) -> JobSpec | Non
 def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
     """Create the job's containment and apply its limits, before its process exists.
 
-    First result wins. Return a :class:`jobworker.containment.Containment`; the launcher
+    First result wins. Return a :class:`jobworker.backends.local.containment.Containment`; the
+    launcher
     joins it (``join_path``) before the user's command runs. Raise
     :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
     cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
@@ -236,7 +237,7 @@ def jobworker_isolate(
     ``attrs.evolve(plan, ...)`` to add hidden paths, force ``network=Network.NONE`` or
     prepend an exec ``wrapper`` (a seccomp or Landlock loader, ``aa-exec``). The launcher
     applies the final plan in the job's first process, before the command runs; see
-    :mod:`jobworker.isolation`. The built-in ``isolation`` plugin runs first
+    :mod:`jobworker.backends.local.isolation`. The built-in ``isolation`` plugin runs first
     (``tryfirst``). Raise to refuse the job (PermissionDenied for an account the client
     may not use). With no plan, the job runs with the server's own uid and namespaces.
     """

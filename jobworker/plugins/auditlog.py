@@ -30,9 +30,9 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
-from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec, JobStatus, Limits
 
 log = structlog.get_logger("jobworker.auditlog")

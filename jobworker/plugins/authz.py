@@ -12,7 +12,7 @@ A client without ``run_as`` runs its jobs as the server's ``--job-user``; ``root
 never implied, only listed.
 
 The caller's names are matched in order (CN, then DNS, e-mail and URI SANs as the
-certificate lists them, see :mod:`jobworker.identity`); the first listed one is the
+certificate lists them, see :mod:`jobworker.api.identity`); the first listed one is the
 caller's principal: it gives the role, the ``run_as`` list, and the owner of the jobs the
 caller starts, so a certificate can never take its role from one entry and its jobs from
 another. A caller none of whose names is listed is denied everything
@@ -40,9 +40,9 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, PermissionDenied, job_not_found
 from jobworker.hooks import hookimpl
-from jobworker.identity import Identity
 from jobworker.model import Action, JobStatus
 
 log = structlog.get_logger("jobworker.authz")

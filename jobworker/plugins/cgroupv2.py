@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.cgroupfs import (
+from jobworker.backends.local.cgroupfs import (
     CGROUP_FS,
     HYBRID_MOUNT,
     ROOT_NAME,
@@ -35,9 +35,9 @@ from jobworker.cgroupfs import (
     read_int,
     write_file,
 )
+from jobworker.backends.local.inotify import wait_until_blocking
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
-from jobworker.inotify import wait_until_blocking
 from jobworker.model import IoLimit, JobSpec, Limits
 
 log = structlog.get_logger("jobworker.cgroupv2")

@@ -1,7 +1,8 @@
 """The ``isolation`` built-in plugin: every job unprivileged, in its own namespaces.
 
 Loaded by every server, like ``authz``. For each job it builds the
-:class:`jobworker.isolation.IsolationPlan` the launcher carries out (see that module for
+:class:`jobworker.backends.local.isolation.IsolationPlan` the launcher carries out (see that module
+for
 what a job then sees): the account comes from the client's ``run_as`` list in the
 whitelist (its first entry by default) or, for a client without one, ``--job-user``
 (``nobody`` unless told otherwise); the server's own files (TLS material, whitelist, CRL,
@@ -24,13 +25,13 @@ from pathlib import Path
 import attrs
 import structlog
 
+from jobworker.backends.local.isolation import Account, IsolationPlan
+from jobworker.backends.local.spool import default_root
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks import hookimpl
-from jobworker.isolation import Account, IsolationPlan
 from jobworker.model import JobSpec, Network
-from jobworker.spool import default_root
 
-log = structlog.get_logger("jobworker.isolation")
+log = structlog.get_logger("jobworker.backends.local.isolation")
 
 DEFAULT_JOB_USER = "nobody"
 #: Directories too shared to hide whole: a state file kept directly in one is hidden alone.

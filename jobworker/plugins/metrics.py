@@ -34,13 +34,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import attrs
 import structlog
 
-from jobworker.backend import JobBackend
+from jobworker.api.identity import Identity
+from jobworker.api.tls import RevocationList
+from jobworker.backends.base import JobBackend
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
-from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec, JobStatus
 from jobworker.plugins.authz import Authz
-from jobworker.tls import RevocationList
 
 try:
     import prometheus_client

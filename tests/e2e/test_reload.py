@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from jobworker.pki import PkiPaths, issue_server_cert, write_crl
+from jobworker.api.pki import PkiPaths, issue_server_cert, write_crl
 from tests.e2e.conftest import Cli, Pki, Server, StartServer
 
 HUP_TIMEOUT_S = 15.0

@@ -1,6 +1,6 @@
 """Shared set-up for integration tests.
 
-jobworker.tls sets GRPC_SSL_CIPHER_SUITES before it imports grpc, and grpc reads it only
+jobworker.api.tls sets GRPC_SSL_CIPHER_SUITES before it imports grpc, and grpc reads it only
 when first imported: importing it here, before any test module imports grpc, makes the
 servers of this test process refuse TLS 1.2 as a production server does.
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import jobworker.tls  # noqa: F401
-from jobworker.pki import PkiPaths
+import jobworker.api.tls  # noqa: F401
+from jobworker.api.pki import PkiPaths
 from tests.serverfixtures import RunningServer, make_api_pki, running_server
 
 

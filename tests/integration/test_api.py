@@ -21,13 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jobworker import hookimpl
+from jobworker.api.pki import PkiPaths, write_crl
+from jobworker.api.server import serve
+from jobworker.api.tls import TlsFiles
+from jobworker.config import ServerConfig
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins
 from jobworker.model import JobSpec
-from jobworker.pki import PkiPaths, write_crl
 from jobworker.plugins.authz import Authz
-from jobworker.server import ServerConfig, serve
-from jobworker.tls import TlsFiles
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1.jobworker_pb2_grpc import JobServiceStub
 from tests.serverfixtures import (

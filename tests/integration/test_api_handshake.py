@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
-from jobworker.pki import PkiPaths, make_ca
+from jobworker.api.pki import PkiPaths, make_ca
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1.jobworker_pb2_grpc import JobServiceStub
 from tests.serverfixtures import RunningServer

@@ -15,8 +15,8 @@ import attrs
 import grpc
 import pytest
 
+from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, NotFound, PermissionDenied, job_not_found
-from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec, JobState, JobStatus, new_job_id
 from jobworker.plugins.authz import Authz, Role
 from jobworker.v1 import jobworker_pb2 as pb

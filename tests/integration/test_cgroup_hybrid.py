@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import IoLimit, JobSpec, Limits, Stream, new_job_id
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
 from jobworker.plugins.isolation import Isolation

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-from jobworker.pki import PkiPaths
+from jobworker.api.pki import PkiPaths
 from tests.serverfixtures import RunningServer
 
 ORIGINAL = Path(__file__).parent / "original_proto"

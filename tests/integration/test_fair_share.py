@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from jobworker.pki import PkiPaths
+from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import RPC_TIMEOUT_S, running_server, start_job, wait_exited
 

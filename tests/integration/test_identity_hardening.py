@@ -13,7 +13,7 @@ import pytest
 import structlog
 from cryptography import x509
 
-from jobworker.pki import PkiPaths, init_pki
+from jobworker.api.pki import PkiPaths, init_pki
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.hostilecerts import SERVER_AUTH, mint_client

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jobworker.ingest import PENDING_PER_PIPE, PRIORITY, Ingest
+from jobworker.backends.local.ingest import PENDING_PER_PIPE, PRIORITY, Ingest
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root")
 

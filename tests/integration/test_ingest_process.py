@@ -1,4 +1,4 @@
-"""Ingestion in a process of its own (jobworker.ingest_process): real jobs, a real helper
+"""Ingestion in a process of its own (jobworker.backends.local.ingest_process): real jobs, a real helper
 process, and what happens when it is killed."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from jobworker import hookimpl
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import DataLoss
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Stream, TerminationReason
 
 
@@ -150,7 +150,7 @@ def test_the_ingest_process_ends_with_the_server_even_when_it_is_killed(tmp_path
         import asyncio, os, signal, sys
         from pathlib import Path
         from jobworker.hooks.host import Plugins
-        from jobworker.jobs import JobManager
+        from jobworker.backends.local.manager import JobManager
         from jobworker.logconfig import configure_logging
         from jobworker.model import JobSpec
 

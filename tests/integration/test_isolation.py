@@ -24,13 +24,13 @@ import attrs
 import grpc
 import pytest
 
+from jobworker.api.pki import PkiPaths, init_pki
+from jobworker.backends.local.isolation import IsolationPlan
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
-from jobworker.isolation import IsolationPlan
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobStatus
-from jobworker.pki import PkiPaths, init_pki
 from jobworker.plugins.authz import Authz
 from jobworker.plugins.isolation import Isolation
 from jobworker.v1 import jobworker_pb2 as pb
@@ -405,9 +405,9 @@ import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from jobworker.plugins.isolation import Isolation
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
+from jobworker.backends.local.manager import JobManager
 from jobworker.model import JobSpec
-from jobworker.spawn import Spawner
+from jobworker.backends.local.spawn import Spawner
 
 async def main(state, zygote):
     plugins = Plugins()

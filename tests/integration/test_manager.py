@@ -17,7 +17,8 @@ import attrs
 import pytest
 
 from jobworker import hookimpl, jobs
-from jobworker.containment import ContainmentReport, ProcessGroup
+from jobworker.backends.local.containment import ContainmentReport, ProcessGroup
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -27,7 +28,6 @@ from jobworker.errors import (
     SpawnError,
 )
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import (
     MAX_ARGS,
     MAX_COMMAND_BYTES,

@@ -17,9 +17,9 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobworker.api.pki import PkiPaths, write_crl
+from jobworker.backends.local.manager import JobManager
 from jobworker.hooks import hookimpl
-from jobworker.jobs import JobManager
-from jobworker.pki import PkiPaths, write_crl
 from jobworker.plugins.metrics import SCRAPE_TIMEOUT, Metrics
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import (

@@ -1,5 +1,5 @@
 """The cluster agents' fallback containment and start-up sweep, on real processes
-(jobworker/ray_backend/tree.py; needs no Ray)."""
+(jobworker/backends/ray/tree.py; needs no Ray)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.ray_backend.tree import ProcessTree, ProcRecords, start_time
+from jobworker.backends.ray.tree import ProcessTree, ProcRecords, start_time
 
 
 def alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from jobworker import hookimpl
-from jobworker.pki import PkiPaths
+from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.serverfixtures import RPC_TIMEOUT_S, authz_plugins, running_server, start_job
 

@@ -27,12 +27,12 @@ import pytest
 import structlog
 
 from jobworker import hookimpl
+from jobworker.api.identity import Identity
+from jobworker.api.pki import PkiPaths
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError, PermissionDenied, SpawnError
 from jobworker.hooks.host import Plugins
-from jobworker.identity import Identity
-from jobworker.jobs import JobManager
 from jobworker.model import Action, JobSpec, JobStatus, Stream
-from jobworker.pki import PkiPaths
 from jobworker.plugins.auditlog import AuditLog
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.test_manager import collect, run_with_manager, sh

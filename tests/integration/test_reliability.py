@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobworker.pki import PkiPaths
+from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.jobpaths import JOB_VISIBLE_ROOT
@@ -131,7 +131,7 @@ class ServeProcess:
 
     @property
     def run_dir(self) -> Path:
-        """This server's own spool directory under ``spool_dir`` (see jobworker.spool)."""
+        """This server's own spool directory under ``spool_dir`` (see jobworker.backends.local.spool)."""
         for line in self.log_path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)

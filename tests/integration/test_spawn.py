@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
+from jobworker.backends.local.spawn import Spawned, Spawner
 from jobworker.errors import SpawnError
 from jobworker.model import JobSpec
-from jobworker.spawn import Spawned, Spawner
 
 
 def read_all(fd: int) -> bytes:

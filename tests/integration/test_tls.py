@@ -18,15 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2
 
-from jobworker.errors import ConfigError
-from jobworker.pki import PkiPaths, default_server_names, make_ca, write_crl
-from jobworker.tls import (
+from jobworker.api.pki import PkiPaths, default_server_names, make_ca, write_crl
+from jobworker.api.tls import (
     TLS12_REFUSING_CIPHER_SUITES,
     RevocationList,
     TlsFiles,
     channel_credentials,
     server_credentials,
 )
+from jobworker.errors import ConfigError
 from tests.tlsfixtures import (
     add_client,
     health_check,
@@ -292,7 +292,7 @@ def test_key_readable_by_others_refused(pki: PkiPaths) -> None:
 _LOAD_AS_NOBODY = """
 import os, sys
 from jobworker.errors import ConfigError
-from jobworker.tls import TlsFiles, server_credentials
+from jobworker.api.tls import TlsFiles, server_credentials
 if os.geteuid() == 0:  # root reads any file: become nobody (every capability goes too)
     os.setgroups([])
     os.setresgid(65534, 65534, 65534)
@@ -341,7 +341,7 @@ _BUILD_CREDENTIALS = """
 import os, sys
 {imports}
 from jobworker.errors import ConfigError
-from jobworker.tls import TlsFiles, server_credentials
+from jobworker.api.tls import TlsFiles, server_credentials
 assert os.environ.get("GRPC_SSL_CIPHER_SUITES") == {expected_env!r}, "environment leaked"
 try:
     server_credentials(TlsFiles(*sys.argv[1:4]))
@@ -354,9 +354,9 @@ except ConfigError as err:
 @pytest.mark.parametrize(
     ("imports", "preset", "refused"),
     [
-        ("import jobworker.tls\nimport grpc", None, False),
-        ("import grpc\nimport jobworker.tls", None, True),
-        ("import grpc\nimport jobworker.tls", TLS12_REFUSING_CIPHER_SUITES, False),
+        ("import jobworker.api.tls\nimport grpc", None, False),
+        ("import grpc\nimport jobworker.api.tls", None, True),
+        ("import grpc\nimport jobworker.api.tls", TLS12_REFUSING_CIPHER_SUITES, False),
     ],
     ids=["tls-first", "grpc-first", "grpc-first-env-preset"],
 )
@@ -378,6 +378,6 @@ def test_tls12_guard_depends_on_import_order(
     )
     if refused:
         assert result.returncode == 3, result.stderr
-        assert "import jobworker.tls before grpc" in result.stdout
+        assert "import jobworker.api.tls before grpc" in result.stdout
     else:
         assert result.returncode == 0, result.stdout + result.stderr

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from jobworker.usage import ProcTable, UsageSample, UsageSampler
+from jobworker.backends.local.sampling import ProcTable, UsageSampler
+from jobworker.usage import UsageSample
 
 #: A job's leader that, for each line on stdin, forks a child and prints its pid. The child
 #: holds 64 MiB it wrote (resident) and calls setsid on SIGUSR1; the kernel reaps it.

@@ -33,8 +33,8 @@ import attrs
 import grpc
 import pytest
 
-import jobworker.tls  # noqa: F401  (before grpc: refuse TLS 1.2 as production does)
-from jobworker.pki import PkiPaths
+import jobworker.api.tls  # noqa: F401  (before grpc: refuse TLS 1.2 as production does)
+from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray_cluster.cluster import RAY_ENV, LocalCluster, local_cluster
 from tests.serverfixtures import client_credentials, make_api_pki

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobworker.pki import PkiPaths
-from jobworker.ray_backend.front import USAGE_LIST_TIMEOUT
-from jobworker.ray_backend.tree import descendants
+from jobworker.api.pki import PkiPaths
+from jobworker.backends.ray.front import USAGE_LIST_TIMEOUT
+from jobworker.backends.ray.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray_cluster.cluster import LocalCluster

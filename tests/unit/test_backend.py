@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from jobworker.backend import JobBackend
+from jobworker.api.server import local_backend
+from jobworker.backends.base import JobBackend
+from jobworker.backends.local.manager import JobManager
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
-from jobworker.server import local_backend
 
 
 def protocol_methods() -> set[str]:
@@ -32,8 +32,8 @@ def test_protocol_names_no_local_detail() -> None:
 
 
 def test_local_backend_is_a_job_manager(tmp_path: Path) -> None:
-    from jobworker.server import ServerConfig
-    from jobworker.tls import TlsFiles
+    from jobworker.api.tls import TlsFiles
+    from jobworker.config import ServerConfig
 
     config = ServerConfig(tls=TlsFiles("c", "k", "a"))
     backend: JobBackend = local_backend(config, Plugins(), tmp_path)

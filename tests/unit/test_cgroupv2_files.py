@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from jobworker import inotify
+from jobworker.backends.local import inotify
+from jobworker.backends.local.sampling import SLOW_TICKS
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks.host import Plugins
 from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
@@ -34,7 +35,6 @@ from jobworker.plugins.cgroupv2 import (
     own_cgroup,
     parse_device,
 )
-from jobworker.usage import SLOW_TICKS
 
 ALL = ("cpu", "io", "memory", "pids")
 #: Stands in for a control file that refuses every write (the kernel's EBUSY, EINVAL...).
@@ -351,7 +351,7 @@ def test_root_not_created_by_us_is_kept(fs: FakeCgroupFs) -> None:
 
 def test_delegated_server_moves_itself_into_a_leaf(fs: FakeCgroupFs) -> None:
     fs.cgroup("system.slice")
-    service = fs.cgroup("system.slice/jobworker.service", procs=f"{os.getpid()}\n")
+    service = fs.cgroup("system.slice/jobworker.api.service", procs=f"{os.getpid()}\n")
     plugin = CgroupV2Plugin(delegated=True, mount=fs.mount, self_cgroup=service)
     plugin.setup()
     assert plugin.root == service / "jobs"
@@ -419,11 +419,11 @@ def test_mounts_and_default_root() -> None:
 
 
 def test_own_cgroup() -> None:
-    proc = "0::/system.slice/jobworker.service\n"
+    proc = "0::/system.slice/jobworker.api.service\n"
     mount = Path("/sys/fs/cgroup")
-    assert own_cgroup(mount, "/", proc) == mount / "system.slice/jobworker.service"
+    assert own_cgroup(mount, "/", proc) == mount / "system.slice/jobworker.api.service"
     assert own_cgroup(mount, "/", "0::/\n") == mount
-    assert own_cgroup(mount, "/system.slice", proc) == mount / "jobworker.service"
+    assert own_cgroup(mount, "/system.slice", proc) == mount / "jobworker.api.service"
     assert own_cgroup(mount, "/user.slice", proc) is None
     assert own_cgroup(mount, "/", "1:name=systemd:/\n") is None
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from jobworker.api.identity import Identity, identity_from_auth_context
+from jobworker.api.pki import CertAuthority, issue_client_cert, make_ca, write_crl
+from jobworker.api.tls import RevocationList, check_peer
 from jobworker.errors import Unauthenticated
-from jobworker.identity import Identity, identity_from_auth_context
-from jobworker.pki import CertAuthority, issue_client_cert, make_ca, write_crl
-from jobworker.tls import RevocationList, check_peer
 from tests.hostilecerts import SERVER_AUTH, mint, pem
 
 

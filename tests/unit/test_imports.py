@@ -30,7 +30,9 @@ def test_import_jobworker_loads_neither_grpc_nor_cryptography() -> None:
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["jobworker.tls", "jobworker.client", "jobworker.server"])
+@pytest.mark.parametrize(
+    "module", ["jobworker.api.tls", "jobworker.client", "jobworker.api.server"]
+)
 def test_modules_using_grpc_import_it_through_grpcenv(module: str) -> None:
-    code = f"import sys, {module}; assert 'jobworker.grpcenv' in sys.modules"
+    code = f"import sys, {module}; assert 'jobworker.api.grpcenv' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from jobworker import model, wire
+from jobworker import model
+from jobworker.api import wire
 from jobworker.errors import InvalidArgument
 from jobworker.model import (
     MAX_IO_DEVICES,
@@ -129,9 +130,9 @@ def test_the_exit_convention_is_kept_both_ways(
 @pytest.mark.parametrize("size", [1, 127, 128, 300, 65536, 256 * 1024])
 @pytest.mark.parametrize("offset", [1, 127, 128, 1 << 40])
 def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> None:
+    from jobworker.api.wire import encode_chunk
     from jobworker.model import OutputChunk, Stream
     from jobworker.v1 import jobworker_pb2 as pb
-    from jobworker.wire import encode_chunk
 
     for stream in Stream:
         chunk = OutputChunk(stream, bytes(range(256)) * (size // 256) + b"x" * (size % 256), offset)
@@ -140,9 +141,9 @@ def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> No
 
 
 def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
+    from jobworker.api.wire import decode_chunk
     from jobworker.errors import RemoteError
     from jobworker.v1 import jobworker_pb2 as pb
-    from jobworker.wire import decode_chunk
 
     data = bytes(range(256)) * 1000
     raw = pb.JobOutputChunk(data=data, stream="stderr", offset=1 << 40).SerializeToString()

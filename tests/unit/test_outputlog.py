@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.errors import FailedPrecondition, InvalidArgument
-from jobworker.model import Stream
-from jobworker.outputlog import (
+from jobworker.backends.local.outputlog import (
     CHUNK_MAX,
     FOLLOW_CHUNK_MAX,
     FOLLOW_RAMP_BYTES,
@@ -20,6 +18,8 @@ from jobworker.outputlog import (
     OutputLog,
     next_chunk_max,
 )
+from jobworker.errors import FailedPrecondition, InvalidArgument
+from jobworker.model import Stream
 
 
 async def drain(log: OutputLog, offset: int = 0) -> list[OutputChunk]:

@@ -13,8 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.errors import ConfigError, InvalidArgument
-from jobworker.pki import (
+from jobworker.api.pki import (
     PkiPaths,
     default_pki_dir,
     default_server_names,
@@ -23,6 +22,7 @@ from jobworker.pki import (
     make_ca,
     write_crl,
 )
+from jobworker.errors import ConfigError, InvalidArgument
 
 
 def _cert(path: Path) -> x509.Certificate:

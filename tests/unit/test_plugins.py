@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobworker import hookimpl
+from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, NotFound, PermissionDenied
 from jobworker.hooks.host import (
     BUILTIN_PLUGINS,
@@ -18,7 +19,6 @@ from jobworker.hooks.host import (
     available_plugins,
     load_plugins,
 )
-from jobworker.identity import Identity
 from jobworker.model import Action, JobSpec
 
 

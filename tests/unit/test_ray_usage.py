@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("ray")
 
+from jobworker.backends.ray import front
+from jobworker.backends.ray.agent import AgentConfig
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
 from jobworker.model import ExitInfo, JobSpec, JobState, JobStatus, TerminationReason
-from jobworker.ray_backend import front
-from jobworker.ray_backend.agent import AgentConfig
 from jobworker.usage import JobUsage, UsageSample
 
 

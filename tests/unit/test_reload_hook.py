@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from jobworker import hookimpl
+from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins
-from jobworker.identity import Identity
 from jobworker.plugins.authz import Authz, Role
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.backends.local.spool import spool_run
 from jobworker.errors import ConfigError
-from jobworker.spool import spool_run
 
 
 def test_run_is_private_and_removed_at_exit(tmp_path: Path) -> None:

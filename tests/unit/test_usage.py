@@ -9,12 +9,13 @@ import time
 import attrs
 import pytest
 
+from jobworker.backends.local.sampling import UsageSampler
 from jobworker.cli.top import Row, cpu_series, frame, sparkline
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.model import JobState, JobStatusView, Limits
-from jobworker.usage import UsageRing, UsageSample, UsageSampler
+from jobworker.usage import UsageRing, UsageSample
 
 
 def sample(t: float, cpu: int = 0, memory: int = 1) -> UsageSample:

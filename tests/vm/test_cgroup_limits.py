@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.inotify import wait_until_blocking
+from jobworker.backends.local.inotify import wait_until_blocking
 from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup
 

@@ -14,8 +14,8 @@ from typing import TypeVar
 
 import pytest
 
+from jobworker.backends.local.manager import JobManager
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, Stream, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.isolation import Isolation

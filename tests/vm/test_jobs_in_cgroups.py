@@ -21,9 +21,9 @@ from typing import TypeVar
 
 import pytest
 
+from jobworker.backends.local.inotify import wait_until
+from jobworker.backends.local.manager import JobManager
 from jobworker.hooks.host import Plugins
-from jobworker.inotify import wait_until
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 
@@ -175,7 +175,7 @@ SERVER_SCRIPT = textwrap.dedent(
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     from jobworker.plugins.cgroupv2 import CgroupV2Plugin
     from jobworker.hooks.host import Plugins
-    from jobworker.jobs import JobManager
+    from jobworker.backends.local.manager import JobManager
     from jobworker.model import JobSpec
 
     async def main():

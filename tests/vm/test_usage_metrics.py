@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, Limits, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.metrics import Metrics

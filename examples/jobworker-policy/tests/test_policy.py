@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import pytest
 from jobworker_policy import STOPPED_BY, Policy, Rules
 
+from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, TerminationReason
 
 T = TypeVar("T")

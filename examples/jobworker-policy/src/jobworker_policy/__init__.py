@@ -31,7 +31,7 @@ from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.model import DEFAULT_PATH, JobSpec, JobStatus
 
 if TYPE_CHECKING:
-    from jobworker.backend import JobBackend
+    from jobworker.backends.base import JobBackend
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
 """What a job engine is: the seam between the API and whatever runs the jobs.
 
 The gRPC service, ``serve`` and plugins (through ``jobworker_manager_ready``) only ever
-talk to this protocol. :class:`jobworker.jobs.JobManager` is the default implementation
+talk to this protocol. :class:`jobworker.backends.local.manager.JobManager` is the default
+implementation
 (jobs on this host); a cluster backend implements the same methods, so nothing here names
 a local detail such as a pid or a pidfd.
 

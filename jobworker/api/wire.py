@@ -1,6 +1,6 @@
 """Protobuf <-> domain, both directions, for every message: the one translation table.
 
-The service (jobworker.service) and the client (jobworker.client) are the only modules
+The service (jobworker.api.service) and the client (jobworker.client) are the only modules
 that speak protobuf, and both translate here. Values are validated by the model they
 become (:mod:`jobworker.model`), never here; the wire's own conventions live here:
 

@@ -18,8 +18,8 @@ client as INTERNAL "internal error".
 
 from __future__ import annotations
 
-# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
-from jobworker.grpcenv import grpc  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.api.grpcenv).
+from jobworker.api.grpcenv import grpc  # isort: split
 
 import collections
 import contextlib
@@ -33,8 +33,10 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 
-from jobworker import memtrim, tls, wire
-from jobworker.backend import JobBackend
+from jobworker.api import tls, wire
+from jobworker.api.identity import Identity
+from jobworker.backends.base import JobBackend
+from jobworker.backends.local import memtrim
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -45,13 +47,12 @@ from jobworker.errors import (
     wire_code,
 )
 from jobworker.hooks.host import Plugins
-from jobworker.identity import Identity
 from jobworker.model import Action, InputChunk, JobStatus
 from jobworker.usage import UsageSource
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
-log = structlog.get_logger("jobworker.service")
+log = structlog.get_logger("jobworker.api.service")
 
 #: Actions about one existing job; the others (start, list) are about no job.
 _JOB_ACTIONS = frozenset({Action.STOP, Action.STATUS, Action.STREAM, Action.WRITE})
@@ -132,7 +133,7 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _pre_encoded(message: bytes | Any) -> bytes:
-    """StreamOutput's chunks arrive encoded already (:func:`jobworker.wire.encode_chunk`)."""
+    """StreamOutput's chunks arrive encoded already (:func:`jobworker.api.wire.encode_chunk`)."""
     if isinstance(message, bytes):
         return message
     encoded: bytes = message.SerializeToString()
@@ -301,7 +302,7 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class JobService(pb_grpc.JobServiceServicer):
-    """``jobworker.v1.JobService`` over a :class:`jobworker.backend.JobBackend`."""
+    """``jobworker.v1.JobService`` over a :class:`jobworker.backends.base.JobBackend`."""
 
     def __init__(
         self,

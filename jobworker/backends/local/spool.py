@@ -23,7 +23,7 @@ import structlog
 
 from jobworker.errors import ConfigError
 
-log = structlog.get_logger("jobworker.spool")
+log = structlog.get_logger("jobworker.backends.local.spool")
 
 _LOCK = ".lock"
 

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import attrs
 import structlog
 
-log = structlog.get_logger("jobworker.ingest")
+log = structlog.get_logger("jobworker.backends.local.ingest")
 
 #: After reading, how long the reader lets output accumulate before it reads again.
 BATCH_DELAY = 0.0005

@@ -10,8 +10,9 @@ A position in the file is the follower's resume cursor: every chunk carries the 
 just after it.
 
 Two sides: a :class:`SpoolWriter` appends records in the spool-writing thread
-(:mod:`jobworker.ingest`), so a slow disk never stalls the event loop; that thread runs in
-the ingest process (:mod:`jobworker.ingest_process`), or in the server when a plugin
+(:mod:`jobworker.backends.local.ingest`), so a slow disk never stalls the event loop; that thread
+runs in
+the ingest process (:mod:`jobworker.backends.local.ingest_process`), or in the server when a plugin
 observes output chunks. The writer's :class:`SpoolState` reaches the loop, where
 :meth:`OutputLog.publish` (in-process) or :meth:`OutputLog.adopt` (from the ingest
 process) makes what was written visible to followers. :meth:`OutputLog.append` writes and

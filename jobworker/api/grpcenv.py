@@ -5,7 +5,7 @@ and applies them to every connection of the process:
 
 * ``GRPC_SSL_CIPHER_SUITES`` restricted to :data:`TLS12_REFUSING_CIPHER_SUITES`, the way
   jobworker refuses TLS 1.2 (grpcio's Python API cannot set a minimum version,
-  grpc/grpc#37305; see :mod:`jobworker.tls` and docs/security.md);
+  grpc/grpc#37305; see :mod:`jobworker.api.tls` and docs/security.md);
 * ``GRPC_VERBOSITY`` ``ERROR`` unless set, so the C core does not print INFO lines (such as
   the handshake failure of our own TLS 1.2 probe) in the middle of our JSON logs.
 

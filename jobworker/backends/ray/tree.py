@@ -3,7 +3,8 @@ of trees an agent left behind when it died.
 
 Without cgroups a job is its session plus every descendant of its first process, found by
 walking ``/proc``: ``stop`` reaches children that called ``setsid`` (the plain
-:class:`~jobworker.containment.ProcessGroup` does not). A process whose parent already
+:class:`~jobworker.backends.local.containment.ProcessGroup` does not). A process whose parent
+already
 exited is re-parented out of the tree and escapes; only a cgroup (``--plugin cgroupv2``
 on the nodes) closes that gap.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from jobworker.containment import ContainmentReport
+from jobworker.backends.local.containment import ContainmentReport
 from jobworker.model import Limits
 
 

@@ -30,7 +30,13 @@ from pathlib import Path
 import attrs
 import structlog
 
-from jobworker.containment import Containment, ContainmentReport, ProcessGroup
+from jobworker.backends.local.containment import Containment, ContainmentReport, ProcessGroup
+from jobworker.backends.local.ingest import Ingest, Pipe
+from jobworker.backends.local.ingest_process import IngestProcess, RemotePipe
+from jobworker.backends.local.isolation import IsolationPlan
+from jobworker.backends.local.outputlog import OutputLog, SpoolBudget
+from jobworker.backends.local.sampling import UsageSampler
+from jobworker.backends.local.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -39,9 +45,6 @@ from jobworker.errors import (
     job_not_found,
 )
 from jobworker.hooks.host import Plugins
-from jobworker.ingest import Ingest, Pipe
-from jobworker.ingest_process import IngestProcess, RemotePipe
-from jobworker.isolation import IsolationPlan
 from jobworker.model import (
     ExitInfo,
     InputChunk,
@@ -57,11 +60,9 @@ from jobworker.model import (
     describe_end,
     new_job_id,
 )
-from jobworker.outputlog import OutputLog, SpoolBudget
-from jobworker.spawn import PIPE_SIZE, Spawner, read_exit_report, resolve_future
-from jobworker.usage import JobUsage, UsageSample, UsageSampler
+from jobworker.usage import JobUsage, UsageSample
 
-log = structlog.get_logger("jobworker.jobs")
+log = structlog.get_logger("jobworker.backends.local.manager")
 
 #: After the processes are gone, how long pipes may stay open (held by a process that left
 #: a process group, which only a cgroup can track) before the server closes them.
@@ -203,7 +204,8 @@ class JobManager:
         #: The ingest threads in this process: they read every pipe when a plugin observes
         #: output chunks, else the pipes of a lost ingest process.
         self._ingest: Ingest | None = None
-        #: The ingest process (:mod:`jobworker.ingest_process`), when no plugin observes chunks.
+        #: The ingest process (:mod:`jobworker.backends.local.ingest_process`), when no plugin
+        # observes chunks.
         self._ingest_process: IngestProcess | None = None
         self._spawner = Spawner()
         self._usage = UsageSampler()

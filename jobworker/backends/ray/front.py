@@ -44,6 +44,15 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 
+from jobworker.backends.ray.agent import (
+    NAMESPACE,
+    AgentConfig,
+    NodeAgent,
+    PollReply,
+    ReadResult,
+    agent_name,
+    release_placement,
+)
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -65,15 +74,6 @@ from jobworker.model import (
     TerminationReason,
     describe_end,
     new_job_id,
-)
-from jobworker.ray_backend.agent import (
-    NAMESPACE,
-    AgentConfig,
-    NodeAgent,
-    PollReply,
-    ReadResult,
-    agent_name,
-    release_placement,
 )
 from jobworker.usage import JobUsage, UsageRing, UsageSample
 

@@ -1,7 +1,8 @@
 """Starting a job's process without forking the server.
 
 The server never forks (grpcio's threads make ``fork`` and ``preexec_fn`` unsafe,
-grpc/grpc#37259). Two ways in, both ending in :func:`jobworker._launcher.launch`, which
+grpc/grpc#37259). Two ways in, both ending in :func:`jobworker.backends.local._launcher.launch`,
+which
 joins the job's containment and ``execve``s the command:
 
 * the **zygote**: a single-threaded helper process, ``posix_spawn``ed once, that copies
@@ -28,11 +29,11 @@ from pathlib import Path
 import attrs
 import structlog
 
+from jobworker.backends.local.isolation import DEFAULT_WORKDIR, IsolationPlan
 from jobworker.errors import SpawnError
-from jobworker.isolation import DEFAULT_WORKDIR, IsolationPlan
 from jobworker.model import JobSpec
 
-log = structlog.get_logger("jobworker.spawn")
+log = structlog.get_logger("jobworker.backends.local.spawn")
 
 LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
 #: Bigger pipes let a chatty job run ahead of the reader between event-loop turns.

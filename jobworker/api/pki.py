@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from jobworker.api.tls import TlsFiles
 from jobworker.errors import ConfigError, InvalidArgument
 from jobworker.plugins.authz import ROLES
-from jobworker.tls import TlsFiles
 
 CA_VALIDITY = timedelta(days=3650)
 LEAF_VALIDITY = timedelta(days=825)

@@ -1,7 +1,8 @@
 """The Ray cluster backend: jobworker's API and CLI in front of jobs on many machines.
 
 * :mod:`.agent` -- one long-lived agent actor per Ray node, pinned to it, running
-  jobworker's own local :class:`~jobworker.jobs.JobManager` there (spawning, containment
+  jobworker's own local :class:`~jobworker.backends.local.manager.JobManager` there (spawning,
+  containment
   plugins, the output spool with resume offsets).
 * :mod:`.tree` -- the node-side fallback containment (the job's process tree) and the
   start-up sweep of processes a lost agent left behind.

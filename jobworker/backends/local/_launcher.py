@@ -8,7 +8,8 @@ script, which runs alone in a fresh session and, in this order:
 2. joins the job's containment (writes ``0`` to the cgroup's ``cgroup.procs``), so the
    user's command is contained from its first instruction;
 3. when the job has an isolation plan, carries it out (namespaces, its own filesystem
-   view, an unprivileged account; see :mod:`jobworker.isolation`): this process then stays
+   view, an unprivileged account; see :mod:`jobworker.backends.local.isolation`): this process then
+   stays
    as the job's PID 1 and the rest happens in its child;
 4. changes directory, closes every descriptor but 0, 1, 2 and the status pipe, and gives
    signals their default disposition and an empty mask (Python ignores SIGPIPE, and ignored

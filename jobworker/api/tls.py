@@ -4,7 +4,7 @@ grpcio's Python API can neither set a minimum TLS version nor load a CRL
 (grpc/grpc#37305). So:
 
 * TLS 1.2 is refused at the handshake by restricting grpc's TLS 1.2 cipher suites to one
-  that no client can negotiate with this server (:mod:`jobworker.grpcenv` sets it before
+  that no client can negotiate with this server (:mod:`jobworker.api.grpcenv` sets it before
   grpc is imported, which is the only time grpc reads it). ``server_credentials`` proves
   it is in force with a real TLS 1.2 handshake and refuses to start otherwise.
 * Revocation is checked per RPC by ``check_peer``, which also re-checks the TLS version.
@@ -18,7 +18,7 @@ See docs/security.md.
 from __future__ import annotations
 
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported.
-from jobworker.grpcenv import (  # isort: split
+from jobworker.api.grpcenv import (  # isort: split
     CIPHER_SUITES_VAR,
     TLS12_REFUSING_CIPHER_SUITES,
     grpc,
@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from jobworker.api.identity import Identity, identity_from_auth_context
 from jobworker.errors import ConfigError, Unauthenticated, UsageError
-from jobworker.identity import Identity, identity_from_auth_context
 
 log = structlog.get_logger(__name__)
 
@@ -214,7 +214,8 @@ def _ensure_tls12_refused(credentials: grpc.ServerCredentials) -> None:
     if accepted:
         raise ConfigError(
             "grpc accepts TLS 1.2 in this process because it was imported before "
-            f"jobworker.grpcenv could set {CIPHER_SUITES_VAR}: import jobworker.tls before grpc, "
+            f"jobworker.api.grpcenv could set {CIPHER_SUITES_VAR}: import jobworker.api.tls "
+            "before grpc, "
             f"or start the process with {CIPHER_SUITES_VAR}={TLS12_REFUSING_CIPHER_SUITES}"
         )
 

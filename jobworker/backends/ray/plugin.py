@@ -18,9 +18,9 @@ from jobworker.hooks import hookimpl
 from jobworker.hooks.host import available_plugins
 
 if TYPE_CHECKING:
-    from jobworker.backend import JobBackend
+    from jobworker.backends.base import JobBackend
+    from jobworker.config import ServerConfig
     from jobworker.hooks.host import Plugins
-    from jobworker.server import ServerConfig
 
 #: The hooks called where the job's processes are: a plugin implementing one runs on nodes.
 NODE_HOOKS = ("jobworker_limits_apply", "jobworker_isolate", "jobworker_accounts")
@@ -89,8 +89,8 @@ class RayPlugin:
     async def jobworker_make_backend(
         self, plugins: Plugins, config: ServerConfig, spool_dir: Path
     ) -> JobBackend | None:
-        from jobworker.ray_backend.agent import AgentConfig
-        from jobworker.ray_backend.front import RayBackend
+        from jobworker.backends.ray.agent import AgentConfig
+        from jobworker.backends.ray.front import RayBackend
 
         options = self._options
         if options is None:

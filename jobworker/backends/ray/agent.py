@@ -2,7 +2,8 @@
 
 The front server creates it detached (it outlives the front server), pinned to its node
 (``NodeAffinitySchedulingStrategy(soft=False)``) and asking for no CPU, so it never takes
-a job's share of the node. It owns a local :class:`~jobworker.jobs.JobManager`: jobs are
+a job's share of the node. It owns a local :class:`~jobworker.backends.local.manager.JobManager`:
+jobs are
 spawned, contained (the node-side plugins, e.g. cgroupv2, or :class:`.tree.ProcessTree`),
 spooled and stopped exactly as on a single server.
 
@@ -28,12 +29,12 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.spool import spool_run
+from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
 from jobworker.model import JobSpec, JobState, JobStatus, StopResult
-from jobworker.ray_backend.tree import ProcessTree, ProcRecords
-from jobworker.spool import spool_run
 from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.agent")

@@ -11,10 +11,9 @@ fails to load, none is and the error names the file. Jobs and open RPCs are unto
 
 from __future__ import annotations
 
-# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.grpcenv).
-from jobworker.grpcenv import grpc  # isort: split
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported (jobworker.api.grpcenv).
+from jobworker.api.grpcenv import grpc  # isort: split
 
-import argparse
 import asyncio
 import errno
 import functools
@@ -34,40 +33,26 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobworker import tls
-from jobworker.backend import JobBackend
+from jobworker.api import tls
+from jobworker.api.service import SERVICE_NAME, DecodeInHandler, JobService
+from jobworker.backends.base import JobBackend
+from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.spool import spool_run
+from jobworker.config import SPOOL_SHARE_OF_FREE, ServerConfig, split_listen
 from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.host import Plugins
-from jobworker.jobs import JobManager
-from jobworker.pki import DEV_CLIENT, default_pki_dir, init_pki
-from jobworker.service import SERVICE_NAME, DecodeInHandler, JobService
-from jobworker.spool import spool_run
 from jobworker.v1 import jobworker_pb2_grpc
-from jobworker.wire import (
-    DEFAULT_ADDRESS,
-    DEFAULT_MAX_OUTPUT_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CLIENT,
-)
 
-log = structlog.get_logger("jobworker.server")
+log = structlog.get_logger("jobworker.api.server")
 
 #: Once every job is stopped, how long open RPCs (streams ending) get before cancellation.
 RPC_DRAIN_SECONDS = 5.0
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            f"listen address {listen!r} is not HOST:PORT (e.g. 127.0.0.1:50051, [::1]:0)"
-        )
-    return host, int(port)
-
-
 def _ensure_free(listen: str) -> None:
     """Raise ConfigError, in one line, when ``listen`` is taken: grpc would print its own
     C-core lines and a vague "Failed to bind" instead."""
-    host, port = _split_listen(listen)
+    host, port = split_listen(listen)
     if port == 0:
         return
     bare = host.strip("[]")
@@ -89,80 +74,13 @@ def _ensure_free(listen: str) -> None:
                 return  # not ours to explain (EADDRNOTAVAIL...): grpc's message follows
 
 
-def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value: str) -> None:
-    _split_listen(value)
-
-
-#: Share of the spool filesystem's free space (at start-up) all jobs' output may take when
-#: ``serve --max-spool-bytes`` is not given: the rest stays for everyone else on that disk.
-SPOOL_SHARE_OF_FREE = 0.9
-
-
-@attrs.frozen(kw_only=True)
-class ServerConfig:
-    """What ``jobworker serve`` was told; ``spool_dir`` None means the default root
-    (see :mod:`jobworker.spool`)."""
-
-    listen: str = attrs.field(default=DEFAULT_ADDRESS, validator=_check_listen)
-    tls: tls.TlsFiles
-    spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    default_grace: float = 10.0
-    max_running: int = 1000
-    max_running_per_client: int | None = None
-    retain_finished: int = 1000
-    retain_seconds: float = 3600.0
-    #: Output kept per job (None: no cap); past it the job's output is cut.
-    max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES
-    #: Spool all jobs may hold; None: 90% of the spool filesystem's free space at start.
-    max_spool_bytes: int | None = None
-    #: Output streams one client identity may have open at once (None: no bound).
-    max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
-
-    @classmethod
-    def from_options(cls, options: argparse.Namespace) -> ServerConfig:
-        """What ``jobworker serve``'s options describe.
-
-        Without ``--tls-*`` options the dev PKI is used (created on first use), and its
-        whitelist becomes ``options.authz`` unless one was given.
-        """
-        files = tls.given_files(
-            options.tls_cert, options.tls_key, options.tls_ca, crl=options.tls_crl
-        )
-        if files is None:
-            pki = init_pki(default_pki_dir())
-            files = attrs.evolve(pki.server(), crl=options.tls_crl)
-            if getattr(options, "authz", None) is None:
-                options.authz = pki.authz
-            # Plugins see the files in use: the isolation plugin hides them from jobs.
-            options.tls_cert, options.tls_key, options.tls_ca = files.cert, files.key, files.ca
-            log.info(
-                "dev_pki",
-                directory=str(pki.directory),
-                authz=str(options.authz),
-                client_cert=str(pki.client_cert(DEV_CLIENT)),
-                hint="client commands on this machine use it when given no --tls-* options",
-            )
-        return cls(
-            listen=options.listen,
-            tls=files,
-            spool_dir=options.spool_dir,
-            default_grace=options.grace,
-            max_running=options.max_jobs,
-            max_running_per_client=options.max_jobs_per_client,
-            retain_finished=options.retain_jobs,
-            retain_seconds=options.retain_seconds,
-            max_output_bytes=options.max_output_bytes,
-            max_spool_bytes=options.max_spool_bytes,
-            max_streams_per_client=options.max_streams_per_client,
-        )
-
-
 #: Builds the job engine of one server run, given its plugins and spool directory.
 BackendFactory = Callable[[ServerConfig, Plugins, Path], JobBackend]
 
 
 def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> JobBackend:
-    """The default engine: jobs on this host (:class:`jobworker.jobs.JobManager`)."""
+    """The default engine: jobs on this host
+    (:class:`jobworker.backends.local.manager.JobManager`)."""
     budget = config.max_spool_bytes
     if budget is None:
         disk = os.statvfs(spool_dir)
@@ -185,7 +103,7 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
     """Health and reflection get the job service's per-RPC certificate check (TLS 1.3, not
     revoked), so a revoked client gets nothing; they need no whitelist entry.
 
-    The job service does its own check (see ``jobworker.service``). grpc.aio interceptors
+    The job service does its own check (see ``jobworker.api.service``). grpc.aio interceptors
     never see the servicer context, so the check wraps the handler itself.
     """
 
@@ -343,7 +261,7 @@ async def _serve_until(
     backend: BackendFactory,
     ready: Callable[[str], None] | None,
 ) -> None:
-    host, _ = _split_listen(config.listen)
+    host, _ = split_listen(config.listen)
     certificates = await asyncio.to_thread(tls.ServerCertificates, config.tls)
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
     reloader = Reloader(plugins, certificates, crl)

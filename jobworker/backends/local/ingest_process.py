@@ -1,6 +1,7 @@
 """Ingestion in a process of its own: the jobs' pipes read and spooled outside the server.
 
-Why a process: the ingest threads (:mod:`jobworker.ingest`) share the server's GIL with
+Why a process: the ingest threads (:mod:`jobworker.backends.local.ingest`) share the server's GIL
+with
 the event loop. Every read and every spool write needs the GIL back for a moment, and
 while the loop is busy sending to a follower the thread waits for it, up to the
 interpreter's switch interval, with the job blocked on its full pipe. Timed on 2 cores, a
@@ -18,7 +19,8 @@ passed with ``SCM_RIGHTS``:
 * server to helper: ``job`` (a job's spool file, its output cap and its pipes, in one
   message), ``drop`` (stop reading a pipe), ``forget`` (a log was removed: give its budget
   back);
-* helper to server: ``state`` (a log's :class:`~jobworker.outputlog.SpoolState`, after each
+* helper to server: ``state`` (a log's :class:`~jobworker.backends.local.outputlog.SpoolState`,
+after each
   write) and ``eof`` (a pipe is closed, after its last state).
 
 The server keeps its own descriptor of every pipe until the helper reports it closed. If
@@ -51,12 +53,12 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.ingest import Ingest, Pipe, Sink
+from jobworker.backends.local.ingest import Ingest, Pipe, Sink
+from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState, SpoolWriter
+from jobworker.backends.local.spawn import spawn_helper
 from jobworker.model import Stream
-from jobworker.outputlog import OutputLog, SpoolBudget, SpoolState, SpoolWriter
-from jobworker.spawn import spawn_helper
 
-log = structlog.get_logger("jobworker.ingest_process")
+log = structlog.get_logger("jobworker.backends.local.ingest_process")
 
 #: Bytes of one message, at most (a state carries at most a few hundred marks).
 MESSAGE_MAX = 1 << 20
@@ -208,11 +210,11 @@ class IngestProcess:
         # never a `jobworker` planted in the working directory or named by PYTHON* variables.
         code = (
             "import sys; sys.path.insert(0, sys.argv[2]); "
-            "from jobworker.ingest_process import main; main(sys.argv[3:])"
+            "from jobworker.backends.local.ingest_process import main; main(sys.argv[3:])"
         )
         # Its name first after the code, for `ps`; its socket is fd 3.
         args = [sys.executable, "-I", "-c", code, "jobworker-ingest"]
-        args += [str(Path(__file__).parent.parent), str(self._read_size), str(used)]
+        args += [str(Path(__file__).parents[3]), str(self._read_size), str(used)]
         if self._budget_limit is not None:
             args.append(str(self._budget_limit))
         try:

@@ -17,11 +17,12 @@ from pathlib import Path
 import attrs
 import structlog
 
-from jobworker.containment import ContainmentReport
+from jobworker.backends.local.containment import ContainmentReport
+from jobworker.backends.local.inotify import wait_until
+from jobworker.backends.local.sampling import SLOW_TICKS, read_small
 from jobworker.errors import ConfigError, InvalidArgument
-from jobworker.inotify import wait_until
 from jobworker.model import Limits, ResourceUsage
-from jobworker.usage import SLOW_TICKS, UsageSample, read_small
+from jobworker.usage import UsageSample
 
 log = structlog.get_logger("jobworker.cgroupv2")
 
@@ -193,7 +194,8 @@ def parse_device(spec: str, *, sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
 
 @attrs.define
 class JobCgroup:
-    """One job's cgroup: the :class:`jobworker.containment.Containment` this plugin returns."""
+    """One job's cgroup: the :class:`jobworker.backends.local.containment.Containment` this plugin
+    returns."""
 
     path: Path
     applied: Limits = attrs.field(factory=Limits)
