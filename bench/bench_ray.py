@@ -28,7 +28,7 @@ from _common import CLIENT, MB, MiB, header, make_pki, ms, parser, percentile, r
 
 from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
-from jobworker.model import Limits
+from jobworker.jobspec import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.ray_cluster.cluster import RAY_ENV, local_cluster

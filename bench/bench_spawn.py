@@ -15,8 +15,8 @@ from _common import header, ms, parser, percentile, row, workdir
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spawn import Spawner
 from jobworker.hooks.host import Plugins
+from jobworker.jobspec import JobSpec
 from jobworker.logconfig import configure_logging
-from jobworker.model import JobSpec
 
 
 async def manager_starts(spool: Path, count: int, zygote: bool) -> list[float]:

@@ -29,7 +29,8 @@ import attrs
 from jobworker import errors
 from jobworker.api import wire
 from jobworker.api.tls import TlsFiles, channel_credentials
-from jobworker.model import InputResult, JobState, JobStatusView, Limits, ListQuery, StopView
+from jobworker.jobspec import Limits
+from jobworker.model import InputResult, JobState, JobStatusView, ListQuery, StopView
 from jobworker.usage import JobUsage
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc

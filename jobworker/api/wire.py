@@ -17,15 +17,13 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from jobworker.errors import InvalidArgument, RemoteError
+from jobworker.jobspec import IoLimit, JobSpec, Limits
 from jobworker.model import (
     InputChunk,
     InputResult,
-    IoLimit,
-    JobSpec,
     JobState,
     JobStatus,
     JobStatusView,
-    Limits,
     ListQuery,
     OutputChunk,
     ResourceUsage,

@@ -16,7 +16,8 @@ import builtins
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from jobworker.model import InputChunk, InputResult, JobSpec, JobStatus, OutputChunk, StopResult
+from jobworker.jobspec import JobSpec
+from jobworker.model import InputChunk, InputResult, JobStatus, OutputChunk, StopResult
 
 
 class JobBackend(Protocol):

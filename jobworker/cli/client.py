@@ -38,14 +38,8 @@ from jobworker.cli.common import (
 )
 from jobworker.client import JobClient
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.model import (
-    CPU_WEIGHT_RANGE,
-    IoLimit,
-    JobState,
-    JobStatusView,
-    Limits,
-    TerminationReason,
-)
+from jobworker.jobspec import CPU_WEIGHT_RANGE, IoLimit, Limits
+from jobworker.model import JobState, JobStatusView, TerminationReason
 from jobworker.units import (
     parse_cores,
     parse_count,

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from jobworker.backends.local.containment import Containment
     from jobworker.backends.local.isolation import IsolationPlan
     from jobworker.config import ServerConfig
-    from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.jobspec import JobSpec
+    from jobworker.model import Action, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
 

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from jobworker.config import ServerConfig
     from jobworker.errors import JobworkerError
     from jobworker.hooks.host import Plugins
-    from jobworker.model import Action, JobSpec, JobStatus
+    from jobworker.jobspec import JobSpec
+    from jobworker.model import Action, JobStatus
 
 
 # -- set-up -------------------------------------------------------------------------------

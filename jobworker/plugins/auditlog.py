@@ -33,7 +33,8 @@ import structlog
 from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
-from jobworker.model import Action, JobSpec, JobStatus, Limits
+from jobworker.jobspec import JobSpec, Limits
+from jobworker.model import Action, JobStatus
 
 log = structlog.get_logger("jobworker.auditlog")
 

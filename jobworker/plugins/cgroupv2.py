@@ -38,7 +38,7 @@ from jobworker.backends.local.cgroupfs import (
 from jobworker.backends.local.inotify import wait_until_blocking
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
-from jobworker.model import IoLimit, JobSpec, Limits
+from jobworker.jobspec import IoLimit, JobSpec, Limits
 
 log = structlog.get_logger("jobworker.cgroupv2")
 

@@ -29,7 +29,7 @@ from jobworker.backends.local.isolation import Account, IsolationPlan
 from jobworker.backends.local.spool import default_root
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks import hookimpl
-from jobworker.model import JobSpec, Network
+from jobworker.jobspec import JobSpec, Network
 
 log = structlog.get_logger("jobworker.backends.local.isolation")
 

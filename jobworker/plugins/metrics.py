@@ -39,7 +39,8 @@ from jobworker.api.tls import RevocationList
 from jobworker.backends.base import JobBackend
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.hooks import hookimpl
-from jobworker.model import Action, JobSpec, JobStatus
+from jobworker.jobspec import JobSpec
+from jobworker.model import Action, JobStatus
 from jobworker.plugins.authz import Authz
 
 try:

@@ -27,7 +27,7 @@ from jobworker.api.tls import TlsFiles
 from jobworker.config import ServerConfig
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec
+from jobworker.jobspec import JobSpec
 from jobworker.plugins.authz import Authz
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1.jobworker_pb2_grpc import JobServiceStub

@@ -17,7 +17,8 @@ import pytest
 
 from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, NotFound, PermissionDenied, job_not_found
-from jobworker.model import Action, JobSpec, JobState, JobStatus, new_job_id
+from jobworker.jobspec import JobSpec
+from jobworker.model import Action, JobState, JobStatus, new_job_id
 from jobworker.plugins.authz import Authz, Role
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc

@@ -21,7 +21,8 @@ import pytest
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
-from jobworker.model import IoLimit, JobSpec, Limits, Stream, new_job_id
+from jobworker.jobspec import IoLimit, JobSpec, Limits
+from jobworker.model import Stream, new_job_id
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup, cgroup2_mounts
 from jobworker.plugins.isolation import Isolation
 

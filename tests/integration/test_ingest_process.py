@@ -19,7 +19,8 @@ from jobworker import hookimpl
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import DataLoss
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, Stream, TerminationReason
+from jobworker.jobspec import JobSpec
+from jobworker.model import Stream, TerminationReason
 
 
 def nice_of(pid: int, tid: int) -> int:
@@ -152,7 +153,7 @@ def test_the_ingest_process_ends_with_the_server_even_when_it_is_killed(tmp_path
         from jobworker.hooks.host import Plugins
         from jobworker.backends.local.manager import JobManager
         from jobworker.logconfig import configure_logging
-        from jobworker.model import JobSpec
+        from jobworker.jobspec import JobSpec
 
         configure_logging("warning")
 

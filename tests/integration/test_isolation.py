@@ -30,7 +30,8 @@ from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, JobStatus
+from jobworker.jobspec import JobSpec
+from jobworker.model import JobStatus
 from jobworker.plugins.authz import Authz
 from jobworker.plugins.isolation import Isolation
 from jobworker.v1 import jobworker_pb2 as pb
@@ -406,7 +407,7 @@ structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from jobworker.plugins.isolation import Isolation
 from jobworker.hooks.host import Plugins
 from jobworker.backends.local.manager import JobManager
-from jobworker.model import JobSpec
+from jobworker.jobspec import JobSpec
 from jobworker.backends.local.spawn import Spawner
 
 async def main(state, zygote):

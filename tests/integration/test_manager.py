@@ -28,13 +28,9 @@ from jobworker.errors import (
     SpawnError,
 )
 from jobworker.hooks.host import Plugins
+from jobworker.jobspec import MAX_ARGS, MAX_COMMAND_BYTES, MAX_ENV, MAX_SPEC_BYTES, JobSpec
 from jobworker.model import (
-    MAX_ARGS,
-    MAX_COMMAND_BYTES,
-    MAX_ENV,
-    MAX_SPEC_BYTES,
     ExitInfo,
-    JobSpec,
     JobState,
     JobStatus,
     ResourceUsage,

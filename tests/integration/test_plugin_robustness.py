@@ -32,7 +32,8 @@ from jobworker.api.pki import PkiPaths
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError, PermissionDenied, SpawnError
 from jobworker.hooks.host import Plugins
-from jobworker.model import Action, JobSpec, JobStatus, Stream
+from jobworker.jobspec import JobSpec
+from jobworker.model import Action, JobStatus, Stream
 from jobworker.plugins.auditlog import AuditLog
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.test_manager import collect, run_with_manager, sh

@@ -10,7 +10,7 @@ import pytest
 
 from jobworker.backends.local.spawn import Spawned, Spawner
 from jobworker.errors import SpawnError
-from jobworker.model import JobSpec
+from jobworker.jobspec import JobSpec
 
 
 def read_all(fd: int) -> bytes:

@@ -24,7 +24,8 @@ from jobworker.backends.local import inotify
 from jobworker.backends.local.sampling import SLOW_TICKS
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks.host import Plugins
-from jobworker.model import IoLimit, JobSpec, Limits, ResourceUsage
+from jobworker.jobspec import IoLimit, JobSpec, Limits
+from jobworker.model import ResourceUsage
 from jobworker.plugins import cgroupv2
 from jobworker.plugins.cgroupv2 import (
     SERVER_LEAF,

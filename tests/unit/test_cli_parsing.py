@@ -10,7 +10,7 @@ import pytest
 from jobworker import cli
 from jobworker.cli.client import limits_from_options
 from jobworker.hooks.host import Plugins
-from jobworker.model import IoLimit, Limits
+from jobworker.jobspec import IoLimit, Limits
 from jobworker.units import (
     parse_cores,
     parse_count,
@@ -122,7 +122,7 @@ def test_limits_flags_build_one_limits_with_io_merged_per_device() -> None:
         cpu=0.5,
         memory=256 << 20,
         pids=64,
-        io=(  # type: ignore[arg-type]  # mypy cannot type model.Limits' tuple converter
+        io=(  # type: ignore[arg-type]  # mypy cannot type jobspec.Limits' tuple converter
             IoLimit(device="/dev/sda", rbps=10 << 20, wbps=1 << 20, wiops=50),
             IoLimit(device="8:16", riops=100),
         ),

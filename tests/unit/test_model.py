@@ -11,18 +11,8 @@ import pytest
 from jobworker import model
 from jobworker.api import wire
 from jobworker.errors import InvalidArgument
-from jobworker.model import (
-    MAX_IO_DEVICES,
-    MAX_LIMIT_VALUE,
-    ExitInfo,
-    IoLimit,
-    JobSpec,
-    JobStatus,
-    JobStatusView,
-    Limits,
-    TerminationReason,
-    shell_exit_code,
-)
+from jobworker.jobspec import MAX_IO_DEVICES, MAX_LIMIT_VALUE, IoLimit, JobSpec, Limits
+from jobworker.model import ExitInfo, JobStatus, JobStatusView, TerminationReason, shell_exit_code
 
 
 def test_limits_cannot_hold_an_invalid_value() -> None:

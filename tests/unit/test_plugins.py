@@ -19,7 +19,8 @@ from jobworker.hooks.host import (
     available_plugins,
     load_plugins,
 )
-from jobworker.model import Action, JobSpec
+from jobworker.jobspec import JobSpec
+from jobworker.model import Action
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from jobworker.backends.ray import front
 from jobworker.backends.ray.agent import AgentConfig
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
-from jobworker.model import ExitInfo, JobSpec, JobState, JobStatus, TerminationReason
+from jobworker.jobspec import JobSpec
+from jobworker.model import ExitInfo, JobState, JobStatus, TerminationReason
 from jobworker.usage import JobUsage, UsageSample
 
 

@@ -14,7 +14,8 @@ from jobworker.cli.top import Row, cpu_series, frame, sparkline
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobState, JobStatusView, Limits
+from jobworker.jobspec import Limits
+from jobworker.model import JobState, JobStatusView
 from jobworker.usage import UsageRing, UsageSample
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from jobworker.backends.local.inotify import wait_until_blocking
-from jobworker.model import IoLimit, JobSpec, Limits, new_job_id
+from jobworker.jobspec import IoLimit, JobSpec, Limits
+from jobworker.model import new_job_id
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin, JobCgroup
 
 CGROUP_FS = Path("/sys/fs/cgroup")

@@ -16,7 +16,8 @@ import pytest
 
 from jobworker.backends.local.manager import JobManager
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, Limits, Stream, TerminationReason
+from jobworker.jobspec import JobSpec, Limits
+from jobworker.model import Stream, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.isolation import Isolation
 from tests.vm.test_jobs_in_cgroups import CGROUP_FS, _pure_v2

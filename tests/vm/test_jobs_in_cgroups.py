@@ -24,7 +24,8 @@ import pytest
 from jobworker.backends.local.inotify import wait_until
 from jobworker.backends.local.manager import JobManager
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, Limits, TerminationReason
+from jobworker.jobspec import JobSpec, Limits
+from jobworker.model import TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -176,7 +177,7 @@ SERVER_SCRIPT = textwrap.dedent(
     from jobworker.plugins.cgroupv2 import CgroupV2Plugin
     from jobworker.hooks.host import Plugins
     from jobworker.backends.local.manager import JobManager
-    from jobworker.model import JobSpec
+    from jobworker.jobspec import JobSpec
 
     async def main():
         plugin = CgroupV2Plugin(root=Path(sys.argv[1]))

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, Limits, TerminationReason
+from jobworker.jobspec import JobSpec, Limits
+from jobworker.model import TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.metrics import Metrics
 from tests.vm.test_jobs_in_cgroups import CGROUP_FS, _pure_v2

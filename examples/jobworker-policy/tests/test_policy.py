@@ -14,7 +14,8 @@ from jobworker_policy import STOPPED_BY, Policy, Rules
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, TerminationReason
+from jobworker.jobspec import JobSpec
+from jobworker.model import TerminationReason
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ def run(
 
 
 def spec(command: str, *args: str, **kw: Any) -> JobSpec:
-    # mypy cannot type JobSpec's tuple converter (jobworker.model); the call is right.
+    # mypy cannot type JobSpec's tuple converter (jobworker.jobspec); the call is right.
     return JobSpec(command, args, **kw)  # type: ignore[arg-type]
 
 

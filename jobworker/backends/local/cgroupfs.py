@@ -21,7 +21,8 @@ from jobworker.backends.local.containment import ContainmentReport
 from jobworker.backends.local.inotify import wait_until
 from jobworker.backends.local.sampling import SLOW_TICKS, read_small
 from jobworker.errors import ConfigError, InvalidArgument
-from jobworker.model import Limits, ResourceUsage
+from jobworker.jobspec import Limits
+from jobworker.model import ResourceUsage
 from jobworker.usage import UsageSample
 
 log = structlog.get_logger("jobworker.cgroupv2")

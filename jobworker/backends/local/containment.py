@@ -14,7 +14,8 @@ from typing import Protocol
 
 import attrs
 
-from jobworker.model import Limits, ResourceUsage
+from jobworker.jobspec import Limits
+from jobworker.model import ResourceUsage
 
 
 @attrs.frozen

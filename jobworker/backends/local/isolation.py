@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from jobworker.model import Network
+from jobworker.jobspec import Network
 
 # clone(2) flags, as the kernel numbers them.
 CLONE_NEWNS = 0x00020000

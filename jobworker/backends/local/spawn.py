@@ -31,7 +31,7 @@ import structlog
 
 from jobworker.backends.local.isolation import DEFAULT_WORKDIR, IsolationPlan
 from jobworker.errors import SpawnError
-from jobworker.model import JobSpec
+from jobworker.jobspec import JobSpec
 
 log = structlog.get_logger("jobworker.backends.local.spawn")
 

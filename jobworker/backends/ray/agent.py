@@ -34,7 +34,8 @@ from jobworker.backends.local.spool import spool_run
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
-from jobworker.model import JobSpec, JobState, JobStatus, StopResult
+from jobworker.jobspec import JobSpec
+from jobworker.model import JobState, JobStatus, StopResult
 from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.agent")

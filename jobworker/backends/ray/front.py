@@ -61,11 +61,11 @@ from jobworker.errors import (
     job_not_found,
 )
 from jobworker.hooks.host import Plugins
+from jobworker.jobspec import JobSpec
 from jobworker.model import (
     ExitInfo,
     InputChunk,
     InputResult,
-    JobSpec,
     JobState,
     JobStatus,
     OutputChunk,

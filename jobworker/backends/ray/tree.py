@@ -24,7 +24,7 @@ from pathlib import Path
 import attrs
 
 from jobworker.backends.local.containment import ContainmentReport
-from jobworker.model import Limits
+from jobworker.jobspec import Limits
 
 
 def _stat_fields(pid: int) -> list[str] | None:

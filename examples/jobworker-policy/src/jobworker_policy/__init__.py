@@ -28,7 +28,8 @@ import structlog
 
 from jobworker import hookimpl
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
-from jobworker.model import DEFAULT_PATH, JobSpec, JobStatus
+from jobworker.jobspec import DEFAULT_PATH, JobSpec
+from jobworker.model import JobStatus
 
 if TYPE_CHECKING:
     from jobworker.backends.base import JobBackend
