@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 
-from jobworker import hookimpl, jobs
+from jobworker import hookimpl
+from jobworker.backends.local import manager as jobs
 from jobworker.backends.local.containment import ContainmentReport, ProcessGroup
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import (
