@@ -15,6 +15,7 @@ pytest.importorskip("ray")
 
 from jobworker.backends.ray import front
 from jobworker.backends.ray.agent import AgentConfig
+from jobworker.backends.ray.nodes import Node
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
@@ -54,14 +55,14 @@ def _status(job_id: str, node: str) -> JobStatus:
     )
 
 
-def _backend(agents: dict[str, FakeAgent]) -> tuple[front.RayBackend, dict[str, front._Node]]:
+def _backend(agents: dict[str, FakeAgent]) -> tuple[front.RayBackend, dict[str, Node]]:
     backend = front.RayBackend(Plugins(), AgentConfig(node_name=""))
     nodes = {}
     for name, agent in agents.items():
-        node = nodes[name] = front._Node(name, name, agent, {})
+        node = nodes[name] = Node(name, name, agent, {})
         backend._nodes[name] = node
         for job_id in agent.samples:
-            backend._jobs[job_id] = front._Job(_status(job_id, name), node)
+            backend._table.add(_status(job_id, name), node)
     return backend, nodes
 
 
@@ -98,14 +99,14 @@ def test_a_lost_nodes_job_answers_the_samples_relayed_before_else_failed_precond
         agent.samples["seen"] = _samples(5)
         await backend.running_usage(last=1)  # top's ask: the newest sample, kept on
         # A job that ends on a live node: its agent keeps the samples, the front drops its.
-        ended = backend._jobs["ended"]
+        ended = backend._table.lookup("ended")
         assert ended.usage is not None
         exit = ExitInfo(reason=TerminationReason.EXITED, exit_code=0)
-        backend._update(ended, attrs.evolve(ended.status, state=JobState.EXITED, exit=exit))
+        backend._table.update(ended, attrs.evolve(ended.status, state=JobState.EXITED, exit=exit))
         assert ended.usage is None
         # A job started since the last ask: the front relayed none of its samples.
-        backend._jobs["unseen"] = front._Job(_status("unseen", "w3"), nodes["w3"])
-        backend._lose(nodes["w3"], "test")
+        backend._table.add(_status("unseen", "w3"), nodes["w3"])
+        backend._table.lose(nodes["w3"], "test")
         return await backend.usage("seen"), await backend.usage("seen", last=1)
 
     every, newest = asyncio.run(scenario())

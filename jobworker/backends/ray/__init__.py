@@ -6,9 +6,11 @@
   plugins, the output spool with resume offsets).
 * :mod:`.tree` -- the node-side fallback containment (the job's process tree) and the
   start-up sweep of processes a lost agent left behind.
-* :mod:`.front` -- the front server's engine: places jobs (placement groups from the
-  job's ``--cpu``/``--memory``, ``--node`` pins), relays the job's life to the front's
-  plugins, detects lost nodes, and streams output from the agents.
+* :mod:`.front` -- the front server's engine (the backend facade): relays the job's life
+  to the front's plugins, detects lost nodes, and streams output from the agents;
+  :mod:`.placement` places jobs (placement groups from the job's ``--cpu``/``--memory``,
+  ``--node`` pins); :mod:`.table` is its picture of every node's jobs, merged from the
+  agents' heartbeats; :mod:`.nodes` a node and a bounded call to its agent.
 * :mod:`.plugin` -- the ``ray`` plugin: ``jobworker serve --plugin ray --ray-address ...``.
 
 Ray itself is an optional dependency (``pip install 'jobworker[ray]'``); only these
