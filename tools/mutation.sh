@@ -12,17 +12,15 @@ if ((${#targets[@]} == 0)); then
   targets=(
     "jobworker.backends.local.outputlog.*"
     "jobworker.api.identity.*"
-    "jobworker.backends.authz.*"
-    "jobworker.manager.x_describe_end__*"
-    "jobworker.manager.x__exit_info__*"
-    "jobworker.manager.x*JobManager*stop__*" # stop and _stop
-    "jobworker.manager.x*JobManager*_supervise__*"
-    "jobworker.manager.x*JobManager*_reap__*"
-    "jobworker.manager.x*JobManager*_settle__*"
-    "jobworker.manager.x*JobManager*_finish__*"
-    "jobworker.manager.x*JobManager*_evict__*"
-    "jobworker.manager.x*JobManager*shutdown__*"
-    "jobworker.manager.x*JobManager*wait__*"
+    "jobworker.plugins.authz.*"
+    "jobworker.backends.local.ending.*" # supervise, _reap, _settle, exit_info, terminate
+    "jobworker.model.x_describe_end__*"
+    "jobworker.backends.local.manager.x*JobManager*stop__*"
+    "jobworker.backends.local.manager.x*JobManager*_supervise__*"
+    "jobworker.backends.local.manager.x*JobManager*_finish__*"
+    "jobworker.backends.local.manager.x*JobManager*_evict__*"
+    "jobworker.backends.local.manager.x*JobManager*shutdown__*"
+    "jobworker.backends.local.manager.x*JobManager*wait__*"
   )
   rm -rf mutants # a whole run starts from scratch; a partial one reuses what is known
 fi

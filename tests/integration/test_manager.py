@@ -17,7 +17,7 @@ import attrs
 import pytest
 
 from jobworker import hookimpl
-from jobworker.backends.local import manager as jobs
+from jobworker.backends.local import ending
 from jobworker.backends.local.containment import ContainmentReport, ProcessGroup
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import (
@@ -663,7 +663,7 @@ def test_containment_report_and_on_exit(tmp_path: Path) -> None:
 def test_job_ends_although_a_process_never_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "SETTLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(ending, "SETTLE_TIMEOUT", 0.5)
     plugins = Plugins()
     plugins.register(ContainAndObserve(LingeringContainment), "containment")
 
@@ -685,7 +685,7 @@ def test_job_ends_although_an_escaped_process_holds_its_output(tmp_path: Path) -
         escaped.append(int(first.data))
         started = time.monotonic()
         final = await asyncio.wait_for(m.wait(job.job_id), 20)
-        assert time.monotonic() - started < 2 + jobs.PIPE_DRAIN_TIMEOUT
+        assert time.monotonic() - started < 2 + ending.PIPE_DRAIN_TIMEOUT
         assert final.exit is not None and final.exit.exit_code == 0
         assert final.output_bytes == len(first.data)
 

@@ -1,0 +1,182 @@
+"""The output plumbing of the local engine: from a job's pipes to its spool and followers.
+
+Each job's stdout and stderr are read by the ingest process
+(:mod:`jobworker.backends.local.ingest_process`), or, when a plugin observes output chunks
+(or that process could not start), by threads in this process
+(:mod:`jobworker.backends.local.ingest`). Either way the bytes land in the job's
+:class:`OutputLog` and are published to its followers on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from pathlib import Path
+
+import structlog
+
+from jobworker.backends.local.ingest import Ingest, Pipe
+from jobworker.backends.local.ingest_process import IngestProcess, RemotePipe
+from jobworker.backends.local.job import Job
+from jobworker.backends.local.outputlog import OutputLog, SpoolBudget
+from jobworker.backends.local.spawn import PIPE_SIZE
+from jobworker.errors import FailedPrecondition
+from jobworker.hooks.host import Plugins
+from jobworker.model import Stream
+
+log = structlog.get_logger("jobworker.backends.local.output")
+
+#: Reads handed to ``jobworker_output_chunk`` observers and not yet seen by them: the
+#: spool-writing thread waits beyond this, so a slow observer bounds memory, never loses a byte.
+OBSERVER_BACKLOG = 8
+
+
+class JobOutput:
+    """Spools, readers and counters of every job's output. Runs on the event loop's thread,
+    except :meth:`_on_output`, which the reading threads call."""
+
+    def __init__(
+        self,
+        plugins: Plugins,
+        spool_dir: Path,
+        max_output_bytes: int | None,
+        max_spool_bytes: int | None,
+    ) -> None:
+        self._plugins = plugins
+        self._spool_dir = spool_dir
+        self._observe_output = plugins.has_impl("jobworker_output_chunk")
+        self._observer_slots = threading.BoundedSemaphore(OBSERVER_BACKLOG)
+        self._max_output_bytes = max_output_bytes
+        self._spool_budget = SpoolBudget(max_spool_bytes)
+        #: The ingest threads in this process: they read every pipe when a plugin observes
+        #: output chunks, else the pipes of a lost ingest process.
+        self._ingest: Ingest | None = None
+        #: The ingest process, when no plugin observes chunks.
+        self._ingest_process: IngestProcess | None = None
+        #: Bytes of output read from every job so far, kept or not (for the metrics plugin:
+        #: an int, read whole from its thread).
+        self.bytes_read = 0
+
+    @property
+    def ingest_pid(self) -> int | None:
+        """The ingest process's pid while one runs (None: the pipes are read in here)."""
+        return None if self._ingest_process is None else self._ingest_process.pid
+
+    def open_log(self, job_id: str) -> OutputLog:
+        """A new job's spool; FailedPrecondition when it cannot be created."""
+        try:
+            return OutputLog(
+                self._spool_dir / f"{job_id}.out",
+                max_bytes=self._max_output_bytes,
+                budget=self._spool_budget,
+            )
+        except OSError as err:
+            raise FailedPrecondition(
+                f"cannot create the job's output spool in {self._spool_dir}: {err}"
+            ) from err
+
+    async def ready_ingest_process(self) -> IngestProcess | None:
+        """The ingest process, started if need be; None where the threads read the pipes
+        (a plugin observes output chunks, or the process could not start)."""
+        if self._observe_output:
+            return None
+        if self._ingest_process is None:
+            self._ingest_process = IngestProcess(
+                asyncio.get_running_loop(), PIPE_SIZE, self._spool_budget, self._threads
+            )
+        return self._ingest_process if await self._ingest_process.ready() else None
+
+    def connect(
+        self, job: Job, stdout: int, stderr: int, ingest_process: IngestProcess | None
+    ) -> None:
+        """Have the job's pipes read into its log, by ``ingest_process`` or the threads."""
+        loop = asyncio.get_running_loop()
+        pipes = [
+            (
+                fd,
+                stream,
+                functools.partial(self._on_output, loop, job, stream),
+                functools.partial(self._pipe_closed, job, fd),
+            )
+            for fd, stream in ((stdout, Stream.STDOUT), (stderr, Stream.STDERR))
+        ]
+        if ingest_process is None:
+            for fd, _stream, sink, on_eof in pipes:
+                job.pipes[fd] = self._threads().add(fd, sink, on_eof)
+        else:
+            handles = ingest_process.add(
+                job.job_id, job.log, pipes, functools.partial(self._published, job)
+            )
+            job.pipes.update((handle.fd, handle) for handle in handles)
+
+    def _on_output(
+        self, loop: asyncio.AbstractEventLoop, job: Job, stream: Stream, data: bytes
+    ) -> None:
+        """One read of a job's pipe (up to the pipe's size), in the spool-writing thread."""
+        job.log.write(stream, data)
+        if not job.publish_pending:
+            # One wake-up of the loop for any number of reads it has not caught up with.
+            job.publish_pending = True
+            loop.call_soon_threadsafe(self._publish, job)
+        if self._observe_output:
+            self._observer_slots.acquire()
+            loop.call_soon_threadsafe(self._observe, job, stream, data)
+
+    def _threads(self) -> Ingest:
+        if self._ingest is None:
+            self._ingest = Ingest(asyncio.get_running_loop(), PIPE_SIZE)
+        return self._ingest
+
+    async def drop(self, pipe: Pipe | RemotePipe) -> None:
+        """Stop reading ``pipe`` and close it, whoever reads it."""
+        if isinstance(pipe, RemotePipe):
+            assert self._ingest_process is not None
+            await self._ingest_process.drop(pipe)
+        else:
+            await self._threads().drop(pipe)
+
+    def remove(self, job: Job) -> None:
+        """Delete the job's spooled output (it is evicted, or the server stops)."""
+        job.log.remove()
+        if self._ingest_process is not None:
+            self._ingest_process.forget(job.job_id)
+
+    def _publish(self, job: Job) -> None:
+        job.publish_pending = False  # first: a read after this point schedules again
+        job.log.publish()
+        self._published(job)
+
+    def _published(self, job: Job) -> None:
+        """After new output was published: count it, and say so once if the log was cut."""
+        self.bytes_read += job.log.payload_bytes - job.counted
+        job.counted = job.log.payload_bytes
+        if job.log.truncated and not job.cut_logged:
+            job.cut_logged = True
+            log.error(
+                "job_output_cut",
+                job_id=job.job_id,
+                kept_bytes=job.log.kept_bytes,
+                reason=job.log.cut_reason,
+            )
+
+    def _observe(self, job: Job, stream: Stream, data: bytes) -> None:
+        try:
+            self._plugins.output_chunk(job.job_id, stream.label, data)
+        finally:
+            self._observer_slots.release()
+
+    def _pipe_closed(self, job: Job, fd: int) -> None:
+        """The reader has closed ``fd`` (end-of-file, or dropped)."""
+        job.pipes.pop(fd, None)
+        if not job.pipes:
+            job.pipes_closed.set()
+
+    def close(self) -> None:
+        """Stop the ingest process and threads (at shutdown, every job gone)."""
+        if self._ingest_process is not None:
+            self._ingest_process.close()
+            self._ingest_process = None
+        if self._ingest is not None:
+            self._ingest.close()
+            self._ingest = None
