@@ -47,6 +47,13 @@ LIST_PAGE_SIZE = 500
 def unavailable_message(target: str, details: str) -> str:
     """One line a person can act on for grpc's UNAVAILABLE ``details`` (C-core words)."""
     lowered = details.lower()
+    if "hostname verification" in lowered:  # the chain is good, the names are not
+        host = target.rsplit(":", 1)[0].strip("[]")
+        return (
+            f"the server at {target} has a certificate that does not name the host dialled"
+            f" ({host}): dial a name it lists, or re-issue it with `jobworker certs"
+            " renew-server --host NAME --ip ADDR`"
+        )
     if "certificate_verify_failed" in lowered or "peer name" in lowered:
         return (
             f"the server at {target} has a certificate this client does not trust: it is not"

@@ -1,8 +1,12 @@
-"""A development PKI: one CA, a server certificate and client certificates, in one directory.
+"""A small PKI in one directory: a CA, a server certificate, client certificates, the
+whitelist that names the clients, and the CRL that revokes them (docs/certificates.md).
 
-Good enough to try jobworker and to test it; production deployments should issue
-certificates from their own CA (see docs/security.md). Keys are ECDSA P-256, written with
-mode 0600 in a 0700 directory. Nothing existing is ever overwritten.
+The directory is the whole state: a client's certificate is ``NAME.pem``, a revoked one
+moves to ``revoked/``, and the CRL lists every serial ever revoked. Keys are ECDSA P-256,
+written with mode 0600 in a 0700 directory. Files are created, never overwritten, except
+the three a running server re-reads on SIGHUP (the server certificate and key, the CRL,
+``authz.toml``): those are replaced whole by a rename, so a reload never sees half a file.
+Bringing your own CA stays possible: the server only needs the files.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from jobworker.plugins.authz import ROLES
 
 CA_VALIDITY = timedelta(days=3650)
 LEAF_VALIDITY = timedelta(days=825)
+#: How long a CRL this module signs stays in force: past it the server refuses every
+#: client (fail closed), so ``jobworker certs crl`` must re-sign it before then.
+CRL_VALIDITY = timedelta(days=30)
 # Tolerate a client or server clock a little behind the one that issued the certificate.
 _BACKDATE = timedelta(minutes=5)
 # Client names become file names and certificate names: keep them plain.
@@ -68,8 +75,8 @@ class Issued:
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         """Write both files; fails with ``FileExistsError`` rather than overwrite."""
-        _write_new(key_path, self.key_pem, 0o600)
-        _write_new(cert_path, self.cert_pem, 0o644)
+        write_new(key_path, self.key_pem, 0o600)
+        write_new(cert_path, self.cert_pem, 0o644)
 
 
 @attrs.frozen
@@ -113,6 +120,15 @@ class PkiPaths:
     def authz(self) -> Path:
         return self.directory / "authz.toml"
 
+    @property
+    def crl(self) -> Path:
+        return self.directory / "ca.crl"
+
+    @property
+    def revoked(self) -> Path:
+        """Where ``revoke_client`` moves a revoked client's files, freeing its name."""
+        return self.directory / "revoked"
+
     def client_cert(self, name: str) -> Path:
         return self.directory / f"{name}.pem"
 
@@ -129,12 +145,21 @@ class PkiPaths:
         return CertAuthority.load(self.ca_cert, self.ca_key)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
     # O_EXCL: never replace a file; the mode is set at creation, so a key is never
     # readable by others, not even for an instant.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` whole: a server reloading it at that moment reads the old file or
+    the new one, never a mix."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    write_new(temporary, data, mode)
+    os.replace(temporary, path)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -226,7 +251,7 @@ def _issue(
     return Issued(cert=cert, key=key)
 
 
-def _check_client_name(name: str) -> None:
+def check_client_name(name: str) -> None:
     if not _CLIENT_NAME.fullmatch(name) or name in _RESERVED_NAMES or name.endswith("-key"):
         raise InvalidArgument(
             f"client name {name!r}: use up to 63 letters, digits, '.', '_' or '-', "
@@ -246,7 +271,7 @@ def issue_client_cert(
     ``not_before``/``not_after`` default to now (minus 5 minutes) and ``LEAF_VALIDITY``
     later; tests pass past dates to get an expired certificate.
     """
-    _check_client_name(name)
+    check_client_name(name)
     return _issue(ca, name, [name], ExtendedKeyUsageOID.CLIENT_AUTH, not_before, not_after)
 
 
@@ -265,6 +290,26 @@ def issue_server_cert(ca: CertAuthority, names: Sequence[str]) -> Issued:
     return _issue(ca, names[0], names, ExtendedKeyUsageOID.SERVER_AUTH, None, None)
 
 
+def _sign_crl(
+    ca: CertAuthority,
+    revoked: Iterable[x509.RevokedCertificate],
+    path: Path,
+    last_update: datetime,
+    next_update: datetime,
+) -> Path:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(last_update)
+        .next_update(next_update)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    replace_file(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return path
+
+
 def write_crl(
     ca: CertAuthority,
     revoked_serials: Iterable[int],
@@ -278,29 +323,78 @@ def write_crl(
     ``next_update`` defaults to 7 days after ``last_update`` (default: now).
     """
     issued = last_update or datetime.now(UTC) - _BACKDATE
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.cert.subject)
-        .last_update(issued)
-        .next_update(next_update or issued + timedelta(days=7))
-    )
-    for serial in revoked_serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
-        )
-    crl = builder.sign(ca.key, hashes.SHA256())
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    return path
+    entries = [
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+        for serial in revoked_serials
+    ]
+    return _sign_crl(ca, entries, path, issued, next_update or issued + timedelta(days=7))
 
 
-def _authz_toml(clients: Sequence[tuple[str, str]]) -> bytes:
+@attrs.frozen
+class CrlState:
+    """A CRL as just signed: how many serials it revokes, and when it must be re-signed."""
+
+    path: Path
+    revoked: int
+    next_update: datetime
+
+
+def publish_crl(
+    paths: PkiPaths,
+    ca: CertAuthority,
+    revoke: Iterable[int] = (),
+    validity: timedelta = CRL_VALIDITY,
+) -> CrlState:
+    """Re-sign ``paths.crl``: every serial it revoked, plus ``revoke``, fresh for ``validity``."""
+    entries: list[x509.RevokedCertificate] = []
+    if paths.crl.exists():
+        try:
+            old = x509.load_pem_x509_crl(paths.crl.read_bytes())
+        except ValueError:
+            raise ConfigError(f"{paths.crl} is not a PEM CRL: move it away to start anew") from None
+        if not old.is_signature_valid(ca.key.public_key()):
+            raise ConfigError(f"{paths.crl} is not signed by {paths.ca_cert}: move it away")
+        entries = list(old)
+    now = datetime.now(UTC)
+    known = {entry.serial_number for entry in entries}
+    entries += [
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        for serial in revoke
+        if serial not in known
+    ]
+    next_update = now + validity
+    _sign_crl(ca, entries, paths.crl, now - _BACKDATE, next_update)
+    return CrlState(path=paths.crl, revoked=len(entries), next_update=next_update)
+
+
+def authz_entry(name: str, role: str) -> str:
+    return f'\n[[clients]]\nidentity = "{name}"\nrole = "{role}"\n'
+
+
+def authz_toml(clients: Sequence[tuple[str, str]]) -> bytes:
     header = (
         "# Who may call this jobworker server; every other client is refused.\n"
         "# identity: matched against the certificate CN, then its DNS, e-mail and URI SANs.\n"
         '# role: "user" sees only its own jobs; "admin" sees every job.\n'
     )
-    entries = [f'\n[[clients]]\nidentity = "{name}"\nrole = "{role}"\n' for name, role in clients]
-    return "".join([header, *entries]).encode()
+    return "".join([header, *(authz_entry(name, role) for name, role in clients)]).encode()
+
+
+def check_client(name: str, role: str) -> None:
+    check_client_name(name)
+    if role not in ROLES:
+        raise InvalidArgument(f"client {name!r}: role {role!r} is not one of {ROLES}")
+
+
+def check_issued(cert_path: Path, ca: CertAuthority, ca_path: Path) -> x509.Certificate:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(
+            f"{cert_path} was not issued by {ca_path}: remove it to re-issue"
+        ) from None
+    return cert
 
 
 def init_pki(
@@ -308,17 +402,16 @@ def init_pki(
     clients: Sequence[tuple[str, str]] = ((DEV_CLIENT, "admin"),),
     server_names: Sequence[str] | None = None,
 ) -> PkiPaths:
-    """Create a dev PKI in ``directory``, keeping whatever is already there.
+    """Create a PKI in ``directory``, keeping whatever is already there.
 
     ``clients`` are (name, role) pairs; ``server_names`` default to
     ``default_server_names()``. An existing CA is reused to issue missing certificates;
     an existing certificate that this CA did not issue is a ``ConfigError`` (remove it to
-    re-issue). An existing ``authz.toml`` is never touched: edit it by hand.
+    re-issue). An existing ``authz.toml`` or CRL is never touched (``add_client`` and
+    ``revoke_client`` change them).
     """
     for name, role in clients:
-        _check_client_name(name)
-        if role not in ROLES:
-            raise InvalidArgument(f"client {name!r}: role {role!r} is not one of {ROLES}")
+        check_client(name, role)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     paths = PkiPaths(directory)
@@ -346,13 +439,7 @@ def init_pki(
             return
         if not all(path.exists() for path in pair):
             raise ConfigError(f"only one of {cert_path} and {key_path} exists: remove it")
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        try:
-            cert.verify_directly_issued_by(ca.cert)
-        except (ValueError, TypeError, InvalidSignature):
-            raise ConfigError(
-                f"{cert_path} was not issued by {paths.ca_cert}: remove it to re-issue"
-            ) from None
+        check_issued(cert_path, ca, paths.ca_cert)
         existing.extend(pair)
 
     names = list(server_names) if server_names is not None else default_server_names()
@@ -365,6 +452,11 @@ def init_pki(
     if paths.authz.exists():
         existing.append(paths.authz)
     else:
-        _write_new(paths.authz, _authz_toml(clients), 0o644)
+        write_new(paths.authz, authz_toml(clients), 0o644)
         created.append(paths.authz)
+    if paths.crl.exists():
+        existing.append(paths.crl)
+    else:
+        publish_crl(paths, ca)
+        created.append(paths.crl)
     return attrs.evolve(paths, created=tuple(created), existing=tuple(existing))

@@ -59,7 +59,7 @@ def test_creates_every_file_with_safe_modes(pki: PkiPaths) -> None:
     names = {path.name for path in pki.created}
     assert names == {
         "ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "alice.pem", "alice-key.pem",
-        "root.pem", "root-key.pem", "authz.toml",
+        "root.pem", "root-key.pem", "authz.toml", "ca.crl",
     }  # fmt: skip
     assert pki.existing == ()
     assert _mode(pki.directory) == 0o700
