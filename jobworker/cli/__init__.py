@@ -13,8 +13,9 @@ Every failure is one line on stderr and an exit status (docs/cli.md has the tabl
 ``run`` exits with the job's own status instead: its exit code, or 128+N after signal N.
 
 Modules: :mod:`~jobworker.cli.main` (entry point and parser), :mod:`~jobworker.cli.client`
-(client commands), :mod:`~jobworker.cli.admin` (``plugins``, ``certs``),
-:mod:`~jobworker.cli.serve` (``serve``), :mod:`~jobworker.cli.common` (what they share).
+(client commands), :mod:`~jobworker.cli.options` (their options), :mod:`~jobworker.cli.admin`
+(``plugins``, ``certs``), :mod:`~jobworker.cli.serve` (``serve``),
+:mod:`~jobworker.cli.common` (what they share).
 """
 
 from jobworker.cli.main import build_parser, main

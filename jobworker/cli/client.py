@@ -2,7 +2,8 @@
 ``top``, from :mod:`jobworker.cli.top`).
 
 Each connects with :class:`jobworker.client.JobClient`; an error the server answers with
-is one line (``jobworker: CODE: message``) and exit status 1.
+is one line (``jobworker: CODE: message``) and exit status 1. Their options, and how they
+become a job spec and a connection, are :mod:`jobworker.cli.options`.
 """
 
 from __future__ import annotations
@@ -18,176 +19,36 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from jobworker.api.pki import DEV_CLIENT, PkiPaths, default_pki_dir
-from jobworker.api.tls import TlsFiles, given_files
-from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_SERVER_ERROR,
-    Parser,
     argument,
     for_terminal,
     print_json,
     say,
     silence_stdout,
 )
+from jobworker.cli.options import (
+    connect,
+    connection_options,
+    job_id,
+    job_options,
+    limits_from_options,
+)
 from jobworker.client import JobClient
-from jobworker.errors import JobworkerError, UsageError
-from jobworker.jobspec import CPU_WEIGHT_RANGE, IoLimit, Limits
+from jobworker.errors import JobworkerError
 from jobworker.model import JobState, JobStatusView, TerminationReason
-from jobworker.units import (
-    parse_cores,
-    parse_count,
-    parse_rate,
-    parse_seconds,
-    parse_size,
-    split_device_value,
-)
-
-# Client TLS options: (option dest, flag, environment variable).
-_CLIENT_TLS = (
-    ("tls_cert", "--tls-cert", "JOBWORKER_TLS_CERT"),
-    ("tls_key", "--tls-key", "JOBWORKER_TLS_KEY"),
-    ("tls_ca", "--tls-ca", "JOBWORKER_TLS_CA"),
-)
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"invalid environment variable {text!r}: expected KEY=VALUE")
-    return key, value
-
-
-def _device_rate(text: str) -> tuple[str, int]:
-    device, value = split_device_value(text)
-    return device, parse_rate(value)
-
-
-def _device_count(text: str) -> tuple[str, int]:
-    device, value = split_device_value(text)
-    return device, parse_count(value)
-
-
-class _DeviceLimit(argparse.Action):
-    """Collect the ``--io-*`` flags as {device: {IoLimit field: value}}; no field twice."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        device, value = values
-        devices: dict[str, dict[str, int]] = dict(getattr(namespace, self.dest) or {})
-        fields = devices[device] = dict(devices.get(device, {}))
-        if self.const in fields:
-            raise argparse.ArgumentError(self, f"given twice for device {device}")
-        fields[self.const] = value
-        setattr(namespace, self.dest, devices)
-
-
-# -- building the parser ------------------------------------------------------------------
-
-
-def _connection_options() -> Parser:
-    parent = Parser(add_help=False)
-    group = parent.add_argument_group(
-        "connection",
-        "Without certificate options or JOBWORKER_TLS_* variables, the dev PKI's "
-        f"{DEV_CLIENT!r} client certificate in {default_pki_dir()} is used.",
-    )
-    group.add_argument(
-        "--server",
-        metavar="HOST[:PORT]",
-        help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS}; port"
-        f" {DEFAULT_PORT} when not given)",
-    )
-    for _dest, flag, env in _CLIENT_TLS:
-        group.add_argument(flag, type=Path, metavar="FILE", help=f"PEM file (env {env})")
-    return parent
-
-
-def _job_options() -> Parser:
-    parent = Parser(add_help=False)
-    job = parent.add_argument_group("job")
-    job.add_argument(
-        "--env",
-        action="append",
-        type=argument(_env_pair),
-        default=[],
-        metavar="KEY=VALUE",
-        help="the job's environment, one variable per flag (PATH defaults if unset)",
-    )
-    job.add_argument("--cwd", metavar="DIR", help="working directory on the server")
-    job.add_argument(
-        "--user",
-        metavar="NAME",
-        help="Unix account to run as (one the whitelist's run_as lists for you)",
-    )
-    job.add_argument(
-        "--network",
-        choices=("host", "none"),
-        help="the host's network, or none (only a loopback); default: the server's",
-    )
-    job.add_argument(
-        "-i",
-        "--interactive",
-        action="store_true",
-        help="keep the job's stdin open: run forwards ours (also done when it is not a"
-        " terminal); start leaves it for `jobworker write`",
-    )
-    job.add_argument(
-        "--node", metavar="NAME", help="run on this cluster node (a cluster backend only)"
-    )
-    job.add_argument(
-        "command", nargs="+", metavar="CMD", help="the command and its arguments, after --"
-    )
-    limits = parent.add_argument_group(
-        "limits",
-        "Sizes and rates take binary units (K, M, G, T = powers of 1024). DEV is a block "
-        "device path or MAJ:MIN; repeat an IO flag for more devices.",
-    )
-    limits.add_argument("--cpu", type=argument(parse_cores), metavar="CORES", help="e.g. 0.5")
-    limits.add_argument("--memory", type=argument(parse_size), metavar="SIZE", help="e.g. 256M, 1G")
-    limits.add_argument(
-        "--memory-high", type=argument(parse_size), metavar="SIZE", help="throttle above this"
-    )
-    limits.add_argument(
-        "--cpu-weight",
-        type=argument(parse_count),
-        metavar="N",
-        help=f"CPU share, {CPU_WEIGHT_RANGE[0]}-{CPU_WEIGHT_RANGE[1]}",
-    )
-    limits.add_argument("--pids", type=argument(parse_count), metavar="N", help="max processes")
-    for flag, field, parse, metavar, help_ in (
-        ("--io-read-bps", "rbps", _device_rate, "DEV=RATE", "read bytes per second, e.g. 10M"),
-        ("--io-write-bps", "wbps", _device_rate, "DEV=RATE", "write bytes per second"),
-        ("--io-read-iops", "riops", _device_count, "DEV=N", "read operations per second"),
-        ("--io-write-iops", "wiops", _device_count, "DEV=N", "write operations per second"),
-    ):
-        limits.add_argument(
-            flag,
-            dest="io",
-            action=_DeviceLimit,
-            const=field,
-            type=argument(parse),
-            metavar=metavar,
-            help=help_,
-        )
-    return parent
+from jobworker.units import parse_seconds
 
 
 def add_commands(commands: Any) -> None:
     """Add the client commands to ``commands`` (the subparsers of ``jobworker``)."""
-    connection = _connection_options()
-    job = _job_options()
+    connection = connection_options()
+    job = job_options()
     start = commands.add_parser(
         "start", parents=[connection, job], help="start a job and print its id"
     )
@@ -200,7 +61,7 @@ def add_commands(commands: Any) -> None:
     run.set_defaults(handler=_client_command(_run))
 
     status = commands.add_parser("status", parents=[connection], help="show a job")
-    status.add_argument("job_id", metavar="JOB", type=_job_id)
+    status.add_argument("job_id", metavar="JOB", type=job_id)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--usage", action="store_true", help="chart the job's CPU and memory over its life"
@@ -210,14 +71,14 @@ def add_commands(commands: Any) -> None:
     top.add_command(commands, connection, _client_command)
 
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
-    logs.add_argument("job_id", metavar="JOB", type=_job_id)
+    logs.add_argument("job_id", metavar="JOB", type=job_id)
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job ends"
     )
     logs.set_defaults(handler=_client_command(_logs))
 
     stop = commands.add_parser("stop", parents=[connection], help="stop a job")
-    stop.add_argument("job_id", metavar="JOB", type=_job_id)
+    stop.add_argument("job_id", metavar="JOB", type=job_id)
     stop.add_argument(
         "--grace",
         type=argument(parse_seconds),
@@ -229,7 +90,7 @@ def add_commands(commands: Any) -> None:
     write = commands.add_parser(
         "write", parents=[connection], help="copy our stdin to a job started with -i"
     )
-    write.add_argument("job_id", metavar="JOB", type=_job_id)
+    write.add_argument("job_id", metavar="JOB", type=job_id)
     write.add_argument(
         "--keep-open",
         action="store_true",
@@ -257,29 +118,6 @@ def add_commands(commands: Any) -> None:
 # -- shared helpers -----------------------------------------------------------------------
 
 
-def _client_tls(options: argparse.Namespace) -> TlsFiles:
-    """Certificate files from flags, else environment, else the dev PKI's admin client."""
-    cert, key, ca = (getattr(options, dest) or os.environ.get(env) for dest, _, env in _CLIENT_TLS)
-    given = given_files(
-        cert, key, ca, labels=[f"{flag} (or {env})" for _, flag, env in _CLIENT_TLS]
-    )
-    if given is not None:
-        return given
-    files = PkiPaths(default_pki_dir()).client(DEV_CLIENT)
-    if not files.cert.exists():
-        raise UsageError(
-            "no client certificate: pass --tls-cert, --tls-key and --tls-ca (or set "
-            f"JOBWORKER_TLS_CERT, _KEY and _CA); the dev PKI {files.cert.parent} does "
-            "not exist yet (`jobworker serve` or `jobworker certs init` creates it)"
-        )
-    return files
-
-
-def _connect(options: argparse.Namespace) -> JobClient:
-    server = options.server or os.environ.get("JOBWORKER_SERVER") or DEFAULT_ADDRESS
-    return JobClient(with_default_port(server), _client_tls(options))
-
-
 def _client_command(
     command: Callable[[JobClient, argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
@@ -291,7 +129,7 @@ def _client_command(
 
     @functools.wraps(command)
     def handler(options: argparse.Namespace) -> int:
-        with _connect(options) as client:
+        with connect(options) as client:
             try:
                 return command(client, options)
             except JobworkerError as err:
@@ -299,22 +137,6 @@ def _client_command(
                 return EXIT_SERVER_ERROR
 
     return handler
-
-
-def limits_from_options(options: argparse.Namespace) -> Limits | None:
-    """The limits flags as one ``Limits``; the IO flags of a device merge into one entry."""
-    io: tuple[IoLimit, ...] = tuple(
-        IoLimit(device=device, **fields) for device, fields in (options.io or {}).items()
-    )
-    limits = Limits(
-        cpu=options.cpu,
-        cpu_weight=options.cpu_weight,
-        memory=options.memory,
-        memory_high=options.memory_high,
-        pids=options.pids,
-        io=io,
-    )
-    return None if limits.is_empty() else limits
 
 
 #: Bytes per InputChunk: large enough that per-message costs vanish, far below the
@@ -488,15 +310,6 @@ def _human(key: str, value: Any) -> str:
             " ".join(f"{k}={v}" for k, v in device.items() if v is not None) for device in value
         )
     return str(value)
-
-
-def _job_id(text: str) -> str:
-    """A JOB argument: refuse an empty one here, in CLI words, before asking the server."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "the job id is empty: pass the id `jobworker start` printed (see `jobworker list`)"
-        )
-    return text
 
 
 def _logs(client: JobClient, options: argparse.Namespace) -> int:

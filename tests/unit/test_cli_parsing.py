@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobworker import cli
-from jobworker.cli.client import limits_from_options
+from jobworker.cli.options import limits_from_options
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import IoLimit, Limits
 from jobworker.units import (
