@@ -19,7 +19,7 @@ import pluggy
 import structlog
 
 from jobworker.errors import ConfigError, JobworkerError, PermissionDenied
-from jobworker.hooks import PROJECT_NAME, spec
+from jobworker.hooks import PROJECT_NAME
 
 if TYPE_CHECKING:
     from jobworker.api.identity import Identity
@@ -86,6 +86,10 @@ class Plugins:
     """The plugin manager and the typed facade over its hooks."""
 
     def __init__(self) -> None:
+        # Here, not at the top: the specs name this class in their types, and a module-level
+        # import both ways would be an import circle (tests/unit/test_import_graph.py).
+        from jobworker.hooks import spec
+
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(spec)
         self._versions: dict[str, str | None] = {}
