@@ -60,11 +60,20 @@ def unavailable_message(target: str, details: str) -> str:
             " signed by --tls-ca (JOBWORKER_TLS_CA), or does not name the host dialled"
             " (check the address, or the server's certificate names)"
         )
+    # The server closed before its side of the handshake: over its connection limits.
+    if "handshake read failed" in lowered or "handshake write failed" in lowered:
+        return (
+            f"the server at {target} is busy: it closed the connection before the TLS"
+            " handshake ended (it is at its connection limit); try again shortly"
+        )
+    # After the client's side of a TLS 1.3 handshake: a refused certificate looks the same
+    # as a connection the server closed for its per-address limit.
     if "socket closed" in lowered or "handshake" in lowered or "ssl" in lowered:
         return (
-            f"the server at {target} refused this client's certificate during the TLS"
-            " handshake: --tls-cert (JOBWORKER_TLS_CERT) is probably not signed by the"
-            " server's CA, expired, or not a client certificate"
+            f"the server at {target} closed the connection after the TLS handshake: it is"
+            " busy (at its connection limit for this address; try again shortly), or it"
+            " refused this client's certificate (--tls-cert, JOBWORKER_TLS_CERT, not signed"
+            " by the server's CA, expired, or not a client certificate)"
         )
     return (
         f"no jobworker server answers at {target} (is `jobworker serve` running? is"

@@ -10,6 +10,7 @@ import attrs
 import structlog
 
 from jobworker.api import tls
+from jobworker.api.connections import ConnectionLimits
 from jobworker.api.wire import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -58,6 +59,8 @@ class ServerConfig:
     max_spool_bytes: int | None = None
     #: Output streams one client identity may have open at once (None: no bound).
     max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
+    #: Handshake timeout, connection caps and age (docs/security.md, "Connection limits").
+    connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> ServerConfig:
@@ -98,4 +101,10 @@ class ServerConfig:
             max_output_bytes=options.max_output_bytes,
             max_spool_bytes=options.max_spool_bytes,
             max_streams_per_client=options.max_streams_per_client,
+            connections=ConnectionLimits(
+                handshake_timeout=options.handshake_timeout,
+                max_connections=options.max_connections,
+                max_connections_per_peer=options.max_connections_per_peer,
+                max_connection_age=options.max_connection_age,
+            ),
         )

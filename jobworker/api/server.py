@@ -6,7 +6,11 @@ directory it created, and returns normally.
 
 SIGHUP reloads (:class:`Reloader`): the CRL, the server's certificates and every plugin's
 files (the authz whitelist) are read again and put in force together, or, when one of them
-fails to load, none is and the error names the file. Jobs and open RPCs are untouched.
+fails to load, none is and the error names the file. Jobs are untouched; open streams
+whose client the new CRL revokes end with UNAUTHENTICATED
+(:mod:`jobworker.api.openstreams`).
+
+Connections are bounded before authentication (:mod:`jobworker.api.connections`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jobworker.api import tls
+from jobworker.api.connections import PeerGate, raise_file_limit
 from jobworker.api.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.backends.base import JobBackend
 from jobworker.backends.local.manager import JobManager
@@ -154,6 +159,8 @@ class Reloader:
     plugins: Plugins
     certificates: tls.ServerCertificates
     crl: tls.RevocationList | None
+    #: Checks the open streams again once a reload is in force (a CRL may revoke them).
+    recheck: Callable[[], None] = lambda: None
     _timers: list[asyncio.TimerHandle] = attrs.Factory(list)
 
     def reload(self) -> bool:
@@ -174,6 +181,7 @@ class Reloader:
             return False
         for commit in commits:
             commit()
+        self.recheck()
         self.watch_crl()
         log.info("reload_done")
         return True
@@ -270,14 +278,16 @@ async def _serve_until(
         jobs = await plugins.make_backend(config, spool_dir) or backend(config, plugins, spool_dir)
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
+        limits = raise_file_limit(config.connections, config.max_running)
         server = grpc.aio.server(
             interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *limits.grpc_options()],
         )
-        jobworker_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(jobs, plugins, crl, max_streams_per_client=config.max_streams_per_client),
-            server,
+        service = JobService(
+            jobs, plugins, crl, max_streams_per_client=config.max_streams_per_client
         )
+        reloader.recheck = service.open_streams.recheck
+        jobworker_pb2_grpc.add_JobServiceServicer_to_server(service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -291,9 +301,11 @@ async def _serve_until(
         if not port:
             raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
         address = f"{host}:{port}"
+        gate = PeerGate(port, limits.max_connections_per_peer)
 
         plugins.manager_ready(jobs)
         await server.start()
+        gate.start()
         reloader.watch_crl()
         try:
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -306,6 +318,7 @@ async def _serve_until(
             log.info("server_stopping", address=address)
         finally:
             reloader.cancel()
+            await gate.stop()
             await health_servicer.enter_graceful_shutdown()
             # New RPCs are refused at once; streams of running jobs end as the jobs stop.
             stopping = asyncio.ensure_future(server.stop(config.default_grace + RPC_DRAIN_SECONDS))

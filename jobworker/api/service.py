@@ -3,7 +3,9 @@
 Every RPC goes through one admission step (:class:`_Admission`) before its handler runs:
 
 1. the caller's identity, from the TLS auth context only (``tls.check_peer``: verified
-   client certificate, TLS 1.3, not revoked), else UNAUTHENTICATED;
+   client certificate within its validity dates, TLS 1.3, not revoked), else
+   UNAUTHENTICATED; a stream stays under watch until it ends
+   (:class:`jobworker.api.openstreams.OpenStreams`);
 2. for RPCs about a job, the job is looked up, and an unknown id is authorized with
    ``job=None`` first, so a client that may do nothing gets PERMISSION_DENIED rather than
    learning which ids exist;
@@ -35,6 +37,7 @@ import structlog
 
 from jobworker.api import tls, wire
 from jobworker.api.identity import Identity
+from jobworker.api.openstreams import OpenStreams
 from jobworker.backends.base import JobBackend
 from jobworker.backends.local import memtrim
 from jobworker.errors import (
@@ -81,6 +84,8 @@ class Caller:
 
     identity: Identity
     owner: str
+    #: The client's leaf certificate (PEM), which open streams keep checking.
+    certificate: bytes
     job: JobStatus | None = None
 
     @property
@@ -199,6 +204,7 @@ class _Admission:
         structlog.contextvars.bind_contextvars(rpc=self._rpc)
         service = self._service
         identity = tls.authenticate(self._context, service.crl)
+        certificate = tls.peer_certificate(self._context.auth_context())
         owner = service.plugins.principal(identity)
         structlog.contextvars.bind_contextvars(identity=owner)
         job_id: str | None = None
@@ -222,7 +228,7 @@ class _Admission:
         if job_id is not None and job is None:
             _check_job_id(job_id)
             raise job_not_found(job_id)
-        return Caller(identity=identity, owner=owner, job=job)
+        return Caller(identity=identity, owner=owner, certificate=certificate, job=job)
 
     def _decided(self, identity: Identity, job_id: str | None, allowed: bool, reason: str) -> None:
         self._service.plugins.decision(identity, self._action, job_id, allowed, reason)
@@ -281,11 +287,19 @@ def _streaming(
             self: _Service, request: _Req, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[_Resp]:
             async with _Admission(self, impl.__name__, action, request, context) as caller:
-                items = impl(self, request, caller)
-                # Close the source (and the follower it holds) as soon as the client goes.
-                async with contextlib.aclosing(items):  # type: ignore[type-var]
-                    async for item in items:
-                        yield item
+                with self.open_streams.guard(caller.certificate, caller.identity.name) as open_:
+                    items = impl(self, request, caller)
+                    # Close the source (and the follower it holds) as soon as the client goes.
+                    async with contextlib.aclosing(items):  # type: ignore[type-var]
+                        while True:
+                            open_.check()
+                            open_.waiting = True
+                            try:
+                                item = await anext(items)
+                            except StopAsyncIteration:
+                                break
+                            open_.waiting = False  # grpc sends it: see OpenStreams
+                            yield item
 
         return handler
 
@@ -319,6 +333,8 @@ class JobService(pb_grpc.JobServiceServicer):
         self._observe_sent = plugins.has_impl("jobworker_output_sent")
         self.max_streams_per_client = max_streams_per_client
         self._streams: collections.Counter[str] = collections.Counter()
+        #: Ended when their certificate expires or is revoked (the server's reload rechecks).
+        self.open_streams = OpenStreams(crl)
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:
@@ -400,7 +416,8 @@ class JobService(pb_grpc.JobServiceServicer):
                         )
                     yield wire.input_from_pb(message)
 
-            result = await self.backend.write_input(job_id, chunks())
+            with self.open_streams.guard(caller.certificate, caller.identity.name):
+                result = await self.backend.write_input(job_id, chunks())
             return wire.input_result_to_pb(result)
 
     @_unary(Action.STATUS)

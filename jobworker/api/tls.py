@@ -25,6 +25,7 @@ from jobworker.api.grpcenv import (  # isort: split
 )
 
 import contextlib
+import functools
 import os
 import socket
 import ssl
@@ -441,8 +442,48 @@ class RevocationList:
         return self.revocation_reason(leaf_pem) is not None
 
 
+@attrs.frozen
+class ValidityDates:
+    """When a client certificate is good: from ``not_before`` until ``not_after``."""
+
+    not_before: datetime
+    not_after: datetime
+    serial: int
+
+
+@functools.lru_cache(maxsize=1024)
+def validity_dates(leaf_pem: bytes) -> ValidityDates:
+    """The dates of a PEM certificate grpc verified (cached: every RPC of a connection
+    brings the same one); ``Unauthenticated`` if it cannot be parsed."""
+    try:
+        cert = x509.load_pem_x509_certificate(leaf_pem)
+    except ValueError:
+        raise Unauthenticated("the client certificate could not be parsed") from None
+    return ValidityDates(cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+
+
+def refusal(leaf_pem: bytes, crl: RevocationList | None) -> str | None:
+    """Why a client certificate verified at its connection's handshake must be refused
+    now, or None: outside its validity dates (a connection outlives its handshake), or
+    revoked by the CRL in force."""
+    dates = validity_dates(leaf_pem)
+    now = datetime.now(UTC)
+    if now >= dates.not_after:
+        return (
+            f"the client certificate (serial {dates.serial:#x}) expired on"
+            f" {dates.not_after:%Y-%m-%d %H:%M:%S}Z: ask for a new certificate"
+        )
+    if now < dates.not_before:
+        return (
+            f"the client certificate (serial {dates.serial:#x}) is not valid before"
+            f" {dates.not_before:%Y-%m-%d %H:%M:%S}Z: check the clocks, or wait"
+        )
+    return None if crl is None else crl.revocation_reason(leaf_pem)
+
+
 def check_peer(auth_context: Mapping[str, Sequence[bytes]], crl: RevocationList | None) -> Identity:
-    """Authenticate one RPC from ``context.auth_context()``: TLS 1.3, not revoked.
+    """Authenticate one RPC from ``context.auth_context()``: TLS 1.3, a certificate within
+    its validity dates, not revoked.
 
     Call it before every handler runs. Raises ``Unauthenticated`` saying what to fix.
     """
@@ -453,11 +494,15 @@ def check_peer(auth_context: Mapping[str, Sequence[bytes]], crl: RevocationList 
         raise Unauthenticated(
             f"TLS version {shown} refused: jobworker requires TLS 1.3, upgrade the client"
         )
-    if crl is not None:
-        reason = crl.revocation_reason(auth_context["x509_pem_cert"][0])
-        if reason is not None:
-            raise Unauthenticated(f"{identity.name}: {reason}")
+    reason = refusal(peer_certificate(auth_context), crl)
+    if reason is not None:
+        raise Unauthenticated(f"{identity.name}: {reason}")
     return identity
+
+
+def peer_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bytes:
+    """The client's leaf certificate (PEM) of an authenticated connection."""
+    return auth_context["x509_pem_cert"][0]
 
 
 def authenticate(context: grpc.aio.ServicerContext, crl: RevocationList | None) -> Identity:

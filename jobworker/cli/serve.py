@@ -9,6 +9,12 @@ import signal
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jobworker.api.connections import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTION_AGE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER,
+)
 from jobworker.api.pki import default_pki_dir
 from jobworker.api.wire import (
     DEFAULT_ADDRESS,
@@ -100,9 +106,46 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         help="output streams (logs, run) one client may have open at once; more get"
         " RESOURCE_EXHAUSTED (default %(default)s)",
     )
+    _add_connection_options(serve)
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))
     plugins.add_options(serve)
+
+
+def _add_connection_options(serve: argparse.ArgumentParser) -> None:
+    """What a connection may hold, before and after authentication (docs/security.md)."""
+    serve.add_argument(
+        "--handshake-timeout",
+        type=argument(parse_seconds),
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="a connection that has not finished its TLS handshake by then is closed"
+        " (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=argument(parse_count),
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections open at once, authenticated or not; more are closed at once"
+        " (default %(default)s, fewer if RLIMIT_NOFILE is too low)",
+    )
+    serve.add_argument(
+        "--max-connections-per-peer",
+        type=argument(parse_count),
+        default=DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        metavar="N",
+        help="connections open at once from one IP address; its newest past that are"
+        " closed (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connection-age",
+        type=argument(parse_seconds),
+        default=DEFAULT_MAX_CONNECTION_AGE,
+        metavar="SECONDS",
+        help="after this a connection takes no new RPCs and the client reconnects, its"
+        " certificate checked again by a new handshake (default %(default)s)",
+    )
 
 
 def _stop_before_serving(signum: int, frame: object) -> NoReturn:

@@ -314,9 +314,11 @@ def test_a_client_certificate_of_another_ca_is_named(cli: Cli, pki: Pki, tmp_pat
     env["JOBWORKER_TLS_KEY"] = str(other / "admin-key.pem")
     result = jobworker("list", env=env)
     assert result.stderr.decode() == (
-        f"jobworker: UNAVAILABLE: the server at {cli.server.address} refused this client's"
-        " certificate during the TLS handshake: --tls-cert (JOBWORKER_TLS_CERT) is probably"
-        " not signed by the server's CA, expired, or not a client certificate\n"
+        f"jobworker: UNAVAILABLE: the server at {cli.server.address} closed the connection"
+        " after the TLS handshake: it is busy (at its connection limit for this address; try"
+        " again shortly), or it refused this client's certificate (--tls-cert,"
+        " JOBWORKER_TLS_CERT, not signed by the server's CA, expired, or not a client"
+        " certificate)\n"
     )
     env = dict(cli.env("alice"), JOBWORKER_TLS_CA=str(other / "ca.pem"))
     result = jobworker("list", env=env)

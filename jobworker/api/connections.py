@@ -1,0 +1,274 @@
+"""Connections bounded before anyone is authenticated: the server's front door.
+
+A client proves who it is only at the end of its TLS handshake, so everything a stranger
+can make the server hold is bounded here, whoever it is (docs/security.md, "Connection
+limits"):
+
+* a connection must finish its TLS handshake within ``handshake_timeout`` seconds
+  (grpc's ``grpc.server_handshake_timeout_ms``);
+* at most ``max_connections`` are open at once (grpc's
+  ``grpc.max_allowed_incoming_connections``: grpc closes the one past it as soon as it
+  accepts it);
+* at most ``max_connections_per_peer`` from one address: grpc has no such limit, so
+  :class:`PeerGate` lists the server's connections with the kernel's ``sock_diag``
+  netlink interface a few times a second and shuts the newest of a peer's surplus down;
+  a flood from one address can then never hold the slots everyone else needs;
+* a connection lives at most ``max_connection_age`` seconds (grpc's
+  ``grpc.max_connection_age_ms``; grpc sends GOAWAY and the client reconnects, with a new
+  handshake that checks its certificate again; streams open on it go on, watched by
+  :mod:`jobworker.api.openstreams`).
+
+:func:`raise_file_limit` lifts ``RLIMIT_NOFILE`` to its hard limit at start-up and keeps a
+reserve of descriptors for jobs (pipes, spool files, pidfds) out of the connections' reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import os
+import resource
+import socket
+import struct
+from collections.abc import Iterator
+
+import attrs
+import structlog
+
+from jobworker.errors import ConfigError
+
+log = structlog.get_logger("jobworker.api.connections")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 32
+DEFAULT_MAX_CONNECTION_AGE = 300.0
+#: Descriptors a running job may hold in the server at once: its pidfd, its output
+#: pipes' read ends (and their copies while the ingest process takes them), its spool
+#: file, its stdin pipe and its cgroup's event watch.
+FDS_PER_JOB = 8
+#: Descriptors the server itself needs besides jobs and connections (listening sockets,
+#: grpc's and asyncio's own, logs, the ingest process's socket, /proc reads...).
+FDS_BASE = 256
+#: How often :class:`PeerGate` looks at the open connections.
+GATE_PERIOD = 0.25
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionLimits:
+    """What a connection may hold before and after its client is authenticated."""
+
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE
+
+    def __attrs_post_init__(self) -> None:
+        if self.handshake_timeout <= 0 or self.max_connection_age <= 0:
+            raise ConfigError("--handshake-timeout and --max-connection-age must be above 0")
+        if not 0 < self.max_connections_per_peer <= self.max_connections:
+            raise ConfigError(
+                "--max-connections-per-peer must be at least 1 and at most --max-connections"
+            )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The grpc server options that enforce all but the per-peer limit."""
+        return [
+            ("grpc.server_handshake_timeout_ms", round(self.handshake_timeout * 1000)),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_connection_age_ms", round(self.max_connection_age * 1000)),
+        ]
+
+
+def raise_file_limit(limits: ConnectionLimits, max_running: int) -> ConnectionLimits:
+    """Lift the soft ``RLIMIT_NOFILE`` to the hard one, and return ``limits`` with at most
+    as many connections as fit beside the jobs' reserve (a warning says when fewer)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    reserve = FDS_BASE + FDS_PER_JOB * max_running
+    room = hard - reserve
+    log.info("file_limit", nofile=hard, reserved_for_jobs=reserve)
+    if limits.max_connections <= room:
+        return limits
+    if room < limits.max_connections_per_peer:
+        raise ConfigError(
+            f"RLIMIT_NOFILE is {hard}, too few for --max-jobs {max_running} ({reserve} kept"
+            " for jobs) and connections: raise it (ulimit -n, LimitNOFILE=) or lower --max-jobs"
+        )
+    log.warning(
+        "connections_capped",
+        max_connections=room,
+        asked=limits.max_connections,
+        reason=f"RLIMIT_NOFILE is {hard} and {reserve} are kept for --max-jobs {max_running}",
+    )
+    return attrs.evolve(limits, max_connections=room)
+
+
+# -- the per-peer gate ---------------------------------------------------------------------
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLMSG_HEADER = struct.Struct("=IHHII")
+_TCP_ESTABLISHED = 1
+_INET_DIAG_REQ_BYTECODE = 1
+_INET_DIAG_BC_S_EQ = 11
+#: family, protocol, ext, pad, states; then the socket id (ports, addresses, ...).
+_REQUEST = struct.Struct("=BBBBI48x")
+#: family, state, timer, retrans; sport, dport (big-endian), src, dst; interface, cookie;
+#: expires, rqueue, wqueue, uid, inode.
+_DIAG_MSG = struct.Struct("=BBBB2H16s16sI8sIIIII")
+
+
+@attrs.frozen
+class Connection:
+    """One established connection to the server's port, as the kernel lists it."""
+
+    peer: str
+    inode: int
+
+
+def _request(family: int, port: int) -> bytes:
+    # In-kernel filter: only sockets whose local port is ``port``.
+    bytecode = struct.pack("=BBHBBH", _INET_DIAG_BC_S_EQ, 8, 12, 0, 0, port)
+    attribute = struct.pack("=HH", 4 + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
+    body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_ESTABLISHED) + attribute
+    header = _NLMSG_HEADER.pack(
+        _NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
+    )
+    return header + body
+
+
+def _peer(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    address = ipaddress.IPv6Address(raw)
+    return str(address.ipv4_mapped or address)
+
+
+def established(port: int) -> list[Connection]:
+    """The established TCP connections whose local port is ``port`` (this network
+    namespace, IPv4 and IPv6)."""
+    found: list[Connection] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            nl.send(_request(family, port))
+            found += _receive(nl, port)
+    return found
+
+
+def _receive(nl: socket.socket, port: int) -> list[Connection]:
+    found: list[Connection] = []
+    while True:
+        data = nl.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSG_HEADER.size <= len(data):
+            length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
+            if kind == _NLMSG_DONE:
+                return found
+            if kind == _NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
+                raise OSError(-code, os.strerror(-code))
+            fields = _DIAG_MSG.unpack_from(data, offset + _NLMSG_HEADER.size)
+            family, sport, remote, inode = fields[0], fields[4], fields[7], fields[-1]
+            if socket.ntohs(sport) == port and inode:
+                found.append(Connection(_peer(family, remote), inode))
+            offset += (length + 3) & ~3
+        if not data:
+            return found
+
+
+def surplus(connections: list[Connection], per_peer: int) -> list[Connection]:
+    """The connections past ``per_peer`` of each address, newest first (the kernel numbers
+    socket inodes in creation order): a peer's oldest connections are kept."""
+    by_peer: dict[str, list[Connection]] = collections.defaultdict(list)
+    for connection in connections:
+        by_peer[connection.peer].append(connection)
+    cut: list[Connection] = []
+    for held in by_peer.values():
+        if len(held) > per_peer:
+            held.sort(key=lambda c: c.inode)
+            cut += held[per_peer:]
+    return cut
+
+
+def _socket_fds(inodes: set[int]) -> Iterator[tuple[int, int]]:
+    """``(fd, inode)`` of this process's descriptors of the sockets ``inodes``."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                yield int(name), int(target[8:-1])
+
+
+def shut_down(inodes: set[int]) -> int:
+    """Shut down this process's sockets ``inodes`` (grpc then closes them); how many."""
+    done = 0
+    for fd, inode in _socket_fds(inodes):
+        try:
+            copy = os.dup(fd)
+        except OSError:
+            continue
+        try:
+            if os.fstat(copy).st_ino != inode:
+                continue  # the number was reused since the listing
+            with socket.socket(fileno=copy) as sock:
+                copy = -1
+                sock.shutdown(socket.SHUT_RDWR)
+            done += 1
+        except OSError:
+            pass
+        finally:
+            if copy >= 0:
+                os.close(copy)
+    return done
+
+
+class PeerGate:
+    """Keeps each address within its share of connections; see the module docstring."""
+
+    def __init__(self, port: int, per_peer: int) -> None:
+        self._port = port
+        self._per_peer = per_peer
+        self._task: asyncio.Task[None] | None = None
+        self.cut = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def enforce(self) -> int:
+        """One pass: shut the surplus down; how many connections were."""
+        extra = surplus(established(self._port), self._per_peer)
+        if not extra:
+            return 0
+        done = shut_down({c.inode for c in extra})
+        self.cut += done
+        peers = collections.Counter(c.peer for c in extra)
+        log.warning(
+            "connections_over_peer_limit",
+            closed=done,
+            peers=dict(peers.most_common(5)),
+            max_connections_per_peer=self._per_peer,
+        )
+        return done
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.enforce)
+            except OSError as err:
+                log.error("peer_gate_failed", error=str(err), consequence="no per-peer limit")
+                return
+            await asyncio.sleep(GATE_PERIOD)
