@@ -112,3 +112,17 @@ def test_a_client_the_server_cannot_take_is_told_it_is_busy(
         # Once the flood is gone, the same client is served.
         with JobClient(server.address, api_pki.client("alice")) as alice:
             assert alice.list() is not None
+
+
+def test_a_stream_outlives_its_connection_age_and_new_rpcs_reconnect(
+    api_pki: PkiPaths, tmp_path: Path
+) -> None:
+    limits = ConnectionLimits(max_connection_age=0.5)
+    with (
+        running_server(api_pki, spool_dir=tmp_path / "spool", connections=limits) as server,
+        JobClient(server.address, api_pki.client("alice")) as alice,
+    ):
+        job_id = alice.start("sh", ["-c", "for i in $(seq 30); do echo $i; sleep 0.1; done"])
+        output = b"".join(data for _stream, data, _offset in alice.stream(job_id))
+        assert output == b"".join(b"%d\n" % i for i in range(1, 31))
+        assert alice.status(job_id).exit_code == 0  # a new RPC, past the age: served
