@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from jobworker.errors import InvalidArgument, RemoteError
+from jobworker.errors import InvalidArgument, RemoteError, UsageError
 from jobworker.jobspec import IoLimit, JobSpec, Limits
 from jobworker.model import (
     InputChunk,
@@ -106,6 +106,24 @@ def limits_from_pb(limits: pb.Limits) -> Limits:
 # -- StartJob -------------------------------------------------------------------------------
 
 
+def _check_utf8(what: str, text: str) -> None:
+    """Refuse text that cannot travel: protobuf strings are UTF-8, and a command line may
+    hold any bytes (Python keeps those that are not UTF-8 as lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end]
+        try:
+            raw = bad.encode(errors="surrogateescape")  # the bytes of the command line
+        except UnicodeEncodeError:
+            raw = bad.encode(errors="surrogatepass")  # a surrogate given as such
+        raise UsageError(
+            f"{what} holds bytes that are not UTF-8 ({raw.hex(' ')} at character"
+            f" {err.start + 1}): the API carries text as protobuf strings, which are UTF-8;"
+            " pass the value through a file, or encode it (base64, say) for the job to decode"
+        ) from None
+
+
 def start_request(
     command: str,
     args: Sequence[str],
@@ -117,6 +135,15 @@ def start_request(
     stdin: bool = False,
     node: str | None = None,
 ) -> pb.StartJobRequest:
+    """The StartJob request; raises ``UsageError`` for text that is not UTF-8."""
+    _check_utf8("the command", command)
+    for number, arg in enumerate(args, 1):
+        _check_utf8(f"argument {number}", arg)
+    for key, value in (env or {}).items():
+        _check_utf8("an environment variable name", key)
+        _check_utf8(f"environment variable {key.encode(errors='replace').decode()}", value)
+    for what, text in (("--cwd", cwd), ("--user", user), ("--network", network), ("--node", node)):
+        _check_utf8(what, text or "")
     return pb.StartJobRequest(
         command=command,
         args=args,
