@@ -40,6 +40,8 @@ __all__ = ["MAX_MESSAGE_BYTES", "JobClient", "JobStatusView", "StopView"]
 #: Largest message accepted either way; well above the server's output chunks, small
 #: enough that a misbehaving server cannot make the client allocate without bound.
 MAX_MESSAGE_BYTES = 64 << 20
+#: The largest request a server accepts: grpc's default receive limit, which it keeps.
+MAX_REQUEST_BYTES = 4 << 20
 #: Jobs per ListJobs page: a page of full statuses stays far below MAX_MESSAGE_BYTES.
 LIST_PAGE_SIZE = 500
 
@@ -143,6 +145,12 @@ class JobClient:
         open for :meth:`write_input` (else it reads /dev/null); ``node``: the cluster node
         to run on (cluster backends only)."""
         request = wire.start_request(command, args, env, cwd, limits, user, network, stdin, node)
+        if (size := request.ByteSize()) > MAX_REQUEST_BYTES:
+            raise errors.InvalidArgument(
+                f"the command, its arguments and environment take {size / (1 << 20):.1f} MiB,"
+                f" over the {MAX_REQUEST_BYTES >> 20} MiB a request may carry: pass large data"
+                " through the job's stdin (`jobworker run`, a pipe or -i) or a file"
+            )
         try:
             response: pb.StartJobResponse = self._stub.StartJob(request)
         except grpc.RpcError as err:

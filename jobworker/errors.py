@@ -40,6 +40,11 @@ class SpawnError(FailedPrecondition):
     """The command could not be executed (not found, not executable, bad cwd)."""
 
 
+#: How a SpawnError's message starts when ``execve`` failed; ``jobworker run`` exits 127
+#: (not found) or 126 (found, not executable) on it, as a shell does.
+EXEC_FAILED = "cannot execute"
+
+
 class ConfigError(FailedPrecondition):
     """The server or a plugin is misconfigured; raised at start-up."""
 

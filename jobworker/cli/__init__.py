@@ -7,6 +7,8 @@ Every failure is one line on stderr and an exit status (docs/cli.md has the tabl
 1     the server refused or failed the request, or could not be reached
       (``jobworker: CODE: message``)
 2     usage or local configuration error (``jobworker: error: message``)
+126   ``run``, ``start``: the command exists on the server but cannot be executed
+127   ``run``, ``start``: the command does not exist on the server
 130   interrupted (Ctrl-C); ``run`` stops its job first
 ====  ===================================================================================
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import shlex
@@ -25,6 +26,8 @@ from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
     EXIT_SERVER_ERROR,
     argument,
     for_terminal,
@@ -40,7 +43,7 @@ from jobworker.cli.options import (
     limits_from_options,
 )
 from jobworker.client import JobClient
-from jobworker.errors import JobworkerError
+from jobworker.errors import EXEC_FAILED, FailedPrecondition, JobworkerError, NotFound
 from jobworker.model import JobState, JobStatusView, TerminationReason
 from jobworker.units import parse_seconds
 
@@ -121,7 +124,8 @@ def add_commands(commands: Any) -> None:
 def _client_command(
     command: Callable[[JobClient, argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
-    """Run ``command`` connected; errors from the server exit 1 with their status code.
+    """Run ``command`` connected; errors from the server exit 1 with their status code
+    (127 or 126 for a command the server could not execute, as a shell).
 
     Errors raised while connecting (bad flags, unusable certificate files) are local and
     left to ``main``.
@@ -133,10 +137,26 @@ def _client_command(
             try:
                 return command(client, options)
             except JobworkerError as err:
-                say(f"{err.code}: {err}")
-                return EXIT_SERVER_ERROR
+                say(f"{err.code}: {err}{_hint(err)}")
+                return _exit_status(err)
 
     return handler
+
+
+def _hint(err: JobworkerError) -> str:
+    """The next step, where the server's message leaves it implicit."""
+    if isinstance(err, NotFound):
+        return " (`jobworker list` shows the jobs you may see)"
+    return ""
+
+
+def _exit_status(err: JobworkerError) -> int:
+    """A shell's statuses for a command that could not be executed: 127 when it does not
+    exist, 126 when it exists but cannot run (permissions, a directory, no interpreter)."""
+    message = str(err)
+    if not isinstance(err, FailedPrecondition) or not message.startswith(EXEC_FAILED):
+        return EXIT_SERVER_ERROR
+    return EXIT_NOT_FOUND if message.endswith(os.strerror(errno.ENOENT)) else EXIT_NOT_EXECUTABLE
 
 
 #: Bytes per InputChunk: large enough that per-message costs vanish, far below the

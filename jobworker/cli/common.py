@@ -15,6 +15,9 @@ from jobworker.errors import UsageError
 
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
+#: ``run`` and ``start`` of a command the server cannot execute: a shell's statuses.
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 

@@ -34,6 +34,43 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options_after_the_command(args: list[str]) -> list[str]:
+    """docker's habit, ``jobworker --server H run ...``: options of a command given before
+    it move after it (after ``certs init``, for a command of a command), where argparse
+    reads them. Anything else is left for argparse to refuse."""
+    if not args or not args[0].startswith("-") or args[0] == "--":
+        return args
+    parser = build_parser(Plugins())
+    commands = _subcommands(parser)
+    takes_value = {
+        flag: action.nargs != 0
+        for command in [
+            *commands.values(),
+            *(s for c in commands.values() for s in _subcommands(c).values()),
+        ]
+        for flag, action in command._option_string_actions.items()
+    }
+    index = 0
+    while index < len(args) and args[index].startswith("-") and args[index] != "--":
+        flag, equals, _value = args[index].partition("=")
+        if flag in parser._option_string_actions or flag not in takes_value:
+            return args
+        index += 2 if takes_value[flag] and not equals else 1
+    if index >= len(args) or args[index] not in commands:
+        return args
+    moved, command, rest = args[:index], args[index], args[index + 1 :]
+    if rest and rest[0] in _subcommands(commands[command]):
+        return [command, rest[0], *moved, *rest[1:]]
+    return [command, *moved, *rest]
+
+
 def _preload_plugins(argv: Sequence[str]) -> Plugins:
     """Phase one of parsing ``serve``: load the plugins it names, so that phase two can
     parse the options they add."""
@@ -67,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``jobworker`` command; return its exit status (never raises)."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = _options_after_the_command(args)
         plugins = _preload_plugins(args)
         parser = build_parser(plugins)
         try:

@@ -7,9 +7,11 @@ call site and the gate/observer error rules live in one place.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.metadata
 import inspect
+import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -66,6 +68,19 @@ def available_plugins() -> list[str]:
     return names
 
 
+def _unknown_plugin(name: str) -> str:
+    """A typo of a known name gets a suggestion; any other name, how to install it."""
+    known = available_plugins()
+    available = f"available: {', '.join(known)}"
+    if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+        return f"unknown plugin {name!r}: did you mean {close[0]!r}? ({available})"
+    return (
+        f"unknown plugin {name!r}: neither built in nor installed; install the package that"
+        f" provides it next to jobworker (`{sys.executable} -m pip install PACKAGE`;"
+        f" plugins are usually named jobworker-{name}) ({available})"
+    )
+
+
 def _load_object(name: str) -> tuple[object, str | None]:
     """Import plugin ``name``; return the object to register and its distribution version."""
     if name in BUILTIN_PLUGINS:
@@ -73,7 +88,7 @@ def _load_object(name: str) -> tuple[object, str | None]:
         return getattr(importlib.import_module(module), cls)(), None
     matches = importlib.metadata.entry_points(group=PROJECT_NAME, name=name)
     if not matches:
-        raise ConfigError(f"unknown plugin {name!r}; available: {', '.join(available_plugins())}")
+        raise ConfigError(_unknown_plugin(name))
     ep = next(iter(matches))
     obj = ep.load()
     if isinstance(obj, type):  # a plugin class: one instance per server

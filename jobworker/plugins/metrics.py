@@ -281,6 +281,9 @@ def _spool_families(spool: Path) -> Iterator[Any]:
 class Metrics:
     """The plugin: one registry, one HTTP endpoint, per server."""
 
+    #: One line for `jobworker plugins`.
+    description = "Prometheus metrics over mutual TLS (--metrics-listen; needs jobworker[metrics])"
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.manager: JobBackend | None = None

@@ -121,7 +121,10 @@ def test_list_json_shows_own_jobs_and_admin_sees_all(cli: Cli) -> None:
 def test_server_errors_are_one_line_with_the_status_code(cli: Cli) -> None:
     missing = cli("status", "no-such-job")
     assert missing.returncode == 1
-    assert missing.stderr.decode() == "jobworker: NOT_FOUND: job 'no-such-job' not found\n"
+    assert missing.stderr.decode() == (
+        "jobworker: NOT_FOUND: job 'no-such-job' not found (`jobworker list` shows the jobs"
+        " you may see)\n"
+    )
     root_job = cli.ok("start", "--", "true", as_="root").strip()
     hidden = cli("logs", "--", root_job)
     assert (hidden.returncode, hidden.stderr.decode().split(":")[1]) == (1, " NOT_FOUND")
@@ -181,14 +184,26 @@ def test_plugins_json_lists_authz() -> None:
     assert {"authz", "audit-log", "cgroupv2"} <= {row["name"] for row in every}
 
 
-def test_unknown_plugin_is_one_line_listing_the_available_ones(pki: Pki) -> None:
+def test_unknown_plugin_is_one_line_saying_how_to_install_it(pki: Pki) -> None:
     result = jobworker("serve", "--plugin", "no-such-plugin", *pki.server_args(), env=clean_env())
     assert result.returncode == 2
-    assert result.stderr.decode().startswith(
-        "jobworker: error: unknown plugin 'no-such-plugin'; available: authz, "
+    line = result.stderr.decode()
+    assert line.startswith(
+        "jobworker: error: unknown plugin 'no-such-plugin': neither built in nor installed;"
+        " install the package that provides it next to jobworker (`"
     )
+    assert line.split("`")[1].endswith("/python3 -m pip install PACKAGE")  # jobworker's own
+    assert "; plugins are usually named jobworker-no-such-plugin) (available: authz, " in line
     assert result.stderr.count(b"\n") == 1
     assert result.stdout == b""
+
+
+def test_a_typo_of_a_built_in_plugin_gets_a_suggestion(pki: Pki) -> None:
+    result = jobworker("serve", "--plugin", "cgroup-v2", *pki.server_args(), env=clean_env())
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith(
+        "jobworker: error: unknown plugin 'cgroup-v2': did you mean 'cgroupv2'? (available:"
+    )
 
 
 def test_zero_config_first_run(start_server: StartServer, tmp_path: Path) -> None:

@@ -186,7 +186,10 @@ def broken_distribution(tmp_path: Path) -> Path:
             "typo",
             "plugin 'typo'.*jobworker_on_exitt",
         ),
-        ("no-such", "unknown plugin 'no-such'; available: authz, audit-log"),
+        (
+            "no-such",
+            "unknown plugin 'no-such': neither built in nor installed.*available: authz, audit-log",
+        ),
     ],
 )
 def test_plugin_that_fails_to_load_stops_serve(

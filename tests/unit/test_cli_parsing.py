@@ -165,7 +165,7 @@ def _error_of(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]
         (["certs", "init", "--client", "bob:root"], "invalid client 'bob:root'"),
         (
             ["serve", "--plugin", "no-such-plugin"],
-            "unknown plugin 'no-such-plugin'; available: authz",
+            "unknown plugin 'no-such-plugin': neither built in nor installed",
         ),
         (["plugins", "--plugin", "no-such-plugin"], "unknown plugin 'no-such-plugin'"),
         (

@@ -61,8 +61,15 @@ def test_entry_point_by_name(fake_distribution: Path) -> None:
 
 
 def test_unknown_name_lists_available(fake_distribution: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown plugin 'nope'; available: .*cgroupv2.*fake"):
+    with pytest.raises(ConfigError, match=r"unknown plugin 'nope': .*available: .*cgroupv2.*fake"):
         load_plugins(["nope"])
+
+
+def test_a_typo_of_a_known_name_gets_a_suggestion(fake_distribution: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown plugin 'cgroupv': did you mean 'cgroupv2'\?"):
+        load_plugins(["cgroupv"])
+    with pytest.raises(ConfigError, match=r"unknown plugin 'fak': did you mean 'fake'\?"):
+        load_plugins(["fak"])
 
 
 def test_import_failure_names_the_plugin(fake_distribution: Path) -> None:

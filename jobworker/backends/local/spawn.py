@@ -30,7 +30,7 @@ import attrs
 import structlog
 
 from jobworker.backends.local.isolation import DEFAULT_WORKDIR, IsolationPlan
-from jobworker.errors import SpawnError
+from jobworker.errors import EXEC_FAILED, SpawnError
 from jobworker.jobspec import JobSpec
 
 log = structlog.get_logger("jobworker.backends.local.spawn")
@@ -40,7 +40,7 @@ LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
 PIPE_SIZE = 1 << 20
 _ZYGOTE_MACHINES = ("x86_64", "aarch64")  # where the zygote knows clone's syscall number
 _STEP_MESSAGES = {
-    "exec": "cannot execute {what!r}: {error}",
+    "exec": EXEC_FAILED + " {what!r}: {error}",
     "cwd": "cannot use working directory {what!r}: {error}",
     "join": "cannot join the job's containment {what!r}: {error}",
     "namespace": "cannot create the job's namespaces ({what}): {error}",

@@ -48,6 +48,9 @@ def node_options(options: argparse.Namespace) -> dict[str, Any]:
 class RayPlugin:
     """Options, then the backend; one instance per server."""
 
+    #: One line for `jobworker plugins`.
+    description = "runs jobs on the nodes of a Ray cluster (--ray-address; needs jobworker[ray])"
+
     def __init__(self) -> None:
         self._options: argparse.Namespace | None = None
 
