@@ -11,8 +11,8 @@ that stopped reading).
 
 from __future__ import annotations
 
-# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker.api.tls import channel_credentials  # isort: split
+# jobworker.api.grpcenv sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.client import channel_credentials  # isort: split
 
 import argparse
 import hashlib

@@ -12,8 +12,8 @@ run.
 
 from __future__ import annotations
 
-# jobworker.api.tls sets grpc's process-wide TLS options while it imports grpc: it goes first.
-from jobworker.api.tls import channel_credentials  # isort: split
+# jobworker.api.grpcenv sets grpc's process-wide TLS options while it imports grpc: it goes first.
+from jobworker.client import channel_credentials  # isort: split
 
 import statistics
 import time

@@ -1,7 +1,7 @@
 """A small typed client for the jobworker API; the CLI uses it and so can you::
 
     from jobworker.client import JobClient
-    from jobworker.api.tls import TlsFiles
+    from jobworker.api.tlsfiles import TlsFiles
 
     with JobClient("127.0.0.1:50051", TlsFiles("alice.pem", "alice.key", "ca.pem")) as jobs:
         job_id = jobs.start("sh", ["-c", "echo hi"])
@@ -28,7 +28,7 @@ import attrs
 
 from jobworker import errors
 from jobworker.api import wire
-from jobworker.api.tls import TlsFiles, channel_credentials
+from jobworker.api.tlsfiles import TlsFiles, load_material
 from jobworker.jobspec import Limits
 from jobworker.model import InputResult, JobState, JobStatusView, ListQuery, StopView
 from jobworker.usage import JobUsage
@@ -80,6 +80,21 @@ def unavailable_message(target: str, details: str) -> str:
     return (
         f"no jobworker server answers at {target} (is `jobworker serve` running? is"
         " JOBWORKER_SERVER right?)"
+    )
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Client credentials: present ``cert``, verify the server's certificate against ``ca``.
+
+    grpc checks the server's name against the target host name (or the
+    ``grpc.ssl_target_name_override`` channel option). Raises ``ConfigError`` for unusable
+    files (:func:`jobworker.api.tlsfiles.load_material`).
+    """
+    material = load_material(files)
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.ca,
+        private_key=material.key,
+        certificate_chain=material.cert_chain,
     )
 
 

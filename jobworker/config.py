@@ -9,8 +9,8 @@ from pathlib import Path
 import attrs
 import structlog
 
-from jobworker.api import tls
 from jobworker.api.connections import ConnectionLimits
+from jobworker.api.tlsfiles import TlsFiles, given_files
 from jobworker.api.wire import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -46,7 +46,7 @@ class ServerConfig:
     (see :mod:`jobworker.backends.local.spool`)."""
 
     listen: str = attrs.field(default=DEFAULT_ADDRESS, validator=_check_listen)
-    tls: tls.TlsFiles
+    tls: TlsFiles
     spool_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     default_grace: float = 10.0
     max_running: int = 1000
@@ -69,12 +69,11 @@ class ServerConfig:
         Without ``--tls-*`` options the dev PKI is used (created on first use), and its
         whitelist becomes ``options.authz`` unless one was given.
         """
-        files = tls.given_files(
-            options.tls_cert, options.tls_key, options.tls_ca, crl=options.tls_crl
-        )
+        files = given_files(options.tls_cert, options.tls_key, options.tls_ca, crl=options.tls_crl)
         if files is None:
             # Only the server makes certificates: the client never imports cryptography.
-            from jobworker.api.pki import DEV_CLIENT, default_pki_dir, init_pki
+            from jobworker.api.pki import init_pki
+            from jobworker.api.tlsfiles import DEV_CLIENT, default_pki_dir
 
             pki = init_pki(default_pki_dir())
             files = attrs.evolve(pki.server(), crl=options.tls_crl)

@@ -24,7 +24,7 @@ import grpc
 
 from jobworker.api.pki import PkiPaths, init_pki
 from jobworker.api.server import serve
-from jobworker.api.tls import TlsFiles
+from jobworker.api.tlsfiles import TlsFiles
 from jobworker.config import ServerConfig
 from jobworker.hooks.host import ESSENTIAL_PLUGINS, Plugins
 from jobworker.plugins.authz import Authz

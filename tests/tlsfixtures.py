@@ -24,7 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jobworker.api.pki import CertAuthority, PkiPaths, init_pki, issue_client_cert
-from jobworker.api.tls import RevocationList, TlsFiles, check_peer, server_credentials
+from jobworker.api.tls import RevocationList, check_peer, server_credentials
+from jobworker.api.tlsfiles import TlsFiles
 from jobworker.errors import Unauthenticated
 
 WHOAMI = "/jobworker.test.Probe/WhoAmI"

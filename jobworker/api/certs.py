@@ -35,7 +35,7 @@ from jobworker.api.pki import (
     replace_file,
     write_new,
 )
-from jobworker.api.tls import TlsFiles
+from jobworker.api.tlsfiles import TlsFiles
 from jobworker.errors import ConfigError, InvalidArgument
 
 # RFC 1123 labels; a leading "*." for a wildcard certificate.

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.api.tls import TlsFiles
+from jobworker.api.tlsfiles import DEV_CLIENT, PkiFiles
 from jobworker.errors import ConfigError, InvalidArgument
 from jobworker.plugins.authz import ROLES
 
@@ -40,18 +40,7 @@ CRL_VALIDITY = timedelta(days=30)
 _BACKDATE = timedelta(minutes=5)
 # Client names become file names and certificate names: keep them plain.
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-#: The client of the dev PKI that client commands use when given no certificate.
-DEV_CLIENT = "admin"
 _RESERVED_NAMES = frozenset({"ca", "server", "authz"})
-
-
-def default_pki_dir() -> Path:
-    """``$JOBWORKER_HOME``, else ``$XDG_DATA_HOME/jobworker/pki``, else
-    ``~/.local/share/jobworker/pki``."""
-    if home := os.environ.get("JOBWORKER_HOME"):
-        return Path(home)
-    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data_home) / "jobworker" / "pki"
 
 
 @attrs.frozen
@@ -93,53 +82,11 @@ class CertAuthority(Issued):
 
 
 @attrs.frozen
-class PkiPaths:
+class PkiPaths(PkiFiles):
     """Where ``init_pki`` put each file, and which of them it created or found."""
 
-    directory: Path
     created: tuple[Path, ...] = ()
     existing: tuple[Path, ...] = ()
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca-key.pem"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.directory / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.directory / "server-key.pem"
-
-    @property
-    def authz(self) -> Path:
-        return self.directory / "authz.toml"
-
-    @property
-    def crl(self) -> Path:
-        return self.directory / "ca.crl"
-
-    @property
-    def revoked(self) -> Path:
-        """Where ``revoke_client`` moves a revoked client's files, freeing its name."""
-        return self.directory / "revoked"
-
-    def client_cert(self, name: str) -> Path:
-        return self.directory / f"{name}.pem"
-
-    def client_key(self, name: str) -> Path:
-        return self.directory / f"{name}-key.pem"
-
-    def server(self) -> TlsFiles:
-        return TlsFiles(cert=self.server_cert, key=self.server_key, ca=self.ca_cert)
-
-    def client(self, name: str) -> TlsFiles:
-        return TlsFiles(cert=self.client_cert(name), key=self.client_key(name), ca=self.ca_cert)
 
     def load_ca(self) -> CertAuthority:
         return CertAuthority.load(self.ca_cert, self.ca_key)

@@ -12,7 +12,8 @@ grpcio's Python API can neither set a minimum TLS version nor load a CRL
   ``dynamic_ssl_server_credentials`` asks a callback before each new connection's
   handshake whether the certificate configuration changed.
 
-See docs/security.md.
+Which files, and the checks both ends run on them, are :mod:`jobworker.api.tlsfiles`
+(light enough for the client, which never imports this module). See docs/security.md.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from jobworker.api.grpcenv import (  # isort: split
 
 import contextlib
 import functools
-import os
 import socket
 import ssl
-import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,13 +38,11 @@ from pathlib import Path
 import attrs
 import structlog
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from jobworker.api.identity import Identity, identity_from_auth_context
-from jobworker.errors import ConfigError, Unauthenticated, UsageError
+from jobworker.api.tlsfiles import Material, TlsFiles, load_material, read_certificates, read_file
+from jobworker.errors import ConfigError, Unauthenticated
 
 log = structlog.get_logger(__name__)
 
@@ -60,114 +57,6 @@ _TLS_HANDSHAKE_RECORD = 0x16
 _PROBE_TIMEOUT_S = 5.0
 #: How long before a CRL's next update time the server starts logging that it expires.
 CRL_WARNING_AHEAD = timedelta(days=1)
-
-
-def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
-@attrs.frozen
-class TlsFiles:
-    """The PEM files of one TLS endpoint: its certificate (chain), its key, the CA
-    bundle that verifies the other side, and optionally a CRL of that CA."""
-
-    cert: Path = attrs.field(converter=Path)
-    key: Path = attrs.field(converter=Path)
-    ca: Path = attrs.field(converter=Path)
-    crl: Path | None = attrs.field(default=None, converter=_optional_path)
-
-
-def given_files(
-    cert: str | os.PathLike[str] | None,
-    key: str | os.PathLike[str] | None,
-    ca: str | os.PathLike[str] | None,
-    *,
-    crl: str | os.PathLike[str] | None = None,
-    labels: Sequence[str] = ("--tls-cert", "--tls-key", "--tls-ca"),
-) -> TlsFiles | None:
-    """The files given as options, or None when none is (the caller falls back to the dev
-    PKI). Raises ``UsageError`` naming the missing ones (by ``labels``) when only some are.
-    """
-    values = (cert, key, ca)
-    if not any(values):
-        return None
-    missing = [label for label, value in zip(labels, values, strict=True) if not value]
-    if missing:
-        raise UsageError(
-            f"--tls-cert, --tls-key and --tls-ca go together: missing {', '.join(missing)}"
-        )
-    assert cert and key and ca
-    return TlsFiles(cert=cert, key=key, ca=ca, crl=crl)
-
-
-@attrs.frozen
-class _Material:
-    cert_chain: bytes
-    key: bytes
-    ca: bytes
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path} is not readable by uid {os.getuid()}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
-    if not data.strip():
-        raise ConfigError(f"{what} {path} is empty")
-    return data
-
-
-def _read_certificates(path: Path, what: str) -> tuple[bytes, list[x509.Certificate]]:
-    data = _read(path, what)
-    try:
-        return data, x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ConfigError(f"{what} {path} holds no PEM certificate") from None
-
-
-def _public_der(public_key: PublicKeyTypes) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _load_private_key_matching(path: Path, cert: x509.Certificate, cert_path: Path) -> bytes:
-    """Read a private key, check it is private and matches ``cert``; return its PEM.
-
-    Error messages name the file but never quote its content.
-    """
-    data = _read(path, "private key")
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"private key {path} is accessible by other users (mode {stat.filemode(mode)}): "
-            f"run chmod 600 {path}"
-        )
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigError(f"private key {path} is encrypted; grpc needs it unencrypted") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"private key {path} is not a PEM private key") from None
-    if _public_der(key.public_key()) != _public_der(cert.public_key()):
-        raise ConfigError(f"private key {path} does not belong to certificate {cert_path}")
-    return data
-
-
-def _load_material(files: TlsFiles) -> _Material:
-    cert_chain, chain = _read_certificates(files.cert, "certificate")
-    leaf = chain[0]
-    if leaf.not_valid_after_utc <= datetime.now(UTC):
-        raise ConfigError(
-            f"certificate {files.cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
-        )
-    key = _load_private_key_matching(files.key, leaf, files.cert)
-    ca, _ = _read_certificates(files.ca, "CA bundle")
-    return _Material(cert_chain=cert_chain, key=key, ca=ca)
 
 
 def _tls12_client_hello() -> bytes:
@@ -228,7 +117,7 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     a key is readable by others or does not match its certificate, the certificate has
     expired, or TLS 1.2 could not be disabled in this process.
     """
-    material = _load_material(files)
+    material = load_material(files)
     credentials = grpc.ssl_server_credentials(
         [(material.key, material.cert_chain)],
         root_certificates=material.ca,
@@ -238,7 +127,7 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     return credentials
 
 
-def _certificate_configuration(material: _Material) -> grpc.ServerCertificateConfiguration:
+def _certificate_configuration(material: Material) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration(
         [(material.key, material.cert_chain)], root_certificates=material.ca
     )
@@ -261,7 +150,7 @@ class ServerCertificates:
         # The TLS 1.2 probe gets credentials of its own: grpc hands the initial
         # configuration of dynamic credentials to the first server that uses them only.
         server_credentials(files)
-        initial = _certificate_configuration(_load_material(files))
+        initial = _certificate_configuration(load_material(files))
         self.credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch, require_client_authentication=True
         )
@@ -274,7 +163,7 @@ class ServerCertificates:
     def prepare(self) -> Callable[[], None]:
         """Read and check the files again; the callable puts them in force for new
         connections. Raises ``ConfigError`` naming the file, and nothing changes."""
-        material = _load_material(self._files)
+        material = load_material(self._files)
         configuration = _certificate_configuration(material)
 
         def commit() -> None:
@@ -283,20 +172,6 @@ class ServerCertificates:
             log.info("tls_certificates_reloaded", cert=str(self._files.cert))
 
         return commit
-
-
-def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    """Client credentials: present ``cert``, verify the server's certificate against ``ca``.
-
-    grpc checks the server's name against the target host name (or the
-    ``grpc.ssl_target_name_override`` channel option).
-    """
-    material = _load_material(files)
-    return grpc.ssl_channel_credentials(
-        root_certificates=material.ca,
-        private_key=material.key,
-        certificate_chain=material.cert_chain,
-    )
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -355,7 +230,7 @@ class RevocationList:
         return commit
 
     def _read(self) -> _LoadedCrl:
-        data = _read(self.path, "CRL")
+        data = read_file(self.path, "CRL")
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
                 crl = x509.load_pem_x509_crl(data)
@@ -363,7 +238,7 @@ class RevocationList:
                 crl = x509.load_der_x509_crl(data)
         except ValueError:
             raise ConfigError(f"CRL {self.path} is neither a PEM nor a DER CRL") from None
-        _, cas = _read_certificates(self.ca, "CA bundle")
+        cas = x509.load_pem_x509_certificates(read_certificates(self.ca, "CA bundle"))
         if not any(_signed_by(crl, ca) for ca in cas):
             raise ConfigError(
                 f"CRL {self.path} (issuer {crl.issuer.rfc4514_string()}) is not signed by "

@@ -15,15 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from jobworker.api import certs
-from jobworker.api.pki import (
-    CRL_VALIDITY,
-    DEV_CLIENT,
-    PkiPaths,
-    default_pki_dir,
-    default_server_names,
-    init_pki,
-)
-from jobworker.api.tls import TlsFiles
+from jobworker.api.pki import CRL_VALIDITY, PkiPaths, default_server_names, init_pki
+from jobworker.api.tlsfiles import DEV_CLIENT, TlsFiles, default_pki_dir
 from jobworker.api.wire import DEFAULT_ADDRESS, with_default_port
 from jobworker.cli.common import argument
 from jobworker.plugins.authz import ROLES

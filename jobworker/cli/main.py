@@ -1,4 +1,5 @@
-"""The entry point: the whole parser, loading ``serve``'s plugins first, and ``main``."""
+"""The entry point: the parser (the client commands' alone for one of them; every command, with
+``serve``'s plugins loaded first, otherwise) and ``main``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from jobworker import __version__
-from jobworker.cli import admin, client
-from jobworker.cli import serve as serve_command
+from jobworker.cli import client
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -20,18 +21,50 @@ from jobworker.cli.common import (
     silence_stdout,
 )
 from jobworker.errors import JobworkerError, UsageError
-from jobworker.hooks.host import Plugins
+
+if TYPE_CHECKING:
+    from jobworker.hooks.host import Plugins
 
 
-def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
-    """The whole command line; ``plugins`` (already loaded) add their ``serve`` options."""
+def build_parser(plugins: Plugins | None) -> argparse.ArgumentParser:
+    """The whole command line; ``plugins`` (already loaded) add their ``serve`` options.
+
+    With ``plugins`` None, the client commands alone: what they import stays what a
+    connection needs, without the plugin host (pluggy, ``importlib.metadata``), the PKI
+    (``cryptography``) or the server's logging (``structlog``); docs/performance.md.
+    """
+    return _parser(plugins)[0]
+
+
+def _parser(plugins: Plugins | None) -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    """:func:`build_parser`, and the names of the client commands."""
     parser = Parser(prog="jobworker", description="Run Linux commands on a jobworker server.")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
-    serve_command.add_command(commands, plugins)
+    if plugins is not None:
+        from jobworker.cli import serve
+
+        serve.add_command(commands, plugins)
+    before = set(commands.choices)
     client.add_commands(commands)
-    admin.add_commands(commands)
-    return parser
+    client_commands = frozenset(commands.choices) - before
+    if plugins is not None:
+        from jobworker.cli import admin
+
+        admin.add_commands(commands)
+    return parser, client_commands
+
+
+def _command_line(args: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser ``args`` need: the client commands' alone when ``args`` run one of them."""
+    light, client_commands = _parser(None)
+    if _subcommand(args) in client_commands:
+        return light
+    return build_parser(_preload_plugins(args))
+
+
+def _subcommand(args: Sequence[str]) -> str | None:
+    return next((arg for arg in args if not arg.startswith("-")), None)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -47,6 +80,8 @@ def _options_after_the_command(args: list[str]) -> list[str]:
     reads them. Anything else is left for argparse to refuse."""
     if not args or not args[0].startswith("-") or args[0] == "--":
         return args
+    from jobworker.hooks.host import Plugins
+
     parser = build_parser(Plugins())
     commands = _subcommands(parser)
     takes_value = {
@@ -74,8 +109,10 @@ def _options_after_the_command(args: list[str]) -> list[str]:
 def _preload_plugins(argv: Sequence[str]) -> Plugins:
     """Phase one of parsing ``serve``: load the plugins it names, so that phase two can
     parse the options they add."""
+    from jobworker.hooks.host import Plugins
+
     plugins = Plugins()
-    if next((arg for arg in argv if not arg.startswith("-")), None) != "serve":
+    if _subcommand(argv) != "serve":
         return plugins
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--plugin", action="append", default=[])
@@ -105,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _options_after_the_command(args)
-        plugins = _preload_plugins(args)
-        parser = build_parser(plugins)
+        parser = _command_line(args)
         try:
             options = parser.parse_args(args)
         except UsageError as err:

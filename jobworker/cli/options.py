@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jobworker.api.pki import DEV_CLIENT, PkiPaths, default_pki_dir
-from jobworker.api.tls import TlsFiles, given_files
+from jobworker.api.tlsfiles import DEV_CLIENT, PkiFiles, TlsFiles, default_pki_dir, given_files
 from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.cli.common import Parser, argument
 from jobworker.client import JobClient
@@ -163,7 +162,7 @@ def _client_tls(options: argparse.Namespace) -> TlsFiles:
     )
     if given is not None:
         return given
-    files = PkiPaths(default_pki_dir()).client(DEV_CLIENT)
+    files = PkiFiles(default_pki_dir()).client(DEV_CLIENT)
     if not files.cert.exists():
         raise UsageError(
             "no client certificate: pass --tls-cert, --tls-key and --tls-ca (or set "

@@ -15,7 +15,7 @@ from jobworker.api.connections import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
 )
-from jobworker.api.pki import default_pki_dir
+from jobworker.api.tlsfiles import default_pki_dir
 from jobworker.api.wire import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_OUTPUT_BYTES,

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jobworker import hookimpl
 from jobworker.api.pki import PkiPaths, write_crl
 from jobworker.api.server import serve
-from jobworker.api.tls import TlsFiles
+from jobworker.api.tlsfiles import TlsFiles
 from jobworker.config import ServerConfig
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins

@@ -19,13 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2
 
 from jobworker.api.pki import PkiPaths, default_server_names, make_ca, write_crl
-from jobworker.api.tls import (
-    TLS12_REFUSING_CIPHER_SUITES,
-    RevocationList,
-    TlsFiles,
-    channel_credentials,
-    server_credentials,
-)
+from jobworker.api.tls import TLS12_REFUSING_CIPHER_SUITES, RevocationList, server_credentials
+from jobworker.api.tlsfiles import TlsFiles
+from jobworker.client import channel_credentials
 from jobworker.errors import ConfigError
 from tests.tlsfixtures import (
     add_client,
@@ -292,7 +288,8 @@ def test_key_readable_by_others_refused(pki: PkiPaths) -> None:
 _LOAD_AS_NOBODY = """
 import os, sys
 from jobworker.errors import ConfigError
-from jobworker.api.tls import TlsFiles, server_credentials
+from jobworker.api.tls import server_credentials
+from jobworker.api.tlsfiles import TlsFiles
 if os.geteuid() == 0:  # root reads any file: become nobody (every capability goes too)
     os.setgroups([])
     os.setresgid(65534, 65534, 65534)
@@ -341,7 +338,8 @@ _BUILD_CREDENTIALS = """
 import os, sys
 {imports}
 from jobworker.errors import ConfigError
-from jobworker.api.tls import TlsFiles, server_credentials
+from jobworker.api.tls import server_credentials
+from jobworker.api.tlsfiles import TlsFiles
 assert os.environ.get("GRPC_SSL_CIPHER_SUITES") == {expected_env!r}, "environment leaked"
 try:
     server_credentials(TlsFiles(*sys.argv[1:4]))

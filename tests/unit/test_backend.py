@@ -32,7 +32,7 @@ def test_protocol_names_no_local_detail() -> None:
 
 
 def test_local_backend_is_a_job_manager(tmp_path: Path) -> None:
-    from jobworker.api.tls import TlsFiles
+    from jobworker.api.tlsfiles import TlsFiles
     from jobworker.config import ServerConfig
 
     config = ServerConfig(tls=TlsFiles("c", "k", "a"))

@@ -15,13 +15,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.api.pki import (
     PkiPaths,
-    default_pki_dir,
     default_server_names,
     init_pki,
     issue_client_cert,
     make_ca,
     write_crl,
 )
+from jobworker.api.tlsfiles import default_pki_dir
 from jobworker.errors import ConfigError, InvalidArgument
 
 
