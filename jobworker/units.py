@@ -27,6 +27,14 @@ def parse_size(text: str) -> int:
     return value
 
 
+def format_size(value: int) -> str:
+    """The shortest exact form :func:`parse_size` reads back: ``1G``, ``256M``, ``1000``."""
+    for unit in "TGMK":
+        if value and value % _MULTIPLIERS[unit.lower()] == 0:
+            return f"{value // _MULTIPLIERS[unit.lower()]}{unit}"
+    return str(value)
+
+
 def parse_rate(text: str) -> int:
     """Bytes per second from a size, optionally written with ``/s`` (``10M``, ``10M/s``)."""
     stripped = text.strip()

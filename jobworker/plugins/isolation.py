@@ -1,17 +1,22 @@
 """The ``isolation`` built-in plugin: every job unprivileged, in its own namespaces.
 
 Loaded by every server, like ``authz``. For each job it builds the
-:class:`jobworker.backends.local.isolation.IsolationPlan` the launcher carries out (see that module
-for
-what a job then sees): the account comes from the client's ``run_as`` list in the
-whitelist (its first entry by default) or, for a client without one, ``--job-user``
-(``nobody`` unless told otherwise); the server's own files (TLS material, whitelist, CRL,
-audit log, spool) are hidden from the job.
+:class:`jobworker.backends.local.isolation.IsolationPlan` the launcher carries out (see
+that module for what a job then sees). The account comes from the client's ``run_as``
+list in the whitelist (its first entry by default); a client without one gets a uid of its
+own for each job, from ``--job-uid-range`` (:mod:`jobworker.backends.local.uids`), unless
+the operator names one shared account with ``--job-user``. The server's own files (TLS
+material, whitelist, CRL, audit log, spool) are hidden from the job. Its kernel resources
+are bounded: one tmpfs of ``--job-tmp-size`` (at most its ``--memory``) behind its /tmp,
+/var/tmp and /dev/shm, and, for a uid only it has, RLIMIT_NPROC at ``--pids`` (or the
+server's default): a bound per job even where no cgroup pids controller is.
 
 A server running as root switches jobs to the account. A server that is not root runs
 each job in a user namespace (the job is ``nobody`` inside, the server's uid outside), so
-the Quickstart's dev PKI in the user's home is still hidden. A server that can do neither
-refuses to start unless ``--no-isolation`` says to run jobs with the server's own power.
+the Quickstart's dev PKI in the user's home is still hidden; it cannot switch uids and
+draws none, but the namespace gives each job keyrings and a process count of its own. A
+server that can do neither refuses to start unless ``--no-isolation`` says to run jobs
+with the server's own power.
 """
 
 from __future__ import annotations
@@ -25,15 +30,23 @@ from pathlib import Path
 import attrs
 import structlog
 
-from jobworker.backends.local.isolation import Account, IsolationPlan
+from jobworker.backends.local.isolation import (
+    DEFAULT_PIDS,
+    DEFAULT_TMP_SIZE,
+    Account,
+    IsolationPlan,
+)
 from jobworker.backends.local.spool import default_root
+from jobworker.backends.local.uids import DEFAULT_RANGE, UidPool, UidRange
+from jobworker.cli.common import argument
 from jobworker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from jobworker.hooks import hookimpl
 from jobworker.jobspec import JobSpec, Network
+from jobworker.model import JobStatus
+from jobworker.units import format_size, parse_size
 
 log = structlog.get_logger("jobworker.backends.local.isolation")
 
-DEFAULT_JOB_USER = "nobody"
 #: Directories too shared to hide whole: a state file kept directly in one is hidden alone.
 _SHARED_DIRS = frozenset(
     {"/", "/etc", "/usr", "/var", "/var/lib", "/var/log", "/run", "/tmp", "/var/tmp"}
@@ -74,21 +87,30 @@ class Isolation:
     description = "each job in its own namespaces, as an unprivileged account, host read-only"
 
     enabled: bool = True
-    default_user: str = DEFAULT_JOB_USER
+    #: One account for every job of clients without ``run_as``; None: a uid per job.
+    default_user: str | None = None
     network: Network = Network.HOST
     network_fixed: bool = False
     user_namespace: bool = attrs.field(factory=lambda: os.geteuid() != 0)
     hide: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
+    uid_range: UidRange = attrs.field(factory=lambda: UidRange.parse(DEFAULT_RANGE))
+    tmp_size: int | None = DEFAULT_TMP_SIZE
+    #: RLIMIT_NPROC of a job with a uid of its own and no ``--pids``; None: none.
+    default_pids: int | None = DEFAULT_PIDS
+    _uids: UidPool | None = None
 
     @property
     def mode(self) -> str:
         """What ``jobworker plugins`` and the start-up log say is in effect."""
         if not self.enabled:
             return "off (--no-isolation): jobs run with the server's uid and capabilities"
-        how = (
-            "user namespace" if self.user_namespace else f"uid switch (default {self.default_user})"
-        )
+        if self.user_namespace:
+            how = "user namespace"
+        elif self.default_user is None:
+            how = f"uid switch (a uid per job from {self.uid_range})"
+        else:
+            how = f"uid switch (default {self.default_user})"
         return f"namespaces (pid, mount, ipc, uts, cgroup; network {self.network.value}), {how}"
 
     # -- set-up --------------------------------------------------------------------------
@@ -99,9 +121,24 @@ class Isolation:
         group.add_argument(
             "--job-user",
             metavar="NAME",
-            default=DEFAULT_JOB_USER,
-            help="account for jobs of clients with no run_as list in the whitelist"
-            f" (default {DEFAULT_JOB_USER}; never root)",
+            help="one account for every job of clients with no run_as list in the whitelist,"
+            " shared between them (never root; default: a uid of its own for each job)",
+        )
+        group.add_argument(
+            "--job-uid-range",
+            metavar="FIRST-LAST",
+            type=argument(UidRange.parse),
+            default=UidRange.parse(DEFAULT_RANGE),
+            help="uids jobs draw their own from; give servers on one host ranges no account"
+            f" uses (default {DEFAULT_RANGE}, systemd's DynamicUser range)",
+        )
+        group.add_argument(
+            "--job-tmp-size",
+            metavar="SIZE",
+            type=argument(parse_size),
+            default=DEFAULT_TMP_SIZE,
+            help="room in a job's private /tmp, /var/tmp and /dev/shm together, at most its"
+            f" --memory (default {format_size(DEFAULT_TMP_SIZE)})",
         )
         group.add_argument(
             "--job-network",
@@ -138,18 +175,31 @@ class Isolation:
             self.enabled = False
             log.warning("isolation_disabled", mode=self.mode)
             return
-        self.default_user = getattr(options, "job_user", None) or DEFAULT_JOB_USER
+        self.default_user = getattr(options, "job_user", None)
         self.network = Network(getattr(options, "job_network", None) or Network.HOST.value)
         self.network_fixed = bool(getattr(options, "job_network_fixed", False))
         self.hide = tuple(_hidden_paths(options))
         self.writable = tuple(getattr(options, "isolation_writable", None) or ())
+        self.uid_range = getattr(options, "job_uid_range", None) or self.uid_range
+        self.tmp_size = getattr(options, "job_tmp_size", None) or self.tmp_size
+        # The cgroupv2 plugin's default where it is loaded: one number for both bounds.
+        self.default_pids = getattr(options, "cgroup_default_pids", DEFAULT_PIDS) or None
         if self.user_namespace and not user_namespaces_available():
             raise ConfigError(
                 "cannot isolate jobs: the server is not root and this kernel allows no user"
                 " namespaces (/proc/sys/user/max_user_namespaces); run as root, enable them,"
                 " or pass --no-isolation to run jobs with the server's own uid (unsafe)"
             )
-        if not self.user_namespace:
+        if not self.user_namespace and self.default_user is None:
+            self._uids = UidPool(self.uid_range, self.writable)
+            try:
+                self._uids.open()
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot draw job uids: {err.filename}: {err.strerror}; --job-user NAME"
+                    " runs every job as one account instead"
+                ) from None
+        elif not self.user_namespace and self.default_user is not None:
             try:
                 account = Account.lookup(self.default_user)
             except KeyError:
@@ -163,11 +213,26 @@ class Isolation:
                 )
         log.info("isolation_ready", mode=self.mode, hidden=list(self.hide))
 
+    @hookimpl
+    def jobworker_start_refused(self, job_id: str) -> None:
+        if self._uids is not None:
+            self._uids.release(job_id)
+
+    @hookimpl
+    def jobworker_on_exit(self, status: JobStatus) -> None:
+        if self._uids is not None:
+            self._uids.release(status.job_id)
+
+    @hookimpl
+    def jobworker_shutdown(self) -> None:
+        if self._uids is not None:
+            self._uids.close()
+
     # -- per job -------------------------------------------------------------------------
 
     @hookimpl(tryfirst=True)
     def jobworker_isolate(
-        self, spec: JobSpec, owner: str, accounts: Sequence[str] | None
+        self, job_id: str, spec: JobSpec, owner: str, accounts: Sequence[str] | None
     ) -> IsolationPlan | None:
         if not self.enabled:
             if spec.user is not None or spec.network is not None:
@@ -177,21 +242,28 @@ class Isolation:
                 )
             log.warning("job_not_isolated", owner=owner, mode=self.mode)
             return None
+        network = self._network(spec)
+        account = self._account(job_id, spec, owner, accounts)
         return IsolationPlan(
-            account=self._account(spec, owner, accounts),
-            network=self._network(spec),
+            account=account,
+            network=network,
             user_namespace=self.user_namespace,
             hide=self.hide,
             writable=self.writable,
+            tmp_size=self._tmp_size(spec),
+            nproc=self._nproc(spec, account),
         )
 
-    def _account(self, spec: JobSpec, owner: str, accounts: Sequence[str] | None) -> Account:
-        allowed = list(accounts) if accounts else [self.default_user]
-        name = spec.user or allowed[0]
-        if name not in allowed:
-            raise PermissionDenied(
-                f"{owner!r} may not run jobs as {name!r}; allowed: {', '.join(allowed)}"
-            )
+    def _account(
+        self, job_id: str, spec: JobSpec, owner: str, accounts: Sequence[str] | None
+    ) -> Account:
+        allowed = list(accounts) if accounts else []
+        if not allowed and self.default_user is not None:
+            allowed = [self.default_user]
+        name = spec.user or (allowed[0] if allowed else None)
+        if name is not None and name not in allowed:
+            granted = ", ".join(allowed) or "none (each job runs as a uid of its own)"
+            raise PermissionDenied(f"{owner!r} may not run jobs as {name!r}; allowed: {granted}")
         if self.user_namespace:
             own = pwd.getpwuid(os.getuid()).pw_name
             if spec.user is not None and spec.user != own:
@@ -200,10 +272,29 @@ class Isolation:
                     f" in a user namespace and cannot run one as {spec.user!r}"
                 )
             name = own
+        if name is None:
+            if self._uids is None:  # a plugin made without options (tests, embedders)
+                self._uids = UidPool(self.uid_range, self.writable)
+            return Account.of_job(self._uids.allocate(job_id))
         try:
             return Account.lookup(name)
         except KeyError:
             raise FailedPrecondition(f"account {name!r} does not exist on this host") from None
+
+    def _tmp_size(self, spec: JobSpec) -> int | None:
+        """Counted against the job's memory: its tmpfs never holds more than --memory."""
+        memory = spec.limits.memory
+        if memory is None or self.tmp_size is None:
+            return self.tmp_size if memory is None else memory
+        return min(self.tmp_size, memory)
+
+    def _nproc(self, spec: JobSpec, account: Account) -> int | None:
+        """RLIMIT_NPROC counts every process of the uid: by default only where the uid is
+        the job's alone; an explicit ``--pids`` bounds a shared account too (its other
+        processes then count as well). The kernel never applies it to root."""
+        if account.dynamic or self.user_namespace:
+            return spec.limits.pids or self.default_pids
+        return None if account.is_root else spec.limits.pids
 
     def _network(self, spec: JobSpec) -> Network:
         if spec.network is None:

@@ -91,8 +91,9 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
         "containment", "output_bytes", "output_kept_bytes", "output_truncated", "pid", "user",
         "uid", "isolation", "node",
     ]  # fmt: skip
-    assert (status["user"], status["uid"]) == ("nobody", 65534)  # the server runs as root
-    assert status["isolation"] == "namespaces, user nobody(65534), network host"
+    uid = status["uid"]  # the server runs as root: a uid of the job's own
+    assert status["user"] == f"job-{uid}" and 61184 <= uid <= 65519
+    assert status["isolation"] == f"namespaces, user job-{uid}({uid}), network host"
     assert status["job_id"] == job_id
     assert (status["state"], status["reason"], status["exit_code"]) == ("exited", "exited", 0)
     assert (status["command"], status["args"]) == ("sh", ["-c", "echo $GREETING"])

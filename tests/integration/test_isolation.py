@@ -27,6 +27,7 @@ import pytest
 from jobworker.api.pki import PkiPaths, init_pki
 from jobworker.backends.local.isolation import IsolationPlan
 from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.uids import DEFAULT_RANGE, UidRange
 from jobworker.errors import ConfigError
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
@@ -197,15 +198,17 @@ def assert_victim_unharmed(server: RunningServer, victim: tuple[str, int]) -> No
 # -- the job itself -------------------------------------------------------------------------
 
 
-def test_job_runs_as_nobody_without_capabilities(server: RunningServer) -> None:
+def test_job_runs_as_a_uid_of_its_own_without_capabilities(server: RunningServer) -> None:
     status, out, _ = run_sh(
         server,
         "alice",
         "id -u; id -G; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status; echo HOME=$HOME USER=$USER",
     )
     lines = out.splitlines()
-    assert lines[0] == str(NOBODY)
-    assert lines[1] == "65534"  # nobody's own group (initgroups), nothing of root's
+    uid = status.uid
+    assert uid in UidRange.parse(DEFAULT_RANGE)
+    assert lines[0] == str(uid)
+    assert lines[1] == str(uid)  # a group of its own, nothing of root's
     caps = dict(line.split(":\t") for line in lines[2:8])
     assert caps == {
         "CapInh": "0000000000000000",
@@ -215,9 +218,9 @@ def test_job_runs_as_nobody_without_capabilities(server: RunningServer) -> None:
         "CapAmb": "0000000000000000",
         "NoNewPrivs": "1",
     }
-    assert lines[8] == "HOME=/nonexistent USER=nobody"
-    assert (status.user, status.uid) == ("nobody", NOBODY)
-    assert status.isolation == "namespaces, user nobody(65534), network host"
+    assert lines[8] == f"HOME=/tmp USER=job-{uid}"
+    assert status.user == f"job-{uid}"
+    assert status.isolation == f"namespaces, user job-{uid}({uid}), network host"
 
 
 def test_setuid_binary_does_not_raise_privileges(server: RunningServer, state_dir: Path) -> None:
@@ -226,10 +229,11 @@ def test_setuid_binary_does_not_raise_privileges(server: RunningServer, state_di
     os.chown(suid, 0, 0)
     suid.chmod(0o4755)
     assert suid.stat().st_mode & stat.S_ISUID
-    _, out, _ = run_sh(server, "alice", f"{suid} -u; su -c id root </dev/null; echo su=$?")
+    status, out, _ = run_sh(server, "alice", f"{suid} -u; su -c id root </dev/null; echo su=$?")
     # The last line is the shell's own: both commands ran; su asked for a password on an
     # empty stdin and failed (1), rather than run id as root.
-    assert out.splitlines() == [str(NOBODY), "su=1"], out
+    assert out.splitlines() == [str(status.uid), "su=1"], out
+    assert status.uid != 0
 
 
 def test_sees_only_its_own_processes(server: RunningServer, victim: tuple[str, int]) -> None:
@@ -343,13 +347,13 @@ def test_unknown_network_is_invalid(server: RunningServer) -> None:
             "alice",
             "root",
             grpc.StatusCode.PERMISSION_DENIED,
-            "'alice' may not run jobs as 'root'; allowed: nobody",
+            "'alice' may not run jobs as 'root'; allowed: none (each job runs as a uid of its own)",
         ),
         (
             "alice",
             "daemon",
             grpc.StatusCode.PERMISSION_DENIED,
-            "'alice' may not run jobs as 'daemon'; allowed: nobody",
+            "'alice' may not run jobs as 'daemon'; allowed: none",
         ),
         ("bob", "root", grpc.StatusCode.PERMISSION_DENIED, "allowed: nobody, daemon"),
         (
@@ -538,7 +542,8 @@ def test_a_third_party_plugin_wraps_the_command_and_hides_more(
     # Under the wrapper, still unprivileged; the file reads as empty (/dev/null over it).
     # `nice -n 7` adds to the niceness the job inherits (a suite run under `nice`).
     niceness = min(os.getpriority(os.PRIO_PROCESS, 0) + 7, 19)
-    assert out.splitlines() == [str(niceness), str(NOBODY)]
+    assert out.splitlines() == [str(niceness), str(status.uid)]
+    assert status.uid in UidRange.parse(DEFAULT_RANGE)
     assert status.exit is not None and status.exit.exit_code == 0
 
 

@@ -133,6 +133,14 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
 SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (the unified table)
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 EXIT_FD = 4
+RLIMIT_NPROC = 6
+_KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2)'s syscall number
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_SETPERM, KEYCTL_DESCRIBE, KEYCTL_CLEAR = 1, 5, 6, 7
+KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
+#: Possessor: all but setattr (the kernel's own default); the uid: view, read, write,
+#: search, link, and no setattr.
+USER_KEYRING_PERM = 0x1F1F0000
+SETATTR_PERMS = 0x20200000  # possessor's and user's
 
 
 class _Libc:
@@ -228,9 +236,36 @@ def _mount_view(libc: _Libc, plan: list[str], in_cgroup: bool) -> None:
         libc.mount("cgroup2", "/sys/fs/cgroup", "cgroup2", flags)
     for path in _plan_values(plan, "hide"):
         _hide(libc, path)
-    for path in _plan_values(plan, "tmp"):
-        if os.path.isdir(path):
-            libc.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _private_tmp(libc, plan)
+
+
+def _private_tmp(libc: _Libc, plan: list[str]) -> None:
+    """The job's /tmp, /var/tmp and /dev/shm: directories of one tmpfs of the plan's size.
+
+    One tmpfs, not one each: their total is what is bounded. It is mounted on the first
+    path, which then gets its own directory bound over the tmpfs's root, so the job sees
+    none of the others there.
+    """
+    paths = [path for path in _plan_values(plan, "tmp") if os.path.isdir(path)]
+    if not paths:
+        return
+    size = _plan_value(plan, "tmp_size")
+    data = "mode=0700"
+    if size:
+        # Inodes cost kernel memory beyond the size: about 1 KiB each, one per 8 KiB.
+        data += f",size={size},nr_inodes={max(int(size) // 8192, 1024)}"
+    base = paths[0]
+    libc.mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, data)
+    for index in range(len(paths)):
+        own = f"{base}/{index}"
+        try:
+            os.mkdir(own)
+            os.chmod(own, 0o1777)
+        except OSError as err:
+            _fail("mount", err, own)
+    # The first path last: its bind covers the tmpfs's root, where the others' are.
+    for index in reversed(range(len(paths))):
+        libc.mount(f"{base}/{index}", paths[index], "", MS_BIND)
 
 
 def _hide(libc: _Libc, path: str) -> None:
@@ -261,6 +296,7 @@ def _drop_privileges(libc: _Libc, plan: list[str]) -> None:
     uid, gid = int(_plan_value(plan, "uid")), int(_plan_value(plan, "gid"))
     groups = [int(g) for g in _plan_value(plan, "groups").split(",") if g]
     os.close(EXIT_FD)
+    _limit_processes(libc, plan)
     if uid != 0:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last_cap = int(f.read())
@@ -280,7 +316,50 @@ def _drop_privileges(libc: _Libc, plan: list[str]) -> None:
         data = (libc.ctypes.c_uint32 * 6)()
         libc.check(libc.lib.capset(header, data), "capabilities", "capset")
         libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "capabilities")
+    _own_keyrings(libc, plan)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+
+
+def _limit_processes(libc: _Libc, plan: list[str]) -> None:
+    """RLIMIT_NPROC: the kernel counts the processes of the job's uid (in its user
+    namespace), which only this job has, and refuses a fork past the limit."""
+    nproc = _plan_value(plan, "nproc")
+    if nproc:
+        limit = (libc.ctypes.c_ulong * 2)(int(nproc), int(nproc))
+        libc.check(libc.lib.setrlimit(RLIMIT_NPROC, limit), "rlimit", nproc)
+
+
+def _own_keyrings(libc: _Libc, plan: list[str]) -> None:
+    """As the job's account: a session keyring of its own, not the server's.
+
+    A dynamic uid's user and user-session keyrings outlive its jobs (the kernel keeps them
+    until reboot): empty them, and leave the uid no right to change their permissions, so
+    that no job can keep the next job of its uid from emptying them.
+    """
+    ctypes = libc.ctypes
+    number = _KEYCTL.get(os.uname().machine)
+    empty = _plan_value(plan, "keyrings") == "empty"
+    if number is None:
+        if empty:
+            _fail("keyring", OSError(38, "Function not implemented"), os.uname().machine)
+        return
+    if libc.lib.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        if ctypes.get_errno() == 38 and not empty:  # ENOSYS: a kernel without keys
+            return
+        libc.check(-1, "keyring", "session")
+    if not empty:
+        return
+    for ring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
+        ring_id = ctypes.c_long(ring)
+        text = ctypes.create_string_buffer(256)
+        size = libc.lib.syscall(number, KEYCTL_DESCRIBE, ring_id, text, ctypes.c_ulong(256))
+        libc.check(size, "keyring", "describe")
+        # "keyring;UID;GID;PERM;NAME": the uid's first job takes setattr away, once.
+        if int(text.value.split(b";")[3], 16) & SETATTR_PERMS:
+            perm = ctypes.c_ulong(USER_KEYRING_PERM)
+            result = libc.lib.syscall(number, KEYCTL_SETPERM, ring_id, perm)
+            libc.check(result, "keyring", "setperm")
+        libc.check(libc.lib.syscall(number, KEYCTL_CLEAR, ring_id), "keyring", "clear")
 
 
 def _init(child: int) -> None:

@@ -10,12 +10,14 @@ applies it between joining the job's containment and ``execve``, in this order:
 2. as PID 1 of the new PID namespace: a private mount tree; every mount read-only and
    nosuid; ``writable`` paths bound back read-write; its own ``/proc``; ``/sys/fs/cgroup``
    showing only the job's cgroup (or nothing); ``hide`` paths covered by an empty
-   read-only mount; a fresh tmpfs on each of ``private_tmp``; loopback up if the network
-   namespace is new;
-3. a child that drops to the plan's account (groups, gid, uid), empties the capability
-   bounding, inheritable and ambient sets for non-root accounts, sets ``no_new_privs`` and
-   ``execve``s ``wrapper + command``; PID 1 stays behind to reap orphans and report the
-   command's wait status to the server, so stops, exit codes and 128+N keep working.
+   read-only mount; ``private_tmp`` paths share one fresh tmpfs of ``tmp_size`` bytes;
+   loopback up if the network namespace is new;
+3. a child that caps its uid's processes at ``nproc`` (RLIMIT_NPROC), drops to the plan's
+   account (groups, gid, uid), empties the capability bounding, inheritable and ambient
+   sets for non-root accounts, joins a session keyring of its own (and, for a uid of its
+   own, empties the uid's user keyrings), sets ``no_new_privs`` and ``execve``s
+   ``wrapper + command``; PID 1 stays behind to reap orphans and report the command's wait
+   status to the server, so stops, exit codes and 128+N keep working.
 
 A third-party plugin extends the plan (``attrs.evolve``): more hidden paths, a network
 forced to ``none``, or an exec ``wrapper`` (a seccomp loader, ``aa-exec -p PROFILE --``, a
@@ -31,6 +33,7 @@ from collections.abc import Iterable
 import attrs
 
 from jobworker.jobspec import Network
+from jobworker.units import format_size
 
 # clone(2) flags, as the kernel numbers them.
 CLONE_NEWNS = 0x00020000
@@ -43,8 +46,15 @@ CLONE_NEWNET = 0x40000000
 
 #: Where a job's working directory is when its spec names none: its own private /tmp.
 DEFAULT_WORKDIR = "/tmp"
-#: Fresh, empty, job-owned tmpfs mounts.
+#: Fresh, empty, job-owned directories, all on one tmpfs of the plan's ``tmp_size``.
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+#: Room in those directories together (``serve --job-tmp-size``): tmpfs is memory, and
+#: without a size each mount could take half of the host's.
+DEFAULT_TMP_SIZE = 1 << 30
+#: Processes (tasks) of a job's uid when neither ``--pids`` nor the server says otherwise.
+DEFAULT_PIDS = 1024
+#: A dynamic uid's account name, for USER, status and logs (the uid has no passwd entry).
+DYNAMIC_NAME = "job-{uid}"
 
 
 def _paths(items: Iterable[str]) -> tuple[str, ...]:
@@ -60,6 +70,15 @@ class Account:
     gid: int
     groups: tuple[int, ...] = ()
     home: str = "/"
+    #: Drawn from the server's uid range for this job alone (:mod:`.uids`), not an account
+    #: of the host: its keyrings are emptied before the job runs.
+    dynamic: bool = False
+
+    @classmethod
+    def of_job(cls, uid: int) -> Account:
+        """The account of a job with a uid of its own: a group of the same number, no
+        other group, its private /tmp as home."""
+        return cls(DYNAMIC_NAME.format(uid=uid), uid, uid, (), DEFAULT_WORKDIR, dynamic=True)
 
     @classmethod
     def lookup(cls, name: str) -> Account:
@@ -89,6 +108,11 @@ class IsolationPlan:
     writable: tuple[str, ...] = attrs.field(default=(), converter=_paths)
     private_tmp: tuple[str, ...] = attrs.field(default=PRIVATE_TMP, converter=_paths)
     wrapper: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: Bytes of the one tmpfs behind ``private_tmp``; None: the kernel's default (half of RAM).
+    tmp_size: int | None = DEFAULT_TMP_SIZE
+    #: RLIMIT_NPROC of the job's uid; None: inherited. Only for a uid no other job or
+    #: session shares (a dynamic uid, a user namespace), where it bounds this job alone.
+    nproc: int | None = None
 
     @property
     def clone_flags(self) -> int:
@@ -104,6 +128,16 @@ class IsolationPlan:
         mode = "user namespace" if self.user_namespace else "namespaces"
         return f"{mode}, user {self.account.name}({self.account.uid}), network {self.network.value}"
 
+    def enforced(self) -> list[str]:
+        """The kernel bounds this plan sets, one phrase each, for status."""
+        bounds = []
+        if self.nproc is not None:
+            bounds.append(f"pids {self.nproc} (RLIMIT_NPROC of the job's uid)")
+        if self.tmp_size is not None and self.private_tmp:
+            where = ", ".join(self.private_tmp)
+            bounds.append(f"tmpfs {format_size(self.tmp_size)} ({where} together)")
+        return bounds
+
     def launcher_fields(self, host_uid: int, host_gid: int) -> list[str]:
         """The plan as the launcher reads it: ``key=value`` fields (values hold no NUL)."""
         account = self.account
@@ -118,5 +152,11 @@ class IsolationPlan:
         fields += [f"writable={p}" for p in self.writable]
         fields += [f"hide={p}" for p in self.hide]
         fields += [f"tmp={p}" for p in self.private_tmp]
+        if self.tmp_size is not None:
+            fields.append(f"tmp_size={self.tmp_size}")
+        if self.nproc is not None:
+            fields.append(f"nproc={self.nproc}")
+        if account.dynamic and not self.user_namespace:
+            fields.append("keyrings=empty")
         fields += [f"wrap={a}" for a in self.wrapper]
         return fields

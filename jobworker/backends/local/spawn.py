@@ -49,6 +49,8 @@ _STEP_MESSAGES = {
     "user": "cannot switch the job to uid {what}: {error}",
     "capabilities": "cannot drop the job's capabilities ({what}): {error}",
     "no_new_privs": "cannot set no_new_privs: {error}",
+    "rlimit": "cannot limit the job's uid to {what} processes: {error}",
+    "keyring": "cannot give the job keyrings of its own ({what}): {error}",
 }
 _SIGNALS_TO_DEFAULT = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
