@@ -136,7 +136,8 @@ EXIT_FD = 4
 RLIMIT_NPROC = 6
 _KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2)'s syscall number
 KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_SETPERM, KEYCTL_DESCRIBE, KEYCTL_CLEAR = 1, 5, 6, 7
-KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
+KEYCTL_LINK = 8
+KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
 #: Possessor: all but setattr (the kernel's own default); the uid: view, read, write,
 #: search, link, and no setattr.
 USER_KEYRING_PERM = 0x1F1F0000
@@ -360,6 +361,10 @@ def _own_keyrings(libc: _Libc, plan: list[str]) -> None:
             result = libc.lib.syscall(number, KEYCTL_SETPERM, ring_id, perm)
             libc.check(result, "keyring", "setperm")
         libc.check(libc.lib.syscall(number, KEYCTL_CLEAR, ring_id), "keyring", "clear")
+    # As pam_keyinit does: the user keyring reachable from the session, so its keys are
+    # the job's to use (possessed).
+    user, session = ctypes.c_long(KEY_SPEC_USER_KEYRING), ctypes.c_long(KEY_SPEC_SESSION_KEYRING)
+    libc.check(libc.lib.syscall(number, KEYCTL_LINK, user, session), "keyring", "link")
 
 
 def _init(child: int) -> None:
