@@ -4,18 +4,23 @@ process, and what happens when it is killed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from jobworker import hookimpl
+from jobworker.backends.local import ingest_process
+from jobworker.backends.local.ingest_process import RemotePipe
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import DataLoss
 from jobworker.hooks.host import Plugins
@@ -151,7 +156,9 @@ def test_the_ingest_process_ends_with_the_server_even_when_it_is_killed(tmp_path
         import asyncio, os, signal, sys
         from pathlib import Path
         from jobworker.hooks.host import Plugins
-        from jobworker.backends.local.manager import JobManager
+        from jobworker.backends.local import ingest_process
+from jobworker.backends.local.ingest_process import RemotePipe
+from jobworker.backends.local.manager import JobManager
         from jobworker.logconfig import configure_logging
         from jobworker.jobspec import JobSpec
 
@@ -231,23 +238,64 @@ def test_a_stopped_ingest_process_blocks_neither_starts_nor_the_loop(tmp_path: P
     run(tmp_path, body)
 
 
-def test_short_jobs_keep_both_streams_whole(tmp_path: Path) -> None:
-    # Jobs that end before their pipes reach the helper. When the spool and each pipe went
-    # in messages of their own, the helper could see stdout end before stderr arrived,
-    # close the spool, and write stderr through a number the kernel had reused ("Illegal
-    # seek": a pipe; or another job's file): 0-3 jobs in 300 were cut.
+class OnePipeAtATime:
+    """The server's socket to the helper, delivering a job's pipes as late as it may: a
+    message that hands the helper a pipe of a log it already reads a pipe of waits until
+    the helper has reported a pipe's end. A protocol that gives a log's pipes one by one
+    then fails every time: the helper sees the first pipe end alone and closes the spool."""
+
+    def __init__(self, send: Callable[[socket.socket, bytes, tuple[int, ...], int], None]):
+        self._send = send
+        self._reading: set[str] = set()  # logs the helper has a pipe of
+        self._held: list[tuple[socket.socket, bytes, tuple[int, ...], int]] = []
+
+    def send(self, sock: socket.socket, data: bytes, fds: tuple[int, ...], flags: int) -> None:
+        message = json.loads(data)
+        if not fds or not {"pipe", "pipes"} & message.keys():
+            self._send(sock, data, fds, flags)
+        elif message["log"] in self._reading:
+            # The caller closes its descriptors once this returns: hold copies.
+            self._held.append((sock, data, tuple(os.dup(fd) for fd in fds), flags))
+        else:
+            self._reading.add(message["log"])
+            self._send(sock, data, fds, flags)
+
+    def a_pipe_ended(self) -> None:
+        held, self._held = self._held, []
+        for sock, data, fds, flags in held:
+            try:
+                self._send(sock, data, fds, flags)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def test_short_jobs_keep_both_streams_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the spool and each pipe went in messages of their own, the helper could see a
+    # short job's stdout end before its stderr pipe arrived, close the spool, and write
+    # stderr through a number the kernel had reused ("Illegal seek": a pipe; or another
+    # job's file). Free delivery caught that in 0-3 jobs of 300; this delivery forces it.
+    transport = OnePipeAtATime(ingest_process.send_message)
+    monkeypatch.setattr(ingest_process, "send_message", transport.send)
+    eof = ingest_process.IngestProcess._eof
+
+    def eof_then_release(self: ingest_process.IngestProcess, pipe: RemotePipe) -> None:
+        eof(self, pipe)
+        transport.a_pipe_ended()
+
+    monkeypatch.setattr(ingest_process.IngestProcess, "_eof", eof_then_release)
+
     async def body(m: JobManager) -> None:
-        jobs = [
-            await m.start(JobSpec("sh", ("-c", f"echo out {i}; echo err {i} >&2")), "alice")
-            for i in range(300)
-        ]
-        for i, job in enumerate(jobs):
+        for i in range(10):  # one at a time: an end releases only that job's pipes
+            job = await m.start(JobSpec("sh", ("-c", f"echo out {i}; echo err {i} >&2")), "alice")
             status = await m.wait(job.job_id)
-            assert not status.output_truncated, i
             chunks = sorted([(c.stream, c.data) async for c in m.follow(job.job_id)])
             assert chunks == [
                 (Stream.STDOUT, f"out {i}\n".encode()),
                 (Stream.STDERR, f"err {i}\n".encode()),
-            ]
+            ], i
+            assert not status.output_truncated, i
 
     run(tmp_path, body)
