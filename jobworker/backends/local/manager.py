@@ -239,7 +239,7 @@ class JobManager:
             stdin=spawned.stdin,
         )
         self._jobs[job_id] = job
-        self._usage.track(job_id, spawned.pid, containment)
+        self._usage.track(job_id, spawned.pid, containment, spawned.helpers)
         self._output.connect(job, spawned.stdout, spawned.stderr, ingest_process)
         # A fresh context: the job outlives the RPC that started it, and its log lines
         # must not carry that RPC's identity and name.

@@ -37,7 +37,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 import structlog
@@ -116,11 +116,28 @@ class _Proc:
             self.fd = None
 
 
-def _parse_stat(raw: bytes) -> tuple[int, int, int]:
-    """Session id, CPU ticks (own and reaped children's) and resident pages of a stat line."""
+def _parse_stat(raw: bytes) -> tuple[int, int, int, int]:
+    """Parent pid, session id, CPU ticks (own and reaped children's) and resident pages of
+    a stat line."""
     # The command name may hold spaces and parentheses: split after the last ')'.
     f = raw[raw.rfind(b")") + 2 :].split(None, 22)
-    return int(f[3]), int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]), int(f[21])
+    return int(f[1]), int(f[3]), int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]), int(f[21])
+
+
+def _helper_pages(pid: int, helpers: int) -> int:
+    """Resident pages of jobworker's own ``helpers`` processes at the top of a job's tree,
+    from the job's pid down (each has one child: the next)."""
+    pages = 0
+    for _ in range(helpers):
+        raw = read_small(f"/proc/{pid}/stat")
+        if raw is None:
+            break
+        pages += _parse_stat(raw)[3]
+        children = (read_small(f"/proc/{pid}/task/{pid}/children") or b"").split()
+        if not children:
+            break
+        pid = int(children[0])
+    return pages
 
 
 class ProcTable:
@@ -151,13 +168,21 @@ class ProcTable:
     def open_files(self) -> int:
         return self._open
 
-    def sample(self, sessions: Iterable[int], now: float | None = None) -> dict[int, UsageSample]:
+    def sample(
+        self,
+        sessions: Iterable[int],
+        now: float | None = None,
+        helpers: Mapping[int, int] | None = None,
+    ) -> dict[int, UsageSample]:
         """The usage of every session in ``sessions`` that has a process.
 
         CPU counts the processes' own time and that of children they reaped (a shell's
         finished commands); memory is the sum of resident set sizes; IO is at most
-        :data:`SLOW_TICKS` - 1 ticks old per process.
+        :data:`SLOW_TICKS` - 1 ticks old per process. ``helpers`` gives, per session, how
+        many of jobworker's own processes head it (:attr:`Spawned.helpers`): their memory
+        and their count are left out, their CPU kept (an init's reaped orphans are the job's).
         """
+        helpers = helpers or {}
         wanted = set(sessions)
         self._tick += 1
         if self._tick % RESCAN_TICKS == 0 or not wanted <= self._sessions:
@@ -176,7 +201,7 @@ class ProcTable:
             if raw is None:
                 gone.append(proc)
                 continue
-            session, cpu_ticks, rss_pages = _parse_stat(raw)
+            parent, session, cpu_ticks, rss_pages = _parse_stat(raw)
             if session not in wanted:  # it called setsid, or its job is over
                 gone.append(proc)
                 self._foreign.add(proc.name)
@@ -187,8 +212,10 @@ class ProcTable:
             if t is None:
                 t = totals[session] = [0, 0, 0, 0, 0]
             t[0] += cpu_ticks
-            t[1] += rss_pages
-            t[2] += 1
+            ahead = helpers.get(session, 0)
+            if not ahead or (int(proc.name) != session and (ahead < 2 or parent != session)):
+                t[1] += rss_pages
+                t[2] += 1
             io = proc.io
             if io is None:
                 no_io.add(session)
@@ -221,7 +248,7 @@ class ProcTable:
         except OSError:
             os.close(fd)
             return
-        if _parse_stat(raw)[0] not in wanted:
+        if _parse_stat(raw)[1] not in wanted:
             os.close(fd)
             self._foreign.add(name)
             return
@@ -258,6 +285,8 @@ class _Tracked:
     containment: object
     ring: UsageRing
     running: bool = True
+    #: :attr:`Spawned.helpers`: jobworker's processes heading the job, left out of usage.
+    helpers: int = 0
     #: The containment, if it samples itself: asked once, as ``isinstance`` on a runtime
     #: protocol costs microseconds, which 1000 jobs a second would feel.
     self_sampling: SelfSampling | None = attrs.field(init=False)
@@ -291,9 +320,9 @@ class UsageSampler:
         #: ends: it stops (closing the files it keeps open) at once, not a period later.
         self._sleeping: asyncio.Future[None] | None = None
 
-    def track(self, job_id: str, pid: int, containment: object) -> None:
-        """Start sampling a job whose command now runs."""
-        self._jobs[job_id] = _Tracked(pid, containment, UsageRing(self._capacity))
+    def track(self, job_id: str, pid: int, containment: object, helpers: int = 0) -> None:
+        """Start sampling a job whose command now runs; ``helpers``: see ``Spawned``."""
+        self._jobs[job_id] = _Tracked(pid, containment, UsageRing(self._capacity), helpers=helpers)
         self._running += 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-sampler")
@@ -395,15 +424,26 @@ def sample_jobs(jobs: dict[str, _Tracked], procs: ProcTable) -> dict[str, UsageS
     """One sample of each job in ``jobs``: from its containment, else from ``procs``."""
     out: dict[str, UsageSample] = {}
     by_session: dict[int, str] = {}
+    helpers: dict[int, int] = {}
     for job_id, tracked in jobs.items():
         if tracked.self_sampling is None:
             by_session[tracked.pid] = job_id
+            if tracked.helpers:
+                helpers[tracked.pid] = tracked.helpers
         else:
             sample = tracked.self_sampling.sample_usage()
+            if sample is not None and tracked.helpers:
+                # The cgroup counts jobworker's own processes too: take them out.
+                pages = _helper_pages(tracked.pid, tracked.helpers)
+                sample = attrs.evolve(
+                    sample,
+                    memory_bytes=max(0, sample.memory_bytes - pages * _PAGE_SIZE),
+                    pids=max(0, sample.pids - tracked.helpers),
+                )
             if sample is not None:
                 out[job_id] = sample
     if by_session:
-        for session, sample in procs.sample(by_session).items():
+        for session, sample in procs.sample(by_session, helpers=helpers).items():
             out[by_session[session]] = sample
     else:
         procs.close()  # the last job sampled from /proc is over: keep no file open

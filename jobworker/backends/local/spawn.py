@@ -67,6 +67,10 @@ class Spawned:
     exit_report: int
     #: Non-blocking write end of the job's stdin pipe; -1 when stdin is /dev/null.
     stdin: int = -1
+    #: jobworker's own processes at the top of the job's tree, which usage leaves out: an
+    #: isolated job's PID 1 (the job's pid), and above it, when the launcher started it
+    #: rather than the zygote, the relay that forked it (then the job's pid is the relay).
+    helpers: int = 0
 
 
 def read_exit_report(fd: int) -> int | None:
@@ -272,13 +276,14 @@ class Spawner:
             self._zygote.close()
             self._zygote = None
 
-    async def _start(self, payload: bytes, child_fds: tuple[int, ...]) -> int:
-        """Start a launcher whose fd 1-5 are ``child_fds``; its pid."""
+    async def _start(self, payload: bytes, child_fds: tuple[int, ...]) -> tuple[int, bool]:
+        """Start a launcher whose fd 1-5 are ``child_fds``; its pid, and whether the zygote
+        started it."""
         if self._use_zygote:
             try:
                 if self._zygote is None:
                     self._zygote = _Zygote()
-                return await self._zygote.start(payload, child_fds)
+                return await self._zygote.start(payload, child_fds), True
             except (OSError, ConnectionError) as err:
                 log.warning("spawn_helper_failed", error=str(err), fallback="launcher")
                 self.close()  # a fresh helper is started for the next job
@@ -286,7 +291,7 @@ class Spawner:
         try:
             os.write(memfd, payload)
             os.lseek(memfd, 0, os.SEEK_SET)
-            return _posix_spawn_launcher([], [memfd, *child_fds], setsid=True)
+            return _posix_spawn_launcher([], [memfd, *child_fds], setsid=True), False
         finally:
             os.close(memfd)
 
@@ -317,7 +322,7 @@ class Spawner:
                 except OSError:
                     pass  # over /proc/sys/fs/pipe-max-size when unprivileged: keep default
             try:
-                pid = await self._start(payload, (out_w, err_w, st_w, ex_w, in_r))
+                pid, by_zygote = await self._start(payload, (out_w, err_w, st_w, ex_w, in_r))
             except OSError as err:
                 raise SpawnError(f"cannot start the job: {err.strerror}") from err
             for fd in (out_w, err_w, st_w, ex_w, in_r):
@@ -336,7 +341,13 @@ class Spawner:
                 if fd >= 0:
                     os.set_blocking(fd, False)
             spawned = Spawned(
-                pid=pid, pidfd=pidfd, stdout=out_r, stderr=err_r, exit_report=ex_r, stdin=in_w
+                pid=pid,
+                pidfd=pidfd,
+                stdout=out_r,
+                stderr=err_r,
+                exit_report=ex_r,
+                stdin=in_w,
+                helpers=0 if plan is None else 1 if by_zygote else 2,
             )
             pid = pidfd = out_r = err_r = ex_r = in_w = -1  # ownership passes to the caller
             return spawned

@@ -1,0 +1,104 @@
+"""A job's usage is its command's, not jobworker's: an isolated job's PID 1 (and the
+launcher's relay above it) is left out of MEM and PIDS, through the real job manager,
+both ways of starting a job, isolated or not."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.spawn import Spawner
+from jobworker.hooks.host import Plugins
+from jobworker.jobspec import JobSpec
+from jobworker.plugins.isolation import Isolation
+from jobworker.usage import UsageSample
+
+#: Three processes of the user's: the shell and two sleeps.
+SCRIPT = "sleep 60 & sleep 60 & echo ready; wait"
+MIB = 1 << 20
+
+
+def _session_rss(session: int, leave_out: set[int]) -> int:
+    """Resident bytes of the session's processes, as a reader of /proc sums them."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in leave_out:
+            continue
+        try:
+            raw = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if int(fields[3]) == session:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def _sample(isolated: bool, zygote: bool, spool: Path) -> tuple[UsageSample, int, int]:
+    """The job's newest sample once its three processes run, the resident bytes of every
+    process of its session (jobworker's included), and how many processes that is."""
+
+    async def body() -> tuple[UsageSample, int, int]:
+        plugins = Plugins()
+        isolation = Isolation()
+        if not isolated:
+            isolation.jobworker_configure(argparse.Namespace(no_isolation=True))
+        plugins.register(isolation, name="isolation")
+        plugins.load([])
+        manager = JobManager(plugins, spool)
+        manager._spawner = Spawner(use_zygote=zygote)
+        try:
+            job = await manager.start(JobSpec("sh", ("-c", SCRIPT)), "alice")
+            async for chunk in manager.follow(job.job_id):
+                if b"ready" in chunk.data:
+                    break
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                samples = (await manager.usage(job.job_id)).samples
+                if samples and samples[-1].pids >= 3 and samples[-1].time > job.started_at + 1:
+                    session = job.pid
+                    everything = _session_rss(session, set())
+                    count = sum(
+                        1
+                        for name in os.listdir("/proc")
+                        if name.isdigit() and _in_session(name, session)
+                    )
+                    return samples[-1], everything, count
+            raise AssertionError(f"no sample with the job's 3 processes: {samples}")
+        finally:
+            await manager.shutdown()
+
+    return asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def _in_session(name: str, session: int) -> bool:
+    try:
+        raw = Path(f"/proc/{name}/stat").read_bytes()
+    except OSError:
+        return False
+    return int(raw[raw.rfind(b")") + 2 :].split()[3]) == session
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "launcher"])
+def test_an_isolated_job_counts_its_command_not_jobworkers_init(
+    zygote: bool, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("isolation as root: the server's own mode on a production host")
+    sample, everything, count = _sample(True, zygote, tmp_path)
+    assert sample.pids == 3
+    assert count == (4 if zygote else 5)  # PID 1 (and the relay) are there, not counted
+    # PID 1 is a Python interpreter (about 9 MiB resident): it is not in the figure.
+    assert sample.memory_bytes < everything - 4 * MIB, (sample, everything)
+    assert sample.cpu_usec >= 0
+
+
+def test_a_job_without_isolation_has_nothing_to_leave_out(tmp_path: Path) -> None:
+    sample, everything, count = _sample(False, True, tmp_path)
+    assert sample.pids == count == 3
+    assert abs(sample.memory_bytes - everything) < MIB
