@@ -170,7 +170,8 @@ class Authz:
             "--authz",
             metavar="FILE",
             default=os.environ.get(ENV_VAR),
-            help=f"TOML whitelist of client identities and roles (required; env {ENV_VAR})",
+            help=f"TOML whitelist of client identities and roles (env {ENV_VAR}; default:"
+            " the dev PKI's authz.toml when no --tls-* option is given, else required)",
         )
 
     @hookimpl
