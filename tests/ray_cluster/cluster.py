@@ -11,6 +11,10 @@ Two Ray behaviours shape this module:
 * Nodes on one host need distinct agent and metrics ports, else the extra nodes' agents fail
   to bind: each node gets its own block of free ports.
 
+Token authentication (``RAY_AUTH_MODE=token``, the token in the file ``RAY_AUTH_TOKEN_PATH``
+names) is turned on by passing those variables in ``env``: every Ray process of the cluster
+inherits them from the keeper, as every node's ``ray start`` would from its unit.
+
 The keeper is the parent of every Ray process it starts; tear-down closes its standard input
 (it shuts the cluster down) and then kills whatever of its process tree is left, never
 another user's Ray (``ray stop`` would kill every Ray process of the machine).
@@ -100,6 +104,10 @@ class LocalCluster:
         self.address: str = info["address"]
         self.node_ids: dict[str, str] = info["node_ids"]
         self.raylets: dict[str, int] = info["raylets"]
+        #: Each node's raylet port (``NodeManagerService``).
+        self.raylet_ports: dict[str, int] = info["raylet_ports"]
+        #: The head's Ray client server port (``ray://``).
+        self.client_port: int = info["client_port"]
 
     def kill_raylet(self, name: str) -> None:
         """SIGKILL node ``name``'s raylet, as a lost machine would look to the cluster."""
@@ -114,6 +122,7 @@ class LocalCluster:
         keeper.stdin.flush()
         info = json.loads(keeper.stdout.readline())
         self.node_ids, self.raylets = info["node_ids"], info["raylets"]
+        self.raylet_ports = info["raylet_ports"]
 
     def stop(self) -> None:
         keeper = self._keeper
@@ -203,6 +212,7 @@ def _describe(started: dict[str, Any]) -> dict[str, Any]:
     return {
         "node_ids": {name: n.node_id for name, n in started.items()},
         "raylets": {name: n.all_processes["raylet"][0].process.pid for name, n in started.items()},
+        "raylet_ports": {name: n.node_manager_port for name, n in started.items()},
     }
 
 
@@ -217,7 +227,9 @@ def _keep(nodes: list[dict[str, Any]], temp_dir: str) -> None:
         for i, node in enumerate(nodes):
             started[node["name"]] = _add(cluster, node, i == 0, temp_dir)
         cluster.wait_for_nodes(_START_TIMEOUT_S)
-        print(json.dumps({"address": cluster.address, **_describe(started)}), flush=True)
+        client_port = cluster.head_node._ray_params.ray_client_server_port
+        info = {"address": cluster.address, "client_port": client_port, **_describe(started)}
+        print(json.dumps(info), flush=True)
         for line in sys.stdin:
             command, _, argument = line.partition(" ")
             if command == "add":

@@ -88,6 +88,17 @@ def test_two_one_cpu_jobs_spread_over_the_two_one_cpu_nodes(
     assert {j.node for j in listed if j.job_id in (first, second)} == nodes
 
 
+def test_unpinned_jobs_never_land_on_the_zero_cpu_head(alice: pb_grpc.JobServiceStub) -> None:
+    # More jobs than worker nodes, with no ask (least-loaded choice) and with a memory-only
+    # ask (a placement group Ray could put on the head's memory).
+    jobs = [start_job(alice, "sleep", "30") for _ in range(5)]
+    jobs += [start_job(alice, "sleep", "30", limits=pb.Limits(memory=64 << 20)) for _ in range(2)]
+    assert "head" not in {status(alice, j).node for j in jobs}
+    pinned = start_job(alice, "sh", "-c", "echo on the head", node="head")
+    assert wait_exited(alice, pinned).node == "head"
+    assert output_of(alice, pinned) == [("stdout", b"on the head\n")]
+
+
 def test_node_pins_a_job(alice: pb_grpc.JobServiceStub) -> None:
     job_id = start_job(alice, "sh", "-c", "echo pinned", node="w2")
     final = wait_exited(alice, job_id)

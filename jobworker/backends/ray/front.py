@@ -41,6 +41,7 @@ from jobworker.backends.ray.agent import (
     agent_name,
     release_placement,
 )
+from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.nodes import Node, Unreachable, call
 from jobworker.backends.ray.placement import Placer, named
 from jobworker.backends.ray.table import Job, JobTable
@@ -98,6 +99,7 @@ class RayBackend:
         placement_timeout: float = 10.0,
         default_grace: float = 10.0,
         max_running: int = 1000,
+        allow_unauthenticated: bool = False,
     ) -> None:
         self._plugins = plugins
         self._agent_config = agent_config
@@ -110,6 +112,9 @@ class RayBackend:
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
         self._discovering = asyncio.Lock()
+        #: Set once joined: whether the cluster turned away a caller without its token.
+        self._authenticated = True
+        self._allow_unauthenticated = allow_unauthenticated
 
     # -- connection ------------------------------------------------------------------------
 
@@ -118,8 +123,16 @@ class RayBackend:
         cls, address: str, plugins: Plugins, agent_config: AgentConfig, **kwargs: Any
     ) -> RayBackend:
         """Join the cluster at ``address`` (the head's GCS ``HOST:PORT``) as a driver, start
-        or find an agent on every alive node, and learn the jobs they run."""
+        or find an agent on every alive node, and learn the jobs they run.
+
+        A cluster that does not authenticate is refused (see :func:`.auth.check_cluster`)
+        unless ``allow_unauthenticated``."""
         import ray
+
+        backend = cls(plugins, agent_config, **kwargs)
+        backend._authenticated = await check_cluster(
+            address, allow_unauthenticated=backend._allow_unauthenticated
+        )
 
         def init() -> None:
             if not ray.is_initialized():
@@ -135,7 +148,6 @@ class RayBackend:
             await asyncio.to_thread(init)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
-        backend = cls(plugins, agent_config, **kwargs)
         await backend._discover()
         backend._spawn(backend._discover_forever(), "ray-discover")
         return backend
@@ -266,6 +278,9 @@ class RayBackend:
                     f" ({self._max_running}); stop some or wait for them to finish"
                 )
             spec = self._plugins.pre_spawn(job_id, spec, owner)
+            if not self._authenticated:
+                log.warning("ray_cluster_unauthenticated", job_id=job_id,
+                            consequence=UNAUTHENTICATED_RISK)  # fmt: skip
             if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
                 await self._discover()  # a node that joined since the last look
             node, placement = await self._placer.place(job_id, spec)

@@ -6,6 +6,10 @@ enforced on the node by its containment plugin), released by the agent when the 
 one that does not fit now is refused after ``timeout`` (Ray would leave it pending
 forever). Both are RESOURCE_EXHAUSTED, naming the ask and the largest node. A job that
 asks for neither goes to the node with the fewest running jobs.
+
+A node with no CPU (a head started with ``--num-cpus 0``) takes a job only when it is
+pinned there: Ray would put a memory-only bundle on it, so the bundle's label selector
+excludes such nodes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ def named(name: str, nodes: list[Node]) -> list[Node]:
     return [n for n in nodes if name in (n.name, n.node_id) and not n.lost]
 
 
+def _takes_jobs(node: Node) -> bool:
+    """Whether unpinned jobs may go to ``node``: not to one with no CPU (a head)."""
+    return node.total.get("CPU", 0) > 0
+
+
 @attrs.define(eq=False)
 class Placer:
     """Chooses nodes among ``nodes`` (the front's live set, shared) for new jobs."""
@@ -44,13 +53,19 @@ class Placer:
 
     async def place(self, job_id: str, spec: JobSpec) -> tuple[Node, str | None]:
         """The node for ``spec`` and the name of the placement group holding its share."""
-        nodes = [n for n in self._nodes.values() if not n.lost]
+        live = [n for n in self._nodes.values() if not n.lost]
         if spec.node is not None:
-            pinned = named(spec.node, nodes)
-            if not pinned:
-                names = ", ".join(sorted(n.name for n in nodes)) or "none"
+            nodes = named(spec.node, live)
+            if not nodes:
+                names = ", ".join(sorted(n.name for n in live)) or "none"
                 raise InvalidArgument(f"no node named {spec.node!r}; nodes: {names}")
-            nodes = pinned
+        else:
+            nodes = [n for n in live if _takes_jobs(n)]
+            if live and not nodes:
+                names = ", ".join(sorted(n.name for n in live))
+                raise FailedPrecondition(
+                    f"no node takes unpinned jobs (none has a CPU: {names}); pin one with --node"
+                )
         if not nodes:
             raise FailedPrecondition("no node of the Ray cluster is available; retry later")
         ask: dict[str, float] = {}
@@ -70,15 +85,24 @@ class Placer:
                 f"{describe_ask(ask)} asked for, more than {where} has:"
                 f" the largest node is {largest.describe()}"
             )
-        return await self._reserve(job_id, ask, fits, pinned=spec.node is not None)
+        selector: str | None = None
+        if spec.node is not None:
+            selector = fits[0].node_id
+        else:
+            idle = [n.node_id for n in live if not _takes_jobs(n)]
+            if idle:
+                selector = f"!in({', '.join(idle)})"
+        return await self._reserve(job_id, ask, fits, selector)
 
     async def _reserve(
-        self, job_id: str, ask: dict[str, float], fits: list[Node], pinned: bool
+        self, job_id: str, ask: dict[str, float], fits: list[Node], node_ids: str | None
     ) -> tuple[Node, str]:
+        """Hold ``ask`` in a placement group, on a node whose id matches ``node_ids`` (a
+        Ray label selector value) if given."""
         from ray.util import placement_group, placement_group_table, remove_placement_group
 
         name = f"jobworker-{job_id}"
-        selector = [{"ray.io/node-id": fits[0].node_id}] if pinned else None
+        selector = None if node_ids is None else [{"ray.io/node-id": node_ids}]
         group = placement_group(
             [ask], strategy="STRICT_PACK", name=name, lifetime="detached",
             bundle_label_selector=selector,

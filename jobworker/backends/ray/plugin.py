@@ -71,6 +71,12 @@ class RayPlugin:
             " RESOURCE_EXHAUSTED (default %(default)s)",
         )
         group.add_argument(
+            "--ray-allow-unauthenticated",
+            action="store_true",
+            help="UNSAFE: join a Ray cluster without token authentication (anyone who"
+            " reaches its ports runs code on every node); every job start logs a warning",
+        )
+        group.add_argument(
             "--ray-spool-dir",
             metavar="DIR",
             help="spool root on every node (default: the per-user default on each node)",
@@ -115,6 +121,7 @@ class RayPlugin:
             plugins,
             agent_config,
             placement_timeout=options.ray_placement_timeout,
+            allow_unauthenticated=options.ray_allow_unauthenticated,
             default_grace=config.default_grace,
             max_running=config.max_running,
         )
