@@ -74,6 +74,22 @@ class DataLoss(JobworkerError):
     code = "DATA_LOSS"
 
 
+def server_full(running: int, limit: int) -> ResourceExhausted:
+    """The one message for ``--max-jobs``, on every backend."""
+    return ResourceExhausted(
+        f"{running} jobs are running, the most this server allows ({limit}); stop some or"
+        " wait for them to finish"
+    )
+
+
+def client_full(owner: str, active: int, limit: int) -> ResourceExhausted:
+    """The one message for ``--max-jobs-per-client``, on every backend."""
+    return ResourceExhausted(
+        f"{owner} has {active} jobs starting or running, the most one client may have"
+        f" (--max-jobs-per-client {limit}); stop some or wait for them to finish"
+    )
+
+
 def job_not_found(job_id: str) -> NotFound:
     """The one NOT_FOUND message, so a hidden job is indistinguishable from a missing one."""
     return NotFound(f"job {job_id!r} not found")

@@ -12,6 +12,11 @@ test PKI of tests/serverfixtures.py) and the audit log, so a test can SIGKILL on
 another, as an operator would. Ray's health check is shortened so that a lost node is
 declared dead in about 5 s instead of 15 s.
 
+The cluster uses token authentication, as docs/cluster.md sets one up: every Ray process
+and every front server gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``. The token
+file is left readable by every account, in a directory jobs could see (under /run when
+the tests run as root), so that only the agent's hiding it keeps it from jobs.
+
 Skipped when Ray (the ``ray`` extra) is not installed. (The directory is not called
 ``ray``: ``tests/`` is on ``sys.path`` under pytest, and ``tests/ray`` would pass for the
 ``ray`` package as a namespace package where Ray is not installed.)
@@ -22,9 +27,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,10 +75,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason="needs Ray: pip install 'jobworker[ray]'"))
 
 
+@attrs.frozen
+class RayToken:
+    path: Path
+    value: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every Ray process and front server of the cluster is started with."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.path)}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def ray_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayToken]:
+    parent = "/run" if os.access("/run", os.W_OK) else None
+    directory = Path(tempfile.mkdtemp(prefix="jw-raytoken-", dir=parent))
+    try:
+        directory.chmod(0o755)
+        token = RayToken(directory / "auth_token", secrets.token_hex(32))
+        token.path.write_text(token.value)
+        token.path.chmod(0o644)
+        yield token
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(
+    tmp_path_factory: pytest.TempPathFactory, ray_token: RayToken
+) -> Iterator[LocalCluster]:
     log_path = tmp_path_factory.mktemp("ray") / "cluster.log"
-    with local_cluster(NODES, log_path, env=FAST_HEALTH_CHECK) as cluster:
+    with local_cluster(NODES, log_path, env={**FAST_HEALTH_CHECK, **ray_token.env}) as cluster:
         yield cluster
 
 
@@ -136,37 +171,71 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-def start_front(
-    ray_cluster: LocalCluster, ray_pki: PkiPaths, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[StartFront]:
-    """Start a front server on the session's cluster; every one is stopped at the end."""
-    directory = tmp_path_factory.mktemp("fronts")
-    started: list[Front] = []
+@attrs.frozen
+class ServeCommand:
+    """``jobworker serve --plugin ray`` for one port, and its environment."""
 
-    def start(*extra: str) -> Front:
+    argv: list[str]
+    env: dict[str, str]
+    address: str
+    log_path: Path
+    audit_path: Path
+
+
+MakeServe = Callable[..., ServeCommand]
+
+
+@pytest.fixture(scope="session")
+def serve_command(
+    ray_cluster: LocalCluster,
+    ray_pki: PkiPaths,
+    ray_token: RayToken,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> MakeServe:
+    """The command of a front server: on the session's cluster with its token, unless
+    ``ray_address`` and ``ray_env`` say otherwise."""
+    directory = tmp_path_factory.mktemp("fronts")
+
+    def make(
+        *extra: str, ray_address: str | None = None, ray_env: dict[str, str] | None = None
+    ) -> ServeCommand:
         port = _free_port()
-        log_path = directory / f"serve-{port}.log"
         audit_path = directory / f"audit-{port}.jsonl"
         files = ray_pki.server()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWORKER_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBWORKER_", "RAY_"))}
         env.update(RAY_ENV, JOBWORKER_HOME=str(directory / "home"))
-        with log_path.open("wb") as log:
+        env.update(ray_token.env if ray_env is None else ray_env)
+        argv = [
+            JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}",
+            f"--tls-cert={files.cert}", f"--tls-key={files.key}",
+            f"--tls-ca={files.ca}", f"--authz={ray_pki.authz}",
+            "--plugin", "ray", f"--ray-address={ray_address or ray_cluster.address}",
+            f"--ray-placement-timeout={PLACEMENT_TIMEOUT_S}",
+            f"--ray-spool-dir={directory / 'node-spool'}",
+            "--plugin", "audit-log", f"--audit-log={audit_path}",
+            f"--spool-dir={directory / 'front-spool'}", "--grace=2",
+            *extra,
+        ]  # fmt: skip
+        log_path = directory / f"serve-{port}.log"
+        return ServeCommand(argv, env, f"127.0.0.1:{port}", log_path, audit_path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def start_front(serve_command: MakeServe, ray_pki: PkiPaths) -> Iterator[StartFront]:
+    """Start a front server (arguments as ``serve_command``); every one is stopped at the
+    end."""
+    started: list[Front] = []
+
+    def start(*extra: str, **where: object) -> Front:
+        command = serve_command(*extra, **where)
+        with command.log_path.open("wb") as log:
             process = subprocess.Popen(
-                [
-                    JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}",
-                    f"--tls-cert={files.cert}", f"--tls-key={files.key}",
-                    f"--tls-ca={files.ca}", f"--authz={ray_pki.authz}",
-                    "--plugin", "ray", f"--ray-address={ray_cluster.address}",
-                    f"--ray-placement-timeout={PLACEMENT_TIMEOUT_S}",
-                    f"--ray-spool-dir={directory / 'node-spool'}",
-                    "--plugin", "audit-log", f"--audit-log={audit_path}",
-                    f"--spool-dir={directory / 'front-spool'}", "--grace=2",
-                    *extra,
-                ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                command.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=command.env,
             )  # fmt: skip
-        front = Front(process, f"127.0.0.1:{port}", log_path, audit_path, ray_pki)
+        front = Front(process, command.address, command.log_path, command.audit_path, ray_pki)
         started.append(front)
         deadline = time.monotonic() + FRONT_START_TIMEOUT_S
         while '"server_started"' not in front.log():

@@ -36,8 +36,9 @@ from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobworkerError,
-    ResourceExhausted,
+    client_full,
     job_not_found,
+    server_full,
 )
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
@@ -179,16 +180,9 @@ class JobManager:
             )
         self._evict()
         if self.running >= self._max_running:
-            raise ResourceExhausted(
-                f"{self.running} jobs are running, the most this server allows"
-                f" ({self._max_running}); stop some or wait for them to finish"
-            )
+            raise server_full(self.running, self._max_running)
         if self._active[owner] >= self._max_per_client:
-            raise ResourceExhausted(
-                f"{owner} has {self._active[owner]} jobs starting or running, the most one "
-                f"client may have (--max-jobs-per-client {self._max_per_client}); stop some "
-                "or wait for them to finish"
-            )
+            raise client_full(owner, self._active[owner], self._max_per_client)
         spec = self._plugins.pre_spawn(job_id, spec, owner)
         self._starting += 1
         self._active[owner] += 1

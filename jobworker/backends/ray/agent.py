@@ -8,7 +8,17 @@ spawned, contained (the node-side plugins, e.g. cgroupv2, or :class:`.tree.Proce
 spooled and stopped exactly as on a single server.
 
 The agent is the source of truth about its jobs: a restarted front server learns what runs
-by asking (:meth:`NodeAgent.poll`), so the front keeps no state of its own on disk.
+by asking (:meth:`NodeAgent.poll`), so the front keeps no state of its own on disk. Its
+jobs die with it, or with its raylet (:mod:`.guard`).
+
+What a job on the node must not see, beyond what the isolation plugin hides on a single
+server: the node's spool (``--ray-spool-dir``, not the front's ``--spool-dir``), Ray's
+token file and Ray's temp directory (logs, and the unix sockets of the raylet and the
+object store). The agent adds these to the plugin's hidden paths.
+
+A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed one chunk per call
+by the front: a call returns once the chunk before it is wholly in the pipe, so a slow
+reader slows the client as on a single server.
 
 Calls are plain values (attrs objects of :mod:`jobworker.model` and
 :mod:`jobworker.usage`, pickled by Ray); errors are
@@ -23,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +42,21 @@ import structlog
 
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
+from jobworker.backends.ray.guard import start_guard
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
+from jobworker.errors import FailedPrecondition
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
-from jobworker.model import JobState, JobStatus, StopResult
+from jobworker.model import InputChunk, InputResult, JobState, JobStatus, StopResult
 from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.agent")
 
 NAMESPACE = "jobworker"
+#: A stdin writer that gets no chunk for this long ends (stdin stays open): what a writer
+#: holds is given back even when its front server died in the middle.
+INPUT_IDLE_SECONDS = 600.0
 
 
 def agent_name(node_id: str) -> str:
@@ -108,6 +124,58 @@ class _TreeFallback:
         return ProcessTree()
 
 
+def ray_private_paths() -> list[str]:
+    """This node's Ray files a job must not see: the token file and Ray's temp directory."""
+    import ray
+
+    paths = [os.environ.get("RAY_AUTH_TOKEN_PATH", ""), str(Path.home() / ".ray")]
+    node = ray._private.worker.global_worker.node
+    if node is not None:
+        paths.append(node.get_temp_dir_path())
+    return [p for p in paths if p and os.path.exists(p)]
+
+
+def _raylet_pid() -> int | None:
+    """The raylet this worker serves: its parent, which started it."""
+    parent = os.getppid()
+    try:
+        is_raylet = Path(f"/proc/{parent}/comm").read_text().strip() == "raylet"
+    except OSError:
+        return None
+    return parent if is_raylet else None
+
+
+@attrs.define(eq=False)
+class _InputSession:
+    """One writer of a job's stdin, fed by the front a chunk per call."""
+
+    feed: asyncio.Queue[InputChunk | None] = attrs.Factory(lambda: asyncio.Queue(1))
+    asked: asyncio.Event = attrs.Factory(asyncio.Event)
+    writer: asyncio.Task[InputResult] | None = None
+
+    async def chunks(self) -> AsyncIterator[InputChunk]:
+        while True:
+            self.asked.set()
+            try:
+                chunk = await asyncio.wait_for(self.feed.get(), INPUT_IDLE_SECONDS)
+            except TimeoutError:
+                return
+            if chunk is None:
+                return
+            yield chunk
+
+    async def until(self, step: Awaitable[object]) -> InputResult | None:
+        """Await ``step`` unless the writer ends first; the writer's result if it did."""
+        assert self.writer is not None
+        pending = asyncio.ensure_future(step)
+        await asyncio.wait([pending, self.writer], return_when=asyncio.FIRST_COMPLETED)
+        if not pending.done():
+            pending.cancel()
+        if self.writer.done():
+            return self.writer.result()
+        return None
+
+
 class NodeAgent:
     """Runs on one node; every method runs on the actor's event loop."""
 
@@ -123,6 +191,8 @@ class NodeAgent:
         self._swept: list[str] = []
         #: The version at which each retained job last changed (started, ended).
         self._changed_at: dict[str, int] = {}
+        self._inputs: dict[int, _InputSession] = {}
+        self._next_input = 0
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -136,13 +206,20 @@ class NodeAgent:
         if not plugins.has_impl("jobworker_limits_apply"):
             plugins.register(_TreeFallback(), name="process-tree")
         plugins.register(_Events(self), name="ray-agent-events")
-        plugins.configure(argparse.Namespace(**config.options))
+        options = dict(config.options, spool_dir=config.spool_root)
+        hidden = [*(options.get("isolation_hide") or ()), *ray_private_paths()]
+        plugins.configure(argparse.Namespace(**dict(options, isolation_hide=hidden)))
         root = Path(config.spool_root) if config.spool_root else None
         spool_dir = self._stack.enter_context(spool_run(root))
         self._records = ProcRecords(spool_dir.parent / f"agent-{config.node_name}-procs")
         self._swept = self._records.sweep()
         if self._swept:
             log.warning("stale_jobs_killed", node=config.node_name, jobs=self._swept)
+        raylet = _raylet_pid()
+        if raylet is None:
+            log.warning("raylet_not_found", node=config.node_name,
+                        consequence="jobs die with the agent, not with the raylet")  # fmt: skip
+        start_guard(self._records.directory, os.getpid(), raylet or os.getpid())
         self._plugins = plugins
         self._wakeup = asyncio.Event()
         self._manager = JobManager(
@@ -269,6 +346,43 @@ class NodeAgent:
             except TimeoutError:
                 return ReadResult([], at_end=False)
         return ReadResult([(int(chunk.stream), chunk.data, chunk.offset)], at_end=False)
+
+    async def input_begin(self, job_id: str) -> int:
+        """Become the writer of ``job_id``'s stdin (errors as :meth:`JobManager.write_input`:
+        no stdin, another writer); the session for :meth:`input_chunk`."""
+        manager = self._ready()
+        session = _InputSession()
+        session.writer = asyncio.ensure_future(manager.write_input(job_id, session.chunks()))
+        await session.until(session.asked.wait())
+        if session.writer.done():
+            session.writer.result()  # raises the refusal
+        self._next_input += 1
+        self._inputs[self._next_input] = session
+        return self._next_input
+
+    async def input_chunk(self, number: int, chunk: InputChunk) -> InputResult | None:
+        """Hand ``chunk`` to the writer once it took the one before; its result once it
+        ended (``eof``, the job closed its stdin or exited)."""
+        session = self._inputs.get(number)
+        if session is None:
+            raise FailedPrecondition(
+                f"this stdin writer was idle over {INPUT_IDLE_SECONDS:g} s and ended; write again"
+            )
+        result = await session.until(session.feed.put(chunk))
+        if result is None and chunk.eof:
+            assert session.writer is not None
+            result = await session.writer
+        if result is not None:
+            del self._inputs[number]
+        return result
+
+    async def input_end(self, number: int) -> InputResult:
+        """The writer's end when the client's chunks end (stdin stays open)."""
+        session = self._inputs.pop(number, None)
+        if session is None or session.writer is None:
+            return InputResult(0, closed=False)
+        await session.until(session.feed.put(None))
+        return await session.writer
 
     async def usage(self, job_id: str, last: int) -> JobUsage:
         """The samples the node's engine took of ``job_id`` (see :mod:`jobworker.usage`);

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,7 +50,8 @@ from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobworkerError,
-    ResourceExhausted,
+    client_full,
+    server_full,
 )
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
@@ -81,11 +83,6 @@ DISCOVER_SECONDS = 5.0
 #: asks every second): a node slower than that is left out of the answer.
 USAGE_LIST_TIMEOUT = 5.0
 
-_NO_STDIN = (
-    "the Ray cluster backend does not forward stdin yet: start the job without -i, or on a"
-    " single jobworker server"
-)
-
 
 class RayBackend:
     """The job engine's surface (start, stop, get, find, list, follow, wait, shutdown) on
@@ -99,12 +96,16 @@ class RayBackend:
         placement_timeout: float = 10.0,
         default_grace: float = 10.0,
         max_running: int = 1000,
+        max_running_per_client: int | None = None,
         allow_unauthenticated: bool = False,
     ) -> None:
         self._plugins = plugins
         self._agent_config = agent_config
         self.default_grace = default_grace
         self._max_running = max_running
+        self._max_per_client = max_running_per_client or max_running
+        #: Starts between admission and the agent's answer, per owner (counted in quotas).
+        self._starting: collections.Counter[str] = collections.Counter()
         self._nodes: dict[str, Node] = {}
         self._table = JobTable(plugins)
         self._placer = Placer(self._nodes, self._table, placement_timeout)
@@ -270,32 +271,20 @@ class RayBackend:
         try:
             if self._closing:
                 raise FailedPrecondition("the server is shutting down; retry on another server")
-            if spec.stdin:
-                raise FailedPrecondition(_NO_STDIN)
-            if self.running >= self._max_running:
-                raise ResourceExhausted(
-                    f"{self.running} jobs are running, the most this server allows"
-                    f" ({self._max_running}); stop some or wait for them to finish"
-                )
+            if self.running + self._starting.total() >= self._max_running:
+                raise server_full(self.running, self._max_running)
+            active = self._table.running_of(owner) + self._starting[owner]
+            if active >= self._max_per_client:
+                raise client_full(owner, active, self._max_per_client)
             spec = self._plugins.pre_spawn(job_id, spec, owner)
             if not self._authenticated:
                 log.warning("ray_cluster_unauthenticated", job_id=job_id,
                             consequence=UNAUTHENTICATED_RISK)  # fmt: skip
-            if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
-                await self._discover()  # a node that joined since the last look
-            node, placement = await self._placer.place(job_id, spec)
+            self._starting[owner] += 1
             try:
-                status: JobStatus = await call(
-                    node.agent.start.remote(
-                        job_id, attrs.evolve(spec, node=None), owner, placement
-                    ),
-                    node,
-                )
-            except Unreachable:
-                # The agent may never have seen the job: it would not release the share.
-                if placement is not None:
-                    await asyncio.to_thread(release_placement, placement)
-                raise
+                status, node = await self._launch(job_id, spec, owner)
+            finally:
+                self._starting[owner] -= 1
         except JobworkerError as err:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)
@@ -307,6 +296,23 @@ class RayBackend:
         if self._relay_output:
             self._spawn(self._relay(job_id), f"ray-relay-{job_id}")
         return status
+
+    async def _launch(self, job_id: str, spec: JobSpec, owner: str) -> tuple[JobStatus, Node]:
+        """Place the job and have its node's agent start it."""
+        if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
+            await self._discover()  # a node that joined since the last look
+        node, placement = await self._placer.place(job_id, spec)
+        try:
+            status: JobStatus = await call(
+                node.agent.start.remote(job_id, attrs.evolve(spec, node=None), owner, placement),
+                node,
+            )
+        except Unreachable:
+            # The agent may never have seen the job: it would not release the share.
+            if placement is not None:
+                await asyncio.to_thread(release_placement, placement)
+            raise
+        return status, node
 
     # -- output ----------------------------------------------------------------------------
 
@@ -405,9 +411,23 @@ class RayBackend:
     # -- stop ------------------------------------------------------------------------------
 
     async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
-        """Not yet on a cluster: its jobs start with stdin closed (see :meth:`start`)."""
-        self._table.lookup(job_id)  # NOT_FOUND first, as on a single server
-        raise FailedPrecondition(_NO_STDIN)
+        """As :meth:`JobManager.write_input`, on the job's node: each chunk is one agent
+        call, answered once the chunk before it is in the job's pipe (see :mod:`.agent`)."""
+        job = self._table.lookup(job_id)
+        agent, node = job.node.agent, job.node
+        session: int = await call(agent.input_begin.remote(job_id), node)
+        ended: InputResult | None = None
+        try:
+            async for chunk in chunks:
+                ended = await call(agent.input_chunk.remote(session, chunk), node)
+                if ended is not None:
+                    return ended
+            last: InputResult = await call(agent.input_end.remote(session), node)
+            ended = last
+            return last
+        finally:
+            if ended is None:  # the client went away, or a call failed: give stdin back
+                agent.input_end.remote(session)
 
     async def wait(self, job_id: str) -> JobStatus:
         job = self._table.lookup(job_id)

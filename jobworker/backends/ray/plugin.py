@@ -124,4 +124,5 @@ class RayPlugin:
             allow_unauthenticated=options.ray_allow_unauthenticated,
             default_grace=config.default_grace,
             max_running=config.max_running,
+            max_running_per_client=config.max_running_per_client,
         )

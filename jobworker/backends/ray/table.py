@@ -83,6 +83,9 @@ class JobTable:
     def running(self) -> builtins.list[Job]:
         return [job for job in self._jobs.values() if not job.done.is_set()]
 
+    def running_of(self, owner: str) -> int:
+        return sum(1 for job in self.running() if job.status.owner == owner)
+
     def load(self, nodes: builtins.list[Node]) -> dict[str, int]:
         """Running jobs per node id, for the nodes given."""
         load = {n.node_id: 0 for n in nodes}

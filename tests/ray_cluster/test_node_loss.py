@@ -1,0 +1,76 @@
+"""A lost node: its jobs die on it at once (the agent's guard), then the front says
+``node_lost`` and gives the client's quota back; the node can come back under its name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from jobworker.backends.ray.front import USAGE_LIST_TIMEOUT
+from jobworker.backends.ray.tree import descendants
+from jobworker.v1 import jobworker_pb2 as pb
+from tests.ray_cluster.cluster import LocalCluster
+from tests.ray_cluster.conftest import NODES, StartFront
+from tests.ray_cluster.test_cluster import alive, status, stop, usage, wait_for
+from tests.serverfixtures import output_of, start_job, wait_exited
+
+#: docs/cluster.md: a job's processes are gone this soon after its node's raylet died.
+KILL_BOUND_S = 5.0
+
+
+def test_a_killed_raylets_jobs_die_at_once_then_node_lost_frees_the_quota(
+    start_front: StartFront, ray_cluster: LocalCluster
+) -> None:
+    front = start_front("--max-jobs-per-client", "2")
+    alice = front.stub("alice")
+    doomed = start_job(alice, "sh", "-c", "setsid sleep 300 & echo started; sleep 300", node="w3")
+    spared = start_job(alice, "sleep", "300", node="w1")
+    assert next(iter(alice.StreamOutput(pb.JobRequest(job_id=doomed), timeout=10))).data
+    first = status(alice, doomed).pid
+    tree = [first, *descendants(first)]
+    try:
+        assert len(tree) >= 3, tree  # the job's init, sh, the setsid sleep, the other sleep
+        with pytest.raises(grpc.RpcError) as full:
+            start_job(alice, "true", node="w1")
+        assert full.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-jobs-per-client 2" in full.value.details()
+        # Its usage, asked before the loss, is what the front can still answer after it.
+        wait_for(lambda: usage(alice, doomed).samples, 10, "a usage sample of the doomed job")
+        before = usage(alice, doomed).samples
+
+        ray_cluster.kill_raylet("w3")
+        wait_for(lambda: not any(alive(p) for p in tree), KILL_BOUND_S, "the job's processes gone")
+        # Usage of every node at once: the lost one is left out, and the answer is not
+        # held up longer than USAGE_LIST_TIMEOUT by it.
+        started = time.monotonic()
+        listed = alice.ListUsage(pb.ListUsageRequest(last=2), timeout=30).jobs
+        assert time.monotonic() - started < USAGE_LIST_TIMEOUT + 3
+        assert spared in {u.job_id for u in listed}
+        wait_for(lambda: status(alice, doomed).status == "exited", 30, "node_lost")
+        lost = status(alice, doomed)
+        assert (lost.reason, lost.exit_code, lost.node) == ("node_lost", -1, "w3")
+        assert status(alice, spared).status == "running"
+        # The quota counted the lost job until then; now it is free again.
+        wait_exited(alice, start_job(alice, "true", node="w1"))
+        with pytest.raises(grpc.RpcError) as gone:
+            output_of(alice, doomed)
+        assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "lost" in gone.value.details()
+        kept = usage(alice, doomed).samples
+        assert kept and kept[0] == before[0] and kept[-1].time >= before[-1].time
+        exited = [r for r in front.audit() if r["audit"] == "job_exited"]
+        assert any(r["job_id"] == doomed and r["reason"] == "node_lost" for r in exited)
+
+        ray_cluster.add_node(next(n for n in NODES if n["name"] == "w3"))
+        back = start_job(alice, "true", node="w3")
+        assert wait_exited(alice, back).node == "w3"
+    finally:
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if status(alice, spared).status == "running":
+            stop(alice, spared)
