@@ -257,6 +257,9 @@ def test_restarted_front_server_knows_the_running_jobs(start_front: StartFront) 
     # SIGTERM of a front server stops its jobs, as a single server does.
     running = start_job(stub, "sleep", "300", node="w1")
     second.terminate()
+    # A clean stop, and it reads as one: no crash report of Ray's on SIGTERM.
+    assert '"server_stopped"' in second.log()
+    assert "SIGTERM received" not in second.log() and "Traceback" not in second.log()
     third = start_front()
     assert status(third.stub("alice"), running).reason == "stopped"
 

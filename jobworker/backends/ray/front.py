@@ -27,6 +27,8 @@ import asyncio
 import builtins
 import collections
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,6 +86,35 @@ DISCOVER_SECONDS = 5.0
 USAGE_LIST_TIMEOUT = 5.0
 
 
+def _join(address: str) -> None:
+    """``ray.init`` as a driver of the cluster at ``address``, with SIGTERM left to the
+    server.
+
+    Called on the main thread, before the server serves (it blocks for about a second):
+    there, Ray puts its own SIGTERM handler (exit at once) and, under it, a crash reporter
+    that prints a C++ stack for every SIGTERM, so that a clean stop would look like a
+    crash. SIGTERM goes back to the server's handler (stop the jobs, then exit); the
+    crash reporter keeps the signals of real crashes.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    main = threading.current_thread() is threading.main_thread()
+    terminate = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
 class RayBackend:
     """The job engine's surface (start, stop, get, find, list, follow, wait, shutdown) on
     a Ray cluster. Create with :meth:`connect`; every method runs on the event loop."""
@@ -128,25 +159,13 @@ class RayBackend:
 
         A cluster that does not authenticate is refused (see :func:`.auth.check_cluster`)
         unless ``allow_unauthenticated``."""
-        import ray
 
         backend = cls(plugins, agent_config, **kwargs)
         backend._authenticated = await check_cluster(
             address, allow_unauthenticated=backend._allow_unauthenticated
         )
-
-        def init() -> None:
-            if not ray.is_initialized():
-                ray.init(
-                    address=address,
-                    namespace=NAMESPACE,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-
         try:
-            await asyncio.to_thread(init)
+            _join(address)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
         await backend._discover()
