@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.backends.ray.guard import start_guard
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords, start_time
 
 
@@ -109,3 +110,25 @@ def test_sweep_kills_the_group_of_a_first_process_that_is_gone(
     assert alive(member)
     assert records.sweep() == ["job-c"]
     assert gone_soon(member)
+
+
+@pytest.mark.parametrize("dies", ["raylet", "agent"])
+def test_the_guard_kills_the_recorded_jobs_when_the_raylet_or_the_agent_dies(
+    spawn: object, tmp_path: Path, dies: str
+) -> None:
+    """jobworker/backends/ray/guard.py, with stand-ins for the agent and the raylet."""
+    assert callable(spawn)
+    agent, _ = spawn("echo; exec sleep 300")
+    raylet, _ = spawn("echo; exec sleep 300")
+    job, (child,) = spawn("setsid sleep 300 & echo $!; wait")
+    records = ProcRecords(tmp_path / "procs")
+    records.directory.mkdir()
+    records.add("job-d", job.pid)
+    start_guard(records.directory, agent.pid, raylet.pid)
+    time.sleep(0.5)
+    assert alive(job.pid) and alive(child)  # nothing happens while both live
+    (raylet if dies == "raylet" else agent).kill()
+    assert gone_soon(job.pid, child)
+    agent.wait(5)  # the guard kills the agent too
+    assert agent.returncode == -signal.SIGKILL
+    assert list(records.directory.iterdir()) == []
