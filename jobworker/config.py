@@ -61,6 +61,9 @@ class ServerConfig:
     max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
     #: Handshake timeout, connection caps and age (docs/security.md, "Connection limits").
     connections: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    #: Leave jobs running when the server stops, and adopt those of the previous server
+    #: (docs/upgrading.md).
+    live_restore: bool = False
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> ServerConfig:
@@ -106,4 +109,5 @@ class ServerConfig:
                 max_connections_per_peer=options.max_connections_per_peer,
                 max_connection_age=options.max_connection_age,
             ),
+            live_restore=options.live_restore,
         )

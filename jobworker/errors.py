@@ -125,6 +125,7 @@ ERRORS_BY_CODE: Mapping[str, type[JobworkerError]] = {
         Unauthenticated,
         ResourceExhausted,
         DataLoss,
+        Unavailable,
     )
 }
 

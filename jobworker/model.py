@@ -55,6 +55,9 @@ class TerminationReason(enum.Enum):
     STOPPED = "stopped"  # stopped on request
     OOM_KILLED = "oom_killed"  # the kernel's OOM killer, reported by a containment plugin
     NODE_LOST = "node_lost"  # the cluster node running it was lost (cluster backends)
+    #: A restarted server (``serve --live-restore``) could not adopt it, nor learn how it
+    #: ended; the server's log says why (``job_lost``).
+    LOST = "lost"
 
 
 class Action(enum.Enum):
@@ -222,6 +225,8 @@ def describe_end(status: JobStatus) -> str:
         return f"killed by the OOM killer ({how})"
     if ex.reason is TerminationReason.NODE_LOST:
         return f"lost with its node {status.node}"
+    if ex.reason is TerminationReason.LOST:
+        return "lost across a server restart (the server's log says why)"
     if ex.reason is TerminationReason.SIGNALED:
         return f"killed by {how}"
     return f"exited with {how}"

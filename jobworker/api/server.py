@@ -91,7 +91,7 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         disk = os.statvfs(spool_dir)
         budget = int(disk.f_bavail * disk.f_frsize * SPOOL_SHARE_OF_FREE)
     log.info("spool_budget", spool_dir=str(spool_dir), max_spool_bytes=budget)
-    return JobManager(
+    manager = JobManager(
         plugins,
         spool_dir,
         default_grace=config.default_grace,
@@ -101,7 +101,11 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         retain_seconds=config.retain_seconds,
         max_output_bytes=config.max_output_bytes,
         max_spool_bytes=budget,
+        live_restore=config.live_restore,
     )
+    if config.live_restore:
+        manager.restore()
+    return manager
 
 
 class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -274,7 +278,7 @@ async def _serve_until(
     crl = None if config.tls.crl is None else tls.RevocationList(config.tls.crl, config.tls.ca)
     reloader = Reloader(plugins, certificates, crl)
 
-    with spool_run(config.spool_dir) as spool_dir:
+    with spool_run(config.spool_dir, live=config.live_restore) as spool_dir:
         jobs = await plugins.make_backend(config, spool_dir) or backend(config, plugins, spool_dir)
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.

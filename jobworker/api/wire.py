@@ -55,8 +55,9 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 DEFAULT_MAX_STREAMS_PER_CLIENT = 100
 
 _USAGE_FIELDS = tuple(field.name for field in attrs.fields(ResourceUsage))
-#: ``exit_code`` of a job lost with its cluster node.
-_NODE_LOST_EXIT = -1
+#: ``exit_code`` of a job lost with its cluster node, or across a server restart.
+_LOST_EXIT = -1
+_LOST = (TerminationReason.NODE_LOST, TerminationReason.LOST)
 
 
 # -- limits ---------------------------------------------------------------------------------
@@ -183,9 +184,7 @@ def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
     reply = pb.JobStatusResponse(
         job_id=view.job_id,
         status=view.state.value,
-        exit_code=_NODE_LOST_EXIT
-        if view.reason is TerminationReason.NODE_LOST
-        else view.shell_exit_code or 0,
+        exit_code=_LOST_EXIT if view.reason in _LOST else view.shell_exit_code or 0,
         reason="" if view.reason is None else view.reason.value,
         signal=view.signal or 0,
         owner=view.owner,
@@ -233,9 +232,7 @@ def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         job_id=status.job_id,
         state=state,
         reason=reason,
-        exit_code=status.exit_code
-        if ended and not status.signal and reason is not TerminationReason.NODE_LOST
-        else None,
+        exit_code=status.exit_code if ended and not status.signal and reason not in _LOST else None,
         signal=status.signal or None,
         owner=status.owner,
         stopped_by=status.stopped_by or None,

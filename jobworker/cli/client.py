@@ -18,7 +18,8 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -43,7 +44,13 @@ from jobworker.cli.options import (
     limits_from_options,
 )
 from jobworker.client import JobClient
-from jobworker.errors import EXEC_FAILED, FailedPrecondition, JobworkerError, NotFound
+from jobworker.errors import (
+    EXEC_FAILED,
+    FailedPrecondition,
+    JobworkerError,
+    NotFound,
+    Unavailable,
+)
 from jobworker.model import JobState, JobStatusView, TerminationReason
 from jobworker.units import parse_seconds
 
@@ -201,7 +208,7 @@ def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> s
     )
 
 
-def _copy_output(chunks: Iterator[tuple[str, memoryview, int]]) -> None:
+def _copy_output(chunks: Iterable[tuple[str, memoryview, int]]) -> None:
     """Write each chunk to our own stdout or stderr, byte for byte, as it arrives.
 
     Straight to the descriptors from the received message (nothing else writes to them
@@ -332,10 +339,39 @@ def _human(key: str, value: Any) -> str:
     return str(value)
 
 
+#: How long ``logs -f`` waits for a server that went away (one restarting with
+#: ``--live-restore``) before it gives up, and how often it tries meanwhile.
+RESUME_WINDOW_S = 120.0
+RESUME_PAUSE_S = 0.5
+
+
 def _logs(client: JobClient, options: argparse.Namespace) -> int:
-    with contextlib.closing(client.stream_views(options.job_id, follow=options.follow)) as chunks:
-        _copy_output(chunks)
-    return 0
+    """With ``-f``, a stream cut by UNAVAILABLE resumes by itself from the last offset
+    received, for up to :data:`RESUME_WINDOW_S` without the server (docs/cli.md)."""
+    offset = 0
+    gone_since: float | None = None
+    while True:
+        try:
+            with contextlib.closing(
+                client.stream_views(options.job_id, offset, follow=options.follow)
+            ) as chunks:
+                for chunk in chunks:
+                    _copy_output((chunk,))
+                    offset, gone_since = chunk[2], None
+            return 0
+        except Unavailable:
+            if not options.follow:
+                raise
+            now = time.monotonic()
+            if gone_since is None:
+                gone_since = now
+                say(
+                    f"the server went away; resuming at offset {offset} once it is back"
+                    f" (waiting up to {RESUME_WINDOW_S:g} s)"
+                )
+            elif now - gone_since > RESUME_WINDOW_S:
+                raise
+            time.sleep(RESUME_PAUSE_S)
 
 
 def _stop(client: JobClient, options: argparse.Namespace) -> int:

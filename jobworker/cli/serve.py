@@ -107,6 +107,12 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         " RESOURCE_EXHAUSTED (default %(default)s)",
     )
     _add_connection_options(serve)
+    serve.add_argument(
+        "--live-restore",
+        action="store_true",
+        help="stopping (or losing) the server leaves its jobs running, and the next serve"
+        " with this option and the same --spool-dir adopts them (docs/upgrading.md)",
+    )
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.set_defaults(handler=functools.partial(_serve, plugins))
     plugins.add_options(serve)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from jobworker.backends.local.containment import Containment
     from jobworker.backends.local.isolation import IsolationPlan
     from jobworker.config import ServerConfig
-    from jobworker.jobspec import JobSpec
+    from jobworker.jobspec import JobSpec, Limits
     from jobworker.model import Action, JobStatus
 
 log = structlog.get_logger("jobworker.plugins")
@@ -325,6 +325,14 @@ class Plugins:
     def limits_apply(self, job_id: str, spec: JobSpec) -> Containment | None:
         for impl in self._impls("jobworker_limits_apply"):
             result = self._gate(impl, "jobworker_limits_apply", job_id=job_id, spec=spec)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    def limits_restore(self, job_id: str, containment: str, applied: Limits) -> Containment | None:
+        for impl in self._impls("jobworker_limits_restore"):
+            kwargs = {"job_id": job_id, "containment": containment, "applied": applied}
+            result = self._gate(impl, "jobworker_limits_restore", **kwargs)
             if result is not None:
                 return result  # type: ignore[no-any-return]
         return None

@@ -7,8 +7,9 @@ Call order:
    ``jobworker_metrics_registry()`` (first result wins) and, when a plugin answered,
    ``jobworker_metrics_ready(registry)`` -- once, right after configure.
    ``jobworker_make_backend(plugins, config, spool_dir)`` -- once (first result wins): a
-   backend instead of the local engine; then ``jobworker_manager_ready(manager)`` --
-   once, when the job backend exists.
+   backend instead of the local engine (with ``--live-restore`` the local engine calls
+   ``jobworker_limits_restore`` once per running job it adopts); then
+   ``jobworker_manager_ready(manager)`` -- once, when the job backend exists.
 3. Per request: ``jobworker_rpc_started(method)``, ``jobworker_principal(identity)``
    (first result wins), then ``jobworker_authorize(identity, action, job)`` (gate), then
    ``jobworker_decision(...)`` (observer) with the outcome, and
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from jobworker.config import ServerConfig
     from jobworker.errors import JobworkerError
     from jobworker.hooks.host import Plugins
-    from jobworker.jobspec import JobSpec
+    from jobworker.jobspec import JobSpec, Limits
     from jobworker.model import Action, JobStatus
 
 
@@ -208,6 +209,21 @@ def jobworker_limits_apply(job_id: str, spec: JobSpec) -> Containment | None:
     :class:`jobworker.errors.InvalidArgument` or ``FailedPrecondition`` for limits that
     cannot be enforced. Return None to leave the job to the next plugin, or, when no plugin
     answers, to the core's process-group containment.
+    """
+
+
+@hookspec(firstresult=True)
+def jobworker_limits_restore(job_id: str, containment: str, applied: Limits) -> Containment | None:
+    """Adopt the containment of a job a previous server left running (``--live-restore``).
+
+    ``containment`` is the name the job's containment had (``Containment.name``, e.g.
+    ``cgroupv2:/sys/fs/cgroup/worker_jobs/<id>``), ``applied`` its limits. Return the
+    containment to go on with, or None when the name is not this plugin's. Raise
+    :class:`jobworker.errors.JobworkerError` with the reason when it is this plugin's but
+    cannot be adopted (it is gone, or not under this plugin's root): the job is then
+    reported lost, never adopted blindly. Called before the server listens, for each
+    running job the records describe; a plugin that made containments and stays loaded
+    keeps those not adopted from being cleaned up until ``jobworker_manager_ready``.
     """
 
 

@@ -25,6 +25,7 @@ import structlog
 from jobworker.backends.local.cgroupfs import (
     CGROUP_FS,
     HYBRID_MOUNT,
+    NAME_PREFIX,
     ROOT_NAME,
     SYS_DEV_BLOCK,
     JobCgroup,
@@ -121,6 +122,11 @@ class CgroupV2Plugin:
     self_cgroup: Path | None = None
     cpus: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     sys_dev_block: Path = SYS_DEV_BLOCK
+    #: ``serve --live-restore``: leftover job cgroups may be jobs to adopt, so they are
+    #: cleaned up only once the job manager has adopted its own
+    #: (``jobworker_manager_ready``).
+    live_restore: bool = False
+    _adopted: set[Path] = attrs.Factory(set)
     _available: frozenset[str] = frozenset()
     _enabled: frozenset[str] = frozenset()
     _created_root: bool = False
@@ -165,7 +171,7 @@ class CgroupV2Plugin:
                 "newer to stop a job's whole process tree"
             )
         self._enabled = self._enable(chain, self._available & set(CONTROLLERS))
-        leftovers = self._remove_jobs()
+        leftovers = 0 if self.live_restore else self._remove_jobs()
         self._ready = True
         unusable = sorted(set(CONTROLLERS) - self._enabled)
         log.info(
@@ -285,9 +291,10 @@ class CgroupV2Plugin:
             jobs.append(JobCgroup(child))
         return jobs
 
-    def _remove_jobs(self) -> int:
-        """Kill every job cgroup under the root, wait for each to empty, remove it."""
-        jobs = self._job_cgroups()
+    def _remove_jobs(self, keep: frozenset[Path] = frozenset()) -> int:
+        """Kill every job cgroup under the root but ``keep``, wait for each to empty,
+        remove it."""
+        jobs = [job for job in self._job_cgroups() if job.path not in keep]
         for job in jobs:
             job.kill()
         for job in jobs:
@@ -467,7 +474,31 @@ class CgroupV2Plugin:
         if hasattr(options, "cgroup_root"):  # parsed with this plugin's options
             for name, value in _settings(options).items():
                 setattr(self, name, value)
+        self.live_restore = getattr(options, "live_restore", False)
         self.setup()
+
+    @hookimpl
+    def jobworker_limits_restore(
+        self, job_id: str, containment: str, applied: Limits
+    ) -> JobCgroup | None:
+        if not containment.startswith(NAME_PREFIX):
+            return None
+        self.setup()
+        path = Path(containment.removeprefix(NAME_PREFIX))
+        if path.parent != self.root or path.name != job_id:
+            raise FailedPrecondition(
+                f"its cgroup {path} is not this server's (--cgroup-root {self.root})"
+            )
+        if not (path / "cgroup.procs").exists():
+            raise FailedPrecondition(f"its cgroup {path} is gone")
+        self._adopted.add(path)
+        return JobCgroup(path, applied=applied)
+
+    @hookimpl
+    def jobworker_manager_ready(self) -> None:
+        if self.live_restore and self._ready:
+            removed = self._remove_jobs(keep=frozenset(self._adopted))
+            log.info("cgroup_leftovers_removed", removed=removed, adopted=len(self._adopted))
 
     @hookimpl
     def jobworker_limits_apply(self, job_id: str, spec: JobSpec) -> JobCgroup:

@@ -16,8 +16,10 @@ script, which runs alone in a fresh session and, in this order:
    signals survive ``execve``);
 5. ``execve``s the command. The status pipe (fd 3) is close-on-exec: the server reads EOF
    when the exec succeeded, or one error report when a step failed. An isolated job's PID 1
-   writes the command's wait status to the exit-report pipe (fd 4) before it exits: the
+   writes the command's wait status to the exit report (fd 4, a file) before it exits: the
    server's own child is then PID 1, which no signal from inside its namespace can kill.
+   Under ``serve --live-restore`` a job without namespaces gets such a first process too
+   (``monitor``), since the server that reaps it may be gone when the command ends.
    PID 1 and its parent close their copies of fd 0, so the command alone holds the stdin
    pipe's read end and the server's writer sees EPIPE once the command is gone.
 
@@ -74,8 +76,10 @@ def launch(fields: list[str], pid1: bool = False) -> None:
                 f.write("0")
         except OSError as err:
             _fail("join", err, join_path)
-    if plan:
+    if _plan_value(plan, "ns"):
         isolate(plan, pid1, bool(join_path))
+    elif _plan_value(plan, "monitor"):
+        _monitor()
     if cwd:
         try:
             os.chdir(cwd)
@@ -384,6 +388,35 @@ def _init(child: int) -> None:
         if pid == child:
             os.write(EXIT_FD, str(status).encode())
             os._exit(0)
+
+
+def _monitor() -> None:
+    """Live restore, a job without namespaces: this process stays as the job's first
+    process, waits for the command and writes its wait status to the exit report, a file
+    a later server reads if the one that started the job is gone by then (nobody else
+    would learn it: the orphan is reaped by init). Returns in the command's process.
+
+    It ignores the signals a stop or a terminal sends, as a namespace's PID 1 does, so
+    that it outlives the command to report how it ended; SIGKILL still takes it.
+    """
+    child = os.fork()
+    if child == 0:
+        return
+    for signum in _MONITOR_IGNORES:
+        _signal.signal(signum, _signal.SIG_IGN)
+    _init(child)
+
+
+_MONITOR_IGNORES = (
+    _signal.SIGHUP,
+    _signal.SIGINT,
+    _signal.SIGQUIT,
+    _signal.SIGTERM,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
+    _signal.SIGPIPE,
+    _signal.SIGALRM,
+)
 
 
 def _decode(payload: bytes) -> list[str]:

@@ -193,6 +193,10 @@ def parse_device(spec: str, *, sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
 # -- one job ------------------------------------------------------------------------------
 
 
+#: How a job cgroup's name (shown in status, kept in live-restore records) starts.
+NAME_PREFIX = "cgroupv2:"
+
+
 @attrs.define
 class JobCgroup:
     """One job's cgroup: the :class:`jobworker.backends.local.containment.Containment` this plugin
@@ -216,7 +220,7 @@ class JobCgroup:
 
     @property
     def name(self) -> str:
-        return f"cgroupv2:{self.path}"
+        return f"{NAME_PREFIX}{self.path}"
 
     @property
     def join_path(self) -> str:

@@ -109,3 +109,35 @@ class ProcessGroup:
 
     def release(self) -> None:
         self._pgid = None
+
+
+@attrs.frozen
+class Ended:
+    """The containment of a job whose processes this server cannot reach: one that ended
+    before it started (live restore), or whose containment could not be adopted. Status
+    still names it; there is nothing to signal, wait for or release."""
+
+    name: str
+    applied: Limits = attrs.field(factory=Limits)
+
+    @property
+    def join_path(self) -> str | None:
+        return None
+
+    def attach(self, pid: int) -> None:
+        return None
+
+    def signal(self, signum: int) -> None:
+        return None
+
+    def kill(self) -> None:
+        return None
+
+    async def wait_empty(self) -> None:
+        return None
+
+    def report(self) -> ContainmentReport:
+        return ContainmentReport()
+
+    def release(self) -> None:
+        return None

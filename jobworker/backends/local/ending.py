@@ -40,40 +40,53 @@ SIGTERM_MIN_SECONDS = 0.25
 
 async def supervise(job: Job, output: JobOutput) -> tuple[ExitInfo, ResourceUsage | None]:
     """Wait for the main process, then clean up; it always returns how the job ended and
-    its usage, whatever fails."""
+    its usage, whatever fails. A job :attr:`~Job.detached` (live restore) is left as it is
+    when this is cancelled."""
     code, status, report = os.CLD_KILLED, int(signal.SIGKILL), ContainmentReport()
     try:
         code, status = await _reap(job)
+        # An adopted job's pipes arrive with the previous ingest process's hand-over.
+        await output.restored.wait()
         await _settle(job)
         report = job.containment.report()
     except Exception:
         log.exception("job_supervision_failed", job_id=job.job_id)
-    finally:
-        # Still open only when reaping was cancelled (a shutdown giving up on a job).
-        for fd in (job.pidfd, job.exit_report):
-            if fd >= 0:
-                os.close(fd)
-        job.pidfd = job.exit_report = -1
-        close_stdin(job)
-        for pipe in list(job.pipes.values()):
-            await output.drop(pipe)
-        try:
-            # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
-            await asyncio.to_thread(job.containment.release)
-        except Exception:
-            log.exception("containment_release_failed", job_id=job.job_id)
+    except BaseException:
+        if not job.detached:
+            await _release(job, output)
+        raise
+    await _release(job, output)
     return exit_info(job, code, status, report), report.usage
 
 
-async def _reap(job: Job) -> tuple[int, int]:
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(job.pidfd, resolve_future, exited)
+async def _release(job: Job, output: JobOutput) -> None:
+    # Still open only when reaping was cancelled (a shutdown giving up on a job).
+    for fd in (job.pidfd, job.exit_report):
+        if fd >= 0:
+            os.close(fd)
+    job.pidfd = job.exit_report = -1
+    close_stdin(job)
+    for pipe in list(job.pipes.values()):
+        await output.drop(pipe)
     try:
-        await exited
-    finally:
-        loop.remove_reader(job.pidfd)
+        # Off the event loop: removing a cgroup may wait for the kernel (EBUSY).
+        await asyncio.to_thread(job.containment.release)
+    except Exception:
+        log.exception("containment_release_failed", job_id=job.job_id)
+
+
+async def _reap(job: Job) -> tuple[int, int]:
+    if job.pidfd >= 0:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(job.pidfd, resolve_future, exited)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(job.pidfd)
     job.exited.set()
+    if not job.child:
+        return _reap_adopted(job)
     # Look without reaping: while the zombie exists its pid (and process group id)
     # cannot be reused, so killing the leftovers cannot hit a stranger.
     # The pidfd said the process exited, so neither wait blocks.
@@ -91,6 +104,24 @@ async def _reap(job: Job) -> tuple[int, int]:
     if info is None:  # cannot happen after the pidfd fired; be explicit anyway
         return os.CLD_KILLED, int(signal.SIGKILL)
     return info.si_code, info.si_status
+
+
+def _reap_adopted(job: Job) -> tuple[int, int]:
+    """An adopted job's main process is init's child now: its exit report alone says how
+    the command ended. Without one the job is ``lost``, unless a stop killed it."""
+    job.containment.kill()
+    if job.pidfd >= 0:
+        os.close(job.pidfd)
+        job.pidfd = -1
+    reported = read_exit_report(job.exit_report)
+    os.close(job.exit_report)
+    job.exit_report = -1
+    if reported is not None:
+        job.lost = None  # whatever adoption found, the job's end is known
+        return _from_wait_status(reported)
+    if not job.escalated and job.lost is None:
+        job.lost = "its first process ended without reporting the command's exit status"
+    return os.CLD_KILLED, int(signal.SIGKILL)
 
 
 async def _settle(job: Job) -> None:
@@ -118,6 +149,9 @@ def exit_info(job: Job, code: int, status: int, report: ContainmentReport) -> Ex
     killed = code in (os.CLD_KILLED, os.CLD_DUMPED)
     exit_code = None if killed else status
     sig = status if killed else None
+    if job.lost is not None and not job.escalated:
+        log.error("job_lost", job_id=job.job_id, reason=job.lost)
+        return ExitInfo(reason=TerminationReason.LOST, stopped_by=job.stopped_by)
     if report.oom_killed:
         reason = TerminationReason.OOM_KILLED
     elif job.stopped_by is not None:

@@ -77,6 +77,8 @@ class Pipe:
     ended: bool = False
     #: Closed (or about to be, by the thread that saw its last byte written).
     closed: bool = False
+    #: Dropped to be handed on (live restore): left open, for the new reader.
+    keep: bool = False
     done: asyncio.Future[None] | None = None
 
 
@@ -132,10 +134,14 @@ class Ingest:
         self._request(register)
         return pipe
 
-    def drop(self, pipe: Pipe) -> asyncio.Future[None]:
+    def drop(self, pipe: Pipe, keep: bool = False) -> asyncio.Future[None]:
         """Stop reading ``pipe`` and close it (a pipe a leftover process still holds) once
         what was read from it is written; the future resolves on the loop once it is closed
-        and ``on_eof`` has run."""
+        and ``on_eof`` has run.
+
+        ``keep``: leave the descriptor open, for another reader to go on where this one
+        stopped; ``pipe.keep`` then says whether it was (not if its end came first: then
+        it was read whole, and closed)."""
         done: asyncio.Future[None] = self._loop.create_future()
 
         def drop() -> None:
@@ -148,6 +154,7 @@ class Ingest:
                     self._loop.call_soon_threadsafe(_resolve, done)
                 return
             pipe.done = done
+            pipe.keep = keep
             self._end(pipe)
 
         self._request(drop)
@@ -299,7 +306,8 @@ class Ingest:
     def _finish(self, pipe: Pipe) -> None:
         """Close the pipe and tell the loop: by the reader at end-of-file with nothing
         pending, or by the writer after the pipe's last pending read."""
-        os.close(pipe.fd)
+        if not pipe.keep:
+            os.close(pipe.fd)
         self._loop.call_soon_threadsafe(_eof, pipe.on_eof, pipe.done)
 
 

@@ -5,6 +5,16 @@ The server's side, and why ingestion runs in a process of its own, is
 event loop taking the server's messages (``job``, ``drop``, ``forget``) and the ingest
 threads reporting each spool write (``state``) and each closed pipe (``eof``). The message
 framing both ends use is here too.
+
+**Live restore** (``serve --live-restore``, the helper started with ``--live RUN_DIR``).
+When its server goes (it stops, or dies), the helper stays: it keeps reading every job's
+pipes into their spools, so a job never blocks on a full pipe nor loses a byte while no
+server runs, and it listens on :data:`HANDOVER_SOCKET` in the run directory. The next
+server connects and sends ``handover``: the helper stops reading every pipe once what it
+read is spooled, sends, per log, ``log`` (the bytes the job wrote and why the log was cut,
+which its spool cannot tell) with the pipes not at their end (their descriptors), then
+``done``, and exits. The new server's own helper reads on from where it stopped (``job``
+with the log's ``state``). Only a peer of the helper's own uid is served.
 """
 
 from __future__ import annotations
@@ -12,23 +22,44 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import signal
 import socket
+import struct
+from pathlib import Path
 from typing import Any
 
 import attrs
+import structlog
 
 from jobworker.backends.local.ingest import Ingest, Pipe
-from jobworker.backends.local.outputlog import SpoolBudget, SpoolWriter
+from jobworker.backends.local.outputlog import SpoolBudget, SpoolState, SpoolWriter
 from jobworker.model import Stream
+
+log = structlog.get_logger("jobworker.backends.local.ingest_helper")
 
 #: Bytes of one message, at most (a state carries at most a few hundred marks).
 MESSAGE_MAX = 1 << 20
 #: Descriptors one message carries, at most (a job's spool file and its two pipes).
 FDS_MAX = 3
+#: Where a helper left by its server waits for the next one, in the live run directory.
+HANDOVER_SOCKET = "ingest.sock"
+
+
+def run_dir_path(directory_fd: int, name: str) -> str:
+    """``name`` in the directory open as ``directory_fd``, as a socket address: a unix
+    socket's path is limited to 108 bytes, a spool directory's is not."""
+    return f"/proc/self/fd/{directory_fd}/{name}"
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def send_message(sock: socket.socket, data: bytes, fds: tuple[int, ...], flags: int) -> None:
@@ -78,6 +109,8 @@ class _Helper:
         self._ingest = Ingest(loop, read_size, priority=None)
         self._logs: dict[str, _Log] = {}
         self._pipes: dict[int, Pipe] = {}
+        #: Each pipe's log and stream (for a hand-over).
+        self._pipe_of: dict[int, tuple[str, Stream]] = {}
         self.finished: asyncio.Future[None] = loop.create_future()
 
     def receive(self) -> None:
@@ -99,9 +132,12 @@ class _Helper:
         if kind == "job":  # fds: the spool file, then each pipe
             log_id = message["log"]
             entry = _Log(SpoolWriter(fds[0], message["max"], self._budget), fds[0])
+            if "state" in message:  # a log an earlier helper wrote: go on where it stopped
+                entry.writer.resume(SpoolState(**{**message["state"], "marks": ()}))
             self._logs[log_id] = entry
             entry.pipes.update(pipe_id for pipe_id, _ in message["pipes"])
             for (pipe_id, stream), fd in zip(message["pipes"], fds[1:], strict=True):
+                self._pipe_of[pipe_id] = (log_id, Stream(stream))
                 self._pipes[pipe_id] = self._ingest.add(
                     fd,
                     functools.partial(self._write, log_id, entry.writer, Stream(stream)),
@@ -135,6 +171,34 @@ class _Helper:
         except OSError:
             pass
 
+    async def hand_over(self, peer: socket.socket) -> None:
+        """Give every log to the next server (see the module docstring)."""
+        pipes = dict(self._pipes)
+        await asyncio.gather(*(self._ingest.drop(pipe, keep=True) for pipe in pipes.values()))
+        kept: dict[str, list[tuple[Stream, int]]] = {}
+        for pipe_id, pipe in pipes.items():
+            log_id, stream = self._pipe_of[pipe_id]
+            if pipe.keep:
+                kept.setdefault(log_id, []).append((stream, pipe.fd))
+        for log_id, entry in self._logs.items():
+            if entry.forgotten:
+                continue
+            state = entry.writer.take()
+            streams = kept.get(log_id, [])
+            message = {
+                "t": "log",
+                "log": log_id,
+                "seen": state.seen,
+                "cut": state.cut,
+                "streams": [int(stream) for stream, _ in streams],
+            }
+            fds = tuple(fd for _, fd in streams)
+            send_message(peer, json.dumps(message).encode(), fds, 0)
+            for fd in fds:
+                os.close(fd)
+        send_message(peer, b'{"t": "done"}', (), 0)
+        log.info("ingest_handed_over", logs=len(self._logs), pipes=len(pipes))
+
     def _eof(self, log_id: str, pipe_id: int) -> None:
         del self._pipes[pipe_id]
         self.tell({"t": "eof", "pipe": pipe_id})
@@ -161,13 +225,15 @@ class _Helper:
 
 
 def main(argv: list[str]) -> None:
-    """The helper: ``READ_SIZE SPOOL_USED [SPOOL_LIMIT]``, its socket on fd 3."""
+    """The helper: ``[--live RUN_DIR] READ_SIZE SPOOL_USED [SPOOL_LIMIT]``, its socket on
+    fd 3."""
     from jobworker.logconfig import configure_logging
 
     p = argparse.ArgumentParser(prog="jobworker-ingest")
     p.add_argument("read_size", type=int)
     p.add_argument("spool_used", type=int)
     p.add_argument("spool_limit", type=int, nargs="?")
+    p.add_argument("--live", type=Path, metavar="RUN_DIR")
     options = p.parse_args(argv)
     configure_logging()
     # The server decides when ingestion ends (it closes the socket once every job has
@@ -180,17 +246,51 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=3)
     budget = SpoolBudget(options.spool_limit)
     budget.take(options.spool_used)
-    asyncio.run(_run(sock, options.read_size, budget))
+    asyncio.run(_run(sock, options.read_size, budget, options.live))
 
 
-async def _run(sock: socket.socket, read_size: int, budget: SpoolBudget) -> None:
+async def _run(sock: socket.socket, read_size: int, budget: SpoolBudget, live: Path | None) -> None:
     loop = asyncio.get_running_loop()
     helper = _Helper(loop, sock, read_size, budget)
     loop.add_reader(sock.fileno(), helper.receive)
     helper.tell({"t": "ready"})
     try:
         await helper.finished
-    finally:
         loop.remove_reader(sock.fileno())
+        if live is not None:
+            # Reports to the server that is gone fail (EPIPE) and are dropped meanwhile.
+            await _wait_for_next_server(helper, live)
+    finally:
         helper.close()
         sock.close()
+
+
+async def _wait_for_next_server(helper: _Helper, run_dir: Path) -> None:
+    """Listen in ``run_dir`` until a server of this uid asks for the hand-over; do it."""
+    loop = asyncio.get_running_loop()
+    directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        address = run_dir_path(directory, HANDOVER_SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+        listener.bind(address)
+        listener.listen(4)
+        listener.setblocking(False)
+        log.info("ingest_waiting_for_server", socket=str(run_dir / HANDOVER_SOCKET))
+        while True:
+            peer, _ = await loop.sock_accept(listener)
+            with peer:
+                if peer_uid(peer) != os.getuid():
+                    continue
+                request = await loop.sock_recv(peer, 64)
+                if request != b'{"t": "handover"}':
+                    continue
+                peer.setblocking(True)
+                await helper.hand_over(peer)
+                return
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(run_dir_path(directory, HANDOVER_SOCKET))
+        os.close(directory)

@@ -52,9 +52,15 @@ import attrs
 import structlog
 
 from jobworker.backends.local.ingest import Ingest, Pipe, Sink
-from jobworker.backends.local.ingest_helper import MESSAGE_MAX, send_message
+from jobworker.backends.local.ingest_helper import (
+    HANDOVER_SOCKET,
+    MESSAGE_MAX,
+    receive_message,
+    run_dir_path,
+    send_message,
+)
 from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState
-from jobworker.backends.local.spawn import spawn_helper
+from jobworker.backends.local.spawn import resolve_future, spawn_helper
 from jobworker.model import Stream
 
 log = structlog.get_logger("jobworker.backends.local.ingest_process")
@@ -90,8 +96,13 @@ class IngestProcess:
         read_size: int,
         budget: SpoolBudget,
         fallback: Callable[[], Ingest],
+        live: Path | None = None,
     ) -> None:
+        """``live``: the live run directory (``serve --live-restore``); the helper then
+        outlives the server and waits there for the next one
+        (:mod:`~jobworker.backends.local.ingest_helper`)."""
         self._loop = loop
+        self._live = live
         self._read_size = read_size
         self._budget_limit = budget.limit
         self._fallback = fallback
@@ -134,13 +145,15 @@ class IngestProcess:
         output: OutputLog,
         pipes: Sequence[tuple[int, Stream, Sink, Callable[[], None]]],
         published: Callable[[], None],
+        resume: SpoolState | None = None,
     ) -> list[RemotePipe]:
         """Have the helper read a job's pipes (``fd, stream, sink, on_eof`` each) into
         ``output``: ``published`` runs on the loop after each report of what ``output``
         holds, each ``on_eof`` once its pipe is closed. All of a job's pipes or none: with
         no helper, or no descriptor left to pass them with, the threads here read them all
         with their ``sink`` (one writer per spool file, always), as they do should the
-        helper be lost later."""
+        helper be lost later. ``resume``: what an earlier helper wrote of ``output`` (live
+        restore), to go on from."""
         handles = [
             RemotePipe(next(self._ids), fd, stream, output, sink, on_eof)
             for fd, stream, sink, on_eof in pipes
@@ -163,8 +176,25 @@ class IngestProcess:
         # it would close the spool once the first pipe ended, and write the second through
         # a number the kernel may have given to another job's file.
         pipes_of = [[handle.id, int(handle.stream)] for handle in handles]
-        self._queue({"t": "job", "log": log_id, "max": output.max_bytes, "pipes": pipes_of}, copies)
+        message: dict[str, Any] = {
+            "t": "job",
+            "log": log_id,
+            "max": output.max_bytes,
+            "pipes": pipes_of,
+        }
+        if resume is not None:
+            message["state"] = attrs.asdict(attrs.evolve(resume, marks=()))
+            self._charged[log_id] = resume.charged
+        self._queue(message, copies)
         return handles
+
+    def register(
+        self, log_id: str, output: OutputLog, published: Callable[[], None], charged: int
+    ) -> None:
+        """Count a complete log an earlier helper wrote (live restore) in the budget, until
+        :meth:`forget`; call it before the first :meth:`ready`."""
+        self._logs[log_id] = (output, published)
+        self._charged[log_id] = charged
 
     def drop(self, pipe: RemotePipe) -> asyncio.Future[None]:
         """Stop reading ``pipe`` once what was read of it is spooled; resolves once closed."""
@@ -184,14 +214,17 @@ class IngestProcess:
             return  # its pipes were read here: the helper never knew it
         self._queue({"t": "forget", "log": log_id, "charged": self._charged.pop(log_id, 0)})
 
-    def close(self) -> None:
-        """Stop the helper (every job has ended)."""
+    def close(self, detach: bool = False) -> None:
+        """Stop the helper (every job has ended); ``detach``: leave it reading the jobs'
+        pipes for the next server (live restore)."""
         sock, pid = self._sock, self._pid
         self._sock = self._pid = None
         self._drop_outbox(sock)
         if sock is not None:
             self._loop.remove_reader(sock.fileno())
-            sock.close()  # the helper exits at end-of-file
+            sock.close()  # the helper exits at end-of-file, or waits for the next server
+        if detach:
+            return
         if pid is not None and _reap(pid, EXIT_TIMEOUT) is None:
             log.error("ingest_process_kill", pid=pid, waited=EXIT_TIMEOUT)
             _kill(pid)
@@ -212,6 +245,8 @@ class IngestProcess:
         args += [str(Path(__file__).parents[3]), str(self._read_size), str(used)]
         if self._budget_limit is not None:
             args.append(str(self._budget_limit))
+        if self._live is not None:
+            args += ["--live", str(self._live)]
         try:
             with theirs:
                 self._pid = spawn_helper(args, theirs.fileno())
@@ -381,3 +416,68 @@ def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
             target.set_result(None)
 
     source.add_done_callback(done)
+
+
+# -- live restore: the previous server's helper ---------------------------------------------
+
+#: How long the previous server's helper may take to spool what it read and hand over.
+HANDOVER_TIMEOUT = 30.0
+
+
+@attrs.frozen
+class HandedOver:
+    """One log as the previous server's helper left it: the bytes its job wrote, why it
+    was cut, and its pipes that had not reached their end (this process owns them)."""
+
+    seen: int
+    cut: str | None
+    pipes: tuple[tuple[Stream, int], ...]
+
+
+async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
+    """Every log of the helper a previous server left in ``run_dir`` (live restore), by
+    id; None when no helper waits there (it died, or none was left)."""
+    loop = asyncio.get_running_loop()
+    directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    logs: dict[str, HandedOver] = {}
+    try:
+        try:
+            await loop.sock_connect(sock, run_dir_path(directory, HANDOVER_SOCKET))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        await loop.sock_sendall(sock, b'{"t": "handover"}')
+        async with asyncio.timeout(HANDOVER_TIMEOUT):
+            while True:
+                data, fds = await _receive_one(loop, sock)
+                message: dict[str, Any] = json.loads(data) if data else {"t": "done"}
+                if message["t"] == "done":
+                    return logs
+                streams = [Stream(stream) for stream in message["streams"]]
+                pipes = tuple(zip(streams, fds, strict=True))
+                logs[message["log"]] = HandedOver(message["seen"], message["cut"], pipes)
+    except BaseException:
+        for handed in logs.values():
+            for _stream, fd in handed.pipes:
+                os.close(fd)
+        raise
+    finally:
+        sock.close()
+        os.close(directory)
+
+
+async def _receive_one(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
+) -> tuple[bytes, list[int]]:
+    while True:
+        try:
+            return receive_message(sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), resolve_future, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())

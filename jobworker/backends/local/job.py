@@ -17,6 +17,7 @@ from jobworker.backends.local.ingest import Pipe
 from jobworker.backends.local.ingest_process import RemotePipe
 from jobworker.backends.local.isolation import IsolationPlan
 from jobworker.backends.local.outputlog import OutputLog
+from jobworker.backends.local.record import JobRecord
 from jobworker.jobspec import JobSpec
 from jobworker.model import ExitInfo, JobState, JobStatus, ResourceUsage
 
@@ -32,7 +33,10 @@ class Job:
     exit_report: int  # -1 once read
     log: OutputLog
     started_at: float
-    plan: IsolationPlan | None
+    #: The account it runs as (None: the server's own), its uid, and how it is isolated.
+    user: str | None
+    uid: int
+    isolation: str
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     exited: asyncio.Event = attrs.Factory(asyncio.Event)  # the main process has exited
     ended_at: float | None = None
@@ -51,6 +55,16 @@ class Job:
     stdin: int = -1  # write end of the job's stdin pipe; -1: never open, or closed
     stdin_writer: bool = False  # a write_input call holds stdin
     stdin_wakeup: asyncio.Future[None] | None = None  # what a blocked writer awaits
+    #: The server is the main process's parent (False: adopted, see :mod:`.restore`).
+    child: bool = True
+    #: Why a restarted server could not adopt its process (its end is ``lost`` unless the
+    #: exit report says how it ended).
+    lost: str | None = None
+    #: Left running by a server that stops with ``--live-restore``: nothing of it is
+    #: released, a later server adopts it.
+    detached: bool = False
+    #: Its record (live restore), rewritten when the job ends.
+    record: JobRecord | None = None
 
     def snapshot(self) -> JobStatus:
         return JobStatus(
@@ -68,7 +82,14 @@ class Job:
             output_bytes=self.log.payload_bytes,
             output_kept_bytes=self.log.kept_bytes,
             output_truncated=self.log.truncated,
-            user=None if self.plan is None else self.plan.account.name,
-            uid=os.getuid() if self.plan is None else self.plan.account.uid,
-            isolation="none" if self.plan is None else self.plan.describe(),
+            user=self.user,
+            uid=self.uid,
+            isolation=self.isolation,
         )
+
+
+def isolation_summary(plan: IsolationPlan | None) -> tuple[str | None, int, str]:
+    """What status shows of ``plan``: the account, its uid, and one line about it."""
+    if plan is None:
+        return None, os.getuid(), "none"
+    return plan.account.name, plan.account.uid, plan.describe()

@@ -24,14 +24,23 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import structlog
 
-from jobworker.backends.local import ending, stdin
-from jobworker.backends.local.containment import ProcessGroup
-from jobworker.backends.local.job import Job
+from jobworker.backends.local import ending, restore, stdin
+from jobworker.backends.local.containment import Containment, ProcessGroup
+from jobworker.backends.local.isolation import IsolationPlan
+from jobworker.backends.local.job import Job, isolation_summary
 from jobworker.backends.local.output import JobOutput
+from jobworker.backends.local.record import (
+    EXIT_SUFFIX,
+    JobEnd,
+    JobRecord,
+    ProcessIdentity,
+    remove_files,
+)
 from jobworker.backends.local.sampling import UsageSampler
-from jobworker.backends.local.spawn import Spawner
+from jobworker.backends.local.spawn import Spawned, Spawner
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -73,8 +82,13 @@ class JobManager:
         retain_seconds: float = 3600.0,
         max_output_bytes: int | None = None,
         max_spool_bytes: int | None = None,
+        live_restore: bool = False,
     ) -> None:
+        """``live_restore``: keep a record of each job beside its spool, leave jobs
+        running at :meth:`shutdown`, and adopt those of the previous server
+        (:meth:`restore`)."""
         self._plugins = plugins
+        self._live = live_restore
         self._spool_dir = spool_dir
         self.default_grace = default_grace
         self._max_running = max_running
@@ -92,7 +106,9 @@ class JobManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
-        self._output = JobOutput(plugins, spool_dir, max_output_bytes, max_spool_bytes)
+        self._output = JobOutput(
+            plugins, spool_dir, max_output_bytes, max_spool_bytes, live=live_restore
+        )
         self._spawner = Spawner()
         self._usage = UsageSampler()
         #: Where job output is spooled (the metrics plugin reports its size and free space).
@@ -199,11 +215,21 @@ class JobManager:
             try:
                 plan = self._plugins.isolate(job_id, spec, owner)
                 output = self._output.open_log(job_id)
+                exit_report = self._spool_dir / (job_id + EXIT_SUFFIX) if self._live else None
                 try:
                     ingest_process = await self._output.ready_ingest_process()
-                    spawned = await self._spawner.spawn(spec, containment.join_path, plan)
+                    spawned = await self._spawner.spawn(
+                        spec, containment.join_path, plan, exit_report
+                    )
+                    started_at = time.time()
+                    record = None
+                    if self._live:
+                        record = self._record(
+                            job_id, spec, owner, containment, plan, spawned, started_at
+                        )
                 except BaseException:
                     output.remove()
+                    remove_files(self._spool_dir, job_id)
                     raise
             except BaseException:
                 containment.kill()
@@ -219,6 +245,7 @@ class JobManager:
             if self._starting == 0:
                 self._idle.set()
         containment.attach(spawned.pid)
+        user, uid, isolation = isolation_summary(plan)
         job = Job(
             job_id=job_id,
             spec=spec,
@@ -228,20 +255,17 @@ class JobManager:
             pidfd=spawned.pidfd,
             exit_report=spawned.exit_report,
             log=output,
-            started_at=time.time(),
-            plan=plan,
+            started_at=started_at,
+            user=user,
+            uid=uid,
+            isolation=isolation,
             stdin=spawned.stdin,
+            record=record,
         )
         self._jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment, spawned.helpers)
         self._output.connect(job, spawned.stdout, spawned.stderr, ingest_process)
-        # A fresh context: the job outlives the RPC that started it, and its log lines
-        # must not carry that RPC's identity and name.
-        task = asyncio.get_running_loop().create_task(
-            self._supervise(job), name=f"job-{job_id}", context=contextvars.Context()
-        )
-        self._supervisors.add(task)
-        task.add_done_callback(self._supervisors.discard)
+        self._watch(job)
         status = job.snapshot()
         log.info(
             "job_started",
@@ -253,6 +277,94 @@ class JobManager:
         )
         self._plugins.job_started(status)
         return status
+
+    def _record(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        owner: str,
+        containment: Containment,
+        plan: IsolationPlan | None,
+        spawned: Spawned,
+        started_at: float,
+    ) -> JobRecord:
+        """Write the record of a job that just started (live restore): before anyone
+        hears of the job, so that no job a client saw lacks one. A failure kills it."""
+        user, uid, isolation = isolation_summary(plan)
+        try:
+            record = JobRecord(
+                job_id=job_id,
+                owner=owner,
+                spec=spec,
+                started_at=started_at,
+                process=ProcessIdentity.of(spawned.pid),
+                containment=containment.name,
+                applied_limits=containment.applied,
+                user=user,
+                uid=uid,
+                isolation=isolation,
+                spool=f"{job_id}.out",
+                exit_report=job_id + EXIT_SUFFIX,
+                max_output_bytes=self._output.max_output_bytes,
+            )
+            record.write(self._spool_dir)
+        except OSError as err:
+            spawned.abandon()
+            raise FailedPrecondition(
+                f"cannot write the job's record in {self._spool_dir}: {err.strerror or err}"
+            ) from err
+        return record
+
+    def _watch(self, job: Job) -> None:
+        """Supervise ``job`` until it ends."""
+        # A fresh context: the job outlives the RPC that started it, and its log lines
+        # must not carry that RPC's identity and name.
+        task = asyncio.get_running_loop().create_task(
+            self._supervise(job), name=f"job-{job.job_id}", context=contextvars.Context()
+        )
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+
+    # -- live restore --------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Adopt the jobs the previous server left in the spool directory (see
+        :mod:`.restore`). Called once, before the server listens; waits on no job: their
+        output pipes come back from the previous ingest process in a task of their own."""
+        running = []
+        for record in restore.read_records(self._spool_dir):
+            job = restore.adopt(record, self._spool_dir, self._plugins, self._output.budget)
+            if job is None:
+                remove_files(self._spool_dir, record.job_id)
+                continue
+            self._jobs[job.job_id] = job
+            if job.done.is_set():
+                self._output.adopt_finished(job)
+                self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
+                self._finished_count += 1
+                continue
+            running.append(job)
+            self._active[job.owner] += 1
+            if job.pidfd >= 0:
+                self._usage.track(job.job_id, job.pid, job.containment)
+            self._watch(job)
+        self._output.take_over(running)
+        log.info(
+            "jobs_restored",
+            running=len(running),
+            finished=self._finished_count,
+            lost=sum(1 for job in running if job.lost is not None),
+        )
+        self._evict()
+
+    def _detach(self) -> None:
+        """Leave every job running for the next server (``--live-restore``): their
+        records, spools and exit reports stay; followers get UNAVAILABLE."""
+        for job in self._jobs.values():
+            job.detached = True
+            job.log.detach()
+        for task in self._supervisors:
+            task.cancel()
 
     # -- output and input ----------------------------------------------------------------
 
@@ -277,6 +389,8 @@ class JobManager:
         job.usage = usage
         job.ended_at = time.time()
         job.log.close()
+        if job.record is not None:
+            self._record_end(job, job.record)
         job.done.set()
         self._release_slot(job.owner)
         self._usage.finished(job.job_id)
@@ -293,6 +407,23 @@ class JobManager:
         )
         self._plugins.on_exit(final)
         self._evict()
+
+    def _record_end(self, job: Job, record: JobRecord) -> None:
+        """Rewrite the record of a job that ended, so the next server shows its end."""
+        assert job.exit is not None and job.ended_at is not None
+        end = JobEnd(job.exit, job.ended_at, job.usage, job.log.payload_bytes, job.log.cut_reason)
+        job.record = attrs.evolve(record, end=end)
+        try:
+            job.record.write(self._spool_dir)
+        except OSError as err:
+            # The next server reads the exit report instead; only the usage is lost.
+            log.warning("job_record_not_updated", job_id=job.job_id, error=str(err))
+
+    def _remove(self, job: Job) -> None:
+        """Delete everything kept of an evicted job: output, record, exit report."""
+        self._output.remove(job)
+        if job.record is not None:
+            remove_files(self._spool_dir, job.job_id)
 
     def _release_slot(self, owner: str) -> None:
         self._active[owner] -= 1
@@ -316,7 +447,7 @@ class JobManager:
             del self._finished[owner]
         self._finished_count -= 1
         self._usage.forget(job.job_id)
-        self._output.remove(job)
+        self._remove(job)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -350,10 +481,13 @@ class JobManager:
     # -- shutdown ------------------------------------------------------------------------
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop every job (grace, then kill), then remove every spool file."""
+        """Stop every job (grace, then kill), then remove every spool file; with
+        ``live_restore``, leave them all for the next server instead."""
         self._closing = True
         await self._idle.wait()
-        running = [j for j in self._jobs.values() if not j.done.is_set()]
+        if self._live:
+            self._detach()
+        running = [] if self._live else [j for j in self._jobs.values() if not j.done.is_set()]
         await asyncio.gather(
             *(self.stop(j.job_id, by="server-shutdown", grace=grace) for j in running)
         )
@@ -366,10 +500,11 @@ class JobManager:
                 )
                 task.cancel()
         for job in self._jobs.values():
-            self._output.remove(job)
+            if not self._live:
+                self._remove(job)
         await self._usage.close()
         self._jobs.clear()
         self._finished.clear()
         self._finished_count = 0
         self._spawner.close()
-        self._output.close()
+        self._output.close(detach=self._live)

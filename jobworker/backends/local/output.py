@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
 
 from jobworker.backends.local.ingest import Ingest, Pipe
-from jobworker.backends.local.ingest_process import IngestProcess, RemotePipe
+from jobworker.backends.local.ingest_process import (
+    HandedOver,
+    IngestProcess,
+    RemotePipe,
+    take_over,
+)
 from jobworker.backends.local.job import Job
-from jobworker.backends.local.outputlog import OutputLog, SpoolBudget
+from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState, scan
 from jobworker.backends.local.spawn import PIPE_SIZE
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
@@ -42,9 +49,15 @@ class JobOutput:
         spool_dir: Path,
         max_output_bytes: int | None,
         max_spool_bytes: int | None,
+        live: bool = False,
     ) -> None:
+        """``live``: ``serve --live-restore`` (see :meth:`take_over`)."""
         self._plugins = plugins
         self._spool_dir = spool_dir
+        self._live = live
+        #: Set once the pipes of adopted jobs are back (:meth:`take_over`), or at once.
+        self.restored = asyncio.Event()
+        self.restored.set()
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
         self._observer_slots = threading.BoundedSemaphore(OBSERVER_BACKLOG)
         self._max_output_bytes = max_output_bytes
@@ -57,6 +70,15 @@ class JobOutput:
         #: Bytes of output read from every job so far, kept or not (for the metrics plugin:
         #: an int, read whole from its thread).
         self.bytes_read = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def budget(self) -> SpoolBudget:
+        return self._spool_budget
+
+    @property
+    def max_output_bytes(self) -> int | None:
+        return self._max_output_bytes
 
     @property
     def ingest_pid(self) -> int | None:
@@ -81,16 +103,32 @@ class JobOutput:
         (a plugin observes output chunks, or the process could not start)."""
         if self._observe_output:
             return None
+        return self._ingest_process if await self._helper().ready() else None
+
+    def _helper(self) -> IngestProcess:
         if self._ingest_process is None:
             self._ingest_process = IngestProcess(
-                asyncio.get_running_loop(), PIPE_SIZE, self._spool_budget, self._threads
+                asyncio.get_running_loop(),
+                PIPE_SIZE,
+                self._spool_budget,
+                self._threads,
+                live=self._spool_dir if self._live else None,
             )
-        return self._ingest_process if await self._ingest_process.ready() else None
+        return self._ingest_process
 
     def connect(
         self, job: Job, stdout: int, stderr: int, ingest_process: IngestProcess | None
     ) -> None:
         """Have the job's pipes read into its log, by ``ingest_process`` or the threads."""
+        self._connect(job, ((Stream.STDOUT, stdout), (Stream.STDERR, stderr)), ingest_process)
+
+    def _connect(
+        self,
+        job: Job,
+        streams: Iterable[tuple[Stream, int]],
+        ingest_process: IngestProcess | None,
+        resume: SpoolState | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         pipes = [
             (
@@ -99,16 +137,73 @@ class JobOutput:
                 functools.partial(self._on_output, loop, job, stream),
                 functools.partial(self._pipe_closed, job, fd),
             )
-            for fd, stream in ((stdout, Stream.STDOUT), (stderr, Stream.STDERR))
+            for stream, fd in streams
         ]
-        if ingest_process is None:
+        if not pipes:
+            job.pipes_closed.set()
+        elif ingest_process is None:
             for fd, _stream, sink, on_eof in pipes:
                 job.pipes[fd] = self._threads().add(fd, sink, on_eof)
         else:
             handles = ingest_process.add(
-                job.job_id, job.log, pipes, functools.partial(self._published, job)
+                job.job_id, job.log, pipes, functools.partial(self._published, job), resume
             )
             job.pipes.update((handle.fd, handle) for handle in handles)
+
+    # -- live restore --------------------------------------------------------------------
+
+    def adopt_finished(self, job: Job) -> None:
+        """Count the complete log of a job that ended before this server started."""
+        self._published(job)
+        if not self._observe_output:
+            self._helper().register(
+                job.job_id, job.log, functools.partial(self._published, job), job.log.size
+            )
+
+    def take_over(self, jobs: list[Job]) -> None:
+        """Get the running ``jobs``' pipes back from the helper the previous server left,
+        and have them read on from where it stopped; in a task, so that the server answers
+        meanwhile (:attr:`restored` is set once done)."""
+        self.restored.clear()
+        task = asyncio.get_running_loop().create_task(self._take_over(jobs), name="take-over")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _take_over(self, jobs: list[Job]) -> None:
+        try:
+            try:
+                handed = await take_over(self._spool_dir)
+            except (OSError, TimeoutError, ValueError, KeyError) as err:
+                log.error("ingest_take_over_failed", error=str(err))
+                handed = None
+            if handed is None and jobs:
+                log.warning("ingest_process_gone", jobs=len(jobs))
+            ingest_process = await self.ready_ingest_process() if jobs else None
+            for job in jobs:
+                found = None if handed is None else handed.pop(job.job_id, None)
+                await self._resume(job, found, ingest_process)
+            for left in (handed or {}).values():  # logs of jobs not adopted
+                for _stream, fd in left.pipes:
+                    os.close(fd)
+        finally:
+            self.restored.set()
+
+    async def _resume(
+        self, job: Job, found: HandedOver | None, ingest_process: IngestProcess | None
+    ) -> None:
+        seen: int | None = None
+        cut: str | None = (
+            "the ingest process was gone when the server restarted: what the job wrote"
+            " since is lost"
+        )
+        if found is not None:
+            seen, cut = found.seen, found.cut
+        # Off the loop: a long log has many records to count.
+        state = await asyncio.to_thread(scan, job.log.fd, seen, cut)
+        job.log.adopt(state)
+        self._published(job)
+        pipes = () if found is None else found.pipes
+        self._connect(job, pipes, ingest_process, state)
 
     def _on_output(
         self, loop: asyncio.AbstractEventLoop, job: Job, stream: Stream, data: bytes
@@ -172,10 +267,13 @@ class JobOutput:
         if not job.pipes:
             job.pipes_closed.set()
 
-    def close(self) -> None:
-        """Stop the ingest process and threads (at shutdown, every job gone)."""
+    def close(self, detach: bool = False) -> None:
+        """Stop the ingest process and threads (at shutdown, every job gone); ``detach``:
+        leave the ingest process reading for the next server (live restore)."""
+        for task in self._tasks:
+            task.cancel()
         if self._ingest_process is not None:
-            self._ingest_process.close()
+            self._ingest_process.close(detach)
             self._ingest_process = None
         if self._ingest is not None:
             self._ingest.close()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import attrs
 
-from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument
+from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from jobworker.model import OutputChunk, Stream
 
 _HEADER = struct.Struct(">BI")
@@ -179,6 +179,12 @@ class SpoolWriter:
             if self._cut is None:
                 self._cut = state.cut
 
+    def resume(self, state: SpoolState) -> None:
+        """Go on from ``state``, what an earlier writer of this spool left (live restore);
+        what it charged is taken from this writer's budget."""
+        self.adopt(state)
+        self.charged = self._budget.take(state.charged)
+
     def write(self, stream: Stream, data: bytes) -> None:
         """Spool ``data``; never blocks on followers.
 
@@ -259,14 +265,52 @@ def _spool_bytes(payload: int) -> int:
     return payload + _HEADER.size * -(-payload // CHUNK_MAX)
 
 
+def scan(fd: int, seen: int | None, cut: str | None) -> SpoolState:
+    """The state of a spool another process wrote (live restore), from its records.
+
+    ``seen`` and ``cut`` are what the file cannot tell: bytes the job wrote past a cut, and
+    why it was cut (``seen`` None: nothing past what the file holds). A record the writer
+    did not finish (it was killed mid-write) is not counted: the next write replaces it.
+    """
+    end = os.fstat(fd).st_size
+    position = payload = records = 0
+    marks: list[int] = []
+    while position + _HEADER.size <= end:
+        _, length = _HEADER.unpack(os.pread(fd, _HEADER.size, position))
+        if position + _HEADER.size + length > end:
+            break
+        position += _HEADER.size + length
+        payload += length
+        records += 1
+        if records % _MARK_EVERY == 0:
+            marks.append(position)
+    return SpoolState(
+        size=position,
+        payload=payload,
+        seen=max(payload, seen or 0),
+        records=records,
+        marks=tuple(marks),
+        cut=cut,
+        charged=position,
+    )
+
+
 class OutputLog:
     """Append-only spool of one job's output with live followers."""
 
     def __init__(
-        self, path: Path, *, max_bytes: int | None = None, budget: SpoolBudget | None = None
+        self,
+        path: Path,
+        *,
+        max_bytes: int | None = None,
+        budget: SpoolBudget | None = None,
+        existing: bool = False,
     ) -> None:
+        """``existing``: the spool of an adopted job (live restore), not a new file; its
+        state comes with :meth:`adopt`."""
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        create = 0 if existing else os.O_CREAT | os.O_EXCL
+        self._fd = os.open(path, os.O_RDWR | create | os.O_CLOEXEC, 0o600)
         self.max_bytes = max_bytes
         #: The writing side: used in the spool-writing thread, or mirroring the ingest
         #: process's writer (:meth:`adopt`).
@@ -278,6 +322,7 @@ class OutputLog:
         self._cut: str | None = None
         self._closed = False
         self._removed = False
+        self._detached = False
         # Every _MARK_EVERY-th record boundary, so that checking a resume offset reads a
         # bounded number of headers, however long the log (a few KiB for 10 GiB).
         self._marks: list[int] = [0]
@@ -365,6 +410,14 @@ class OutputLog:
         self.path.unlink(missing_ok=True)
         self.writer.give_back()
 
+    def detach(self) -> None:
+        """The server stops and leaves the job to the next one (live restore): followers
+        get UNAVAILABLE once they have read what is published, and resume from their
+        offset on the next server."""
+        self._detached = True
+        self._wake()
+        self._close_fd()
+
     def _close_fd(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -377,7 +430,7 @@ class OutputLog:
                 fut.set_result(None)
 
     async def _wait_beyond(self, position: int) -> None:
-        while self._size <= position and not self._closed:
+        while self._size <= position and not (self._closed or self._detached):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.add(fut)
             try:
@@ -445,6 +498,11 @@ class OutputLog:
                         raise self._data_loss()
                     if end is not None or self._closed:
                         return
+                    if self._detached:
+                        raise Unavailable(
+                            f"the server is restarting (serve --live-restore); the job goes"
+                            f" on: resume from offset {position} once it is back"
+                        )
                     await self._wait_beyond(position)
                     continue
                 # Refill the read-ahead buffer from the file when it does not hold a record.

@@ -63,7 +63,8 @@ class Spawned:
     pidfd: int  # readable once the process has exited
     stdout: int  # non-blocking read ends
     stderr: int
-    #: Non-blocking; an isolated job's PID 1 writes the command's wait status here.
+    #: A file an isolated (or monitored) job's first process writes the command's wait
+    #: status to; see :func:`read_exit_report`.
     exit_report: int
     #: Non-blocking write end of the job's stdin pipe; -1 when stdin is /dev/null.
     stdin: int = -1
@@ -72,15 +73,30 @@ class Spawned:
     #: rather than the zygote, the relay that forked it (then the job's pid is the relay).
     helpers: int = 0
 
+    def abandon(self) -> None:
+        """Kill and reap the process, close every descriptor: a start that failed after
+        the command ran leaves nothing."""
+        _kill_and_reap(self.pid)
+        for fd in (self.pidfd, self.stdout, self.stderr, self.exit_report, self.stdin):
+            if fd >= 0:
+                os.close(fd)
+
 
 def read_exit_report(fd: int) -> int | None:
-    """The command's raw wait status from an isolated job's PID 1, or None (not isolated,
-    or PID 1 was killed before it could report)."""
-    try:
-        data = os.read(fd, 32)
-    except BlockingIOError:
-        return None
+    """The command's raw wait status from the job's first process, or None (neither
+    isolated nor monitored, or that process was killed before it could report)."""
+    data = os.pread(fd, 32, 0)
     return int(data) if data.strip().isdigit() else None
+
+
+def _exit_report_file(path: Path | None) -> int:
+    """Where the job's first process reports: ``path`` (live restore: a later server reads
+    it), else a file in memory."""
+    if path is None:
+        fd = os.memfd_create("jobworker-exit", os.MFD_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    return _above_stdio(fd)
 
 
 def resolve_future(fut: asyncio.Future[None]) -> None:
@@ -132,10 +148,12 @@ def _kill_and_reap(pid: int) -> None:
     os.waitpid(pid, 0)  # dies at once: no real wait
 
 
-def _instructions(spec: JobSpec, join_path: str | None, plan: IsolationPlan | None) -> bytes:
+def _instructions(
+    spec: JobSpec, join_path: str | None, plan: IsolationPlan | None, monitor: bool
+) -> bytes:
     env = spec.job_env()
     cwd = spec.cwd or ""
-    plan_fields: list[str] = []
+    plan_fields = ["monitor=1"] if monitor else []
     if plan is not None:
         plan_fields = plan.launcher_fields(os.getuid(), os.getgid())
         account = plan.account
@@ -296,21 +314,28 @@ class Spawner:
             os.close(memfd)
 
     async def spawn(
-        self, spec: JobSpec, join_path: str | None, plan: IsolationPlan | None = None
+        self,
+        spec: JobSpec,
+        join_path: str | None,
+        plan: IsolationPlan | None = None,
+        exit_report: Path | None = None,
     ) -> Spawned:
         """Start ``spec``, isolated as ``plan`` says; return once the command is running.
 
+        ``exit_report``: a file for the command's wait status that outlives the server
+        (live restore); the job then always has a first process to write it.
         Raises SpawnError with the OS reason when the command cannot be executed; nothing
         is left behind then (the process is reaped, every descriptor closed).
         """
-        payload = _instructions(spec, join_path, plan)
+        payload = _instructions(spec, join_path, plan, monitor=exit_report is not None)
         out_r = out_w = err_r = err_w = st_r = st_w = ex_r = ex_w = in_r = in_w = -1
         pid = pidfd = -1
         try:
             out_r, out_w = _pipe()
             err_r, err_w = _pipe()
             st_r, st_w = _pipe()
-            ex_r, ex_w = _pipe()
+            ex_r = _exit_report_file(exit_report)
+            ex_w = _above_stdio(os.dup(ex_r))
             if spec.stdin:
                 in_r, in_w = _pipe()
             else:
@@ -337,7 +362,7 @@ class Spawner:
                 step, _errno, error, what = fields[:4]
                 template = _STEP_MESSAGES.get(step, "job launcher failed: {error} {what}")
                 raise SpawnError(template.format(error=error, what=what))
-            for fd in (out_r, err_r, ex_r, in_w):
+            for fd in (out_r, err_r, in_w):
                 if fd >= 0:
                     os.set_blocking(fd, False)
             spawned = Spawned(

@@ -6,6 +6,10 @@ holds an exclusive ``flock`` on its run's ``.lock`` file; the kernel drops it ho
 server ends, SIGKILL included. At start-up a server removes every sibling run whose lock it
 can take: those servers are gone, and so is any reason to keep their output. Several
 servers may share a root; none removes another live server's files.
+
+With ``serve --live-restore`` the run is ``<root>/live`` instead, kept when the server
+stops: it holds the running jobs' records and output for the next server
+(:mod:`jobworker.backends.local.record`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from jobworker.errors import ConfigError
 log = structlog.get_logger("jobworker.backends.local.spool")
 
 _LOCK = ".lock"
+#: The run directory of ``serve --live-restore`` under the spool root.
+LIVE_RUN = "live"
 
 
 def default_root() -> Path:
@@ -76,11 +82,20 @@ def _reclaim_stale_runs(root: Path) -> None:
 
 
 @contextmanager
-def spool_run(root: Path | None) -> Iterator[Path]:
-    """This server's spool directory under ``root``; removed when the server stops."""
+def spool_run(root: Path | None, live: bool = False) -> Iterator[Path]:
+    """This server's spool directory under ``root``; removed when the server stops.
+
+    ``live`` (``serve --live-restore``): the directory is ``<root>/live``, the same for
+    every run, and outlives the server: the next one adopts the jobs it describes. Only
+    one server at a time may use it.
+    """
     root = default_root() if root is None else root
     _prepare_root(root)
     _reclaim_stale_runs(root)
+    if live:
+        with _live_run(root / LIVE_RUN) as run:
+            yield run
+        return
     run = Path(tempfile.mkdtemp(prefix="run-", dir=root))
     lock = os.open(run / _LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -88,4 +103,24 @@ def spool_run(root: Path | None) -> Iterator[Path]:
         yield run
     finally:
         shutil.rmtree(run, ignore_errors=True)
+        os.close(lock)
+
+
+@contextmanager
+def _live_run(run: Path) -> Iterator[Path]:
+    try:
+        run.mkdir(mode=0o700, exist_ok=True)
+        lock = os.open(run / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise ConfigError(f"cannot create spool directory {run}: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another jobworker serve --live-restore uses {run}: stop it, or give this"
+                " one another --spool-dir"
+            ) from None
+        yield run
+    finally:
         os.close(lock)

@@ -129,8 +129,11 @@ class RayBackend:
         max_running: int = 1000,
         max_running_per_client: int | None = None,
         allow_unauthenticated: bool = False,
+        live_restore: bool = False,
     ) -> None:
+        """``live_restore``: :meth:`shutdown` leaves the jobs running on their nodes."""
         self._plugins = plugins
+        self._live_restore = live_restore
         self._agent_config = agent_config
         self.default_grace = default_grace
         self._max_running = max_running
@@ -469,10 +472,11 @@ class RayBackend:
     # -- shutdown --------------------------------------------------------------------------
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop every running job (the local semantics of SIGTERM), then leave the cluster.
-        The agents stay: they are the nodes' engines, ready for the next front server."""
+        """Stop every running job (the local semantics of SIGTERM; none with
+        ``live_restore``), then leave the cluster. The agents stay: they are the nodes'
+        engines, ready for the next front server."""
         self._closing = True
-        running = self._table.running()
+        running = [] if self._live_restore else self._table.running()
         results = await asyncio.gather(
             *(self.stop(j.status.job_id, by="server-shutdown", grace=grace) for j in running),
             return_exceptions=True,
