@@ -1,0 +1,329 @@
+"""``jobworker serve --live-restore``: real servers stopped and killed with real signals,
+real jobs left running, adopted by the next server (docs/upgrading.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jobworker.api.tls import TlsFiles  # isort: split
+
+import grpc
+
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.e2e.conftest import JOBWORKER, Pki, Server, StartServer, free_port
+from tests.jobpaths import JOB_VISIBLE_ROOT
+
+RPC_TIMEOUT_S = 30.0
+#: How long a restarted server may take to answer, from its start (interpreter included).
+ANSWER_DEADLINE_S = 30.0
+
+
+def _stub(pki: Pki, address: str, name: str = "alice") -> pb_grpc.JobServiceStub:
+    d = pki.directory
+    files = TlsFiles(cert=d / f"{name}.pem", key=d / f"{name}-key.pem", ca=d / "ca.pem")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=files.ca.read_bytes(),
+        private_key=files.key.read_bytes(),
+        certificate_chain=files.cert.read_bytes(),
+    )
+    return pb_grpc.JobServiceStub(grpc.secure_channel(address, credentials))
+
+
+class LiveServer:
+    """``jobworker serve --live-restore`` on one spool directory, restarted at will."""
+
+    def __init__(self, start: StartServer, pki: Pki, spool: Path, *extra: str) -> None:
+        self._start = start
+        self._pki = pki
+        self.address = f"127.0.0.1:{free_port()}"  # the same for every run, as in production
+        self.args = [
+            f"--listen={self.address}",
+            "--live-restore",
+            *pki.server_args(),
+            f"--spool-dir={spool}",
+            f"--isolation-writable={JOB_VISIBLE_ROOT}",
+            *extra,
+        ]
+        self.spool = spool
+        self.server = self.restart()
+
+    def restart(self) -> Server:
+        self.server = self._start(*self.args)
+        self.stub = _stub(self._pki, self.address)
+        return self.server
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the server and wait until it is gone."""
+        self.server.process.send_signal(signum)
+        self.server.process.wait(60)
+
+    def start(self, *command: str) -> str:
+        reply = self.stub.StartJob(
+            pb.StartJobRequest(command=command[0], args=command[1:]), timeout=RPC_TIMEOUT_S
+        )
+        job_id: str = reply.job_id
+        return job_id
+
+    def status(self, job_id: str) -> pb.JobStatusResponse:
+        status: pb.JobStatusResponse = self.stub.GetStatus(
+            pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S
+        )
+        return status
+
+    def output(self, job_id: str, offset: int = 0) -> Iterator[pb.JobOutputChunk]:
+        chunks: Iterator[pb.JobOutputChunk] = self.stub.StreamOutput(
+            pb.JobRequest(job_id=job_id, offset=offset), timeout=600
+        )
+        return chunks
+
+    def wait(self, job_id: str) -> pb.JobStatusResponse:
+        for _ in self.output(job_id):
+            pass
+        return self.status(job_id)
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.server.events() if e.get("event") == name]
+
+
+@pytest.fixture
+def live(start_server: StartServer, pki: Pki, tmp_path: Path) -> Callable[..., LiveServer]:
+    def make(*extra: str) -> LiveServer:
+        return LiveServer(start_server, pki, tmp_path / "spool", *extra)
+
+    return make
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _stream_sha(server: LiveServer, job_id: str, stop_after: int | None = None) -> tuple[str, int]:
+    """sha256 and length of the job's stdout from offset 0 (the first ``stop_after``
+    bytes or more, when given)."""
+    digest = hashlib.sha256()
+    total = 0
+    for chunk in server.output(job_id):
+        assert chunk.stream == "stdout"
+        digest.update(chunk.data)
+        total += len(chunk.data)
+        if stop_after is not None and total >= stop_after:
+            break
+    return digest.hexdigest(), total
+
+
+def _file_sha(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
+
+
+def _sigkill_mid_stream(live: Callable[..., LiveServer], tmp_path: Path, size: str) -> None:
+    JOB_VISIBLE_ROOT.mkdir(parents=True, exist_ok=True)
+    copy = JOB_VISIBLE_ROOT / f"live-restore-{os.getpid()}-{tmp_path.name}.bin"
+    server = live("--no-isolation")
+    try:
+        job = server.start("sh", "-c", f"head -c {size} /dev/urandom | tee {copy}")
+        _stream_sha(server, job, stop_after=8 << 20)  # a follower mid-stream
+        server.kill()
+        time.sleep(1.0)  # the job goes on writing while no server runs
+        server.restart()
+        assert server.wait(job).reason == "exited"
+        assert _stream_sha(server, job) == _file_sha(copy)
+        assert not server.events("ingest_process_gone")
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def test_sigkill_in_the_middle_of_a_stream_loses_no_byte(
+    live: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    _sigkill_mid_stream(live, tmp_path, "256M")
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_1gib_stream_loses_no_byte(
+    live: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    _sigkill_mid_stream(live, tmp_path, "1G")
+
+
+@pytest.mark.parametrize("isolation", [[], ["--no-isolation"]], ids=["isolated", "plain"])
+def test_a_job_that_exits_while_no_server_runs_reports_its_exit_code(
+    live: Callable[..., LiveServer], isolation: list[str]
+) -> None:
+    server = live(*isolation)
+    job = server.start("sh", "-c", "echo before; sleep 1; echo after; exit 7")
+    server.kill()
+    time.sleep(2.0)
+    server.restart()
+    status = server.wait(job)
+    assert (status.reason, status.exit_code, status.signal) == ("exited", 7, 0)
+    assert b"".join(c.data for c in server.output(job)) == b"before\nafter\n"
+
+
+def test_a_job_ignoring_sigterm_is_stopped_whole_after_adoption(
+    live: Callable[..., LiveServer],
+) -> None:
+    server = live("--no-isolation")
+    script = 'trap "" TERM; sleep 1000 & echo $$ $!; wait'
+    job = server.start("sh", "-c", script)
+    first = next(iter(server.output(job))).data.split()
+    pids = [int(p) for p in first]
+    server.kill(signal.SIGTERM)
+    assert all(_alive(pid) for pid in pids), "SIGTERM with --live-restore stopped the job"
+    server.restart()
+    assert server.status(job).status == "running"
+    reply = server.stub.StopJob(pb.JobRequest(job_id=job, grace_seconds=0.5), timeout=RPC_TIMEOUT_S)
+    assert reply.escalated
+    assert server.status(job).reason == "stopped"
+    _wait_until(lambda: not any(_alive(pid) for pid in pids))
+
+
+def test_sigterm_without_live_restore_still_stops_jobs(
+    start_server: StartServer, pki: Pki, tmp_path: Path
+) -> None:
+    server = start_server(*pki.server_args(), f"--spool-dir={tmp_path / 's'}", "--no-isolation")
+    stub = _stub(pki, server.address)
+    job = stub.StartJob(pb.StartJobRequest(command="sleep", args=["1000"]), timeout=RPC_TIMEOUT_S)
+    pid = stub.GetStatus(pb.JobRequest(job_id=job.job_id), timeout=RPC_TIMEOUT_S).pid
+    assert server.terminate() == 0
+    assert not _alive(pid)
+    assert not list((tmp_path / "s").iterdir()), "a server without --live-restore left files"
+
+
+def test_status_owner_quota_and_finished_jobs_survive_a_restart(
+    live: Callable[..., LiveServer],
+) -> None:
+    server = live("--max-jobs-per-client=2")
+    done = server.start("sh", "-c", "echo finished; exit 3")
+    server.wait(done)
+    running = server.start("sleep", "1000")
+    before = server.status(running)
+    server.kill(signal.SIGTERM)
+    server.restart()
+    after = server.status(running)
+    for field in ("status", "owner", "pid", "uid", "user", "isolation", "containment"):
+        assert getattr(after, field) == getattr(before, field), field
+    assert after.started_at == pytest.approx(before.started_at)
+    finished = server.status(done)
+    assert (finished.reason, finished.exit_code) == ("exited", 3)
+    assert b"".join(c.data for c in server.output(done)) == b"finished\n"
+    server.start("sleep", "1000")  # the second of two
+    with pytest.raises(grpc.RpcError) as refused:
+        server.start("sleep", "1000")
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _rewrite(record: Path, **fields: object) -> None:
+    data = json.loads(record.read_text())
+    data.update(fields)
+    record.write_text(json.dumps(data))
+
+
+def test_a_record_naming_another_process_is_refused(
+    live: Callable[..., LiveServer],
+) -> None:
+    server = live("--no-isolation")
+    job = server.start("sleep", "1000")
+    real = server.status(job).pid
+    server.kill()
+    victim = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        record = server.spool / "live" / f"{job}.job"
+        data = json.loads(record.read_text())
+        _rewrite(record, process={**data["process"], "pid": victim.pid})
+        server.restart()
+        status = server.wait(job)
+        assert status.reason == "lost"
+        assert status.exit_code == -1
+        [refusal] = server.events("job_not_adopted")
+        assert f"pid {victim.pid} now belongs to another process" in str(refusal["reason"])
+        assert victim.poll() is None, "the process the record was tampered to name was hit"
+    finally:
+        victim.kill()
+        victim.wait()
+        os.kill(real, signal.SIGKILL)  # the real job: a process group no record names
+
+
+def test_a_record_of_an_unknown_version_is_refused(live: Callable[..., LiveServer]) -> None:
+    server = live("--no-isolation")
+    job = server.start("sleep", "1000")
+    pid = server.status(job).pid
+    server.kill()
+    _rewrite(server.spool / "live" / f"{job}.job", version=99)
+    try:
+        server.restart()
+        [refusal] = server.events("job_record_refused")
+        assert "version 99" in str(refusal["error"])
+        with pytest.raises(grpc.RpcError) as unknown:
+            server.status(job)
+        assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_restart_under_many_running_jobs_adopts_them_all(
+    live: Callable[..., LiveServer],
+) -> None:
+    server = live("--no-isolation")
+    jobs = [server.start("sh", "-c", "echo up; exec sleep 1000") for _ in range(30)]
+    for job in jobs:
+        next(iter(server.output(job)))
+    server.kill()
+    started = time.monotonic()
+    server.restart()
+    stub = server.stub
+    listed = stub.ListJobs(pb.ListJobsRequest(), timeout=RPC_TIMEOUT_S)
+    assert time.monotonic() - started < ANSWER_DEADLINE_S
+    assert {j.job_id for j in listed.jobs if j.status == "running"} == set(jobs)
+    [restored] = server.events("jobs_restored")
+    assert (restored["running"], restored["lost"]) == (30, 0)
+    for job in jobs:
+        stub.StopJob(pb.JobRequest(job_id=job, grace_seconds=0), timeout=RPC_TIMEOUT_S)
+        assert server.status(job).reason == "stopped"
+
+
+def test_logs_follow_resumes_by_itself_across_a_restart(
+    live: Callable[..., LiveServer], pki: Pki
+) -> None:
+    server = live("--no-isolation")
+    job = server.start(
+        "sh", "-c", "i=0; while [ $i -lt 60 ]; do echo $i; i=$((i+1)); sleep 0.1; done"
+    )
+    env = pki.client_env("alice", server.address)
+    follower = subprocess.Popen(
+        [JOBWORKER, "logs", "-f", job],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)
+    server.kill(signal.SIGTERM)
+    time.sleep(1.0)
+    server.restart()
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert out == b"".join(b"%d\n" % i for i in range(60))
