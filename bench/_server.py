@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--max-streams-per-client", type=int, default=100)
     p.add_argument("--max-output-bytes", type=int, default=64 << 30)
     p.add_argument("--spool-dir", type=Path)
+    p.add_argument("--live-restore", action="store_true")
     options = p.parse_args()
     configure_logging(options.log_level, json=True)
     pki = PkiPaths(options.pki)
@@ -70,6 +71,7 @@ def main() -> None:
         max_streams_per_client=options.max_streams_per_client,
         max_output_bytes=options.max_output_bytes,
         spool_dir=options.spool_dir,
+        live_restore=options.live_restore,
     )
 
     def ready(address: str) -> None:
