@@ -20,6 +20,7 @@ BENCHMARKS = [
     "bench_flood.py",
     "bench_restore.py",
     "bench_ssh.py",
+    "bench_client.py",
     "bench_stdin.py",
 ]
 
