@@ -7,8 +7,10 @@
 * ssh: ``ssh -p PORT 127.0.0.1 true`` against the throw-away sshd of bench_ssh.py (ed25519
   keys, loopback; the system's sshd is never touched).
 
-Runs alternate, one of each per round; medians, and the ratios the client is held to
-(docs/performance.md, "The client's start-up"). ``--baseline-src DIR`` (a checkout of an
+Runs alternate, one of each per round; medians of the wall time, and of the CPU time the
+command used (user and system: what the client itself costs, less disturbed by other load
+on the machine), and the ratios the client is held to (docs/performance.md, "The
+client's start-up"). ssh's CPU is its client's alone. ``--baseline-src DIR`` (a checkout of an
 older version) adds that version's client (``python -m jobworker`` with it on PYTHONPATH)
 against the same server, beside this version's run the same way.
 """
@@ -16,6 +18,7 @@ against the same server, beside this version's run the same way.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,11 +44,17 @@ MAX_RATIO_TO_GRPC = 1.8
 MAX_RATIO_TO_SSH = 0.5
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> float:
-    """Seconds until ``command`` exited; it must succeed."""
-    began = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Seconds until ``command`` exited, and the CPU seconds it used (user and system,
+    less disturbed by the machine's other load); it must succeed."""
+    cpu, began = _children_cpu(), time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, _children_cpu() - cpu
 
 
 def main() -> None:
@@ -82,27 +91,33 @@ def main() -> None:
                     commands[f"  the same, baseline {options.baseline_src.name}"] = (as_module, old)
                 for command, command_env in commands.values():  # warm the page cache
                     timed(command, command_env)
-                runs: dict[str, list[float]] = {label: [] for label in commands}
+                runs: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
                 for _ in range(rounds):
                     for label, (command, command_env) in commands.items():
                         runs[label].append(timed(command, command_env))
         finally:
             sshd.terminate()
             sshd.wait()
-    median = {label: statistics.median(samples) for label, samples in runs.items()}
-    for label, value in median.items():
-        row(label, f"median {ms(value)}", f"min {ms(min(runs[label]))}")
-    run, grpc, ssh_ = (
-        median["jobworker run -- true"],
-        median['python -c "import grpc"'],
-        median["ssh 127.0.0.1 true"],
-    )
-    row(f"ratio run / import grpc (target <= {MAX_RATIO_TO_GRPC})", f"{run / grpc:.2f}")
-    row(f"ratio run / ssh (target < {MAX_RATIO_TO_SSH})", f"{run / ssh_:.2f}")
+    wall = {label: statistics.median(w for w, _ in samples) for label, samples in runs.items()}
+    cpu = {label: statistics.median(c for _, c in samples) for label, samples in runs.items()}
+    for label, samples in runs.items():
+        row(
+            label,
+            f"median {ms(wall[label])}",
+            f"min {ms(min(w for w, _ in samples))}",
+            f"CPU median {ms(cpu[label])}",
+        )
+    run, grpc, ssh_ = "jobworker run -- true", 'python -c "import grpc"', "ssh 127.0.0.1 true"
+    for name, figures in (("wall", wall), ("CPU", cpu)):
+        row(
+            f"{name}: run / import grpc (target <= {MAX_RATIO_TO_GRPC})",
+            f"{figures[run] / figures[grpc]:.2f}",
+        )
+    row(f"wall: run / ssh (target < {MAX_RATIO_TO_SSH})", f"{wall[run] / wall[ssh_]:.2f}")
     if options.baseline_src is not None:
-        new = median["python -m jobworker run -- true"]
-        old = median[f"  the same, baseline {options.baseline_src.name}"]
-        row("ratio baseline / this version (python -m)", f"{old / new:.2f}")
+        new = wall["python -m jobworker run -- true"]
+        old = wall[f"  the same, baseline {options.baseline_src.name}"]
+        row("wall: baseline / this version (python -m)", f"{old / new:.2f}")
 
 
 if __name__ == "__main__":
