@@ -10,6 +10,7 @@ step() { printf '\n== %s\n' "$*" >&2; }
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v ps >/dev/null || need_apt+=(procps)
+command -v dot >/dev/null || need_apt+=(graphviz)  # docs/architecture.svg is checked
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]}"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
