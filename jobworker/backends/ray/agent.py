@@ -14,7 +14,9 @@ jobs die with it, or with its raylet (:mod:`.guard`).
 What a job on the node must not see, beyond what the isolation plugin hides on a single
 server: the node's spool (``--ray-spool-dir``, not the front's ``--spool-dir``), Ray's
 token file and Ray's temp directory (logs, and the unix sockets of the raylet and the
-object store). The agent adds these to the plugin's hidden paths.
+object store). The agent adds these to the plugin's hidden paths, and the cluster's own
+addresses (the GCS's, every node's it knows at start) to the networks a job's private
+network may not reach (``--job-network-deny``).
 
 A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed one chunk per call
 by the front: a call returns once the chunk before it is wholly in the pipe, so a slow
@@ -135,6 +137,19 @@ def ray_private_paths() -> list[str]:
     return [p for p in paths if p and os.path.exists(p)]
 
 
+def ray_addresses() -> list[str]:
+    """The cluster's addresses a job must not reach: the GCS's and every node's known now
+    (a node that joins later is covered by the operator's ``--job-network-deny CIDR``)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    found = {info["NodeManagerAddress"] for info in nodes}
+    if node is not None:
+        found.add(node.gcs_address.rsplit(":", 1)[0])
+    return sorted(found)
+
+
 def _raylet_pid() -> int | None:
     """The raylet this worker serves: its parent, which started it."""
     parent = os.getppid()
@@ -207,8 +222,9 @@ class NodeAgent:
             plugins.register(_TreeFallback(), name="process-tree")
         plugins.register(_Events(self), name="ray-agent-events")
         options = dict(config.options, spool_dir=config.spool_root)
-        hidden = [*(options.get("isolation_hide") or ()), *ray_private_paths()]
-        plugins.configure(argparse.Namespace(**dict(options, isolation_hide=hidden)))
+        options["isolation_hide"] = [*(options.get("isolation_hide") or ()), *ray_private_paths()]
+        options["job_network_deny"] = [*(options.get("job_network_deny") or ()), *ray_addresses()]
+        plugins.configure(argparse.Namespace(**options))
         root = Path(config.spool_root) if config.spool_root else None
         spool_dir = self._stack.enter_context(spool_run(root))
         self._records = ProcRecords(spool_dir.parent / f"agent-{config.node_name}-procs")
