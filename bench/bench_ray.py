@@ -8,7 +8,11 @@ The same client measures both over mTLS, in alternating rounds:
 
 * StartJob of ``true`` until it runs: without limits (the agent's round trip), and, on
   the cluster, with ``--cpu 0.1`` (a placement group per job, released when it ends);
-* the output of ``head -c SIZE /dev/zero`` followed live from the start, in MB/s.
+* the output of ``head -c SIZE /dev/zero`` followed live from the start, in MB/s;
+* SIZE bytes written to the stdin of ``wc -c`` (``WriteInput``, in the CLI's pieces of 256 KiB)
+  until the job has them all, in MB/s.
+
+The cluster uses token authentication, as the front requires.
 
 Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
 """
@@ -27,17 +31,20 @@ from pathlib import Path
 from _common import CLIENT, MB, MiB, header, make_pki, ms, parser, percentile, row, workdir
 
 from jobworker.api.pki import PkiPaths
+from jobworker.cli.client import INPUT_CHUNK
 from jobworker.client import JobClient
 from jobworker.jobspec import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.ray_cluster.cluster import RAY_ENV, local_cluster
+from tests.ray_cluster.cluster import RAY_ENV, local_cluster, token_auth
 
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
 
 
 @contextmanager
-def serve(pki: PkiPaths, work: Path, name: str, *extra: str) -> Iterator[str]:
+def serve(
+    pki: PkiPaths, work: Path, name: str, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """``jobworker serve`` on a free port until the block exits; yields its address."""
     import socket
 
@@ -46,7 +53,7 @@ def serve(pki: PkiPaths, work: Path, name: str, *extra: str) -> Iterator[str]:
         port = sock.getsockname()[1]
     files = pki.server()
     log_path = work / f"{name}.log"
-    env = {**os.environ, **RAY_ENV, "JOBWORKER_HOME": str(work / "home")}
+    env = {**os.environ, **RAY_ENV, **(env or {}), "JOBWORKER_HOME": str(work / "home")}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -96,13 +103,25 @@ def stream_rate(client: JobClient, size: int) -> float:
     return size / took / MB
 
 
+def stdin_rate(client: JobClient, size: int) -> float:
+    """MB/s of writing ``size`` bytes to ``wc -c``'s stdin, until it counted them all."""
+    piece = bytes(INPUT_CHUNK)
+    job = client.start("wc", ["-c"], stdin=True)
+    began = time.perf_counter()
+    result = client.write_input(job, (piece for _ in range(size // len(piece))))
+    got = b"".join(data for _, data, _ in client.stream(job))
+    took = time.perf_counter() - began
+    assert result.written == size and got == f"{size}\n".encode(), (result, got)
+    return size / took / MB
+
+
 def measure(
     clients: dict[str, JobClient], starts: int, size: int, rounds: int
 ) -> dict[str, dict[str, list[float]]]:
     """Both servers in alternation, round by round, so that they share the machine's
     noise (other work on a busy host moves every figure)."""
     found: dict[str, dict[str, list[float]]] = {
-        kind: {"start": [], "start_cpu": [], "stream": []} for kind in clients
+        kind: {"start": [], "start_cpu": [], "stream": [], "stdin": []} for kind in clients
     }
     for client in clients.values():
         for _ in range(10):  # warm-up: connections, code paths, the spawn helper
@@ -115,6 +134,7 @@ def measure(
                     lambda c=client: c.start("true", limits=Limits(cpu=0.1)), starts // rounds // 2
                 )
             found[kind]["stream"].append(stream_rate(client, size))
+            found[kind]["stdin"].append(stdin_rate(client, size))
     return found
 
 
@@ -133,11 +153,12 @@ def main() -> None:
     ]
     with workdir() as work:
         pki = make_pki(work / "pki")
-        with local_cluster(nodes, work / "ray.log") as cluster:
+        auth = token_auth(work / "ray-token")
+        with local_cluster(nodes, work / "ray.log", env=auth) as cluster:
             ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
             with (
                 serve(pki, work, "local") as local_address,
-                serve(pki, work, "ray", *ray_args) as ray_address,
+                serve(pki, work, "ray", *ray_args, env=auth) as ray_address,
                 JobClient(local_address, pki.client(CLIENT)) as local,
                 JobClient(ray_address, pki.client(CLIENT)) as ray,
             ):
@@ -149,11 +170,14 @@ def main() -> None:
             samples = results[kind][key]
             row(f"{label} ({kind})", f"p50 {ms(percentile(samples, 0.5))}",
                 f"p99 {ms(percentile(samples, 0.99))}")  # fmt: skip
-        rates = results[kind]["stream"]
-        row(f"stream MB/s ({kind})", f"best {max(rates):.0f}",
-            f"median {sorted(rates)[len(rates) // 2]:.0f}")  # fmt: skip
+        for key in ("stream", "stdin"):
+            rates = results[kind][key]
+            row(f"{key} MB/s ({kind})", f"best {max(rates):.0f}",
+                f"median {sorted(rates)[len(rates) // 2]:.0f}")  # fmt: skip
     local_rate, ray_rate = max(results["local"]["stream"]), max(results["ray"]["stream"])
     row("stream ray / local (best)", f"{ray_rate / local_rate:.0%}")
+    stdin_ratio = max(results["ray"]["stdin"]) / max(results["local"]["stdin"])
+    row("stdin ray / local (best)", f"{stdin_ratio:.0%}")
     p50 = percentile(results["ray"]["start"], 0.5)
     row("target: ray start p50 <= 30 ms", ms(p50), "met" if p50 <= 0.030 else "NOT met")
     row("target: ray stream >= 50% of local", "met" if ray_rate >= local_rate / 2 else "NOT met")

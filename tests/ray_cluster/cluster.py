@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,6 +47,14 @@ RAY_ENV = {
     "RAY_DISABLE_IMPORT_WARNING": "1",
 }
 _START_TIMEOUT_S = 90.0
+
+
+def token_auth(path: Path, mode: int = 0o600) -> dict[str, str]:
+    """Write a fresh token to ``path`` (``mode``); the environment that turns token
+    authentication on for every Ray process of a cluster and for its drivers."""
+    path.write_text(secrets.token_hex(32))
+    path.chmod(mode)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def free_port_block(count: int) -> int:

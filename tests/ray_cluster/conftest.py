@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -44,7 +43,7 @@ import pytest
 import jobworker.api.tls  # noqa: F401  (before grpc: refuse TLS 1.2 as production does)
 from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from tests.ray_cluster.cluster import RAY_ENV, LocalCluster, local_cluster
+from tests.ray_cluster.cluster import RAY_ENV, LocalCluster, local_cluster, token_auth
 from tests.serverfixtures import client_credentials, make_api_pki
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -79,11 +78,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 class RayToken:
     path: Path
     value: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What every Ray process and front server of the cluster is started with."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.path)}
+    #: What every Ray process and front server of the cluster is started with.
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="session")
@@ -92,10 +88,9 @@ def ray_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayToken]:
     directory = Path(tempfile.mkdtemp(prefix="jw-raytoken-", dir=parent))
     try:
         directory.chmod(0o755)
-        token = RayToken(directory / "auth_token", secrets.token_hex(32))
-        token.path.write_text(token.value)
-        token.path.chmod(0o644)
-        yield token
+        path = directory / "auth_token"
+        env = token_auth(path, mode=0o644)
+        yield RayToken(path, path.read_text(), env)
     finally:
         shutil.rmtree(directory)
 

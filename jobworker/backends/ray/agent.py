@@ -18,9 +18,8 @@ object store). The agent adds these to the plugin's hidden paths, and the cluste
 addresses (the GCS's, every node's it knows at start) to the networks a job's private
 network may not reach (``--job-network-deny``).
 
-A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed one chunk per call
-by the front: a call returns once the chunk before it is wholly in the pipe, so a slow
-reader slows the client as on a single server.
+A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed by the front
+(:mod:`.stdin`).
 
 Calls are plain values (attrs objects of :mod:`jobworker.model` and
 :mod:`jobworker.usage`, pickled by Ray); errors are
@@ -35,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ import structlog
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
 from jobworker.backends.ray.guard import start_guard
+from jobworker.backends.ray.stdin import INPUT_IDLE_SECONDS, InputSession
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks import hookimpl
@@ -56,9 +55,6 @@ from jobworker.usage import JobUsage, UsageSample
 log = structlog.get_logger("jobworker.ray.agent")
 
 NAMESPACE = "jobworker"
-#: A stdin writer that gets no chunk for this long ends (stdin stays open): what a writer
-#: holds is given back even when its front server died in the middle.
-INPUT_IDLE_SECONDS = 600.0
 
 
 def agent_name(node_id: str) -> str:
@@ -160,37 +156,6 @@ def _raylet_pid() -> int | None:
     return parent if is_raylet else None
 
 
-@attrs.define(eq=False)
-class _InputSession:
-    """One writer of a job's stdin, fed by the front a chunk per call."""
-
-    feed: asyncio.Queue[InputChunk | None] = attrs.Factory(lambda: asyncio.Queue(1))
-    asked: asyncio.Event = attrs.Factory(asyncio.Event)
-    writer: asyncio.Task[InputResult] | None = None
-
-    async def chunks(self) -> AsyncIterator[InputChunk]:
-        while True:
-            self.asked.set()
-            try:
-                chunk = await asyncio.wait_for(self.feed.get(), INPUT_IDLE_SECONDS)
-            except TimeoutError:
-                return
-            if chunk is None:
-                return
-            yield chunk
-
-    async def until(self, step: Awaitable[object]) -> InputResult | None:
-        """Await ``step`` unless the writer ends first; the writer's result if it did."""
-        assert self.writer is not None
-        pending = asyncio.ensure_future(step)
-        await asyncio.wait([pending, self.writer], return_when=asyncio.FIRST_COMPLETED)
-        if not pending.done():
-            pending.cancel()
-        if self.writer.done():
-            return self.writer.result()
-        return None
-
-
 class NodeAgent:
     """Runs on one node; every method runs on the actor's event loop."""
 
@@ -206,7 +171,7 @@ class NodeAgent:
         self._swept: list[str] = []
         #: The version at which each retained job last changed (started, ended).
         self._changed_at: dict[str, int] = {}
-        self._inputs: dict[int, _InputSession] = {}
+        self._inputs: dict[int, InputSession] = {}
         self._next_input = 0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -367,7 +332,7 @@ class NodeAgent:
         """Become the writer of ``job_id``'s stdin (errors as :meth:`JobManager.write_input`:
         no stdin, another writer); the session for :meth:`input_chunk`."""
         manager = self._ready()
-        session = _InputSession()
+        session = InputSession()
         session.writer = asyncio.ensure_future(manager.write_input(job_id, session.chunks()))
         await session.until(session.asked.wait())
         if session.writer.done():

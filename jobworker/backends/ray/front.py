@@ -47,6 +47,7 @@ from jobworker.backends.ray.agent import (
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.nodes import Node, Unreachable, call
 from jobworker.backends.ray.placement import Placer, named
+from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
 from jobworker.errors import (
     FailedPrecondition,
@@ -433,15 +434,14 @@ class RayBackend:
     # -- stop ------------------------------------------------------------------------------
 
     async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
-        """As :meth:`JobManager.write_input`, on the job's node: each chunk is one agent
-        call, answered once the chunk before it is in the job's pipe (see :mod:`.agent`)."""
+        """As :meth:`JobManager.write_input`, on the job's node, in pieces (:mod:`.stdin`)."""
         job = self._table.lookup(job_id)
         agent, node = job.node.agent, job.node
         session: int = await call(agent.input_begin.remote(job_id), node)
         ended: InputResult | None = None
         try:
-            async for chunk in chunks:
-                ended = await call(agent.input_chunk.remote(session, chunk), node)
+            async for piece in pieces(chunks):
+                ended = await call(agent.input_chunk.remote(session, piece), node)
                 if ended is not None:
                     return ended
             last: InputResult = await call(agent.input_end.remote(session), node)
