@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.api.tls import TlsFiles  # isort: split
+from jobworker.api import tls  # isort: split
 
 import grpc
 
+from jobworker.api.tlsfiles import TlsFiles
+from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.e2e.conftest import JOBWORKER, Pki, Server, StartServer, free_port
 from tests.jobpaths import JOB_VISIBLE_ROOT
+
+assert tls  # imported first for grpc's TLS 1.3 settings
 
 RPC_TIMEOUT_S = 30.0
 #: How long a restarted server may take to answer, from its start (interpreter included).
@@ -31,12 +35,7 @@ ANSWER_DEADLINE_S = 30.0
 def _stub(pki: Pki, address: str, name: str = "alice") -> pb_grpc.JobServiceStub:
     d = pki.directory
     files = TlsFiles(cert=d / f"{name}.pem", key=d / f"{name}-key.pem", ca=d / "ca.pem")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=files.ca.read_bytes(),
-        private_key=files.key.read_bytes(),
-        certificate_chain=files.cert.read_bytes(),
-    )
-    return pb_grpc.JobServiceStub(grpc.secure_channel(address, credentials))
+    return pb_grpc.JobServiceStub(grpc.secure_channel(address, channel_credentials(files)))
 
 
 class LiveServer:
@@ -327,3 +326,69 @@ def test_logs_follow_resumes_by_itself_across_a_restart(
     out, err = follower.communicate(timeout=60)
     assert follower.returncode == 0, err
     assert out == b"".join(b"%d\n" % i for i in range(60))
+
+
+UNIFIED = Path("/sys/fs/cgroup/unified")
+
+
+@pytest.fixture
+def cgroup_root() -> Iterator[Path]:
+    """A fresh cgroup root under the hybrid host's cgroup2 mount, removed afterwards."""
+    if not (UNIFIED / "cgroup.kill").exists() and not UNIFIED.is_dir():
+        pytest.skip(f"{UNIFIED} is not a cgroup2 mount")
+    root = UNIFIED / f"jw-live-{os.getpid()}-{time.monotonic_ns()}"
+    yield root
+    if root.exists():
+        for child in root.iterdir():
+            if child.is_dir():
+                (child / "cgroup.kill").write_text("1")
+                procs = child / "cgroup.procs"
+                _wait_until(lambda procs=procs: not procs.read_text().strip())  # type: ignore[misc]
+                child.rmdir()
+        root.rmdir()
+
+
+def test_a_job_in_its_cgroup_is_adopted_and_stopped_whole(
+    live: Callable[..., LiveServer], cgroup_root: Path
+) -> None:
+    server = live("--no-isolation", "--plugin=cgroupv2", f"--cgroup-root={cgroup_root}")
+    # The second sleep leaves the job's session: only the cgroup still holds it.
+    job = server.start("sh", "-c", "setsid sleep 1000 & echo $!; exec sleep 1000")
+    escaped = int(next(iter(server.output(job))).data)
+    before = server.status(job)
+    assert before.containment == f"cgroupv2:{cgroup_root / job}"
+    stray = cgroup_root / "not-a-job"
+    server.kill()
+    stray.mkdir()
+    server.restart()
+    after = server.status(job)
+    assert (after.status, after.containment, after.pid) == (
+        "running",
+        before.containment,
+        before.pid,
+    )
+    assert not stray.exists(), "a cgroup no record names survived the restart"
+    server.stub.StopJob(pb.JobRequest(job_id=job, grace_seconds=1), timeout=RPC_TIMEOUT_S)
+    assert server.status(job).reason == "stopped"
+    _wait_until(lambda: not _alive(escaped))
+
+
+def test_a_tampered_record_kills_what_its_cgroup_holds(
+    live: Callable[..., LiveServer], cgroup_root: Path
+) -> None:
+    server = live("--no-isolation", "--plugin=cgroupv2", f"--cgroup-root={cgroup_root}")
+    job = server.start("sleep", "1000")
+    real = server.status(job).pid
+    server.kill()
+    victim = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        record = server.spool / "live" / f"{job}.job"
+        data = json.loads(record.read_text())
+        _rewrite(record, process={**data["process"], "pid": victim.pid})
+        server.restart()
+        assert server.wait(job).reason == "lost"
+        assert victim.poll() is None
+        _wait_until(lambda: not _alive(real))
+    finally:
+        victim.kill()
+        victim.wait()
