@@ -37,9 +37,12 @@ from jobworker.backends.local.cgroupfs import (
     write_file,
 )
 from jobworker.backends.local.inotify import wait_until_blocking
+from jobworker.backends.local.isolation import DEFAULT_PIDS
+from jobworker.cli.common import argument
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
 from jobworker.jobspec import IoLimit, JobSpec, Limits
+from jobworker.units import format_size, parse_size
 
 log = structlog.get_logger("jobworker.cgroupv2")
 
@@ -52,7 +55,6 @@ CONTROLLERS = ("cpu", "io", "memory", "pids")
 CPU_PERIOD_USEC = 100_000
 MIN_CPU_QUOTA_USEC = 1_000  # cpu.max refuses a smaller quota
 MIN_MEMORY = 1 << 20  # below this even the launcher is OOM-killed
-DEFAULT_PIDS = 1024
 #: How long start-up and shutdown wait for a killed leftover cgroup to empty.
 LEFTOVER_TIMEOUT = 5.0
 
@@ -93,12 +95,26 @@ def _settings(options: argparse.Namespace) -> dict[str, Any]:
     """The plugin's settings from the options its ``jobworker_add_options`` added."""
     if options.cgroup_default_pids < 0:
         raise ConfigError("--cgroup-default-pids must be 0 (no default) or more")
+    default, most = options.cgroup_default_memory, options.cgroup_max_memory
+    for flag, value in (("--cgroup-default-memory", default), ("--cgroup-max-memory", most)):
+        if value is not None and value < MIN_MEMORY:
+            raise ConfigError(f"{flag} {value} bytes is too small: give at least 1M")
+    if default is not None and most is not None and default > most:
+        raise ConfigError(
+            f"--cgroup-default-memory {format_size(default)} is above --cgroup-max-memory"
+            f" {format_size(most)}: lower the default or raise the maximum"
+        )
     delegated = options.cgroup_root == DELEGATED
     return {
         "root": None if delegated else options.cgroup_root,
         "delegated": delegated,
         "default_pids": options.cgroup_default_pids or None,
+        "default_memory": default,
+        "max_memory": most,
         "allow_swap": options.cgroup_swap == "allow",
+        # With isolation each job's uid is its own: RLIMIT_NPROC bounds it where no pids
+        # controller can (the isolation plugin sets it).
+        "pids_by_rlimit": not getattr(options, "no_isolation", False),
     }
 
 
@@ -117,7 +133,14 @@ class CgroupV2Plugin:
     root: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     delegated: bool = False
     default_pids: int | None = DEFAULT_PIDS
+    #: memory.max of a job that sets no ``--memory`` (None: none, or ``max_memory``).
+    default_memory: int | None = None
+    #: The most ``--memory`` (and ``--memory-high``) a job may ask for; None: any.
+    max_memory: int | None = None
     allow_swap: bool = False
+    #: Without a pids controller, ``--pids`` is still accepted: the isolation plugin bounds
+    #: the job's own uid with RLIMIT_NPROC. False (``--no-isolation``): refused.
+    pids_by_rlimit: bool = True
     mount: Path | None = None
     self_cgroup: Path | None = None
     cpus: int = attrs.field(factory=lambda: os.cpu_count() or 1)
@@ -181,10 +204,16 @@ class CgroupV2Plugin:
             available=sorted(self._available),
             enabled=sorted(self._enabled),
             unusable=unusable,
-            default_pids=self.default_pids if "pids" in self._enabled else None,
+            default_pids=self._pids_default_by(),
+            default_memory=self.default_memory if "memory" in self._enabled else None,
+            max_memory=self.max_memory,
             leftovers_removed=leftovers,
         )
-        refused = [flag for field, flag in _FLAGS.items() if _CONTROLLER_OF[field] in unusable]
+        refused = [
+            flag
+            for field, flag in _FLAGS.items()
+            if _CONTROLLER_OF[field] in unusable and not (field == "pids" and self.pids_by_rlimit)
+        ]
         if refused:
             log.warning(
                 "cgroup_limits_unenforceable",
@@ -195,6 +224,14 @@ class CgroupV2Plugin:
                 consequence="jobs still get a cgroup (containment, tree-kill); jobs asking"
                 " for these limits are refused",
             )
+
+    def _pids_default_by(self) -> str | None:
+        """Where the pids default is enforced, for the start-up log."""
+        if self.default_pids is None:
+            return None
+        if "pids" in self._enabled:
+            return f"{self.default_pids} (pids.max)"
+        return f"{self.default_pids} (RLIMIT_NPROC)" if self.pids_by_rlimit else None
 
     def shutdown(self) -> None:
         """Remove the remaining job cgroups, and the root if this plugin created it."""
@@ -392,15 +429,27 @@ class CgroupV2Plugin:
                 raise InvalidArgument(
                     f"{field.replace('_', ' ')} {value} bytes is too small: give at least 1M"
                 )
-        if limits.memory is not None:
-            writes.append(("memory.max", str(limits.memory)))
+            if value is not None and self.max_memory is not None and value > self.max_memory:
+                raise InvalidArgument(
+                    f"{field.replace('_', ' ')} {format_size(value)} is above this server's"
+                    f" maximum of {format_size(self.max_memory)} (--cgroup-max-memory):"
+                    f" ask for at most {format_size(self.max_memory)}"
+                )
+        memory = limits.memory
+        if memory is not None:
             needs.append(("memory", "memory"))
+        elif "memory" in self._enabled:
+            memory = self.default_memory or self.max_memory
+        if memory is not None:
+            writes.append(("memory.max", str(memory)))
         if limits.memory_high is not None:
             writes.append(("memory.high", str(limits.memory_high)))
             needs.append(("memory", "memory_high"))
         pids = limits.pids
-        if pids is not None:
+        if pids is not None and ("pids" in self._enabled or not self.pids_by_rlimit):
             needs.append(("pids", "pids"))
+        elif pids is not None:
+            pids = None  # RLIMIT_NPROC of the job's uid holds it (the isolation plugin)
         elif "pids" in self._enabled:
             pids = self.default_pids
         if pids is not None:
@@ -412,10 +461,10 @@ class CgroupV2Plugin:
         if "memory" in self._enabled:
             # Swap would let a job exceed memory.max; oom.group kills the whole job on OOM
             # instead of leaving it half-killed.
-            if limits.memory is not None and not self.allow_swap:
+            if memory is not None and not self.allow_swap:
                 writes.append(("memory.swap.max", "0"))
             writes.append(("memory.oom.group", "1"))
-        applied = attrs.evolve(limits, cpu=cpu, pids=pids, io=io)
+        applied = attrs.evolve(limits, cpu=cpu, memory=memory, pids=pids, io=io)
         return _Plan(writes=writes, applied=applied)
 
     def _plan_io(
@@ -458,8 +507,25 @@ class CgroupV2Plugin:
             type=int,
             default=DEFAULT_PIDS,
             metavar="N",
-            help=f"pids.max of a job that sets no --pids, so a fork bomb stays contained; "
-            f"0 for none (default {DEFAULT_PIDS})",
+            help="pids.max of a job that sets no --pids, so a fork bomb stays contained (its"
+            " uid's RLIMIT_NPROC where no pids controller is);"
+            f" 0 for none (default {DEFAULT_PIDS})",
+        )
+        group.add_argument(
+            "--cgroup-default-memory",
+            dest="cgroup_default_memory",
+            type=argument(parse_size),
+            metavar="SIZE",
+            help="memory.max of a job that sets no --memory (default: --cgroup-max-memory,"
+            " else none)",
+        )
+        group.add_argument(
+            "--cgroup-max-memory",
+            dest="cgroup_max_memory",
+            type=argument(parse_size),
+            metavar="SIZE",
+            help="the most --memory or --memory-high a job may ask for; more is INVALID_ARGUMENT"
+            " (default: no maximum)",
         )
         group.add_argument(
             "--cgroup-swap",

@@ -204,6 +204,7 @@ def _whole_disk() -> str | None:
 def test_limits_are_refused_naming_the_controller(
     plugin: CgroupV2Plugin, root: Path, limits: Limits, controller: str
 ) -> None:
+    plugin.pids_by_rlimit = False  # --no-isolation: no uid of the job's own to bound
     with pytest.raises(FailedPrecondition) as info:
         plugin.create(new_job_id(), JobSpec("true", limits=limits))
     message = str(info.value)
@@ -259,6 +260,30 @@ def test_isolated_job_cannot_leave_its_cgroup(
             result = await manager.stop(job.job_id, by="admin", grace=0.5)
             assert result.escalated and time.monotonic() - began < 0.5 + 5
             assert not (root / job.job_id).exists()
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_pids_without_the_controller_bound_the_jobs_own_uid(
+    plugin: CgroupV2Plugin, tmp_path: Path
+) -> None:
+    """No pids controller here: ``--pids`` (and the default) become the RLIMIT_NPROC of the
+    job's own uid, instead of a refusal (or a default dropped after a log line)."""
+    plugins = Plugins()
+    plugins.register(plugin, name="cgroupv2")
+    plugins.register(Isolation(), name="isolation")
+
+    async def body() -> None:
+        manager = JobManager(plugins, tmp_path)
+        try:
+            for limits, bound in ((Limits(pids=40), 40), (Limits(), 1024)):
+                spec = JobSpec("grep", ("Max processes", "/proc/self/limits"), limits=limits)
+                job = await manager.start(spec, "alice")
+                out = b"".join([c.data async for c in manager.follow(job.job_id)])
+                assert out.split()[2:4] == [str(bound).encode()] * 2, out
+                assert job.applied_limits.pids is None  # not the cgroup's: the uid's
         finally:
             await manager.shutdown()
 

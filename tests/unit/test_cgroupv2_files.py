@@ -283,7 +283,7 @@ def test_every_unenforceable_limit_is_named_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fs = _fake(tmp_path, monkeypatch, ("hugetlb",))
-    plugin = _plugin(fs)
+    plugin = _plugin(fs, pids_by_rlimit=False)  # as with --no-isolation
     limits = Limits(cpu=1, memory=64 << 20, pids=10)
     with pytest.raises(FailedPrecondition) as info:
         plugin.create("job-1", JobSpec("true", limits=limits))
@@ -312,9 +312,47 @@ def test_start_up_warns_of_the_limits_it_will_refuse(
     assert warning["available"] == ready["available"]
 
 
+def test_pids_without_a_controller_are_left_to_the_uid_rlimit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _fake(tmp_path, monkeypatch, ("hugetlb",))
+    with structlog.testing.capture_logs() as logs:
+        plugin = _plugin(fs)
+    ready = next(e for e in logs if e["event"] == "cgroup_ready")
+    assert ready["default_pids"] == f"{cgroupv2.DEFAULT_PIDS} (RLIMIT_NPROC)"
+    warning = next(e for e in logs if e["event"] == "cgroup_limits_unenforceable")
+    assert "--pids" not in warning["refused"]
+    cgroup = plugin.create("job-1", JobSpec("true", limits=Limits(pids=10)))
+    assert cgroup.applied == Limits()  # the isolation plugin's RLIMIT_NPROC holds it
+
+
+def test_default_and_maximum_memory(fs: FakeCgroupFs) -> None:
+    plugin = _plugin(fs, default_memory=64 << 20, max_memory=128 << 20)
+    cgroup = plugin.create("job-1", JobSpec("true"))
+    assert _read(cgroup, "memory.max") == str(64 << 20)
+    assert _read(cgroup, "memory.swap.max") == "0"  # a memory limit, defaulted or not
+    assert cgroup.applied.memory == 64 << 20
+    asked = plugin.create("job-2", JobSpec("true", limits=Limits(memory=128 << 20)))
+    assert asked.applied.memory == 128 << 20
+    for limits, field in (
+        (Limits(memory=256 << 20), "memory"),
+        (Limits(memory_high=1 << 30), "memory high"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            plugin.create("job-3", JobSpec("true", limits=limits))
+        size = "256M" if field == "memory" else "1G"
+        assert str(info.value) == (
+            f"{field} {size} is above this server's maximum of 128M (--cgroup-max-memory):"
+            " ask for at most 128M"
+        )
+    assert _job_dirs(plugin) == ["job-1", "job-2"]  # nothing of job-3
+    only_maximum = _plugin(fs, max_memory=128 << 20).create("job-4", JobSpec("true"))
+    assert only_maximum.applied.memory == 128 << 20  # the maximum bounds every job
+
+
 def test_controller_that_cannot_be_enabled(fs: FakeCgroupFs) -> None:
     fs.broken.add("cgroup.subtree_control")  # of the root the plugin creates
-    plugin = _plugin(fs)
+    plugin = _plugin(fs, pids_by_rlimit=False)
     assert plugin.enabled == frozenset()
     assert plugin.create("job-1", JobSpec("true")).applied == Limits()  # no pids default
     with pytest.raises(FailedPrecondition, match=r"'pids' controller could not be enabled under"):
@@ -597,6 +635,11 @@ def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ConfigError, match="--cgroup-default-pids"):
         CgroupV2Plugin.from_options(parser.parse_args(["--cgroup-default-pids", "-1"]))
+    memory = ["--cgroup-default-memory", "512M", "--cgroup-max-memory", "2G"]
+    plugin = CgroupV2Plugin.from_options(parser.parse_args(memory))
+    assert (plugin.default_memory, plugin.max_memory) == (512 << 20, 2 << 30)
+    with pytest.raises(ConfigError, match="--cgroup-default-memory 4G is above --cgroup-max"):
+        CgroupV2Plugin.from_options(parser.parse_args([*memory[:1], "4G", *memory[2:]]))
 
 
 # -- usage samples ------------------------------------------------------------------------
