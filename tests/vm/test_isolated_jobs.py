@@ -10,11 +10,12 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from jobworker.backends.local.manager import JobManager
+from jobworker.errors import InvalidArgument
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec, Limits
 from jobworker.model import Stream, TerminationReason
@@ -35,9 +36,11 @@ def root() -> Path:
     return CGROUP_FS / f"jobworker-iso-{secrets.token_hex(4)}"
 
 
-def with_manager(root: Path, spool: Path, body: Callable[[JobManager], Awaitable[T]]) -> T:
+def with_manager(
+    root: Path, spool: Path, body: Callable[[JobManager], Awaitable[T]], **cgroup: Any
+) -> T:
     async def main() -> T:
-        cgroups = CgroupV2Plugin(root=root)
+        cgroups = CgroupV2Plugin(root=root, **cgroup)
         cgroups.setup()
         plugins = Plugins()
         plugins.register(cgroups, name="cgroupv2")
@@ -124,3 +127,30 @@ def test_limits_hold_inside_the_namespaces(root: Path, tmp_path: Path) -> None:
         )
 
     with_manager(root, tmp_path, body)
+
+
+def test_a_job_without_memory_gets_the_default_and_none_gets_past_the_maximum(
+    root: Path, tmp_path: Path
+) -> None:
+    """``serve --cgroup-default-memory 32M --cgroup-max-memory 64M``: a job that asks for
+    no memory is bounded all the same, and one asking for more is refused."""
+
+    async def body(m: JobManager) -> None:
+        hog = "x=$(head -c 134217728 /dev/zero | tr '\\0' a); echo survived"
+        job = await m.start(JobSpec("sh", ("-c", hog)), "alice")
+        assert job.applied_limits.memory == 32 << 20
+        final = await m.wait(job.job_id)
+        assert final.exit is not None and final.exit.reason is TerminationReason.OOM_KILLED
+        assert final.usage is not None and final.usage.memory_peak_bytes is not None
+        assert final.usage.memory_peak_bytes <= 32 << 20
+        with pytest.raises(InvalidArgument) as info:
+            await m.start(JobSpec("true", limits=Limits(memory=128 << 20)), "alice")
+        assert str(info.value) == (
+            "memory 128M is above this server's maximum of 64M (--cgroup-max-memory):"
+            " ask for at most 64M"
+        )
+        allowed = await m.start(JobSpec("true", limits=Limits(memory=64 << 20)), "alice")
+        assert allowed.applied_limits.memory == 64 << 20
+        await m.wait(allowed.job_id)
+
+    with_manager(root, tmp_path, body, default_memory=32 << 20, max_memory=64 << 20)
