@@ -196,10 +196,13 @@ class JobStatus:
     #: The account the job runs as and its uid on the host (None: the server's own).
     user: str | None = None
     uid: int | None = None
-    #: How the job is isolated, e.g. "namespaces, user nobody(65534), network host".
+    #: How the job is isolated, e.g. "namespaces, user job-61184(61184), network host".
     isolation: str = "none"
     #: The cluster node it runs on; None on a single server.
     node: str | None = None
+    #: The kernel bounds on the job, one phrase each (``memory 512M (memory.max)``,
+    #: ``pids 1024 (RLIMIT_NPROC of the job's uid)``, ``memory: none``).
+    enforced: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -267,6 +270,7 @@ _SHARED_WITH_STATUS = (
     "uid",
     "isolation",
     "node",
+    "enforced",
 )
 #: The :class:`ExitInfo` fields of a job that has not ended.
 _STILL_RUNNING = {
@@ -308,6 +312,7 @@ class JobStatusView:
     uid: int | None
     isolation: str
     node: str | None = None  # the cluster node it runs on (None: a single server)
+    enforced: tuple[str, ...] = ()  # the kernel bounds on the job, one phrase each
 
     @classmethod
     def from_status(cls, status: JobStatus) -> JobStatusView:

@@ -34,8 +34,9 @@ class UsageSample:
 
     time: float
     cpu_usec: int
-    memory_bytes: int
-    pids: int
+    #: None where it cannot be read (a cgroup without the memory or pids controller).
+    memory_bytes: int | None
+    pids: int | None
     memory_peak_bytes: int | None = None
     io_read_bytes: int | None = None
     io_write_bytes: int | None = None
@@ -47,8 +48,8 @@ class UsageSample:
         return (
             int(self.time * 1000),
             self.cpu_usec,
-            self.memory_bytes,
-            self.pids,
+            opt(self.memory_bytes),
+            opt(self.pids),
             opt(self.memory_peak_bytes),
             opt(self.io_read_bytes),
             opt(self.io_write_bytes),
@@ -59,7 +60,9 @@ class UsageSample:
         def opt(v: int) -> int | None:
             return None if v == _NONE else v
 
-        return cls(raw[0] / 1000, raw[1], raw[2], raw[3], opt(raw[4]), opt(raw[5]), opt(raw[6]))
+        return cls(
+            raw[0] / 1000, raw[1], opt(raw[2]), opt(raw[3]), opt(raw[4]), opt(raw[5]), opt(raw[6])
+        )
 
 
 @attrs.frozen

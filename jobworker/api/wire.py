@@ -204,6 +204,7 @@ def view_to_pb(view: JobStatusView) -> pb.JobStatusResponse:
         uid=-1 if view.uid is None else view.uid,
         isolation=view.isolation,
         node=view.node or "",
+        enforced=view.enforced,
     )
     if view.usage is not None:
         known = {k: v for k, v in attrs.asdict(view.usage).items() if v is not None}
@@ -255,6 +256,7 @@ def status_from_pb(status: pb.JobStatusResponse) -> JobStatusView:
         uid=None if status.uid < 0 else status.uid,
         isolation=status.isolation or "none",
         node=status.node or None,
+        enforced=tuple(status.enforced),
     )
 
 
@@ -317,8 +319,8 @@ def usage_from_pb(usage: pb.JobUsage) -> JobUsage:
             UsageSample(
                 time=s.time,
                 cpu_usec=s.cpu_usec,
-                memory_bytes=s.memory_bytes,
-                pids=s.pids,
+                memory_bytes=opt(s, "memory_bytes"),
+                pids=opt(s, "pids"),
                 memory_peak_bytes=opt(s, "memory_peak_bytes"),
                 io_read_bytes=opt(s, "io_read_bytes"),
                 io_write_bytes=opt(s, "io_write_bytes"),

@@ -332,6 +332,8 @@ def _human(key: str, value: Any) -> str:
         return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
     if key == "args":
         return shlex.join(value)
+    if key == "enforced":
+        return "; ".join(value)
     if key == "limits.io":
         return "; ".join(
             " ".join(f"{k}={v}" for k, v in device.items() if v is not None) for device in value

@@ -235,12 +235,14 @@ def chart(usage: JobUsage) -> str:
         return f"job {usage.job_id}: no usage samples (it ended within its first second)"
     span = samples[-1].time - samples[0].time
     cpu = cpu_series(samples)
-    memory = [float(s.memory_bytes) for s in samples]
+    memory = [float(s.memory_bytes) for s in samples if s.memory_bytes is not None]
     lines = [
         f"job {usage.job_id}: {len(samples)} samples over {span:.0f}s (from {usage.source})",
         f"cpu     {sparkline(cpu) or '-'}  peak {max(cpu, default=0):.2f} cores,"
         f" total {samples[-1].cpu_usec / 1e6:.2f}s",
-        f"memory  {sparkline(memory)}  peak {size(max(memory))}, now {size(memory[-1])}",
+        f"memory  {sparkline(memory)}  peak {size(max(memory))}, now {size(memory[-1])}"
+        if memory
+        else f"memory  unknown: {usage.source} cannot read it here (no memory controller)",
     ]
     return "\n".join(lines)
 
@@ -257,6 +259,8 @@ def status_usage(client: JobClient, options: argparse.Namespace) -> int:
         )
     else:
         print(chart(usage))
+        enforced = client.status(options.job_id).enforced
+        print(for_terminal(f"limits  {'; '.join(enforced) or 'unknown (an older server)'}"))
     return 0
 
 

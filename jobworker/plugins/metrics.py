@@ -247,8 +247,10 @@ def _job_families(rows: list[Any]) -> Iterator[Any]:
     for status, sample in rows:
         values = [status.job_id, status.owner]
         cpu.add_metric(values, sample.cpu_usec / 1e6)
-        mem.add_metric(values, sample.memory_bytes)
-        pids.add_metric(values, sample.pids)
+        if sample.memory_bytes is not None:  # unreadable: absent, never a false 0
+            mem.add_metric(values, sample.memory_bytes)
+        if sample.pids is not None:
+            pids.add_metric(values, sample.pids)
         if sample.memory_peak_bytes is not None:
             peak.add_metric(values, sample.memory_peak_bytes)
         if sample.io_read_bytes is not None:

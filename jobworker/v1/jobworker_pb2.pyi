@@ -345,6 +345,7 @@ class JobStatusResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
     OUTPUT_KEPT_BYTES_FIELD_NUMBER: _builtins.int
+    ENFORCED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     status: _builtins.str
     """"running" | "exited" """
@@ -373,7 +374,7 @@ class JobStatusResponse(_message.Message):
     uid: _builtins.int
     """its uid on the server's host"""
     isolation: _builtins.str
-    """e.g. "namespaces, user nobody(65534), network host"; "none" when not isolated"""
+    """e.g. "namespaces, user job-61184(61184), network host"; "none" when not isolated"""
     node: _builtins.str
     """cluster backends: the node it runs on; empty on one server"""
     output_truncated: _builtins.bool
@@ -391,6 +392,12 @@ class JobStatusResponse(_message.Message):
 
     @_builtins.property
     def usage(self) -> Global___ResourceUsage: ...
+    @_builtins.property
+    def enforced(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The kernel bounds on the job, one phrase each, e.g. "memory 512M (memory.max)",
+        "pids 1024 (RLIMIT_NPROC of the job's uid)", "memory: none".
+        """
+
     def __init__(
         self,
         *,
@@ -417,10 +424,11 @@ class JobStatusResponse(_message.Message):
         node: _builtins.str = ...,
         output_truncated: _builtins.bool = ...,
         output_kept_bytes: _builtins.int = ...,
+        enforced: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "output_kept_bytes", b"output_kept_bytes", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "containment", b"containment", "ended_at", b"ended_at", "enforced", b"enforced", "escalated", b"escalated", "exit_code", b"exit_code", "isolation", b"isolation", "job_id", b"job_id", "limits", b"limits", "node", b"node", "output_bytes", b"output_bytes", "output_kept_bytes", b"output_kept_bytes", "output_truncated", b"output_truncated", "owner", b"owner", "pid", b"pid", "reason", b"reason", "signal", b"signal", "started_at", b"started_at", "status", b"status", "stopped_by", b"stopped_by", "uid", b"uid", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -585,9 +593,9 @@ class UsageSample(_message.Message):
     cpu_usec: _builtins.int
     """CPU time used so far"""
     memory_bytes: _builtins.int
-    """memory now (cgroup memory.current, or summed RSS)"""
+    """memory now (cgroup memory.current, or summed RSS); unset where unreadable"""
     pids: _builtins.int
-    """processes now"""
+    """processes now; unset where unreadable"""
     memory_peak_bytes: _builtins.int
     """cgroup memory.peak (unset without cgroupv2)"""
     io_read_bytes: _builtins.int
@@ -598,28 +606,36 @@ class UsageSample(_message.Message):
         *,
         time: _builtins.float = ...,
         cpu_usec: _builtins.int = ...,
-        memory_bytes: _builtins.int = ...,
-        pids: _builtins.int = ...,
+        memory_bytes: _builtins.int | None = ...,
+        pids: _builtins.int | None = ...,
         memory_peak_bytes: _builtins.int | None = ...,
         io_read_bytes: _builtins.int | None = ...,
         io_write_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_peak_bytes", b"memory_peak_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_bytes", b"_memory_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_pids", b"_pids", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "memory_peak_bytes", b"memory_peak_bytes", "pids", b"pids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "cpu_usec", b"cpu_usec", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "memory_peak_bytes", b"memory_peak_bytes", "pids", b"pids", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes", "_io_write_bytes", b"_io_write_bytes", "_memory_bytes", b"_memory_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_pids", b"_pids", "cpu_usec", b"cpu_usec", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "memory_peak_bytes", b"memory_peak_bytes", "pids", b"pids", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__io_read_bytes: _TypeAlias = _typing.Literal["io_read_bytes"]  # noqa: Y015
     _WhichOneofArgType__io_read_bytes: _TypeAlias = _typing.Literal["_io_read_bytes", b"_io_read_bytes"]  # noqa: Y015
     _WhichOneofReturnType__io_write_bytes: _TypeAlias = _typing.Literal["io_write_bytes"]  # noqa: Y015
     _WhichOneofArgType__io_write_bytes: _TypeAlias = _typing.Literal["_io_write_bytes", b"_io_write_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_bytes: _TypeAlias = _typing.Literal["memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_bytes: _TypeAlias = _typing.Literal["_memory_bytes", b"_memory_bytes"]  # noqa: Y015
     _WhichOneofReturnType__memory_peak_bytes: _TypeAlias = _typing.Literal["memory_peak_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_peak_bytes: _TypeAlias = _typing.Literal["_memory_peak_bytes", b"_memory_peak_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__pids: _TypeAlias = _typing.Literal["pids"]  # noqa: Y015
+    _WhichOneofArgType__pids: _TypeAlias = _typing.Literal["_pids", b"_pids"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__io_read_bytes) -> _WhichOneofReturnType__io_read_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__io_write_bytes) -> _WhichOneofReturnType__io_write_bytes | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_bytes) -> _WhichOneofReturnType__memory_bytes | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_peak_bytes) -> _WhichOneofReturnType__memory_peak_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pids) -> _WhichOneofReturnType__pids | None: ...
 
 Global___UsageSample: _TypeAlias = UsageSample  # noqa: Y015
 

@@ -89,7 +89,7 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
         "job_id", "state", "reason", "exit_code", "signal", "owner", "stopped_by",
         "escalated", "started_at", "ended_at", "command", "args", "limits", "usage",
         "containment", "output_bytes", "output_kept_bytes", "output_truncated", "pid", "user",
-        "uid", "isolation", "node",
+        "uid", "isolation", "node", "enforced",
     ]  # fmt: skip
     uid = status["uid"]  # the server runs as root: a uid of the job's own
     assert status["user"] == f"job-{uid}" and 61184 <= uid <= 65519

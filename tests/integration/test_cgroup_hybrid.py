@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.backends.local.isolation import DEFAULT_PIDS
 from jobworker.backends.local.manager import JobManager
+from jobworker.cli.top import chart
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import IoLimit, JobSpec, Limits
@@ -284,6 +286,44 @@ def test_pids_without_the_controller_bound_the_jobs_own_uid(
                 out = b"".join([c.data async for c in manager.follow(job.job_id)])
                 assert out.split()[2:4] == [str(bound).encode()] * 2, out
                 assert job.applied_limits.pids is None  # not the cgroup's: the uid's
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_usage_says_unknown_where_the_cgroup_cannot_measure(
+    plugin: CgroupV2Plugin, tmp_path: Path
+) -> None:
+    """No memory or pids controller: a sample says None (``unknown``), never ``0B``; the
+    status names what bounds the job and what nothing bounds."""
+    plugins = Plugins()
+    plugins.register(plugin, name="cgroupv2")
+    plugins.register(Isolation(), name="isolation")
+
+    async def body() -> None:
+        manager = JobManager(plugins, tmp_path)
+        try:
+            hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo held; sleep 600"
+            job = await manager.start(JobSpec("sh", ("-c", hog)), "alice")
+            async for chunk in manager.follow(job.job_id):
+                if b"held" in chunk.data:
+                    break
+            for _ in range(100):
+                usage = await manager.usage(job.job_id)
+                if usage.samples and usage.samples[-1].cpu_usec > 0:
+                    break
+                await asyncio.sleep(0.1)
+            last = usage.samples[-1]
+            assert usage.source == "cgroupv2" and last.cpu_usec > 0
+            assert (last.memory_bytes, last.pids, last.memory_peak_bytes) == (None, None, None)
+            assert "memory  unknown: cgroupv2 cannot read it here" in chart(usage)
+            assert job.enforced == (
+                f"pids {DEFAULT_PIDS} (RLIMIT_NPROC of the job's uid)",
+                "tmpfs 1G (/tmp, /var/tmp, /dev/shm together)",
+                "memory: none",
+            )
+            await manager.stop(job.job_id, by="alice", grace=0.2)
         finally:
             await manager.shutdown()
 

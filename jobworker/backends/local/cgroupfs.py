@@ -214,7 +214,7 @@ class JobCgroup:
         default=attrs.Factory(lambda self: hash(self.path.name), takes_self=True),
     )
     #: pids, memory peak, IO bytes read and written: the last slow read.
-    _slow: tuple[int, int | None, int | None, int | None] | None = attrs.field(
+    _slow: tuple[int | None, int | None, int | None, int | None] | None = attrs.field(
         init=False, eq=False, repr=False, default=None
     )
 
@@ -287,20 +287,20 @@ class JobCgroup:
             return None
         # "usage_usec N" is cpu.stat's first line.
         cpu_usec = int(cpu.split(b"\n", 1)[0].split()[1])
-        memory = _small_int(base + "memory.current") or 0
+        memory = _small_int(base + "memory.current")  # None without the memory controller
         if self._slow is None or self._ticks % SLOW_TICKS == 0:
             self._slow = self._read_slow(base)
         self._ticks += 1
         return UsageSample(time.time(), cpu_usec, memory, *self._slow)
 
     @staticmethod
-    def _read_slow(base: str) -> tuple[int, int | None, int | None, int | None]:
+    def _read_slow(base: str) -> tuple[int | None, int | None, int | None, int | None]:
         io_read = io_write = None
         io = read_small(base + "io.stat")
         if io is not None:
             io_read = sum(int(v) for v in _IO_READ.findall(io))
             io_write = sum(int(v) for v in _IO_WRITE.findall(io))
-        pids = _small_int(base + "pids.current") or 0
+        pids = _small_int(base + "pids.current")  # None without the pids controller
         return pids, _small_int(base + "memory.peak"), io_read, io_write
 
     def release(self) -> None:

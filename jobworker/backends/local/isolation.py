@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from jobworker.jobspec import Network
+from jobworker.jobspec import Limits, Network
 from jobworker.units import format_size
 
 # clone(2) flags, as the kernel numbers them.
@@ -160,3 +160,29 @@ class IsolationPlan:
             fields.append("keyrings=empty")
         fields += [f"wrap={a}" for a in self.wrapper]
         return fields
+
+
+def enforced_limits(applied: Limits, plan: IsolationPlan | None) -> tuple[str, ...]:
+    """Every kernel bound on a job, for its status: its cgroup's limits, then its plan's;
+    ``memory: none`` and ``pids: none`` where nothing bounds them."""
+    phrases = []
+    if applied.cpu is not None:
+        phrases.append(f"cpu {applied.cpu:g} cores (cpu.max)")
+    if applied.cpu_weight is not None:
+        phrases.append(f"cpu weight {applied.cpu_weight} (cpu.weight)")
+    if applied.memory is not None:
+        phrases.append(f"memory {format_size(applied.memory)} (memory.max)")
+    if applied.memory_high is not None:
+        phrases.append(f"memory high {format_size(applied.memory_high)} (memory.high)")
+    if applied.pids is not None:
+        phrases.append(f"pids {applied.pids} (pids.max)")
+    for io in applied.io:
+        rates = ((key, getattr(io, key)) for key in ("rbps", "wbps", "riops", "wiops"))
+        given = " ".join(f"{key}={value}" for key, value in rates if value is not None)
+        phrases.append(f"io {io.device} {given} (io.max)")
+    phrases += [] if plan is None else plan.enforced()
+    if applied.memory is None:
+        phrases.append("memory: none")
+    if applied.pids is None and (plan is None or plan.nproc is None):
+        phrases.append("pids: none")
+    return tuple(phrases)

@@ -37,6 +37,8 @@ class Job:
     user: str | None
     uid: int
     isolation: str
+    #: The kernel bounds on it, for status (empty for a job adopted by a restarted server).
+    enforced: tuple[str, ...] = ()
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     exited: asyncio.Event = attrs.Factory(asyncio.Event)  # the main process has exited
     ended_at: float | None = None
@@ -85,6 +87,7 @@ class Job:
             user=self.user,
             uid=self.uid,
             isolation=self.isolation,
+            enforced=self.enforced,
         )
 
 

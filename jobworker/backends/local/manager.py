@@ -29,7 +29,7 @@ import structlog
 
 from jobworker.backends.local import ending, restore, stdin
 from jobworker.backends.local.containment import Containment, ProcessGroup
-from jobworker.backends.local.isolation import IsolationPlan
+from jobworker.backends.local.isolation import IsolationPlan, enforced_limits
 from jobworker.backends.local.job import Job, isolation_summary
 from jobworker.backends.local.output import JobOutput
 from jobworker.backends.local.record import (
@@ -259,6 +259,7 @@ class JobManager:
             user=user,
             uid=uid,
             isolation=isolation,
+            enforced=enforced_limits(containment.applied, plan),
             stdin=spawned.stdin,
             record=record,
         )
