@@ -435,10 +435,11 @@ def sample_jobs(jobs: dict[str, _Tracked], procs: ProcTable) -> dict[str, UsageS
             if sample is not None and tracked.helpers:
                 # The cgroup counts jobworker's own processes too: take them out.
                 pages = _helper_pages(tracked.pid, tracked.helpers)
+                memory, pids = sample.memory_bytes, sample.pids  # None: unreadable, stays so
                 sample = attrs.evolve(
                     sample,
-                    memory_bytes=max(0, sample.memory_bytes - pages * _PAGE_SIZE),
-                    pids=max(0, sample.pids - tracked.helpers),
+                    memory_bytes=None if memory is None else max(0, memory - pages * _PAGE_SIZE),
+                    pids=None if pids is None else max(0, pids - tracked.helpers),
                 )
             if sample is not None:
                 out[job_id] = sample
