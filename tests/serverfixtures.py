@@ -73,16 +73,23 @@ class RunningServer:
     _stop: asyncio.Event
     _thread: threading.Thread
     _channels: list[grpc.Channel] = attrs.Factory(list)
+    _by_name: dict[str, grpc.Channel] = attrs.Factory(dict)
 
     def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the server's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(RPC_TIMEOUT_S)
 
     def channel(self, name: str | None = None, credentials: Any = None) -> grpc.Channel:
-        """A channel as client ``name`` (or with raw ``credentials``), closed at stop."""
+        """Client ``name``'s channel, one per name as a client keeps one (a shared server
+        bounds the connections from one address), or a new one with raw ``credentials``;
+        closed at stop."""
         if credentials is None:
             assert name is not None
-            credentials = client_credentials(self.pki.client(name))
+            if name not in self._by_name:
+                self._by_name[name] = self.channel(
+                    credentials=client_credentials(self.pki.client(name))
+                )
+            return self._by_name[name]
         channel = grpc.secure_channel(self.address, credentials)
         self._channels.append(channel)
         return channel

@@ -7,6 +7,7 @@ is not on the whitelist.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,39 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job
 
 T = RPC_TIMEOUT_S
-JOB_RPCS = ("GetStatus", "GetUsage", "StreamOutput", "StopJob")
+#: The RPCs about one job, authorized against its owner.
+JOB_RPCS = ("GetStatus", "GetUsage", "StreamOutput", "StopJob", "WriteInput")
+#: The RPCs about no job in particular, authorized by role alone.
+CALLER_RPCS = ("StartJob", "ListJobs", "ListUsage")
+SERVICE = pb.DESCRIPTOR.services_by_name["JobService"]
+#: What alice's job writes first, then it echoes its stdin.
+JOB_SCRIPT = "echo mine; exec cat"
+INPUT = b"typed\n"
 
 
-def call_job_rpc(stub: pb_grpc.JobServiceStub, rpc: str, job_id: str) -> Any:
-    """Call one RPC about ``job_id``; StopJob with a short grace, StreamOutput to its end."""
-    if rpc == "GetStatus":
-        return stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
-    if rpc == "GetUsage":
-        return stub.GetUsage(pb.UsageRequest(job_id=job_id), timeout=T)
-    if rpc == "StreamOutput":
-        return list(stub.StreamOutput(pb.JobRequest(job_id=job_id, no_follow=True), timeout=T))
-    return stub.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T)
+def call_rpc(stub: pb_grpc.JobServiceStub, rpc: str, job_id: str) -> Any:
+    """Call ``rpc`` (about ``job_id`` if it is about a job): StopJob with a short grace,
+    StreamOutput up to what is spooled, WriteInput a line without closing stdin."""
+    calls: dict[str, Callable[[], Any]] = {
+        "GetStatus": lambda: stub.GetStatus(pb.JobRequest(job_id=job_id), timeout=T),
+        "GetUsage": lambda: stub.GetUsage(pb.UsageRequest(job_id=job_id), timeout=T),
+        "StreamOutput": lambda: list(
+            stub.StreamOutput(pb.JobRequest(job_id=job_id, no_follow=True), timeout=T)
+        ),
+        "StopJob": lambda: stub.StopJob(pb.JobRequest(job_id=job_id, grace_seconds=1), timeout=T),
+        "WriteInput": lambda: stub.WriteInput(
+            iter([pb.InputChunk(job_id=job_id), pb.InputChunk(data=INPUT)]), timeout=T
+        ),
+        "StartJob": lambda: stub.StartJob(pb.StartJobRequest(command="true"), timeout=T),
+        "ListJobs": lambda: stub.ListJobs(pb.ListJobsRequest(), timeout=T),
+        "ListUsage": lambda: stub.ListUsage(pb.ListUsageRequest(), timeout=T),
+    }
+    return calls[rpc]()
+
+
+def test_the_matrix_covers_every_rpc_of_the_service() -> None:
+    """A new RPC fails here until it has a row in this matrix (and a call above)."""
+    assert sorted(JOB_RPCS + CALLER_RPCS) == sorted(m.name for m in SERVICE.methods)
 
 
 def refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
@@ -49,7 +71,7 @@ def refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 def alice_job(api_server: RunningServer) -> Iterator[str]:
     """A running job of alice's that has written its line, stopped at the end by the admin."""
     alice = api_server.stub("alice")
-    job_id = start_job(alice, "sh", "-c", "echo mine; exec sleep 60")
+    job_id = start_job(alice, "sh", "-c", JOB_SCRIPT, stdin=True)
     stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=T)
     next(stream)
     stream.cancel()
@@ -62,15 +84,28 @@ def is_running(server: RunningServer, job_id: str) -> bool:
     return bool(status.status == "running")
 
 
-def assert_served(reply: Any, rpc: str, job_id: str, by: str) -> None:
+def served_output(server: RunningServer, job_id: str) -> bytes:
+    """The job's output once it has echoed :data:`INPUT`."""
+    out = b""
+    for chunk in server.stub("root").StreamOutput(pb.JobRequest(job_id=job_id), timeout=T):
+        out += chunk.data
+        if out.endswith(INPUT):
+            break
+    return out
+
+
+def assert_served(server: RunningServer, reply: Any, rpc: str, job_id: str, by: str) -> None:
     """What a permitted call about alice's job answers: her job, its output, its stop."""
     if rpc == "GetStatus":
         assert (reply.job_id, reply.owner, reply.status) == (job_id, "alice", "running")
-        assert (reply.command, list(reply.args)) == ("sh", ["-c", "echo mine; exec sleep 60"])
+        assert (reply.command, list(reply.args)) == ("sh", ["-c", JOB_SCRIPT])
     elif rpc == "StreamOutput":
         assert [(c.stream, c.data) for c in reply] == [("stdout", b"mine\n")]
     elif rpc == "GetUsage":
         assert reply.job_id == job_id and reply.source in ("proc", "cgroupv2", "")
+    elif rpc == "WriteInput":
+        assert (reply.bytes_written, reply.closed) == (len(INPUT), False)
+        assert served_output(server, job_id) == b"mine\n" + INPUT  # it reached the job
     else:
         assert reply.success and not reply.already_finished
         status = reply.status
@@ -80,8 +115,8 @@ def assert_served(reply: Any, rpc: str, job_id: str, by: str) -> None:
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_user_may_use_own_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    reply = call_job_rpc(api_server.stub("alice"), rpc, alice_job)
-    assert_served(reply, rpc, alice_job, by="alice")
+    reply = call_rpc(api_server.stub("alice"), rpc, alice_job)
+    assert_served(api_server, reply, rpc, alice_job, by="alice")
 
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
@@ -90,8 +125,8 @@ def test_user_sees_other_users_job_as_unknown(
 ) -> None:
     bob = api_server.stub("bob")
     unknown = new_job_id()
-    code, message = refusal(lambda: call_job_rpc(bob, rpc, alice_job))
-    unknown_code, unknown_message = refusal(lambda: call_job_rpc(bob, rpc, unknown))
+    code, message = refusal(lambda: call_rpc(bob, rpc, alice_job))
+    unknown_code, unknown_message = refusal(lambda: call_rpc(bob, rpc, unknown))
     assert code == unknown_code == grpc.StatusCode.NOT_FOUND
     assert message.replace(alice_job, "ID") == unknown_message.replace(unknown, "ID")
     assert is_running(api_server, alice_job)
@@ -99,8 +134,8 @@ def test_user_sees_other_users_job_as_unknown(
 
 @pytest.mark.parametrize("rpc", JOB_RPCS)
 def test_admin_may_use_any_job(api_server: RunningServer, alice_job: str, rpc: str) -> None:
-    reply = call_job_rpc(api_server.stub("root"), rpc, alice_job)
-    assert_served(reply, rpc, alice_job, by="root")
+    reply = call_rpc(api_server.stub("root"), rpc, alice_job)
+    assert_served(api_server, reply, rpc, alice_job, by="root")
 
 
 def test_admin_stop_is_recorded(api_server: RunningServer, alice_job: str) -> None:
@@ -153,16 +188,10 @@ def test_not_whitelisted_is_denied_every_rpc(
 ) -> None:
     mallory = api_server.stub("mallory")
     job_id = {"existing": alice_job, "unknown": new_job_id(), "malformed": "../x"}[job]
-    calls: dict[str, Callable[[], Any]] = {
-        rpc: lambda rpc=rpc: call_job_rpc(mallory, rpc, job_id) for rpc in JOB_RPCS
-    }
-    calls["StartJob"] = lambda: mallory.StartJob(pb.StartJobRequest(command="true"), timeout=T)
-    calls["ListJobs"] = lambda: mallory.ListJobs(pb.ListJobsRequest(), timeout=T)
-    calls["ListUsage"] = lambda: mallory.ListUsage(pb.ListUsageRequest(), timeout=T)
-    for rpc, call in calls.items():
-        code, message = refusal(call)
-        assert code == grpc.StatusCode.PERMISSION_DENIED, rpc
-        assert message == "mallory is not on the authorization whitelist", rpc
+    for method in SERVICE.methods:
+        code, message = refusal(functools.partial(call_rpc, mallory, method.name, job_id))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, method.name
+        assert message == "mallory is not on the authorization whitelist", method.name
     assert is_running(api_server, alice_job)
 
 
