@@ -11,6 +11,8 @@ need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v ps >/dev/null || need_apt+=(procps)
 command -v dot >/dev/null || need_apt+=(graphviz)  # docs/architecture.svg is checked
+command -v zsh >/dev/null || need_apt+=(zsh)  # the zsh completion script is checked
+command -v groff >/dev/null || need_apt+=(groff-base)  # the man page is checked
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]}"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"

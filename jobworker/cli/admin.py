@@ -1,11 +1,12 @@
-"""The local commands: ``plugins`` (what a server would load) and ``certs`` (a PKI)."""
+"""The local commands: ``plugins`` (what a server would load), ``certs`` (a PKI) and
+``completion`` (a shell's completion script)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from jobworker.cli import certs
+from jobworker.cli import certs, completion
 from jobworker.cli.common import for_terminal, print_json
 from jobworker.errors import ConfigError
 from jobworker.hooks.host import Plugins, available_plugins
@@ -25,6 +26,7 @@ def add_commands(commands: Any) -> None:
     plugins_cmd.set_defaults(handler=_plugins)
 
     certs.add_command(commands)
+    completion.add_command(commands)
 
 
 def _plugins(options: argparse.Namespace) -> int:

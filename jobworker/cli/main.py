@@ -36,6 +36,21 @@ def build_parser(plugins: Plugins | None) -> argparse.ArgumentParser:
     return _parser(plugins)[0]
 
 
+def reference_parser() -> argparse.ArgumentParser:
+    """Every command, ``serve`` with the options of every built-in plugin that loads here
+    (``metrics`` needs its extra): what shell completion and the man page describe."""
+    from jobworker.errors import ConfigError
+    from jobworker.hooks.host import BUILTIN_PLUGINS, Plugins
+
+    plugins = Plugins()
+    for name in BUILTIN_PLUGINS:
+        try:
+            plugins.load([name])
+        except ConfigError:
+            pass  # a plugin that cannot load here adds no option here either
+    return build_parser(plugins)
+
+
 def _parser(plugins: Plugins | None) -> tuple[argparse.ArgumentParser, frozenset[str]]:
     """:func:`build_parser`, and the names of the client commands."""
     parser = Parser(prog="jobworker", description="Run Linux commands on a jobworker server.")
