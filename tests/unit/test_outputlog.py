@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 from pathlib import Path
@@ -16,9 +17,10 @@ from jobworker.backends.local.outputlog import (
     KEEPING_UP,
     OutputChunk,
     OutputLog,
+    SpoolBudget,
     next_chunk_max,
 )
-from jobworker.errors import FailedPrecondition, InvalidArgument
+from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
 
 
@@ -307,4 +309,96 @@ def test_followers_that_give_up_leave_nothing_behind(tmp_path: Path) -> None:
 
     assert asyncio.run(give_up(2000)) == 2000
     assert len(log._waiters) == 0
+    log.remove()
+
+
+# -- the cut: kept up to the cap, the budget or a failed write, then DATA_LOSS ---------------
+
+
+async def read_until_loss(log: OutputLog, offset: int = 0, follow: bool = True) -> bytes:
+    """What a follower receives before the DATA_LOSS that must end its stream."""
+    received = b""
+    with pytest.raises(DataLoss) as loss:
+        async for chunk in log.follow(offset, follow=follow):
+            received += chunk.data
+    assert received, "a follower from the start gets what was kept first"
+    return received + b"|" + str(loss.value).encode()
+
+
+def test_the_cap_cuts_the_log_and_followers_get_data_loss_after_what_was_kept(
+    tmp_path: Path,
+) -> None:
+    log = OutputLog(tmp_path / "job.out", max_bytes=10)
+    log.append(Stream.STDOUT, b"hello ")
+    log.append(Stream.STDERR, b"world!!!")  # 4 of these 8 bytes fit
+    log.append(Stream.STDOUT, b"more")  # read and counted, not kept
+    assert (log.truncated, log.kept_bytes, log.payload_bytes) == (True, 10, 18)
+    reason = "the job's output cap of 10 bytes (serve --max-output-bytes)"
+    assert log.cut_reason == reason
+    message = f"the output was cut after 10 bytes kept of 18 written so far, by {reason}"
+    expected = f"hello worl|{message}; the rest is lost".encode()
+    # Not the clean end of a complete log: DATA_LOSS while the job still runs and after.
+    assert asyncio.run(read_until_loss(log, follow=False)) == expected
+    log.close()
+    assert asyncio.run(read_until_loss(log)) == expected
+    with pytest.raises(DataLoss):  # a follower that resumes at the cut: DATA_LOSS at once
+        asyncio.run(drain(log, log.size))
+    log.remove()
+
+
+def test_a_live_follower_gets_data_loss_at_the_cut_while_the_job_goes_on(
+    tmp_path: Path,
+) -> None:
+    async def body() -> bytes:
+        log = OutputLog(tmp_path / "job.out", max_bytes=4)
+        follower = asyncio.create_task(read_until_loss(log))
+        log.append(Stream.STDOUT, b"ab")
+        await asyncio.sleep(0.01)  # the follower took "ab" and waits for more
+        log.append(Stream.STDOUT, b"cdef")
+        try:
+            return await asyncio.wait_for(follower, 5)  # the log is not closed
+        finally:
+            log.remove()
+
+    assert asyncio.run(body()).startswith(b"abcd|the output was cut after 4 bytes kept of 6")
+
+
+def test_the_spool_budget_is_shared_and_cuts_at_a_whole_record(tmp_path: Path) -> None:
+    header = 5
+    budget = SpoolBudget(2 * header + 10)
+    first = OutputLog(tmp_path / "first.out", budget=budget)
+    second = OutputLog(tmp_path / "second.out", budget=budget)
+    first.append(Stream.STDOUT, b"0123456789")  # one record: 15 of the 20 bytes
+    second.append(Stream.STDOUT, b"abcdefgh")  # 5 left: a header and nothing else
+    assert (first.truncated, second.truncated) == (False, True)
+    assert second.kept_bytes == 0 and budget.used == header + 10
+    assert second.cut_reason == (
+        "the server's spool budget of 20 bytes for all jobs (serve --max-spool-bytes)"
+    )
+    with pytest.raises(DataLoss, match="cut after 0 bytes kept of 8 written so far"):
+        asyncio.run(drain(second))
+    second.remove()
+    first.remove()
+    assert budget.used == 0  # each removed log gave back what it charged
+
+
+def test_a_failed_write_cuts_the_log_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = OutputLog(tmp_path / "job.out")
+    log.append(Stream.STDOUT, b"kept\n")
+
+    def disk_full(*_: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", disk_full)
+    log.append(Stream.STDOUT, b"lost\n")
+    monkeypatch.undo()
+    log.append(Stream.STDOUT, b"after\n")  # nothing is written past a cut
+    log.close()
+    assert log.cut_reason == "writing the spool failed: No space left on device"
+    assert asyncio.run(read_until_loss(log)) == (
+        b"kept\n|the output was cut after 5 bytes kept of 16 written so far, by writing the"
+        b" spool failed: No space left on device; the rest is lost"
+    )
     log.remove()
