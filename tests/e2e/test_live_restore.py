@@ -392,3 +392,30 @@ def test_a_tampered_record_kills_what_its_cgroup_holds(
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_the_stdin_of_an_interactive_job_is_open_again_after_a_restart(
+    live: Callable[..., LiveServer], pki: Pki
+) -> None:
+    server = live("--no-isolation")
+    job = server.stub.StartJob(
+        pb.StartJobRequest(command="cat", stdin=True), timeout=RPC_TIMEOUT_S
+    ).job_id
+    env = pki.client_env("alice", server.address)
+
+    def write(data: bytes, *flags: str) -> None:
+        done = subprocess.run(
+            [JOBWORKER, "write", job, *flags], input=data, env=env, capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+
+    write(b"before\n", "--keep-open")
+    next(iter(server.output(job)))  # cat has copied it: the server is no longer needed
+    server.kill()
+    time.sleep(0.5)  # were stdin closed, cat would end now
+    server.restart()
+    assert server.status(job).status == "running", "cat read end-of-file while no server ran"
+    write(b"after\n")
+    status = server.wait(job)
+    assert (status.reason, status.exit_code) == ("exited", 0)
+    assert b"".join(c.data for c in server.output(job)) == b"before\nafter\n"

@@ -12,9 +12,11 @@ pipes into their spools, so a job never blocks on a full pipe nor loses a byte w
 server runs, and it listens on :data:`HANDOVER_SOCKET` in the run directory. The next
 server connects and sends ``handover``: the helper stops reading every pipe once what it
 read is spooled, sends, per log, ``log`` (the bytes the job wrote and why the log was cut,
-which its spool cannot tell) with the pipes not at their end (their descriptors), then
-``done``, and exits. The new server's own helper reads on from where it stopped (``job``
-with the log's ``state``). Only a peer of the helper's own uid is served.
+which its spool cannot tell) with the pipes not at their end and the job's stdin if it is
+still open (their descriptors: the helper holds a copy of each stdin it is given, so that
+the job does not read end-of-file while no server runs), then ``done``, and exits. The
+new server's own helper reads on from where it stopped (``job`` with the log's
+``state``). Only a peer of the helper's own uid is served.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ log = structlog.get_logger("jobworker.backends.local.ingest_helper")
 
 #: Bytes of one message, at most (a state carries at most a few hundred marks).
 MESSAGE_MAX = 1 << 20
-#: Descriptors one message carries, at most (a job's spool file and its two pipes).
-FDS_MAX = 3
+#: Descriptors one message carries, at most (a job's spool file, its two output pipes and
+#: its stdin).
+FDS_MAX = 4
 #: Where a helper left by its server waits for the next one, in the live run directory.
 HANDOVER_SOCKET = "ingest.sock"
 
@@ -87,6 +90,14 @@ class _Log:
     fd: int
     pipes: set[int] = attrs.Factory(set)
     forgotten: bool = False
+    #: Live restore: a copy of the write end of the job's stdin, held (never written) so
+    #: that the job does not read end-of-file when its server goes; -1: none.
+    stdin: int = -1
+
+    def close_stdin(self) -> None:
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
 
 
 class _Helper:
@@ -129,9 +140,11 @@ class _Helper:
 
     def _serve(self, message: dict[str, Any], fds: list[int]) -> None:
         kind = message["t"]
-        if kind == "job":  # fds: the spool file, then each pipe
+        if kind == "job":  # fds: the spool file, each pipe, then the stdin it holds
             log_id = message["log"]
             entry = _Log(SpoolWriter(fds[0], message["max"], self._budget), fds[0])
+            if message.get("stdin"):
+                entry.stdin = fds.pop()
             if "state" in message:  # a log an earlier helper wrote: go on where it stopped
                 entry.writer.resume(SpoolState(**{**message["state"], "marks": ()}))
             self._logs[log_id] = entry
@@ -143,6 +156,10 @@ class _Helper:
                     functools.partial(self._write, log_id, entry.writer, Stream(stream)),
                     functools.partial(self._eof, log_id, pipe_id),
                 )
+        elif kind == "stdin_closed":
+            held = self._logs.get(message["log"])
+            if held is not None:
+                held.close_stdin()
         elif kind == "drop":
             pipe = self._pipes.get(message["pipe"])
             if pipe is not None:
@@ -153,6 +170,7 @@ class _Helper:
                 self._budget.give_back(message["charged"])
                 return
             entry_or_none.forgotten = True
+            entry_or_none.close_stdin()
             entry_or_none.writer.cut("the job's output was removed")
             for pipe_id in list(entry_or_none.pipes):
                 self._ingest.drop(self._pipes[pipe_id])
@@ -191,11 +209,13 @@ class _Helper:
                 "seen": state.seen,
                 "cut": state.cut,
                 "streams": [int(stream) for stream, _ in streams],
+                "stdin": entry.stdin >= 0,
             }
-            fds = tuple(fd for _, fd in streams)
+            fds = tuple(fd for _, fd in streams) + ((entry.stdin,) if entry.stdin >= 0 else ())
             send_message(peer, json.dumps(message).encode(), fds, 0)
             for fd in fds:
                 os.close(fd)
+            entry.stdin = -1
         send_message(peer, b'{"t": "done"}', (), 0)
         log.info("ingest_handed_over", logs=len(self._logs), pipes=len(pipes))
 

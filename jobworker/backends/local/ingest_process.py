@@ -146,14 +146,16 @@ class IngestProcess:
         pipes: Sequence[tuple[int, Stream, Sink, Callable[[], None]]],
         published: Callable[[], None],
         resume: SpoolState | None = None,
+        stdin: int = -1,
     ) -> list[RemotePipe]:
         """Have the helper read a job's pipes (``fd, stream, sink, on_eof`` each) into
         ``output``: ``published`` runs on the loop after each report of what ``output``
         holds, each ``on_eof`` once its pipe is closed. All of a job's pipes or none: with
         no helper, or no descriptor left to pass them with, the threads here read them all
         with their ``sink`` (one writer per spool file, always), as they do should the
-        helper be lost later. ``resume``: what an earlier helper wrote of ``output`` (live
-        restore), to go on from."""
+        helper be lost later. Live restore: ``resume`` is what an earlier helper wrote of
+        ``output``, to go on from; ``stdin`` the write end of the job's stdin, for the
+        helper to hold (a copy) while it is open (:meth:`stdin_closed`)."""
         handles = [
             RemotePipe(next(self._ids), fd, stream, output, sink, on_eof)
             for fd, stream, sink, on_eof in pipes
@@ -162,7 +164,8 @@ class IngestProcess:
             if self._sock is None:
                 raise ConnectionError("the ingest process was lost since ready()")
             # Copies: the originals may be closed before the messages leave.
-            copies = _dup_all([output.fd, *(h.fd for h in handles)])
+            held = [stdin] if stdin >= 0 and self._live is not None else []
+            copies = _dup_all([output.fd, *(h.fd for h in handles), *held])
         except OSError as err:
             log.warning("ingest_in_server", reason=str(err))
             for handle in handles:
@@ -181,12 +184,18 @@ class IngestProcess:
             "log": log_id,
             "max": output.max_bytes,
             "pipes": pipes_of,
+            "stdin": bool(held),
         }
         if resume is not None:
             message["state"] = attrs.asdict(attrs.evolve(resume, marks=()))
             self._charged[log_id] = resume.charged
         self._queue(message, copies)
         return handles
+
+    def stdin_closed(self, log_id: str) -> None:
+        """The server closed the job's stdin: the helper closes its copy too."""
+        if log_id in self._logs and self._live is not None:
+            self._queue({"t": "stdin_closed", "log": log_id})
 
     def register(
         self, log_id: str, output: OutputLog, published: Callable[[], None], charged: int
@@ -432,6 +441,13 @@ class HandedOver:
     seen: int
     cut: str | None
     pipes: tuple[tuple[Stream, int], ...]
+    #: The write end of the job's stdin while it is open, else -1.
+    stdin: int = -1
+
+    def close(self) -> None:
+        for fd in (*(fd for _stream, fd in self.pipes), self.stdin):
+            if fd >= 0:
+                os.close(fd)
 
 
 async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
@@ -454,13 +470,13 @@ async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
                 message: dict[str, Any] = json.loads(data) if data else {"t": "done"}
                 if message["t"] == "done":
                     return logs
+                stdin = fds.pop() if message.get("stdin") else -1
                 streams = [Stream(stream) for stream in message["streams"]]
                 pipes = tuple(zip(streams, fds, strict=True))
-                logs[message["log"]] = HandedOver(message["seen"], message["cut"], pipes)
+                logs[message["log"]] = HandedOver(message["seen"], message["cut"], pipes, stdin)
     except BaseException:
         for handed in logs.values():
-            for _stream, fd in handed.pipes:
-                os.close(fd)
+            handed.close()
         raise
     finally:
         sock.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import attrs
 
@@ -57,6 +58,8 @@ class Job:
     stdin: int = -1  # write end of the job's stdin pipe; -1: never open, or closed
     stdin_writer: bool = False  # a write_input call holds stdin
     stdin_wakeup: asyncio.Future[None] | None = None  # what a blocked writer awaits
+    #: Called once the server closes stdin (live restore: the ingest process holds a copy).
+    on_stdin_closed: Callable[[], None] | None = None
     #: The server is the main process's parent (False: adopted, see :mod:`.restore`).
     child: bool = True
     #: Why a restarted server could not adopt its process (its end is ``lost`` unless the

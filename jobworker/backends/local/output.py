@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -120,7 +119,8 @@ class JobOutput:
         self, job: Job, stdout: int, stderr: int, ingest_process: IngestProcess | None
     ) -> None:
         """Have the job's pipes read into its log, by ``ingest_process`` or the threads."""
-        self._connect(job, ((Stream.STDOUT, stdout), (Stream.STDERR, stderr)), ingest_process)
+        streams = ((Stream.STDOUT, stdout), (Stream.STDERR, stderr))
+        self._connect(job, streams, ingest_process)
 
     def _connect(
         self,
@@ -145,10 +145,11 @@ class JobOutput:
             for fd, _stream, sink, on_eof in pipes:
                 job.pipes[fd] = self._threads().add(fd, sink, on_eof)
         else:
-            handles = ingest_process.add(
-                job.job_id, job.log, pipes, functools.partial(self._published, job), resume
-            )
+            published = functools.partial(self._published, job)
+            handles = ingest_process.add(job.job_id, job.log, pipes, published, resume, job.stdin)
             job.pipes.update((handle.fd, handle) for handle in handles)
+            if job.stdin >= 0:
+                job.on_stdin_closed = functools.partial(ingest_process.stdin_closed, job.job_id)
 
     # -- live restore --------------------------------------------------------------------
 
@@ -183,8 +184,7 @@ class JobOutput:
                 found = None if handed is None else handed.pop(job.job_id, None)
                 await self._resume(job, found, ingest_process)
             for left in (handed or {}).values():  # logs of jobs not adopted
-                for _stream, fd in left.pipes:
-                    os.close(fd)
+                left.close()
         finally:
             self.restored.set()
 
@@ -202,6 +202,8 @@ class JobOutput:
         state = await asyncio.to_thread(scan, job.log.fd, seen, cut)
         job.log.adopt(state)
         self._published(job)
+        if found is not None and found.stdin >= 0:
+            job.stdin = found.stdin
         pipes = () if found is None else found.pipes
         self._connect(job, pipes, ingest_process, state)
 

@@ -140,8 +140,6 @@ class JobRecord:
     spool: str
     exit_report: str
     max_output_bytes: int | None
-    #: ``spec.stdin`` and the server no longer holds its write end.
-    stdin_closed: bool = False
     end: JobEnd | None = None
 
     @property
@@ -183,6 +181,7 @@ class JobRecord:
 
     @classmethod
     def _from_v1(cls, data: dict[str, Any]) -> JobRecord:
+        data.pop("stdin_closed", None)  # in the first v1 records, never read
         end = data.pop("end")
         if end is not None:
             exit_info = {**end["exit"], "reason": TerminationReason(end["exit"]["reason"])}

@@ -87,5 +87,8 @@ def close_stdin(job: Job) -> None:
     asyncio.get_running_loop().remove_writer(job.stdin)
     os.close(job.stdin)
     job.stdin = -1
+    if job.on_stdin_closed is not None:
+        job.on_stdin_closed()
+        job.on_stdin_closed = None
     if job.stdin_wakeup is not None:
         resolve_future(job.stdin_wakeup)
