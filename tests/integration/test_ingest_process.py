@@ -156,9 +156,7 @@ def test_the_ingest_process_ends_with_the_server_even_when_it_is_killed(tmp_path
         import asyncio, os, signal, sys
         from pathlib import Path
         from jobworker.hooks.host import Plugins
-        from jobworker.backends.local import ingest_process
-from jobworker.backends.local.ingest_process import RemotePipe
-from jobworker.backends.local.manager import JobManager
+        from jobworker.backends.local.manager import JobManager
         from jobworker.logconfig import configure_logging
         from jobworker.jobspec import JobSpec
 
