@@ -269,7 +269,17 @@ class Plugins:
         ]
 
     def manager_ready(self, manager: JobBackend) -> None:
-        self._observe("jobworker_manager_ready", manager=manager)
+        """An observer, except that a plugin's ``ConfigError`` (its cgroup root held by
+        another server, say) stops the start-up."""
+        for impl in self._impls("jobworker_manager_ready"):
+            try:
+                impl.function(manager)
+            except ConfigError:
+                raise
+            except Exception:
+                log.exception(
+                    "plugin_hook_failed", plugin=impl.plugin_name, hook="jobworker_manager_ready"
+                )
 
     def reload(self) -> list[Callable[[], None]]:
         """Every plugin's reload, read but not in force; raises ``ConfigError``."""

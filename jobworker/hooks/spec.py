@@ -114,7 +114,10 @@ def jobworker_manager_ready(manager: JobBackend) -> None:
     """The server's job backend (a :class:`jobworker.backends.base.JobBackend`) exists; keep it
     to act on jobs later. Observer.
 
-    Called once, after ``jobworker_configure`` and before the first request. A plugin that
+    Called once, after ``jobworker_configure`` and once the server's port is bound,
+    before the first request: the place for what must not happen before (the cgroupv2
+    plugin takes its cgroup root and removes its leftovers here). Raise
+    :class:`jobworker.errors.ConfigError` to stop the start-up. A plugin that
     stops jobs (at a deadline, say) calls ``await manager.stop(job_id, by=..., grace=...)``
     from the event loop, so the stop is recorded like any other.
     """

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.backends.base import JobBackend
 from jobworker.backends.local.cgroupfs import (
     CGROUP_FS,
     HYBRID_MOUNT,
@@ -29,8 +30,11 @@ from jobworker.backends.local.cgroupfs import (
     ROOT_NAME,
     SYS_DEV_BLOCK,
     JobCgroup,
+    RootLock,
     cgroup2_mounts,
     default_root,
+    is_ours,
+    mark_ours,
     own_cgroup,
     parse_device,
     read_int,
@@ -145,15 +149,15 @@ class CgroupV2Plugin:
     self_cgroup: Path | None = None
     cpus: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     sys_dev_block: Path = SYS_DEV_BLOCK
-    #: ``serve --live-restore``: leftover job cgroups may be jobs to adopt, so they are
-    #: cleaned up only once the job manager has adopted its own
-    #: (``jobworker_manager_ready``).
-    live_restore: bool = False
+    #: Job cgroups a live restore adopted: never leftovers (see :meth:`claim`).
     _adopted: set[Path] = attrs.Factory(set)
     _available: frozenset[str] = frozenset()
     _enabled: frozenset[str] = frozenset()
     _created_root: bool = False
+    _prepared: bool = False
     _ready: bool = False
+    _swept: bool = False
+    _lock: RootLock | None = None
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> CgroupV2Plugin:
@@ -166,9 +170,10 @@ class CgroupV2Plugin:
 
     # -- set-up and shutdown -------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Find the hierarchy, create the root, enable controllers, remove leftovers."""
-        if self._ready:
+    def prepare(self) -> None:
+        """Find the hierarchy, create the root, enable controllers: what ``serve`` checks
+        before it listens. Takes nothing and removes nothing (see :meth:`setup`)."""
+        if self._prepared:
             return
         mounts = self._mounts()
         if self.self_cgroup is None:
@@ -194,8 +199,18 @@ class CgroupV2Plugin:
                 "newer to stop a job's whole process tree"
             )
         self._enabled = self._enable(chain, self._available & set(CONTROLLERS))
-        leftovers = 0 if self.live_restore else self._remove_jobs()
+        self._prepared = True
+
+    def setup(self) -> None:
+        """:meth:`prepare`, then take the root for this server: a second server on it is
+        refused, naming the holder. Removes nothing (:meth:`claim` does)."""
+        if self._ready:
+            return
+        self.prepare()
+        assert self.root is not None and self.mount is not None
+        self._lock = RootLock(self.root)
         self._ready = True
+        mount = self.mount
         unusable = sorted(set(CONTROLLERS) - self._enabled)
         log.info(
             "cgroup_ready",
@@ -207,7 +222,7 @@ class CgroupV2Plugin:
             default_pids=self._pids_default_by(),
             default_memory=self.default_memory if "memory" in self._enabled else None,
             max_memory=self.max_memory,
-            leftovers_removed=leftovers,
+            held_by=os.getpid(),
         )
         refused = [
             flag
@@ -233,8 +248,32 @@ class CgroupV2Plugin:
             return f"{self.default_pids} (pids.max)"
         return f"{self.default_pids} (RLIMIT_NPROC)" if self.pids_by_rlimit else None
 
+    def claim(self) -> None:
+        """:meth:`setup`, then remove the leftovers of the root's previous owner, once:
+        only cgroups marked as created by a server that held this root (``OWNER_XATTR``),
+        and none a live restore adopted (``jobworker_limits_restore``).
+
+        Called once the server listens and has adopted its jobs (``jobworker_manager_ready``,
+        local jobs only: a Ray front's options are for its nodes), or by the first job (a
+        Ray node agent).
+        """
+        self.setup()
+        if self._swept:
+            return
+        self._swept = True
+        removed, foreign = self._remove_jobs(keep=frozenset(self._adopted))
+        log.info("cgroup_leftovers_removed", removed=removed, adopted=len(self._adopted))
+        if foreign:
+            log.warning(
+                "cgroup_foreign_kept",
+                root=str(self.root),
+                cgroups=foreign[:10],
+                reason="not marked as created by a jobworker server that held this root",
+            )
+
     def shutdown(self) -> None:
-        """Remove the remaining job cgroups, and the root if this plugin created it."""
+        """Remove the remaining job cgroups, and the root if this plugin created it; let
+        the root go."""
         if not self._ready or self.root is None:
             return
         self._remove_jobs()
@@ -243,7 +282,10 @@ class CgroupV2Plugin:
                 os.rmdir(self.root)
             except OSError as err:  # e.g. the server's own leaf is inside it
                 log.info("cgroup_root_kept", root=str(self.root), reason=err.strerror)
-        self._ready = False
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._ready = self._prepared = self._swept = False
 
     def _mounts(self) -> dict[Path, str]:
         if self.mount is not None:
@@ -328,10 +370,17 @@ class CgroupV2Plugin:
             jobs.append(JobCgroup(child))
         return jobs
 
-    def _remove_jobs(self, keep: frozenset[Path] = frozenset()) -> int:
-        """Kill every job cgroup under the root but ``keep``, wait for each to empty,
-        remove it."""
-        jobs = [job for job in self._job_cgroups() if job.path not in keep]
+    def _remove_jobs(self, keep: frozenset[Path] = frozenset()) -> tuple[int, list[str]]:
+        """Kill every job cgroup of this root's servers but ``keep``, wait for each to
+        empty, remove it; how many, and the names of those left alone (not proven ours)."""
+        jobs, foreign = [], []
+        for job in self._job_cgroups():
+            if job.path in keep:
+                continue
+            if is_ours(job.path):
+                jobs.append(job)
+            else:
+                foreign.append(job.path.name)
         for job in jobs:
             job.kill()
         for job in jobs:
@@ -339,13 +388,13 @@ class CgroupV2Plugin:
                 job.release()
             else:
                 log.warning("cgroup_not_empty", cgroup=str(job.path), pids=job.pids())
-        return len(jobs)
+        return len(jobs), foreign
 
     # -- per job -------------------------------------------------------------------------
 
     def create(self, job_id: str, spec: JobSpec) -> JobCgroup:
         """The job's cgroup with its limits written; nothing is left behind on error."""
-        self.setup()
+        self.claim()
         assert self.root is not None
         if not _JOB_ID.fullmatch(job_id) or job_id == SERVER_LEAF:
             raise InvalidArgument(f"job id {job_id!r} cannot name a cgroup")
@@ -355,6 +404,7 @@ class CgroupV2Plugin:
             os.mkdir(path)
         except OSError as err:
             raise FailedPrecondition(f"cannot create cgroup {path}: {err.strerror}") from None
+        mark_ours(path)
         cgroup = JobCgroup(path)
         for name, value in plan.writes:
             try:
@@ -540,8 +590,16 @@ class CgroupV2Plugin:
         if hasattr(options, "cgroup_root"):  # parsed with this plugin's options
             for name, value in _settings(options).items():
                 setattr(self, name, value)
-        self.live_restore = getattr(options, "live_restore", False)
-        self.setup()
+        self.prepare()
+
+    @hookimpl
+    def jobworker_manager_ready(self, manager: JobBackend) -> None:
+        """The server listens and has adopted its jobs: a server running jobs here takes
+        its root and removes its leftovers now."""
+        from jobworker.backends.local.manager import JobManager
+
+        if isinstance(manager, JobManager):
+            self.claim()
 
     @hookimpl
     def jobworker_limits_restore(
@@ -559,12 +617,6 @@ class CgroupV2Plugin:
             raise FailedPrecondition(f"its cgroup {path} is gone")
         self._adopted.add(path)
         return JobCgroup(path, applied=applied)
-
-    @hookimpl
-    def jobworker_manager_ready(self) -> None:
-        if self.live_restore and self._ready:
-            removed = self._remove_jobs(keep=frozenset(self._adopted))
-            log.info("cgroup_leftovers_removed", removed=removed, adopted=len(self._adopted))
 
     @hookimpl
     def jobworker_limits_apply(self, job_id: str, spec: JobSpec) -> JobCgroup:

@@ -171,9 +171,11 @@ def test_leftovers_of_a_crashed_run_are_removed(root: Path, tmp_path: Path) -> N
     crashed = CgroupV2Plugin(root=root)
     cgroup = crashed.create(new_job_id(), JobSpec("sh"))
     proc, pids = _spawn_tree(cgroup, tmp_path)
+    assert crashed._lock is not None
+    crashed._lock.release()  # what the kernel does when the server dies
     try:
         restarted = CgroupV2Plugin(root=root)
-        restarted.setup()  # the server starting again after a crash
+        restarted.claim()  # the server starting again after a crash
     finally:
         _reap(proc)
     assert not [pid for pid in pids if _alive(pid)]

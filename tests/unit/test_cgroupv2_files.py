@@ -21,6 +21,7 @@ import pytest
 import structlog.testing
 
 from jobworker.backends.local import inotify
+from jobworker.backends.local.cgroupfs import mark_ours
 from jobworker.backends.local.sampling import SLOW_TICKS
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks.host import Plugins
@@ -406,6 +407,10 @@ def test_leftovers_are_killed_waited_for_and_removed(fs: FakeCgroupFs) -> None:
     root = fs.cgroup("worker_jobs")
     quiet = fs.cgroup("worker_jobs/old-quiet")
     busy = fs.cgroup("worker_jobs/old-busy", procs="4242\n")
+    for leftover in (quiet, busy):  # created by the previous server on this root
+        assert mark_ours(leftover)
+    # Not marked: created by someone else (an older server, a person): never killed.
+    foreign = fs.cgroup("worker_jobs/foreign", procs="4343\n")
     fs.cgroup(f"worker_jobs/{SERVER_LEAF}")
     (busy / "cgroup.events").write_text("populated 1\nfrozen 0\n")
 
@@ -419,11 +424,26 @@ def test_leftovers_are_killed_waited_for_and_removed(fs: FakeCgroupFs) -> None:
 
     kernel = threading.Thread(target=kernel_kills_busy)
     kernel.start()
-    _plugin(fs)
+    plugin = _plugin(fs)  # takes the root: removes nothing yet
+    assert quiet.exists()
+    plugin.claim()  # once the server listens
     kernel.join()
     assert not quiet.exists()
     assert not busy.exists()
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [SERVER_LEAF]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["foreign", SERVER_LEAF]
+    assert (foreign / "cgroup.kill").read_text() != "1"
+
+
+def test_a_second_plugin_on_a_held_root_is_refused_naming_the_holder(fs: FakeCgroupFs) -> None:
+    first = _plugin(fs)
+    with pytest.raises(ConfigError) as refused:
+        _plugin(fs)
+    assert str(refused.value) == (
+        f"cgroup root {fs.mount / 'worker_jobs'} is in use by another jobworker server (pid"
+        f" {os.getpid()}): give this one a --cgroup-root of its own"
+    )
+    first.shutdown()
+    _plugin(fs).shutdown()  # let go at shutdown: the next one takes it
 
 
 def test_no_cgroup2_mount_is_a_config_error() -> None:
@@ -675,3 +695,19 @@ def test_a_sample_reads_cpu_and_memory_each_tick_and_the_slow_files_every_few(
         os.unlink(cgroup.path / name)
     cgroup.path.rmdir()
     assert cgroup.sample_usage() is None  # the cgroup is gone
+
+
+def test_a_server_whose_jobs_run_elsewhere_never_takes_or_sweeps_the_root(
+    fs: FakeCgroupFs,
+) -> None:
+    """A Ray front server with --plugin cgroupv2: the options are for the nodes."""
+    fs.cgroup("worker_jobs")
+    leftover = fs.cgroup("worker_jobs/a-node-job", procs="4242\n")
+    assert mark_ours(leftover)
+    plugin = CgroupV2Plugin(root=fs.mount / "worker_jobs", mount=fs.mount, self_cgroup=fs.mount)
+    plugins = Plugins()
+    plugins.register(plugin, name="cgroupv2")
+    plugin.prepare()  # what jobworker_configure does
+    plugins.manager_ready(object())  # type: ignore[arg-type]  # a backend of no local jobs
+    assert (leftover / "cgroup.kill").read_text() != "1"
+    _plugin(fs).shutdown()  # the root is free: a node agent here could take it

@@ -219,7 +219,7 @@ def test_server_killed_then_restarted_leaves_nothing(root: Path, tmp_path: Path)
     assert len(leftovers) == 3  # nobody cleaned up: the server died
 
     restarted = CgroupV2Plugin(root=root)
-    restarted.setup()  # a new server's start-up removes the crashed run's cgroups
+    restarted.claim()  # a new server's start-up removes the crashed run's cgroups
     try:
         assert [p for p in root.iterdir() if p.is_dir()] == []
         assert not [pid for pid in pids if alive(pid)]

@@ -7,6 +7,7 @@ decides policy. Empty is learnt from ``cgroup.events`` through inotify, never by
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import stat
@@ -152,6 +153,75 @@ def own_cgroup(mount: Path, mount_source: str, proc_cgroup: str) -> Path | None:
                 return mount
             return None if relative.startswith("..") else mount / relative
     return None
+
+
+#: The mark a server puts on each job cgroup it creates: the record that lets the next
+#: owner of the root prove a cgroup is a leftover of its own line, not someone else's.
+OWNER_XATTR = "user.jobworker.server"
+
+
+class RootLock:
+    """A cgroup root taken by one server: an exclusive ``flock`` on the root directory
+    itself, held while the server runs. The kernel drops it however the server ends
+    (SIGKILL included); the descriptor is close-on-exec, so no job inherits it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _flock_holder(self._fd)
+            os.close(self._fd)
+            who = "another process" if holder is None else f"pid {holder}"
+            raise ConfigError(
+                f"cgroup root {root} is in use by another jobworker server ({who}): give"
+                " this one a --cgroup-root of its own"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks (None if unknown)."""
+    info = os.fstat(fd)
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return int(fields[4]) or None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def mark_ours(cgroup: Path) -> bool:
+    """Record on ``cgroup`` that this server created it; False if the filesystem cannot."""
+    try:
+        os.setxattr(cgroup, OWNER_XATTR, str(os.getpid()).encode())
+    except OSError as err:
+        log.warning(
+            "cgroup_unmarked",
+            cgroup=str(cgroup),
+            error=err.strerror,
+            consequence="if this server dies, the next one on this root will not remove it",
+        )
+        return False
+    return True
+
+
+def is_ours(cgroup: Path) -> bool:
+    """Whether a server holding this root created ``cgroup`` (see :data:`OWNER_XATTR`)."""
+    try:
+        os.getxattr(cgroup, OWNER_XATTR)
+    except OSError:
+        return False
+    return True
 
 
 def parse_device(spec: str, *, sys_dev_block: Path = SYS_DEV_BLOCK) -> str:
