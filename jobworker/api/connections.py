@@ -9,10 +9,13 @@ limits"):
 * at most ``max_connections`` are open at once (grpc's
   ``grpc.max_allowed_incoming_connections``: grpc closes the one past it as soon as it
   accepts it);
-* at most ``max_connections_per_peer`` from one address: grpc has no such limit, so
-  :class:`PeerGate` lists the server's connections with the kernel's ``sock_diag``
-  netlink interface a few times a second and shuts the newest of a peer's surplus down;
-  a flood from one address can then never hold the slots everyone else needs;
+* at most ``max_connections_per_peer`` not yet authenticated from one address: grpc has no
+  such limit, so :class:`PeerGate` lists the server's connections with the kernel's
+  ``sock_diag`` netlink interface a few times a second and shuts the newest of a peer's
+  surplus down, sparing every connection that has carried an authenticated RPC (the
+  admission step tells it, :meth:`PeerGate.authenticated`); a flood from one address can
+  then never hold the slots everyone else needs, and never cuts a client that proved who
+  it is;
 * a connection lives at most ``max_connection_age`` seconds (grpc's
   ``grpc.max_connection_age_ms``; grpc sends GOAWAY and the client reconnects, with a new
   handshake that checks its certificate again; streams open on it go on, watched by
@@ -131,6 +134,7 @@ class Connection:
     """One established connection to the server's port, as the kernel lists it."""
 
     peer: str
+    port: int
     inode: int
 
 
@@ -176,20 +180,24 @@ def _receive(nl: socket.socket, port: int) -> list[Connection]:
                 (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
                 raise OSError(-code, os.strerror(-code))
             fields = _DIAG_MSG.unpack_from(data, offset + _NLMSG_HEADER.size)
-            family, sport, remote, inode = fields[0], fields[4], fields[7], fields[-1]
+            family, sport, dport, remote, inode = fields[0], *fields[4:6], fields[7], fields[-1]
             if socket.ntohs(sport) == port and inode:
-                found.append(Connection(_peer(family, remote), inode))
+                found.append(Connection(_peer(family, remote), socket.ntohs(dport), inode))
             offset += (length + 3) & ~3
         if not data:
             return found
 
 
-def surplus(connections: list[Connection], per_peer: int) -> list[Connection]:
-    """The connections past ``per_peer`` of each address, newest first (the kernel numbers
-    socket inodes in creation order): a peer's oldest connections are kept."""
+def surplus(
+    connections: list[Connection], per_peer: int, spared: set[tuple[str, int]]
+) -> list[Connection]:
+    """The connections past ``per_peer`` of each address, but for those ``spared`` (as
+    ``(peer, port)``): the newest (the kernel numbers socket inodes in creation order), so
+    a peer's oldest connections are kept."""
     by_peer: dict[str, list[Connection]] = collections.defaultdict(list)
     for connection in connections:
-        by_peer[connection.peer].append(connection)
+        if (connection.peer, connection.port) not in spared:
+            by_peer[connection.peer].append(connection)
     cut: list[Connection] = []
     for held in by_peer.values():
         if len(held) > per_peer:
@@ -230,16 +238,44 @@ def shut_down(inodes: set[int]) -> int:
     return done
 
 
-class PeerGate:
-    """Keeps each address within its share of connections; see the module docstring."""
+def _address(peer: str) -> tuple[str, int] | None:
+    """grpc's ``context.peer()`` (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``) as ``(ip, port)``,
+    the way :func:`established` names connections."""
+    kind, _, rest = peer.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind not in ("ipv4", "ipv6") or not port.isdigit():
+        return None
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), int(port)
 
-    def __init__(self, port: int, per_peer: int) -> None:
-        self._port = port
+
+class PeerGate:
+    """Keeps each address within its share of connections not yet authenticated; see the
+    module docstring. Made before the server listens, started once its port is known."""
+
+    def __init__(self, per_peer: int) -> None:
         self._per_peer = per_peer
+        self._port = 0
+        #: Authenticated connections, with the pass during which each was reported.
+        self._spared: dict[tuple[str, int], int] = {}
+        self._passes = 0
         self._task: asyncio.Task[None] | None = None
         self.cut = 0
 
-    def start(self) -> None:
+    def authenticated(self, peer: str) -> None:
+        """The connection of ``peer`` (grpc's ``context.peer()``) carried an authenticated
+        RPC: never cut it (on the event loop)."""
+        address = _address(peer)
+        if address is not None:
+            self._spared[address] = self._passes
+
+    def start(self, port: int) -> None:
+        self._port = port
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -248,12 +284,20 @@ class PeerGate:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def enforce(self) -> int:
+    async def enforce(self) -> int:
         """One pass: shut the surplus down; how many connections were."""
-        extra = surplus(established(self._port), self._per_peer)
+        self._passes += 1
+        listing = self._passes
+        connections = await asyncio.to_thread(established, self._port)
+        # Forget the closed ones; one reported while the kernel listed may not be listed.
+        open_now = {(c.peer, c.port) for c in connections}
+        for address, reported in list(self._spared.items()):
+            if reported < listing and address not in open_now:
+                del self._spared[address]
+        extra = surplus(connections, self._per_peer, set(self._spared))
         if not extra:
             return 0
-        done = shut_down({c.inode for c in extra})
+        done = await asyncio.to_thread(shut_down, {c.inode for c in extra})
         self.cut += done
         peers = collections.Counter(c.peer for c in extra)
         log.warning(
@@ -267,7 +311,7 @@ class PeerGate:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.enforce)
+                await self.enforce()
             except OSError as err:
                 log.error("peer_gate_failed", error=str(err), consequence="no per-peer limit")
                 return

@@ -116,8 +116,9 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
     never see the servicer context, so the check wraps the handler itself.
     """
 
-    def __init__(self, crl: tls.RevocationList | None) -> None:
+    def __init__(self, crl: tls.RevocationList | None, gate: PeerGate) -> None:
         self._crl = crl
+        self._gate = gate
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
@@ -133,6 +134,7 @@ class _AuthenticateOtherServices(grpc.aio.ServerInterceptor):  # type: ignore[mi
             tls.authenticate(context, self._crl)
         except Unauthenticated as err:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        self._gate.authenticated(context.peer())
 
     def _wrap(self, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -283,12 +285,17 @@ async def _serve_until(
         # Without so_reuseport 0, grpc lets a second server share a busy port and the
         # kernel splits connections between them.
         limits = raise_file_limit(config.connections, config.max_running)
+        gate = PeerGate(limits.max_connections_per_peer)
         server = grpc.aio.server(
-            interceptors=[_AuthenticateOtherServices(crl), DecodeInHandler()],
+            interceptors=[_AuthenticateOtherServices(crl, gate), DecodeInHandler()],
             options=[("grpc.so_reuseport", 0), *limits.grpc_options()],
         )
         service = JobService(
-            jobs, plugins, crl, max_streams_per_client=config.max_streams_per_client
+            jobs,
+            plugins,
+            crl,
+            max_streams_per_client=config.max_streams_per_client,
+            authenticated=gate.authenticated,
         )
         reloader.recheck = service.open_streams.recheck
         jobworker_pb2_grpc.add_JobServiceServicer_to_server(service, server)
@@ -305,11 +312,10 @@ async def _serve_until(
         if not port:
             raise ConfigError(f"cannot listen on {config.listen}: address in use or not local")
         address = f"{host}:{port}"
-        gate = PeerGate(port, limits.max_connections_per_peer)
 
         plugins.manager_ready(jobs)
         await server.start()
-        gate.start()
+        gate.start(port)
         reloader.watch_crl()
         try:
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

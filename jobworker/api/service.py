@@ -205,6 +205,7 @@ class _Admission:
         service = self._service
         identity = tls.authenticate(self._context, service.crl)
         certificate = tls.peer_certificate(self._context.auth_context())
+        service.authenticated(self._context.peer())
         owner = service.plugins.principal(identity)
         structlog.contextvars.bind_contextvars(identity=owner)
         job_id: str | None = None
@@ -325,6 +326,7 @@ class JobService(pb_grpc.JobServiceServicer):
         crl: tls.RevocationList | None = None,
         *,
         max_streams_per_client: int | None = None,
+        authenticated: Callable[[str], None] = lambda peer: None,
     ) -> None:
         self.backend = backend
         self.plugins = plugins
@@ -335,6 +337,8 @@ class JobService(pb_grpc.JobServiceServicer):
         self._streams: collections.Counter[str] = collections.Counter()
         #: Ended when their certificate expires or is revoked (the server's reload rechecks).
         self.open_streams = OpenStreams(crl)
+        #: Told the peer of each authenticated RPC (the per-address connection gate spares it).
+        self.authenticated = authenticated
 
     @_unary(Action.START)
     async def StartJob(self, request: pb.StartJobRequest, caller: Caller) -> pb.StartJobResponse:

@@ -11,13 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from jobworker import errors
 from jobworker.api.connections import ConnectionLimits, established
 from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
-from tests.serverfixtures import RunningServer, running_server
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.serverfixtures import RunningServer, client_credentials, running_server
 
 #: Bounds of the waits below: what should take a fraction of a second, given the slack a
 #: shared machine needs. Not timing targets (bench/bench_flood.py measures).
@@ -126,3 +129,30 @@ def test_a_stream_outlives_its_connection_age_and_new_rpcs_reconnect(
         output = b"".join(data for _stream, data, _offset in alice.stream(job_id))
         assert output == b"".join(b"%d\n" % i for i in range(1, 31))
         assert alice.status(job_id).exit_code == 0  # a new RPC, past the age: served
+
+
+def test_the_per_address_cap_spares_connections_that_authenticated(
+    api_pki: PkiPaths, tmp_path: Path
+) -> None:
+    limits = ConnectionLimits(max_connections=64, max_connections_per_peer=4)
+    with running_server(api_pki, spool_dir=tmp_path / "spool", connections=limits) as server:
+        port = _port(server)
+        # Ten connections of one client, each with an RPC done, from the flood's address.
+        credentials = client_credentials(api_pki.client("alice"))
+        channels = [
+            grpc.secure_channel(
+                server.address, credentials, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(10)
+        ]
+        try:
+            for channel in channels:
+                pb_grpc.JobServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=BOUND)
+            with _connections(port, 30, source="127.0.0.1") as flood:
+                _wait(lambda: sum(map(_closed_by_server, flood)) >= 26, "surplus left open")
+                assert _per_peer(port)["127.0.0.1"] == 10 + 4  # all of alice's are kept
+            for channel in channels:
+                assert channel._channel.check_connectivity_state(False) == 2  # READY, never cut
+        finally:
+            for channel in channels:
+                channel.close()
