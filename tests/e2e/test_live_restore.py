@@ -19,6 +19,7 @@ from jobworker.api import tls  # isort: split
 import grpc
 
 from jobworker.api.tlsfiles import TlsFiles
+from jobworker.backends.local.cgroupfs import mark_ours
 from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -358,8 +359,11 @@ def test_a_job_in_its_cgroup_is_adopted_and_stopped_whole(
     before = server.status(job)
     assert before.containment == f"cgroupv2:{cgroup_root / job}"
     stray = cgroup_root / "not-a-job"
+    foreign = cgroup_root / "not-ours"
     server.kill()
     stray.mkdir()
+    assert mark_ours(stray)  # as if the killed server had made it: a leftover of its own
+    foreign.mkdir()  # made by someone else: never the server's to remove
     server.restart()
     after = server.status(job)
     assert (after.status, after.containment, after.pid) == (
@@ -368,6 +372,7 @@ def test_a_job_in_its_cgroup_is_adopted_and_stopped_whole(
         before.pid,
     )
     assert not stray.exists(), "a cgroup no record names survived the restart"
+    assert foreign.exists(), "a cgroup no server of this root made was removed"
     server.stub.StopJob(pb.JobRequest(job_id=job, grace_seconds=1), timeout=RPC_TIMEOUT_S)
     assert server.status(job).reason == "stopped"
     _wait_until(lambda: not _alive(escaped))
