@@ -347,6 +347,7 @@ def test_default_and_maximum_memory(fs: FakeCgroupFs) -> None:
             " ask for at most 128M"
         )
     assert _job_dirs(plugin) == ["job-1", "job-2"]  # nothing of job-3
+    plugin.shutdown()  # one plugin (server) per root at a time
     only_maximum = _plugin(fs, max_memory=128 << 20).create("job-4", JobSpec("true"))
     assert only_maximum.applied.memory == 128 << 20  # the maximum bounds every job
 
