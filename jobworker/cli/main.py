@@ -92,12 +92,21 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def _options_after_the_command(args: list[str]) -> list[str]:
     """docker's habit, ``jobworker --server H run ...``: options of a command given before
     it move after it (after ``certs init``, for a command of a command), where argparse
-    reads them. Anything else is left for argparse to refuse."""
+    reads them. Anything else is left for argparse to refuse. The client commands' parser
+    is tried first, so that a client command stays light."""
     if not args or not args[0].startswith("-") or args[0] == "--":
         return args
+    moved = _hoist(_parser(None)[0], args)
+    if moved is not None:
+        return moved
     from jobworker.hooks.host import Plugins
 
-    parser = build_parser(Plugins())
+    return _hoist(build_parser(Plugins()), args) or args
+
+
+def _hoist(parser: argparse.ArgumentParser, args: list[str]) -> list[str] | None:
+    """``args`` with the options before the command moved after it; None unless
+    ``parser`` knows every one of them and the command."""
     commands = _subcommands(parser)
     takes_value = {
         flag: action.nargs != 0
@@ -111,10 +120,10 @@ def _options_after_the_command(args: list[str]) -> list[str]:
     while index < len(args) and args[index].startswith("-") and args[index] != "--":
         flag, equals, _value = args[index].partition("=")
         if flag in parser._option_string_actions or flag not in takes_value:
-            return args
+            return None
         index += 2 if takes_value[flag] and not equals else 1
     if index >= len(args) or args[index] not in commands:
-        return args
+        return None
     moved, command, rest = args[:index], args[index], args[index + 1 :]
     if rest and rest[0] in _subcommands(commands[command]):
         return [command, rest[0], *moved, *rest[1:]]

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e.conftest import JOBWORKER, Cli, clean_env, jobworker
+from tests.e2e.test_light_client import imported, server_only
 
 
 def test_connection_options_before_the_command(cli: Cli) -> None:
@@ -87,3 +88,18 @@ def test_an_option_of_a_command_of_a_command_before_both(tmp_path: Path) -> None
     made = jobworker("--dir", str(tmp_path / "pki"), "certs", "init", "--client", "bob", env=env)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "pki" / "bob.pem").is_file()
+
+
+def test_options_before_a_client_command_keep_it_light(cli: Cli) -> None:
+    """Moving the options needs only the client commands' parser: no server module."""
+    env = cli.env("alice")
+    server = env.pop("JOBWORKER_SERVER")
+    result = subprocess.run(
+        [JOBWORKER, "--server", server, "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPROFILEIMPORTTIME": "1"},
+        timeout=60,
+        check=False,
+    )
+    assert server_only(imported(result)) == []
