@@ -24,6 +24,7 @@ from jobworker.errors import ConfigError, UsageError
 #: The client of the dev PKI that client commands use when given no certificate.
 DEV_CLIENT = "admin"
 
+_PEM_CERTIFICATE_BEGIN = "-----BEGIN CERTIFICATE-----"
 _PEM_CERTIFICATE_END = "-----END CERTIFICATE-----"
 # DER tags (X.690) met on the way to a certificate's validity (RFC 5280, 4.1).
 _DER_EXPLICIT_VERSION = 0xA0
@@ -205,9 +206,11 @@ def _check_pair(cert: Path, key: Path) -> None:
 
 
 def _first_pem(chain: bytes) -> str:
-    """The first PEM certificate of ``chain`` (the leaf), already known to hold one."""
+    """The first PEM certificate of ``chain`` (the leaf), already known to hold one; text
+    around it (``openssl`` writes "Bag Attributes" before it) is left out."""
     text = chain.decode()
-    return text[: text.index(_PEM_CERTIFICATE_END) + len(_PEM_CERTIFICATE_END)]
+    start = text.index(_PEM_CERTIFICATE_BEGIN)
+    return text[start : text.index(_PEM_CERTIFICATE_END, start) + len(_PEM_CERTIFICATE_END)]
 
 
 def _der_element(der: bytes, at: int) -> tuple[int, int, int]:

@@ -79,3 +79,11 @@ def test_garbage_ca_bundle_is_named(pki: PkiPaths, tmp_path: Path) -> None:
     files = pki.client("alice")
     with pytest.raises(ConfigError, match=r"CA bundle .*ca\.pem holds no PEM certificate"):
         load_material(TlsFiles(cert=files.cert, key=files.key, ca=garbage))
+
+
+def test_text_around_the_certificate_is_allowed(pki: PkiPaths, tmp_path: Path) -> None:
+    files = pki.client("alice")
+    annotated = tmp_path / "annotated.pem"
+    annotated.write_bytes(b"Bag Attributes\n    friendlyName: alice\n" + files.cert.read_bytes())
+    material = load_material(TlsFiles(cert=annotated, key=files.key, ca=files.ca))
+    assert material.cert_chain.endswith(files.cert.read_bytes())
