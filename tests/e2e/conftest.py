@@ -28,6 +28,10 @@ from tests.jobpaths import JOB_VISIBLE_ROOT
 
 #: The console script installed next to this interpreter: what a user runs.
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
+#: Put before a command the test interrupts (SIGINT, as Ctrl-C does): a shell that starts
+#: the test run in the background (`cmd &`) ignores SIGINT in it, every process inherits
+#: that, and the command must see the signal as a user's terminal would deliver it.
+INTERRUPTIBLE = ("env", "--default-signal=INT")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0

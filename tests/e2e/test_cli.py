@@ -14,6 +14,7 @@ import pytest
 
 from tests.e2e.conftest import (
     COMMAND_TIMEOUT_S,
+    INTERRUPTIBLE,
     JOBWORKER,
     Cli,
     Pki,
@@ -146,20 +147,19 @@ def test_unreachable_server_is_a_clear_error(cli: Cli, pki: Pki) -> None:
 
 
 def test_ctrl_c_stops_the_job_and_exits_130(cli: Cli) -> None:
-    run = subprocess.Popen(
-        [JOBWORKER, "run", "--", "sh", "-c", "echo started; exec sleep 60"],
+    with subprocess.Popen(
+        [*INTERRUPTIBLE, JOBWORKER, "run", "--", "sh", "-c", "echo started; exec sleep 60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=cli.env("alice"),
-    )
-    try:
-        assert run.stdout is not None
-        assert run.stdout.readline() == b"started\n"
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=COMMAND_TIMEOUT_S)
-    finally:
-        run.kill()
-        run.wait()
+    ) as run:
+        try:
+            assert run.stdout is not None
+            assert run.stdout.readline() == b"started\n"
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=COMMAND_TIMEOUT_S)
+        finally:
+            run.kill()
     assert run.returncode == 130
     first, last = err.decode().splitlines()
     job_id = last.split()[-1]
@@ -403,28 +403,28 @@ def test_plugins_lists_a_description_per_plugin() -> None:
 
 
 def test_a_second_ctrl_c_leaves_a_job_that_ignores_sigterm_running(cli: Cli) -> None:
-    run = subprocess.Popen(
-        [JOBWORKER, "run", "--", "sh", "-c", "trap '' TERM; echo started; exec sleep 60"],
+    script = "trap '' TERM; echo started; exec sleep 60"
+    with subprocess.Popen(
+        [*INTERRUPTIBLE, JOBWORKER, "run", "--", "sh", "-c", script],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=cli.env("alice"),
-    )
-    try:
-        assert run.stdout is not None and run.stderr is not None
-        assert run.stdout.readline() == b"started\n"
-        run.send_signal(signal.SIGINT)
-        first = run.stderr.readline().decode()
-        assert first.startswith("jobworker: stopping job ")
-        assert first.endswith("; Ctrl-C again to leave it running)\n")
-        job_id = first.split()[3]
-        run.send_signal(signal.SIGINT)
-        second = time.monotonic()
-        _, rest = run.communicate(timeout=COMMAND_TIMEOUT_S)
-        left_after = time.monotonic() - second
-    finally:
-        run.kill()
-        run.wait()
+    ) as run:
+        try:
+            assert run.stdout is not None and run.stderr is not None
+            assert run.stdout.readline() == b"started\n"
+            run.send_signal(signal.SIGINT)
+            first = run.stderr.readline().decode()
+            assert first.startswith("jobworker: stopping job ")
+            assert first.endswith("; Ctrl-C again to leave it running)\n")
+            job_id = first.split()[3]
+            run.send_signal(signal.SIGINT)
+            second = time.monotonic()
+            _, rest = run.communicate(timeout=COMMAND_TIMEOUT_S)
+            left_after = time.monotonic() - second
+        finally:
+            run.kill()
     assert run.returncode == 130
     assert rest.decode() == (
         f"jobworker: left job {job_id} running (`jobworker stop {job_id}` stops it)\n"

@@ -14,7 +14,15 @@ import termios
 import time
 from collections.abc import Callable
 
-from tests.e2e.conftest import JOBWORKER, Cli, Pki, StartServer, clean_env, jobworker
+from tests.e2e.conftest import (
+    INTERRUPTIBLE,
+    JOBWORKER,
+    Cli,
+    Pki,
+    StartServer,
+    clean_env,
+    jobworker,
+)
 
 BUSY = ("sh", "-c", "while :; do :; done")
 
@@ -99,7 +107,7 @@ class Terminal:
         fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
         self.settings = termios.tcgetattr(self.slave)
         self.proc = subprocess.Popen(
-            ["setsid", "-c", "-w", JOBWORKER, "top", "--interval", "0.2", *args],
+            ["setsid", "-c", "-w", *INTERRUPTIBLE, JOBWORKER, "top", "--interval", "0.2", *args],
             stdin=self.slave, stdout=self.slave, stderr=self.slave, env=env,
         )  # fmt: skip
         self.output = b""
