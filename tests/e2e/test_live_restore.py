@@ -3,11 +3,13 @@ real jobs left running, adopted by the next server (docs/upgrading.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,10 +22,12 @@ import grpc
 
 from jobworker.api.tlsfiles import TlsFiles
 from jobworker.backends.local.cgroupfs import mark_ours
+from jobworker.backends.local.ingest_process import take_over
+from jobworker.backends.local.spool import LIVE_RUN
 from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from tests.e2e.conftest import JOBWORKER, Pki, Server, StartServer, free_port
+from tests.e2e.conftest import JOBWORKER, Pki, Server, StartServer, clean_env, free_port
 from tests.jobpaths import JOB_VISIBLE_ROOT
 
 assert tls  # imported first for grpc's TLS 1.3 settings
@@ -94,13 +98,35 @@ class LiveServer:
     def events(self, name: str) -> list[dict[str, object]]:
         return [e for e in self.server.events() if e.get("event") == name]
 
+    def close(self) -> None:
+        """Leave nothing running: a server adopts what is left, stops every job, and the
+        ingest process it leaves behind on SIGTERM is taken over, which ends it."""
+        if self.server.process.poll() is not None:
+            self.restart()
+        for job in self.stub.ListJobs(pb.ListJobsRequest(), timeout=RPC_TIMEOUT_S).jobs:
+            if job.status == "running":
+                self.stub.StopJob(
+                    pb.JobRequest(job_id=job.job_id, grace_seconds=0), timeout=RPC_TIMEOUT_S
+                )
+        self.kill(signal.SIGTERM)
+        handed = asyncio.run(take_over(self.spool / LIVE_RUN))
+        for log in (handed or {}).values():
+            log.close()
+
 
 @pytest.fixture
-def live(start_server: StartServer, pki: Pki, tmp_path: Path) -> Callable[..., LiveServer]:
-    def make(*extra: str) -> LiveServer:
-        return LiveServer(start_server, pki, tmp_path / "spool", *extra)
+def live(
+    start_server: StartServer, pki: Pki, tmp_path: Path
+) -> Iterator[Callable[..., LiveServer]]:
+    made: list[LiveServer] = []
 
-    return make
+    def make(*extra: str) -> LiveServer:
+        made.append(LiveServer(start_server, pki, tmp_path / "spool", *extra))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
 
 
 def _alive(pid: int) -> bool:
@@ -265,7 +291,7 @@ def test_a_record_naming_another_process_is_refused(
     finally:
         victim.kill()
         victim.wait()
-        os.kill(real, signal.SIGKILL)  # the real job: a process group no record names
+        os.killpg(real, signal.SIGKILL)  # the real job: a process group no record names
 
 
 def test_a_record_of_an_unknown_version_is_refused(live: Callable[..., LiveServer]) -> None:
@@ -424,3 +450,71 @@ def test_the_stdin_of_an_interactive_job_is_open_again_after_a_restart(
     status = server.wait(job)
     assert (status.reason, status.exit_code) == ("exited", 0)
     assert b"".join(c.data for c in server.output(job)) == b"before\nafter\n"
+
+
+#: The first version with live restore (its records and its ingest process's hand-over are
+#: what a newer server must still take over).
+UPGRADE_FROM = "1c2d5f3"
+
+
+@pytest.fixture
+def older_version(tmp_path: Path) -> Path:
+    """The source of :data:`UPGRADE_FROM`, extracted apart: its server runs with this
+    interpreter and dependencies, its own jobworker first on the path."""
+    repo = Path(__file__).resolve().parents[2]
+    target = tmp_path / f"jobworker-{UPGRADE_FROM}"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", UPGRADE_FROM], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"no git history with {UPGRADE_FROM}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
+
+
+def test_an_upgrade_adopts_the_jobs_of_the_older_version(
+    live: Callable[..., LiveServer], older_version: Path, tmp_path: Path
+) -> None:
+    server = live("--no-isolation")
+    server.kill(signal.SIGTERM)  # this version's server only made the spool: the old one runs
+    log_path = tmp_path / "older.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jobworker", "serve", *server.args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Not this checkout's directory: `-m` puts the working directory first on the path.
+            cwd=older_version,
+            env=clean_env(PYTHONPATH=str(older_version), JOBWORKER_HOME=str(tmp_path / "h")),
+        )
+    older = Server(process=process, address=server.address, log_path=log_path)
+    try:
+        older.wait_ready()
+        ends = server.start("sh", "-c", "echo a; sleep 2; echo b; exit 5")
+        runs = server.start("sleep", "1000")
+        assert _ingest_processes_of(older_version), "the older version's ingest is not running"
+    finally:
+        assert older.terminate() == 0
+    server.restart()
+    assert server.status(runs).status == "running"
+    status = server.wait(ends)
+    assert (status.reason, status.exit_code) == ("exited", 5)
+    assert b"".join(c.data for c in server.output(ends)) == b"a\nb\n"
+    server.stub.StopJob(pb.JobRequest(job_id=runs, grace_seconds=0), timeout=RPC_TIMEOUT_S)
+    assert server.status(runs).reason == "stopped"
+    assert not server.events("ingest_process_gone")
+    _wait_until(lambda: not _ingest_processes_of(older_version))  # it handed over and left
+
+
+def _ingest_processes_of(source: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
+            continue
+        if b"jobworker-ingest" in argv and str(source).encode() in argv:
+            found.append(int(entry.name))
+    return found
