@@ -200,3 +200,63 @@ def refresh_crl(directory: Path) -> CrlState:
     """Re-sign the CRL as it is, fresh for ``CRL_VALIDITY`` (a cron job's task)."""
     paths, ca = open_pki(directory)
     return publish_crl(paths, ca)
+
+
+@attrs.frozen
+class Holder:
+    """One certificate of the PKI as ``list_pki`` finds it."""
+
+    name: str  # the client name, or "server"
+    path: Path
+    names: tuple[str, ...]  # its DNS and IP SANs
+    not_after: datetime
+    role: str | None  # the whitelist's role for a client; None: not listed (or the server)
+    revoked: bool
+
+
+@attrs.frozen
+class Listing:
+    """The server certificate, the clients (current and revoked), and the CRL."""
+
+    server: Holder | None
+    clients: tuple[Holder, ...]
+    crl_revoked: int | None  # None: no CRL
+    crl_next_update: datetime | None
+
+
+def list_pki(directory: Path) -> Listing:
+    """What the PKI in ``directory`` holds: who has a certificate, until when, with which
+    role, and whether the CRL revokes it."""
+    paths, ca = open_pki(directory)
+    revoked: set[int] = set()
+    crl_count: int | None = None
+    next_update: datetime | None = None
+    if paths.crl.exists():
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+        revoked = {entry.serial_number for entry in crl}
+        crl_count, next_update = len(revoked), crl.next_update_utc
+
+    def holder(name: str, path: Path) -> Holder:
+        cert = check_issued(path, ca, paths.ca_cert)
+        return Holder(
+            name=name,
+            path=path,
+            names=tuple(certificate_names(path)),
+            not_after=cert.not_valid_after_utc,
+            role=None if name == "server" else _listed_role(paths.authz, name),
+            revoked=cert.serial_number in revoked,
+        )
+
+    special = {paths.ca_cert.name, paths.server_cert.name}
+    current = [
+        holder(path.stem, path)
+        for path in sorted(directory.glob("*.pem"))
+        if path.name not in special and not path.stem.endswith("-key")
+    ]
+    gone = [
+        holder(path.stem.split("-", 1)[1], path)
+        for path in sorted(paths.revoked.glob("*.pem"))
+        if not path.stem.endswith("-key")
+    ]
+    server = holder("server", paths.server_cert) if paths.server_cert.exists() else None
+    return Listing(server, tuple(current + gone), crl_count, next_update)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from jobworker.api import certs
 from jobworker.api.pki import CRL_VALIDITY, PkiPaths, default_server_names, init_pki
 from jobworker.api.tlsfiles import DEV_CLIENT, TlsFiles, default_pki_dir
 from jobworker.api.wire import DEFAULT_ADDRESS, with_default_port
-from jobworker.cli.common import argument
+from jobworker.cli.common import argument, for_terminal, print_json
 from jobworker.plugins.authz import ROLES
 
 _RELOAD = (
@@ -100,6 +100,14 @@ def add_command(commands: Any) -> None:
         _renew_server,
     )
     _server_name_options(renew, "default: the names of the certificate replaced")
+    listing = command(
+        "list",
+        "show the server and client certificates, their roles, expiry and revocation",
+        "Show who holds a certificate of this PKI, with which role, until when, and what"
+        " the CRL revokes.",
+        _list,
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
     command(
         "crl",
         "re-sign ca.crl before it expires",
@@ -249,4 +257,60 @@ def _crl(options: argparse.Namespace) -> int:
         f"\nnext: {_RELOAD}. Run `jobworker certs crl --dir {_q(options.dir)}` again before"
         f" {_date(state.next_update)}: past it the server refuses every client"
     )
+    return 0
+
+
+def _state(holder: certs.Holder, now: datetime) -> str:
+    if holder.revoked:
+        return "revoked"
+    if holder.not_after <= now:
+        return "expired"
+    if holder.name != "server" and holder.role is None:
+        return "not whitelisted"
+    return "valid"
+
+
+def _list(options: argparse.Namespace) -> int:
+    listing = certs.list_pki(options.dir)
+    now = datetime.now(UTC)
+    holders = [*([listing.server] if listing.server else []), *listing.clients]
+    if options.json:
+        print_json(
+            {
+                "certificates": [
+                    {
+                        "name": h.name,
+                        "path": str(h.path),
+                        "names": list(h.names),
+                        "role": h.role,
+                        "not_after": h.not_after.isoformat(),
+                        "state": _state(h, now),
+                    }
+                    for h in holders
+                ],
+                "crl_revoked": listing.crl_revoked,
+                "crl_next_update": listing.crl_next_update and listing.crl_next_update.isoformat(),
+            }
+        )
+        return 0
+    width = max([4, *(len(h.name) for h in holders)])
+    print(f"{'NAME':{width}}  {'ROLE':6}  {'UNTIL (UTC)':16}  STATE")
+    for h in holders:
+        role = "server" if h.name == "server" else h.role or "-"
+        until = h.not_after.strftime("%Y-%m-%d %H:%M")
+        print(for_terminal(f"{h.name:{width}}  {role:6}  {until:16}  {_state(h, now)}"))
+    if listing.server is not None:
+        print(f"\nthe server certificate names {', '.join(listing.server.names)}")
+    if listing.crl_next_update is None:
+        print(f"no CRL: `jobworker certs crl --dir {_q(options.dir)}` writes one")
+        return 0
+    print(
+        f"{_q(PkiPaths(options.dir).crl)}: {listing.crl_revoked} revoked, valid until"
+        f" {_date(listing.crl_next_update)}"
+    )
+    if listing.crl_next_update - now < timedelta(days=7):
+        print(
+            f"next: re-sign it before then, `jobworker certs crl --dir {_q(options.dir)}`,"
+            " and reload the server"
+        )
     return 0

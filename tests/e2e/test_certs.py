@@ -5,6 +5,7 @@ force by SIGHUP; and the one-line error of a client dialling a name the certific
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -139,6 +140,20 @@ def test_the_production_example_then_add_revoke_renew(
         JOBWORKER_TLS_KEY=str(next((directory / "revoked").glob("*-alice-key.pem"))),
     ))  # fmt: skip
     assert refused.returncode == 1 and b"UNAUTHENTICATED" in refused.stderr
+
+    # The listing says who holds what.
+    listed = jobworker("certs", "list", "--dir", str(directory), "--json", env=ops)
+    assert listed.returncode == 0, listed.stderr
+    states = {(c["name"], c["role"], c["state"]) for c in json.loads(listed.stdout)["certificates"]}
+    assert states == {
+        ("server", None, "valid"),
+        ("ops", "admin", "valid"),
+        ("carol", "user", "valid"),
+        ("alice", "user", "revoked"),
+    }
+    table = jobworker("certs", "list", "--dir", str(directory), env=ops).stdout.decode()
+    assert re.search(r"^alice +user +\S+ \S+ +revoked$", table, re.M), table
+    assert "the server certificate names localhost, 127.0.0.1" in table
 
     # A new server certificate, same names: served after the reload, clients unchanged.
     old = served_certificate(server.address, directory, client="ops")
