@@ -51,6 +51,7 @@ def test_bash_completes_commands_options_and_choices(bash_script: Path) -> None:
         "add-client",
         "revoke",
         "renew-server",
+        "list",
         "crl",
     ]
     assert complete(bash_script, "run", "--mem") == ["--memory", "--memory-high"]
