@@ -38,6 +38,9 @@ def _check_listen(instance: ServerConfig, attribute: attrs.Attribute[str], value
 #: Share of the spool filesystem's free space (at start-up) all jobs' output may take when
 #: ``serve --max-spool-bytes`` is not given: the rest stays for everyone else on that disk.
 SPOOL_SHARE_OF_FREE = 0.9
+#: Share of the spool budget one client's jobs may hold when ``serve
+#: --max-spool-bytes-per-client`` is not given (docs/security.md, "Spool fairness").
+SPOOL_SHARE_PER_CLIENT = 0.25
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +60,8 @@ class ServerConfig:
     max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES
     #: Spool all jobs may hold; None: 90% of the spool filesystem's free space at start.
     max_spool_bytes: int | None = None
+    #: Spool one client's jobs may hold; None: a quarter of the budget.
+    max_spool_bytes_per_client: int | None = None
     #: Output streams one client identity may have open at once (None: no bound).
     max_streams_per_client: int | None = DEFAULT_MAX_STREAMS_PER_CLIENT
     #: Handshake timeout, connection caps and age (docs/security.md, "Connection limits").
@@ -102,6 +107,7 @@ class ServerConfig:
             retain_seconds=options.retain_seconds,
             max_output_bytes=options.max_output_bytes,
             max_spool_bytes=options.max_spool_bytes,
+            max_spool_bytes_per_client=options.max_spool_bytes_per_client,
             max_streams_per_client=options.max_streams_per_client,
             connections=ConnectionLimits(
                 handshake_timeout=options.handshake_timeout,

@@ -43,7 +43,7 @@ from jobworker.api.service import SERVICE_NAME, DecodeInHandler, JobService
 from jobworker.backends.base import JobBackend
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
-from jobworker.config import SPOOL_SHARE_OF_FREE, ServerConfig, split_listen
+from jobworker.config import SPOOL_SHARE_OF_FREE, SPOOL_SHARE_PER_CLIENT, ServerConfig, split_listen
 from jobworker.errors import ConfigError, Unauthenticated
 from jobworker.hooks.host import Plugins
 from jobworker.v1 import jobworker_pb2_grpc
@@ -90,7 +90,15 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
     if budget is None:
         disk = os.statvfs(spool_dir)
         budget = int(disk.f_bavail * disk.f_frsize * SPOOL_SHARE_OF_FREE)
-    log.info("spool_budget", spool_dir=str(spool_dir), max_spool_bytes=budget)
+    per_client = config.max_spool_bytes_per_client
+    if per_client is None:
+        per_client = int(budget * SPOOL_SHARE_PER_CLIENT)
+    log.info(
+        "spool_budget",
+        spool_dir=str(spool_dir),
+        max_spool_bytes=budget,
+        max_spool_bytes_per_client=per_client,
+    )
     manager = JobManager(
         plugins,
         spool_dir,
@@ -101,6 +109,7 @@ def local_backend(config: ServerConfig, plugins: Plugins, spool_dir: Path) -> Jo
         retain_seconds=config.retain_seconds,
         max_output_bytes=config.max_output_bytes,
         max_spool_bytes=budget,
+        max_spool_bytes_per_client=per_client,
         live_restore=config.live_restore,
     )
     if config.live_restore:

@@ -99,6 +99,14 @@ def add_command(commands: Any, plugins: Plugins) -> None:
         " the spool filesystem's free space at start-up)",
     )
     serve.add_argument(
+        "--max-spool-bytes-per-client",
+        type=argument(parse_size),
+        default=None,
+        metavar="SIZE",
+        help="output kept for the jobs of one client together: one client filling its"
+        " share never cuts another's output (default: a quarter of --max-spool-bytes)",
+    )
+    serve.add_argument(
         "--max-streams-per-client",
         type=argument(parse_count),
         default=DEFAULT_MAX_STREAMS_PER_CLIENT,

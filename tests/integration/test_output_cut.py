@@ -115,28 +115,31 @@ def test_a_full_spool_disk_cuts_the_output_and_says_so(
         assert received == final.output_kept_bytes < 20 * MiB
 
 
-def test_the_spool_budget_protects_other_jobs(api_pki: PkiPaths, small_spool: Path) -> None:
-    # The default budget (90% of the tmpfs's free space) and a cap per job below it.
+def test_one_client_filling_its_share_of_the_spool_never_cuts_another(
+    api_pki: PkiPaths, small_spool: Path
+) -> None:
+    # The default budget (90% of the 20 MiB tmpfs's free space), a client's default share
+    # (a quarter of it: 4.5 MiB), and a cap per job above the share.
     with running_server(api_pki, spool_dir=small_spool, max_output_bytes=8 * MiB) as server:
         alice, bob = server.stub("alice"), server.stub("bob")
         floods = []
-        for _ in range(3):  # one after the other, so that the budget runs out in the third
+        for _ in range(3):  # 600 MiB, 24 MiB of caps: without shares, the whole budget
             job_id = start_job(alice, "head", "-c", str(200 * MiB), "/dev/zero")
             floods.append(job_id)
             received, err = follow(alice, job_id)
             assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
             final = wait_ended(alice, job_id)
             assert final.output_truncated and received == final.output_kept_bytes
-        # 18 MiB of budget: two floods get their cap, the third what is left of it.
-        cut = [status(alice, j).output_kept_bytes for j in floods]
-        assert cut[:2] == [8 * MiB, 8 * MiB] and 0 < cut[2] < 2 * MiB, cut
+        kept = [status(alice, j).output_kept_bytes for j in floods]
+        assert 4 * MiB < kept[0] < 5 * MiB and kept[1:] == [0, 0], kept
         _, err = follow(alice, floods[2])
-        assert err is not None and "spool budget" in (err.details() or "")
-        # The next job gets an honest status: cut at once, not an empty clean stream.
-        after = start_job(bob, "head", "-c", str(MiB), "/dev/zero")
-        received, err = follow(bob, after)
-        assert err is not None and err.code() is grpc.StatusCode.DATA_LOSS
-        assert status(bob, after).output_truncated
+        assert err is not None and "alice's share of the server's spool" in (err.details() or "")
+        # Bob's output arrives whole, up to his own share.
+        for size in (MiB, 3 * MiB):
+            job_id = start_job(bob, "head", "-c", str(size), "/dev/zero")
+            received, err = follow(bob, job_id)
+            assert (received, err) == (size, None)
+            assert not status(bob, job_id).output_truncated
 
 
 def test_streams_per_client_are_bounded(api_pki: PkiPaths, tmp_path: Path) -> None:

@@ -366,8 +366,8 @@ def test_a_live_follower_gets_data_loss_at_the_cut_while_the_job_goes_on(
 def test_the_spool_budget_is_shared_and_cuts_at_a_whole_record(tmp_path: Path) -> None:
     header = 5
     budget = SpoolBudget(2 * header + 10)
-    first = OutputLog(tmp_path / "first.out", budget=budget)
-    second = OutputLog(tmp_path / "second.out", budget=budget)
+    first = OutputLog(tmp_path / "first.out", budget=budget.account("alice"))
+    second = OutputLog(tmp_path / "second.out", budget=budget.account("bob"))
     first.append(Stream.STDOUT, b"0123456789")  # one record: 15 of the 20 bytes
     second.append(Stream.STDOUT, b"abcdefgh")  # 5 left: a header and nothing else
     assert (first.truncated, second.truncated) == (False, True)
@@ -402,3 +402,28 @@ def test_a_failed_write_cuts_the_log_and_says_why(
         b" spool failed: No space left on device; the rest is lost"
     )
     log.remove()
+
+
+def test_a_client_gets_its_share_of_the_spool_and_no_more(tmp_path: Path) -> None:
+    header = 5
+    budget = SpoolBudget(100 * (header + 10), per_client=2 * (header + 10))
+    alice = [OutputLog(tmp_path / f"alice-{n}.out", budget=budget.account("alice")) for n in "12"]
+    for log in alice:
+        log.append(Stream.STDOUT, b"0123456789")  # two records: alice's whole share
+    late = OutputLog(tmp_path / "alice-3.out", budget=budget.account("alice"))
+    late.append(Stream.STDOUT, b"more")
+    assert late.truncated and late.kept_bytes == 0
+    assert late.cut_reason == (
+        "alice's share of the server's spool, 30 bytes for all of its jobs"
+        " (serve --max-spool-bytes-per-client)"
+    )
+    bob = OutputLog(tmp_path / "bob.out", budget=budget.account("bob"))
+    bob.append(Stream.STDOUT, b"0123456789")
+    assert not bob.truncated and budget.used_by() == {"alice": 30, "bob": 15}
+    alice[0].remove()  # a removed log frees its owner's share
+    again = OutputLog(tmp_path / "alice-4.out", budget=budget.account("alice"))
+    again.append(Stream.STDOUT, b"0123456789")
+    assert not again.truncated
+    for log in (*alice[1:], late, bob, again):
+        log.remove()
+    assert budget.used == 0 and budget.used_by() == {}

@@ -142,7 +142,8 @@ class _Helper:
         kind = message["t"]
         if kind == "job":  # fds: the spool file, each pipe, then the stdin it holds
             log_id = message["log"]
-            entry = _Log(SpoolWriter(fds[0], message["max"], self._budget), fds[0])
+            account = self._budget.account(message["owner"])
+            entry = _Log(SpoolWriter(fds[0], message["max"], account), fds[0])
             if message.get("stdin"):
                 entry.stdin = fds.pop()
             if "state" in message:  # a log an earlier helper wrote: go on where it stopped
@@ -167,7 +168,7 @@ class _Helper:
         elif kind == "forget":
             entry_or_none = self._logs.get(message["log"])
             if entry_or_none is None:  # a log of a helper before this one
-                self._budget.give_back(message["charged"])
+                self._budget.give_back(message["owner"], message["charged"])
                 return
             entry_or_none.forgotten = True
             entry_or_none.close_stdin()
@@ -245,14 +246,16 @@ class _Helper:
 
 
 def main(argv: list[str]) -> None:
-    """The helper: ``[--live RUN_DIR] READ_SIZE SPOOL_USED [SPOOL_LIMIT]``, its socket on
-    fd 3."""
+    """The helper: ``[--live RUN_DIR] [--per-client BYTES] READ_SIZE SPOOL_USED
+    [SPOOL_LIMIT]``, its socket on fd 3; SPOOL_USED is what each client's logs already
+    hold, as JSON."""
     from jobworker.logconfig import configure_logging
 
     p = argparse.ArgumentParser(prog="jobworker-ingest")
     p.add_argument("read_size", type=int)
-    p.add_argument("spool_used", type=int)
+    p.add_argument("spool_used", type=json.loads)
     p.add_argument("spool_limit", type=int, nargs="?")
+    p.add_argument("--per-client", type=int, metavar="BYTES")
     p.add_argument("--live", type=Path, metavar="RUN_DIR")
     options = p.parse_args(argv)
     configure_logging()
@@ -264,8 +267,9 @@ def main(argv: list[str]) -> None:
     # Blocking: the spool-writing thread's reports wait while the server's queue is full
     # (the loop receives with MSG_DONTWAIT).
     sock = socket.socket(fileno=3)
-    budget = SpoolBudget(options.spool_limit)
-    budget.take(options.spool_used)
+    budget = SpoolBudget(options.spool_limit, options.per_client)
+    for owner, used in options.spool_used.items():
+        budget.take(owner, used, force=True)
     asyncio.run(_run(sock, options.read_size, budget, options.live))
 
 

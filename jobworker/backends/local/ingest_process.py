@@ -104,7 +104,7 @@ class IngestProcess:
         self._loop = loop
         self._live = live
         self._read_size = read_size
-        self._budget_limit = budget.limit
+        self._budget_limits = (budget.limit, budget.per_client)
         self._fallback = fallback
         self._ids = itertools.count(1)
         self._pipes: dict[int, RemotePipe] = {}
@@ -183,6 +183,7 @@ class IngestProcess:
             "t": "job",
             "log": log_id,
             "max": output.max_bytes,
+            "owner": output.owner,
             "pipes": pipes_of,
             "stdin": bool(held),
         }
@@ -219,9 +220,12 @@ class IngestProcess:
 
     def forget(self, log_id: str) -> None:
         """The log was removed: the helper gives back the budget it took."""
-        if self._logs.pop(log_id, None) is None:
+        known = self._logs.pop(log_id, None)
+        if known is None:
             return  # its pipes were read here: the helper never knew it
-        self._queue({"t": "forget", "log": log_id, "charged": self._charged.pop(log_id, 0)})
+        output, _ = known
+        charged = self._charged.pop(log_id, 0)
+        self._queue({"t": "forget", "log": log_id, "owner": output.owner, "charged": charged})
 
     def close(self, detach: bool = False) -> None:
         """Stop the helper (every job has ended); ``detach``: leave it reading the jobs'
@@ -242,7 +246,9 @@ class IngestProcess:
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        used = sum(self._charged.values())
+        used: dict[str, int] = collections.Counter()
+        for log_id, charged in self._charged.items():
+            used[self._logs[log_id][0].owner] += charged
         # -I, and the path of this very jobworker: the helper imports the server's code,
         # never a `jobworker` planted in the working directory or named by PYTHON* variables.
         code = (
@@ -251,9 +257,12 @@ class IngestProcess:
         )
         # Its name first after the code, for `ps`; its socket is fd 3.
         args = [sys.executable, "-I", "-c", code, "jobworker-ingest"]
-        args += [str(Path(__file__).parents[3]), str(self._read_size), str(used)]
-        if self._budget_limit is not None:
-            args.append(str(self._budget_limit))
+        args += [str(Path(__file__).parents[3]), str(self._read_size), json.dumps(used)]
+        limit, per_client = self._budget_limits
+        if limit is not None:
+            args.append(str(limit))
+        if per_client is not None:
+            args += ["--per-client", str(per_client)]
         if self._live is not None:
             args += ["--live", str(self._live)]
         try:

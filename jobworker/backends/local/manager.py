@@ -82,6 +82,7 @@ class JobManager:
         retain_seconds: float = 3600.0,
         max_output_bytes: int | None = None,
         max_spool_bytes: int | None = None,
+        max_spool_bytes_per_client: int | None = None,
         live_restore: bool = False,
     ) -> None:
         """``live_restore``: keep a record of each job beside its spool, leave jobs
@@ -107,7 +108,12 @@ class JobManager:
         self._idle.set()
         self._closing = False
         self._output = JobOutput(
-            plugins, spool_dir, max_output_bytes, max_spool_bytes, live=live_restore
+            plugins,
+            spool_dir,
+            max_output_bytes,
+            max_spool_bytes,
+            live=live_restore,
+            max_spool_bytes_per_client=max_spool_bytes_per_client,
         )
         self._spawner = Spawner()
         self._usage = UsageSampler()
@@ -214,7 +220,7 @@ class JobManager:
                 containment = ProcessGroup()
             try:
                 plan = self._plugins.isolate(job_id, spec, owner)
-                output = self._output.open_log(job_id)
+                output = self._output.open_log(job_id, owner)
                 exit_report = self._spool_dir / (job_id + EXIT_SUFFIX) if self._live else None
                 try:
                     ingest_process = await self._output.ready_ingest_process()

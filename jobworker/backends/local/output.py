@@ -49,6 +49,7 @@ class JobOutput:
         max_output_bytes: int | None,
         max_spool_bytes: int | None,
         live: bool = False,
+        max_spool_bytes_per_client: int | None = None,
     ) -> None:
         """``live``: ``serve --live-restore`` (see :meth:`take_over`)."""
         self._plugins = plugins
@@ -60,7 +61,7 @@ class JobOutput:
         self._observe_output = plugins.has_impl("jobworker_output_chunk")
         self._observer_slots = threading.BoundedSemaphore(OBSERVER_BACKLOG)
         self._max_output_bytes = max_output_bytes
-        self._spool_budget = SpoolBudget(max_spool_bytes)
+        self._spool_budget = SpoolBudget(max_spool_bytes, max_spool_bytes_per_client)
         #: The ingest threads in this process: they read every pipe when a plugin observes
         #: output chunks, else the pipes of a lost ingest process.
         self._ingest: Ingest | None = None
@@ -84,13 +85,14 @@ class JobOutput:
         """The ingest process's pid while one runs (None: the pipes are read in here)."""
         return None if self._ingest_process is None else self._ingest_process.pid
 
-    def open_log(self, job_id: str) -> OutputLog:
-        """A new job's spool; FailedPrecondition when it cannot be created."""
+    def open_log(self, job_id: str, owner: str) -> OutputLog:
+        """A new job's spool, on ``owner``'s share of the budget; FailedPrecondition when
+        it cannot be created."""
         try:
             return OutputLog(
                 self._spool_dir / f"{job_id}.out",
                 max_bytes=self._max_output_bytes,
-                budget=self._spool_budget,
+                budget=self._spool_budget.account(owner),
             )
         except OSError as err:
             raise FailedPrecondition(

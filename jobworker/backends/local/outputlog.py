@@ -90,30 +90,99 @@ def _take_chunk(stream: Stream, parts: list[memoryview], position: int) -> Outpu
 
 
 class SpoolBudget:
-    """Bytes of spool (records with their headers) all jobs of one server may hold.
+    """Bytes of spool (records with their headers) all jobs of one server may hold, and
+    the share of them one client's jobs may (``per_client``): one client filling its share
+    never cuts another's output (docs/security.md, "Spool fairness").
 
     Thread-safe: ingest takes, the event loop gives back when a job's output is removed.
+    Each job's log draws on its owner's :class:`SpoolAccount`.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, per_client: int | None = None) -> None:
         self.limit = limit
+        self.per_client = per_client
         self._used = 0
+        self._by_client: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
         return self._used
 
-    def take(self, wanted: int) -> int:
-        """Reserve up to ``wanted`` bytes; returns how many were granted."""
+    def used_by(self) -> dict[str, int]:
+        """Bytes each client's jobs hold now."""
         with self._lock:
-            granted = wanted if self.limit is None else max(0, min(wanted, self.limit - self._used))
+            return dict(self._by_client)
+
+    def account(self, owner: str) -> SpoolAccount:
+        return SpoolAccount(self, owner)
+
+    def take(self, owner: str, wanted: int, *, force: bool = False) -> int:
+        """Reserve up to ``wanted`` bytes for ``owner``'s jobs; how many were granted.
+        ``force``: all of them, whatever the limits (spool already written)."""
+        with self._lock:
+            held = self._by_client.get(owner, 0)
+            granted = wanted
+            if not force and self.limit is not None:
+                granted = min(granted, self.limit - self._used)
+            if not force and self.per_client is not None:
+                granted = min(granted, self.per_client - held)
+            granted = max(0, granted)
             self._used += granted
+            self._by_client[owner] = held + granted
             return granted
 
-    def give_back(self, amount: int) -> None:
+    def give_back(self, owner: str, amount: int) -> None:
         with self._lock:
             self._used -= amount
+            left = self._by_client.get(owner, 0) - amount
+            if left > 0:
+                self._by_client[owner] = left
+            else:
+                self._by_client.pop(owner, None)
+
+    def refusal(self, owner: str) -> str:
+        """Which limit stops ``owner``'s jobs now, for the cut's reason."""
+        with self._lock:
+            total = None if self.limit is None else self.limit - self._used
+            share = (
+                None if self.per_client is None else self.per_client - self._by_client.get(owner, 0)
+            )
+        if share is not None and (total is None or share <= total):
+            return (
+                f"{owner}'s share of the server's spool, {self.per_client} bytes for all of"
+                " its jobs (serve --max-spool-bytes-per-client)"
+            )
+        return (
+            f"the server's spool budget of {self.limit} bytes for all jobs"
+            " (serve --max-spool-bytes)"
+        )
+
+
+@attrs.frozen
+class SpoolAccount:
+    """One client's side of the :class:`SpoolBudget`: what its jobs' logs take and give."""
+
+    budget: SpoolBudget
+    owner: str
+
+    @property
+    def bounded(self) -> bool:
+        return self.budget.limit is not None or self.budget.per_client is not None
+
+    def take(self, wanted: int, *, force: bool = False) -> int:
+        return self.budget.take(self.owner, wanted, force=force)
+
+    def give_back(self, amount: int) -> None:
+        self.budget.give_back(self.owner, amount)
+
+    def refusal(self) -> str:
+        return self.budget.refusal(self.owner)
+
+
+def unlimited() -> SpoolAccount:
+    """The account of a log whose owner does not matter (tests, tools): no limit."""
+    return SpoolAccount(SpoolBudget(None), "")
 
 
 @attrs.frozen
@@ -136,7 +205,7 @@ class SpoolWriter:
     the server's budget applied, and the cut. Runs in one thread at a time (the spool
     writer, here or in the ingest process); :meth:`take` may be called from another."""
 
-    def __init__(self, fd: int, max_bytes: int | None, budget: SpoolBudget) -> None:
+    def __init__(self, fd: int, max_bytes: int | None, budget: SpoolAccount) -> None:
         self._fd = fd
         self._max_bytes = max_bytes
         self._budget = budget
@@ -183,7 +252,7 @@ class SpoolWriter:
         """Go on from ``state``, what an earlier writer of this spool left (live restore);
         what it charged is taken from this writer's budget."""
         self.adopt(state)
-        self.charged = self._budget.take(state.charged)
+        self.charged = self._budget.take(state.charged, force=True)
 
     def write(self, stream: Stream, data: bytes) -> None:
         """Spool ``data``; never blocks on followers.
@@ -202,10 +271,7 @@ class SpoolWriter:
             reason = f"the job's output cap of {self._max_bytes} bytes (serve --max-output-bytes)"
         kept = self._reserve(kept)
         if reason is None and kept < len(data):
-            reason = (
-                f"the server's spool budget of {self._budget.limit} bytes for all jobs"
-                " (serve --max-spool-bytes)"
-            )
+            reason = self._budget.refusal()
         if kept:
             try:
                 self._write_records(stream, memoryview(data)[:kept])
@@ -216,7 +282,7 @@ class SpoolWriter:
 
     def _reserve(self, kept: int) -> int:
         """Shrink ``kept`` payload bytes to what the budget grants, headers included."""
-        if not kept or self._budget.limit is None:
+        if not kept or not self._budget.bounded:
             self.charged += self._budget.take(_spool_bytes(kept))
             return kept
         wanted = _spool_bytes(kept)
@@ -303,7 +369,7 @@ class OutputLog:
         path: Path,
         *,
         max_bytes: int | None = None,
-        budget: SpoolBudget | None = None,
+        budget: SpoolAccount | None = None,
         existing: bool = False,
     ) -> None:
         """``existing``: the spool of an adopted job (live restore), not a new file; its
@@ -312,9 +378,11 @@ class OutputLog:
         create = 0 if existing else os.O_CREAT | os.O_EXCL
         self._fd = os.open(path, os.O_RDWR | create | os.O_CLOEXEC, 0o600)
         self.max_bytes = max_bytes
+        #: The client whose jobs' share of the spool budget this log draws on.
+        self.owner = (budget or unlimited()).owner
         #: The writing side: used in the spool-writing thread, or mirroring the ingest
         #: process's writer (:meth:`adopt`).
-        self.writer = SpoolWriter(self._fd, max_bytes, budget or SpoolBudget(None))
+        self.writer = SpoolWriter(self._fd, max_bytes, budget or unlimited())
         # Reader side (the event loop).
         self._size = 0
         self._payload = 0

@@ -114,7 +114,7 @@ def _open_log(record: JobRecord, directory: Path, budget: SpoolBudget) -> Output
         return OutputLog(
             directory / record.spool,
             max_bytes=record.max_output_bytes,
-            budget=budget,
+            budget=budget.account(record.owner),
             existing=True,
         )
     except FileNotFoundError:
