@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.backends.local.isolation import DEFAULT_PIDS
+from jobworker.backends.local.isolation import DEFAULT_PIDS, IsolationPlan
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.uids import DEFAULT_RANGE, UidRange
 from jobworker.errors import ResourceExhausted
+from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec, Limits
 from jobworker.model import JobStatus, Stream
@@ -195,6 +196,36 @@ def test_a_reused_uid_starts_with_empty_keyrings_its_last_job_could_not_lock(
             old_user, old_session, *rings = (await output(manager, second.job_id)).split()
             assert {old_user, old_session} <= {f"-{ENOKEY}", f"-{EACCES}"}
             assert rings == ["b''", "b''"]
+
+    run(body)
+
+
+class _SeesPlans:
+    """Runs after the built-in isolation plugin: the moment a uid is drawn."""
+
+    def __init__(self) -> None:
+        self.drawn = asyncio.Event()
+
+    @hookimpl
+    def jobworker_isolate(self, plan: IsolationPlan | None) -> None:
+        self.drawn.set()
+
+
+def test_a_start_cancelled_after_its_uid_was_drawn_gives_it_back(tmp_path: Path) -> None:
+    """A client that hangs up mid-start must not keep a uid: 4336 of those would empty
+    the default range."""
+
+    async def body() -> None:
+        async with lone_uid_manager(tmp_path) as manager:
+            seen = _SeesPlans()
+            manager._plugins.register(seen, name="sees-plans")
+            start = asyncio.ensure_future(manager.start(JobSpec("sleep", ("600",)), "alice"))
+            await seen.drawn.wait()  # the start now waits at its first await past the plan
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+            job = await start_when_free(manager, JobSpec("id", ("-u",)))
+            assert await output(manager, job.job_id) == f"{LONE_UID}\n"
 
     run(body)
 

@@ -191,6 +191,12 @@ class JobManager:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)
             raise
+        except BaseException as err:
+            # Cancelled (the client went away mid-start) or a bug: plugins must still learn
+            # that the job never ran, or what they hold for it (its uid) is never released.
+            lost = JobworkerError(f"the start did not complete ({type(err).__name__})")
+            self._plugins.start_refused(job_id, spec, owner, lost)
+            raise
 
     async def _start(self, job_id: str, spec: JobSpec, owner: str) -> JobStatus:
         if self._closing:
