@@ -149,6 +149,9 @@ class CgroupV2Plugin:
     self_cgroup: Path | None = None
     cpus: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     sys_dev_block: Path = SYS_DEV_BLOCK
+    #: ``serve --live-restore``: :meth:`shutdown` leaves the job cgroups (their jobs run
+    #: on, for the next server to adopt).
+    live_restore: bool = False
     #: Job cgroups a live restore adopted: never leftovers (see :meth:`claim`).
     _adopted: set[Path] = attrs.Factory(set)
     _available: frozenset[str] = frozenset()
@@ -276,7 +279,8 @@ class CgroupV2Plugin:
         the root go."""
         if not self._ready or self.root is None:
             return
-        self._remove_jobs()
+        if not self.live_restore:
+            self._remove_jobs()
         if self._created_root:
             try:
                 os.rmdir(self.root)
@@ -590,6 +594,7 @@ class CgroupV2Plugin:
         if hasattr(options, "cgroup_root"):  # parsed with this plugin's options
             for name, value in _settings(options).items():
                 setattr(self, name, value)
+        self.live_restore = getattr(options, "live_restore", False)
         self.prepare()
 
     @hookimpl

@@ -386,7 +386,8 @@ def test_a_job_in_its_cgroup_is_adopted_and_stopped_whole(
     assert before.containment == f"cgroupv2:{cgroup_root / job}"
     stray = cgroup_root / "not-a-job"
     foreign = cgroup_root / "not-ours"
-    server.kill()
+    server.kill(signal.SIGTERM)  # the plugin's shutdown leaves the job's cgroup
+    assert _alive(escaped) and (cgroup_root / job).is_dir()
     stray.mkdir()
     assert mark_ours(stray)  # as if the killed server had made it: a leftover of its own
     foreign.mkdir()  # made by someone else: never the server's to remove

@@ -149,7 +149,8 @@ def exit_info(job: Job, code: int, status: int, report: ContainmentReport) -> Ex
     killed = code in (os.CLD_KILLED, os.CLD_DUMPED)
     exit_code = None if killed else status
     sig = status if killed else None
-    if job.lost is not None and not job.escalated:
+    # The OOM killer takes a job's first process too (memory.oom.group): no report then.
+    if job.lost is not None and not job.escalated and not report.oom_killed:
         log.error("job_lost", job_id=job.job_id, reason=job.lost)
         return ExitInfo(reason=TerminationReason.LOST, stopped_by=job.stopped_by)
     if report.oom_killed:
