@@ -236,6 +236,50 @@ def test_a_stopped_ingest_process_blocks_neither_starts_nor_the_loop(tmp_path: P
     run(tmp_path, body)
 
 
+def test_output_a_late_reader_has_not_read_is_kept_when_the_pipes_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader behind (the helper stopped here; on a loaded machine, slow) while jobs end:
+    # the job's drain timeout passes and its pipes are dropped with their output unread.
+    # What a pipe holds when dropped is the job's output: kept, not lost silently.
+    monkeypatch.setattr("jobworker.backends.local.ending.PIPE_DRAIN_TIMEOUT", 0.1)
+    dropped: list[RemotePipe] = []
+    drop = ingest_process.IngestProcess.drop
+
+    def counting_drop(self: ingest_process.IngestProcess, pipe: RemotePipe) -> asyncio.Future[None]:
+        dropped.append(pipe)
+        return drop(self, pipe)
+
+    monkeypatch.setattr(ingest_process.IngestProcess, "drop", counting_drop)
+
+    async def body(m: JobManager) -> None:
+        first = await m.start(JobSpec("echo", ("first",)), "alice")
+        await m.wait(first.job_id)
+        helper = m.ingest_pid
+        assert helper is not None
+        dropped.clear()
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            jobs = [
+                await m.start(JobSpec("sh", ("-c", f"echo out {i}; echo err {i} >&2")), "alice")
+                for i in range(20)
+            ]
+            # Each job's stdout, unread (its stderr goes once that drop is done).
+            await wait_for(lambda: len(dropped) == len(jobs))
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        for i, job in enumerate(jobs):
+            status = await m.wait(job.job_id)
+            chunks = sorted([(c.stream, c.data) async for c in m.follow(job.job_id)])
+            assert chunks == [
+                (Stream.STDOUT, f"out {i}\n".encode()),
+                (Stream.STDERR, f"err {i}\n".encode()),
+            ], i
+            assert not status.output_truncated, i
+
+    run(tmp_path, body)
+
+
 class OnePipeAtATime:
     """The server's socket to the helper, delivering a job's pipes as late as it may: a
     message that hands the helper a pipe of a log it already reads a pipe of waits until

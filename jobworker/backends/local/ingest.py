@@ -136,8 +136,8 @@ class Ingest:
 
     def drop(self, pipe: Pipe, keep: bool = False) -> asyncio.Future[None]:
         """Stop reading ``pipe`` and close it (a pipe a leftover process still holds) once
-        what was read from it is written; the future resolves on the loop once it is closed
-        and ``on_eof`` has run.
+        what was read from it is written, what it holds when the drop is served included;
+        the future resolves on the loop once it is closed and ``on_eof`` has run.
 
         ``keep``: leave the descriptor open, for another reader to go on where this one
         stopped; ``pipe.keep`` then says whether it was (not if its end came first: then
@@ -155,6 +155,8 @@ class Ingest:
                 return
             pipe.done = done
             pipe.keep = keep
+            if not keep and self._drain(pipe):
+                return  # its end came with what it held
             self._end(pipe)
 
         self._request(drop)
@@ -209,29 +211,46 @@ class Ingest:
                 if pause:
                     self._selector.unregister(pipe.fd)
                     continue
-                try:
-                    data = os.read(pipe.fd, self._read_size)
-                except BlockingIOError:
-                    continue
-                except OSError as err:
-                    log.warning("job_output_read_failed", error=str(err))
-                    data = b""
-                if not data:
-                    self._end(pipe)
-                    continue
-                read_any = True
-                with self._lock:
-                    pipe.pending += len(data)
-                    self._queued += len(data)
-                    self._queue.append((pipe, data))
-                    self._queue_ready.notify()
-                    # Marked paused in the same step as the read is queued: the writer
-                    # then always sees it, and asks for a resume after writing it.
-                    pause = pipe.pending >= self._per_pipe
-                    if pause:
-                        self._paused.add(pipe)
-                if pause:
+                read = self._read_once(pipe, pause=True)
+                read_any |= read
+                if read and pipe in self._paused:  # only this thread adds to the set
                     self._selector.unregister(pipe.fd)
+
+    def _read_once(self, pipe: Pipe, pause: bool = False) -> bool:
+        """One read of ``pipe``, queued for the writer; at its end (or a failed read) the
+        pipe is ended. True if data was read. ``pause``: mark the pipe paused when enough
+        of it waits for the writer (the caller takes it out of the selector)."""
+        try:
+            data = os.read(pipe.fd, self._read_size)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            log.warning("job_output_read_failed", error=str(err))
+            data = b""
+        if not data:
+            self._end(pipe)
+            return False
+        with self._lock:
+            pipe.pending += len(data)
+            self._queued += len(data)
+            self._queue.append((pipe, data))
+            self._queue_ready.notify()
+            # Marked paused in the same step as the read is queued: the writer then
+            # always sees it, and asks for a resume after writing it.
+            if pause and pipe.pending >= self._per_pipe:
+                self._paused.add(pipe)
+        return True
+
+    def _drain(self, pipe: Pipe) -> bool:
+        """Take what a dropped pipe already holds: output the job wrote before it ended,
+        which a reader that fell behind (a loaded machine, a helper that was stopped) has
+        not read yet. Bounded: one read takes what a pipe holds (``read_size`` is the
+        pipes' size), a second sees its end; a leftover process that writes on is not
+        followed. True if the pipe's end was seen (it is ended)."""
+        for _ in range(2):
+            if not self._read_once(pipe):
+                return pipe.ended
+        return False
 
     def _resume(self) -> None:
         """Read again the pipes the writer has caught up with."""
