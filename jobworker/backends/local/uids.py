@@ -148,6 +148,8 @@ class UidPool:
     _reclaim: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     #: Something was released, or the pool ran dry, since the last check began.
     _dirty: bool = attrs.field(init=False, default=False)
+    #: Pending uids already logged as holding something: each is logged once.
+    _reported: set[int] = attrs.field(init=False, factory=set)
 
     def open(self) -> None:
         """Open the host's lock file and sort the range: uids a process or a file still
@@ -157,6 +159,7 @@ class UidPool:
         busy = leftovers(set(self.range), self.writable)
         self._free = collections.deque(uid for uid in self.range if uid not in busy)
         self._pending = set(busy)
+        self._reported = set(busy)
         if busy:
             log.info("job_uids_in_use", count=len(busy), uids=sorted(busy)[:20])
 
@@ -238,8 +241,11 @@ class UidPool:
         """On the loop: uids of ``candidates`` that hold nothing go back to the pool."""
         for uid in sorted(candidates - held.keys()):
             self._pending.discard(uid)
+            self._reported.discard(uid)
             if self._lock_fd >= 0:
                 self._lock(uid, fcntl.F_UNLCK)
             self._free.append(uid)
         for uid, what in held.items():
-            log.warning("job_uid_kept", uid=uid, holds=what, reason="not reused while it holds")
+            if uid not in self._reported:
+                self._reported.add(uid)
+                log.warning("job_uid_kept", uid=uid, holds=what, reason="not reused while so")
