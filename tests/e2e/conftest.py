@@ -32,7 +32,7 @@ JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
 #: the test run in the background (`cmd &`) ignores SIGINT in it, every process inherits
 #: that, and the command must see the signal as a user's terminal would deliver it.
 INTERRUPTIBLE = ("env", "--default-signal=INT")
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # a deadline for a failure, not a target: a loaded machine is slow
 STOP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0
 
