@@ -191,6 +191,13 @@ class Isolation:
                 " or pass --no-isolation to run jobs with the server's own uid (unsafe)"
             )
         if not self.user_namespace and self.default_user is None:
+            taken = [e for e in pwd.getpwall() if e.pw_uid in self.uid_range]
+            if taken:
+                names = ", ".join(f"{e.pw_name}({e.pw_uid})" for e in taken[:5])
+                raise ConfigError(
+                    f"--job-uid-range {self.uid_range} holds accounts of this host ({names}):"
+                    " jobs would run as them; choose a range no account uses"
+                )
             self._uids = UidPool(self.uid_range, self.writable)
             try:
                 self._uids.open()

@@ -569,6 +569,16 @@ def test_without_user_namespaces_a_server_that_is_not_root_refuses_to_start(
     Isolation(user_namespace=True).jobworker_configure(argparse.Namespace(no_isolation=True))
 
 
+def test_a_uid_range_holding_an_account_is_refused_at_start_up() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"--job-uid-range 65000-65534 holds accounts of this host \(nobody\(65534\)\)",
+    ):
+        Isolation().jobworker_configure(
+            argparse.Namespace(job_uid_range=UidRange.parse("65000-65534"))
+        )
+
+
 def test_job_user_root_is_refused_at_start_up() -> None:
     with pytest.raises(ConfigError, match="--job-user must not be root"):
         Isolation().jobworker_configure(argparse.Namespace(job_user="root"))

@@ -86,6 +86,9 @@ class UidRange:
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.first, self.last + 1))
 
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self.first <= uid <= self.last
+
 
 def _process_uids() -> set[int]:
     """Every uid some process on the host has (real, effective, saved or filesystem)."""
