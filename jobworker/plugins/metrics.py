@@ -284,7 +284,10 @@ class Metrics:
     """The plugin: one registry, one HTTP endpoint, per server."""
 
     #: One line for `jobworker plugins`.
-    description = "Prometheus metrics over mutual TLS (--metrics-listen; needs jobworker[metrics])"
+    description = (
+        "Prometheus metrics of jobs and the server on --metrics-listen (mutual TLS with"
+        " --metrics-tls; needs jobworker[metrics])"
+    )
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -400,6 +400,14 @@ def test_plugins_lists_a_description_per_plugin() -> None:
         "puts each job in a cgroup v2: CPU, memory, IO and pids limits, usage, tree-kill"
     )
     assert all(heads[name] for name in ("authz", "audit-log", "isolation"))
+    # Descriptions written for people, not a class docstring's first line.
+    assert heads["ray"] == (
+        "runs jobs on the nodes of a Ray cluster (--ray-address; needs jobworker[ray])"
+    )
+    assert heads["metrics"] == (
+        "Prometheus metrics of jobs and the server on --metrics-listen (mutual TLS with"
+        " --metrics-tls; needs jobworker[metrics])"
+    )
 
 
 def test_a_second_ctrl_c_leaves_a_job_that_ignores_sigterm_running(cli: Cli) -> None:
