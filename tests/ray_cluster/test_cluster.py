@@ -62,6 +62,16 @@ def wait_for(predicate: object, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def agent_pid(job_pid: int) -> int:
+    """The node agent above a job's first process (host pids): the Ray actor process."""
+    pid = job_pid
+    while pid > 1:
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::NodeAgent"):
+            return pid
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    pytest.fail(f"no node agent above pid {job_pid}")
+
+
 @pytest.fixture
 def alice(front: Front) -> Iterator[pb_grpc.JobServiceStub]:
     stub = front.stub("alice")

@@ -24,7 +24,7 @@ from tests.ray_cluster.conftest import (
     ServeCommand,
     StartFront,
 )
-from tests.ray_cluster.test_cluster import status, stop
+from tests.ray_cluster.test_cluster import agent_pid, status, stop
 from tests.serverfixtures import output_of, start_job, wait_exited
 
 #: One gRPC call per target, without a token: the status code each one answers.
@@ -130,16 +130,6 @@ def test_every_ray_port_turns_a_job_away(front: Front, ray_cluster: LocalCluster
     assert set(none.values()) == {"UNAVAILABLE"}, none
 
 
-def _agent_pid(job_pid: int) -> int:
-    """The node agent above a job's first process (host pids): the Ray actor process."""
-    pid = job_pid
-    while pid > 1:
-        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::NodeAgent"):
-            return pid
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    pytest.fail(f"no node agent above pid {job_pid}")
-
-
 def test_the_token_is_nowhere_a_job_can_read(front: Front, ray_token: RayToken) -> None:
     alice = front.stub("alice")
     needle = ray_token.value[:32]  # half the token: finding it means finding the token
@@ -153,7 +143,7 @@ def test_the_token_is_nowhere_a_job_can_read(front: Front, ray_token: RayToken) 
 
     holder = start_job(alice, "sleep", "60", node="w1")
     try:
-        agent = _agent_pid(status(alice, holder).pid)
+        agent = agent_pid(status(alice, holder).pid)
         # The agent and the raylet have the token file's path in their environment.
         assert b"RAY_AUTH_TOKEN_PATH" in Path(f"/proc/{agent}/environ").read_bytes()
         files = [str(ray_token.path), f"/proc/{agent}/environ", f"/proc/{agent}/cmdline"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,8 +15,8 @@ from jobworker.backends.ray.front import USAGE_LIST_TIMEOUT
 from jobworker.backends.ray.tree import descendants
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.ray_cluster.cluster import LocalCluster
-from tests.ray_cluster.conftest import NODES, StartFront
-from tests.ray_cluster.test_cluster import alive, status, stop, usage, wait_for
+from tests.ray_cluster.conftest import NODES, Front, StartFront
+from tests.ray_cluster.test_cluster import agent_pid, alive, status, stop, usage, wait_for
 from tests.serverfixtures import output_of, start_job, wait_exited
 
 #: docs/cluster.md: a job's processes are gone this soon after its node's raylet died.
@@ -74,3 +75,37 @@ def test_a_killed_raylets_jobs_die_at_once_then_node_lost_frees_the_quota(
                 os.kill(pid, signal.SIGKILL)
         if status(alice, spared).status == "running":
             stop(alice, spared)
+
+
+def _guard_of(agent: int) -> int:
+    """The pid of ``agent``'s guard (jobworker/backends/ray/guard.py)."""
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"jobworker.backends.ray.guard" in argv and str(agent).encode() in argv:
+            return int(entry)
+    pytest.fail(f"agent {agent} has no guard")
+
+
+def test_jobs_an_agent_left_without_its_guard_are_swept_by_the_next_agent(
+    front: Front, ray_cluster: LocalCluster
+) -> None:
+    alice = front.stub("alice")
+    job_id = start_job(alice, "sleep", "300", node="w3")
+    first = status(alice, job_id).pid
+    try:
+        agent = agent_pid(first)
+        os.kill(_guard_of(agent), signal.SIGKILL)
+        os.kill(agent, signal.SIGKILL)
+        # Ray reports the agent dead: the front gives up on the node's jobs at once...
+        wait_for(lambda: status(alice, job_id).reason == "node_lost", 30, "node_lost")
+        # ... but with the guard gone nobody killed the job (the gap the guard closes),
+        assert alive(first)
+        # until the front's discovery starts the node's next agent, which sweeps it.
+        wait_for(lambda: not alive(first), 30, "the next agent's sweep")
+        assert wait_exited(alice, start_job(alice, "true", node="w3")).node == "w3"
+    finally:
+        if alive(first):
+            os.kill(first, signal.SIGKILL)
