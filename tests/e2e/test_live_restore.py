@@ -22,7 +22,7 @@ import grpc
 
 from jobworker.api.tlsfiles import TlsFiles
 from jobworker.backends.local.cgroupfs import mark_ours
-from jobworker.backends.local.ingest_process import take_over
+from jobworker.backends.local.handover import take_over
 from jobworker.backends.local.spool import LIVE_RUN
 from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb

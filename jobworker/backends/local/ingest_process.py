@@ -28,7 +28,8 @@ The server keeps its own descriptor of every pipe until the helper reports it cl
 the helper dies, nothing blocks and nothing is lost silently: every log it was writing is
 cut (followers get DATA_LOSS at what was reported, the job's status says why), the pipes
 are drained by the in-process threads so the jobs never block or get SIGPIPE, and the next
-job starts a new helper.
+job starts a new helper. Under ``serve --live-restore`` the helper outlives the server and
+hands its pipes to the next one (:mod:`jobworker.backends.local.handover`).
 """
 
 from __future__ import annotations
@@ -53,14 +54,11 @@ import structlog
 
 from jobworker.backends.local.ingest import Ingest, Pipe, Sink
 from jobworker.backends.local.ingest_helper import (
-    HANDOVER_SOCKET,
     MESSAGE_MAX,
-    receive_message,
-    run_dir_path,
     send_message,
 )
 from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState
-from jobworker.backends.local.spawn import resolve_future, spawn_helper
+from jobworker.backends.local.spawn import spawn_helper
 from jobworker.model import Stream
 
 log = structlog.get_logger("jobworker.backends.local.ingest_process")
@@ -434,75 +432,3 @@ def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
             target.set_result(None)
 
     source.add_done_callback(done)
-
-
-# -- live restore: the previous server's helper ---------------------------------------------
-
-#: How long the previous server's helper may take to spool what it read and hand over.
-HANDOVER_TIMEOUT = 30.0
-
-
-@attrs.frozen
-class HandedOver:
-    """One log as the previous server's helper left it: the bytes its job wrote, why it
-    was cut, and its pipes that had not reached their end (this process owns them)."""
-
-    seen: int
-    cut: str | None
-    pipes: tuple[tuple[Stream, int], ...]
-    #: The write end of the job's stdin while it is open, else -1.
-    stdin: int = -1
-
-    def close(self) -> None:
-        for fd in (*(fd for _stream, fd in self.pipes), self.stdin):
-            if fd >= 0:
-                os.close(fd)
-
-
-async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
-    """Every log of the helper a previous server left in ``run_dir`` (live restore), by
-    id; None when no helper waits there (it died, or none was left)."""
-    loop = asyncio.get_running_loop()
-    directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.setblocking(False)
-    logs: dict[str, HandedOver] = {}
-    try:
-        try:
-            await loop.sock_connect(sock, run_dir_path(directory, HANDOVER_SOCKET))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        await loop.sock_sendall(sock, b'{"t": "handover"}')
-        async with asyncio.timeout(HANDOVER_TIMEOUT):
-            while True:
-                data, fds = await _receive_one(loop, sock)
-                message: dict[str, Any] = json.loads(data) if data else {"t": "done"}
-                if message["t"] == "done":
-                    return logs
-                stdin = fds.pop() if message.get("stdin") else -1
-                streams = [Stream(stream) for stream in message["streams"]]
-                pipes = tuple(zip(streams, fds, strict=True))
-                logs[message["log"]] = HandedOver(message["seen"], message["cut"], pipes, stdin)
-    except BaseException:
-        for handed in logs.values():
-            handed.close()
-        raise
-    finally:
-        sock.close()
-        os.close(directory)
-
-
-async def _receive_one(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket
-) -> tuple[bytes, list[int]]:
-    while True:
-        try:
-            return receive_message(sock, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), resolve_future, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(sock.fileno())

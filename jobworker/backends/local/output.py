@@ -17,13 +17,9 @@ from pathlib import Path
 
 import structlog
 
+from jobworker.backends.local.handover import HandedOver, take_over
 from jobworker.backends.local.ingest import Ingest, Pipe
-from jobworker.backends.local.ingest_process import (
-    HandedOver,
-    IngestProcess,
-    RemotePipe,
-    take_over,
-)
+from jobworker.backends.local.ingest_process import IngestProcess, RemotePipe
 from jobworker.backends.local.job import Job
 from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState, scan
 from jobworker.backends.local.spawn import PIPE_SIZE
