@@ -69,6 +69,10 @@ def test_status_usage_json_gives_rising_cpu_samples_and_a_chart(cli: Cli) -> Non
     assert lines[0].startswith(f"job {job_id}: ") and "from proc" in lines[0]
     assert lines[1].startswith("cpu ") and "peak" in lines[1]
     assert lines[2].startswith("memory ")
+    assert lines[3] == (  # no cgroupv2 plugin: the isolation's bounds, and memory unbounded
+        "limits  pids 1024 (RLIMIT_NPROC of the job's uid);"
+        " tmpfs 1G (/tmp, /var/tmp, /dev/shm together); memory: none"
+    )
     # Another user's job is as unknown as a job that does not exist.
     result = jobworker("status", "--usage", "--", job_id, env=cli.env("mallory"))
     assert result.returncode == 1 and b"PERMISSION_DENIED" in result.stderr
