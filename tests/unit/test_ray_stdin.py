@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from jobworker.backends.ray import stdin
 from jobworker.backends.ray.stdin import PIECE_BYTES, pieces
-from jobworker.model import InputChunk
+from jobworker.model import InputChunk, InputResult
 
 
 async def _source(chunks: list[InputChunk], pause: float = 0.0) -> AsyncIterator[InputChunk]:
@@ -46,3 +47,24 @@ def test_a_failing_client_fails_the_pieces() -> None:
 
     with pytest.raises(ConnectionResetError):
         asyncio.run(_all(failing()))
+
+
+def test_a_session_without_pieces_ends_its_writer_as_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stdin, "INPUT_IDLE_SECONDS", 0.05)
+
+    async def scenario() -> tuple[stdin.InputSession, InputResult | None]:
+        session = stdin.InputSession()
+        taken: list[bytes] = []
+
+        async def writer() -> InputResult:  # as JobManager.write_input consumes its chunks
+            async for chunk in session.chunks():
+                taken.append(chunk.data)
+            return InputResult(sum(map(len, taken)), closed=False)
+
+        session.writer = asyncio.ensure_future(writer())
+        first = await session.until(session.feed.put(InputChunk(b"abc")))
+        assert first is None  # queued: the writer runs on
+        return session, await session.writer
+
+    session, result = asyncio.run(scenario())
+    assert session.idle and result == InputResult(3, closed=False)

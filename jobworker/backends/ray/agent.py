@@ -338,8 +338,14 @@ class NodeAgent:
         if session.writer.done():
             session.writer.result()  # raises the refusal
         self._next_input += 1
-        self._inputs[self._next_input] = session
-        return self._next_input
+        number = self._next_input
+        self._inputs[number] = session
+        # An idle writer is forgotten (nobody may come back for it); another one's end is
+        # kept until the front hears it.
+        session.writer.add_done_callback(
+            lambda _: self._inputs.pop(number, None) if session.idle else None
+        )
+        return number
 
     async def input_chunk(self, number: int, chunk: InputChunk) -> InputResult | None:
         """Hand ``chunk`` to the writer once it took the one before; its result once it
@@ -354,7 +360,7 @@ class NodeAgent:
             assert session.writer is not None
             result = await session.writer
         if result is not None:
-            del self._inputs[number]
+            self._inputs.pop(number, None)
         return result
 
     async def input_end(self, number: int) -> InputResult:

@@ -78,11 +78,13 @@ async def _next(
 
 @attrs.define(eq=False)
 class InputSession:
-    """One writer of a job's stdin, fed by the front a chunk per call."""
+    """One writer of a job's stdin, fed by the front a piece per call; ``idle`` once it
+    ended for want of pieces (its front server is gone, or very slow)."""
 
     feed: asyncio.Queue[InputChunk | None] = attrs.Factory(lambda: asyncio.Queue(1))
     asked: asyncio.Event = attrs.Factory(asyncio.Event)
     writer: asyncio.Task[InputResult] | None = None
+    idle: bool = False
 
     async def chunks(self) -> AsyncIterator[InputChunk]:
         while True:
@@ -90,6 +92,7 @@ class InputSession:
             try:
                 chunk = await asyncio.wait_for(self.feed.get(), INPUT_IDLE_SECONDS)
             except TimeoutError:
+                self.idle = True
                 return
             if chunk is None:
                 return
