@@ -156,7 +156,7 @@ class JobClient:
         """Start ``command`` and return the job id; ``env`` is the job's whole environment.
 
         ``user``: the Unix account to run as (None: the client's default); ``network``:
-        "host" or "none" (None: the server's default); ``stdin``: keep the job's stdin
+        "private", "none" or "host" (None: the server's default); ``stdin``: keep the job's stdin
         open for :meth:`write_input` (else it reads /dev/null); ``node``: the cluster node
         to run on (cluster backends only)."""
         request = wire.start_request(command, args, env, cwd, limits, user, network, stdin, node)

@@ -143,10 +143,12 @@ def _check_spec(spec: JobSpec) -> None:
 
 
 class Network(enum.Enum):
-    """A job's network: the host's, or a namespace with only a loopback."""
+    """A job's network: a namespace of its own with a way out but none to the host (see
+    :mod:`jobworker.backends.local.network`), one with only a loopback, or the host's."""
 
-    HOST = "host"
+    PRIVATE = "private"
     NONE = "none"
+    HOST = "host"
 
 
 @attrs.frozen

@@ -196,7 +196,7 @@ class JobStatus:
     #: The account the job runs as and its uid on the host (None: the server's own).
     user: str | None = None
     uid: int | None = None
-    #: How the job is isolated, e.g. "namespaces, user job-61184(61184), network host".
+    #: How the job is isolated, e.g. "namespaces, user job-61184(61184), network private".
     isolation: str = "none"
     #: The cluster node it runs on; None on a single server.
     node: str | None = None

@@ -103,8 +103,9 @@ def job_options() -> Parser:
     )
     job.add_argument(
         "--network",
-        choices=("host", "none"),
-        help="the host's network, or none (only a loopback); default: the server's",
+        choices=("private", "none", "host"),
+        help="private (a way out, none to the server's host), none (only a loopback), or"
+        " host (the host's own, if the whitelist grants it); default: the server's",
     )
     job.add_argument(
         "-i",

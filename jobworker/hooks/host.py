@@ -323,11 +323,14 @@ class Plugins:
         return spec
 
     def isolate(self, job_id: str, spec: JobSpec, owner: str) -> IsolationPlan | None:
-        accounts: Sequence[str] | None = self.pm.hook.jobworker_accounts(owner=owner)
+        grants = {
+            "accounts": self.pm.hook.jobworker_accounts(owner=owner),
+            "networks": self.pm.hook.jobworker_networks(owner=owner),
+        }
         plan: IsolationPlan | None = None
         for impl in self._impls("jobworker_isolate"):
             kwargs = {"job_id": job_id, "spec": spec, "owner": owner, "plan": plan}
-            result = self._gate(impl, "jobworker_isolate", accounts=accounts, **kwargs)
+            result = self._gate(impl, "jobworker_isolate", **grants, **kwargs)
             if result is not None:
                 plan = result
         return plan

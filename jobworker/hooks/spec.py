@@ -16,8 +16,8 @@ Call order:
    ``jobworker_rpc_finished(method, code, seconds)`` when it ends (a stream, when its last
    chunk was sent: ``jobworker_output_sent`` before each).
 4. Per job: ``jobworker_pre_spawn`` (gate, may adjust) -> ``jobworker_limits_apply``
-   (first result wins) -> ``jobworker_accounts`` (first result wins) ->
-   ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
+   (first result wins) -> ``jobworker_accounts`` and ``jobworker_networks`` (first result
+   wins) -> ``jobworker_isolate`` (gate, each may adjust the plan) -> the process starts ->
    ``jobworker_job_started`` ->
    ``jobworker_output_chunk`` for every chunk -> ``jobworker_on_exit``. A start refused
    on the way (any error before the command runs) calls ``jobworker_start_refused``.
@@ -239,18 +239,28 @@ def jobworker_accounts(owner: str) -> Sequence[str] | None:
     """
 
 
+@hookspec(firstresult=True)
+def jobworker_networks(owner: str) -> Sequence[str] | None:
+    """The job networks granted to ``owner`` beyond ``private`` and ``none`` (which every
+    client may ask for): ``["host"]`` lets its jobs use the host's network. First result
+    wins; None: no grant. The ``authz`` plugin answers from the whitelist's ``networks``.
+    """
+
+
 @hookspec
 def jobworker_isolate(
     job_id: str,
     spec: JobSpec,
     owner: str,
     accounts: Sequence[str] | None,
+    networks: Sequence[str] | None,
     plan: IsolationPlan | None,
 ) -> IsolationPlan | None:
     """Decide how the job's process is isolated: namespaces, account, filesystem view.
 
     ``accounts`` is what ``jobworker_accounts`` answered for the owner: the Unix accounts
     it may run jobs as, its default first (None: the server's default account only).
+    ``networks`` is what ``jobworker_networks`` answered: the networks granted to it.
 
     Gate, chained like ``jobworker_pre_spawn``: each implementation sees the plan the one
     before returned (None before the first) and may return a replacement, usually

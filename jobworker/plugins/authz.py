@@ -7,9 +7,11 @@ start. The file (``--authz FILE``, or ``$JOBWORKER_AUTHZ``)::
     identity = "alice"   # matched against the certificate's names (docs/security.md)
     role = "user"        # "user": only its own jobs; "admin": every job
     run_as = ["alice", "nobody"]  # optional: Unix accounts its jobs may use, default first
+    networks = ["host"]  # optional: its jobs may use the host's network
 
 A client without ``run_as`` runs its jobs as the server's ``--job-user``; ``root`` is
-never implied, only listed.
+never implied, only listed. Every client may ask for a ``private`` network (the default)
+or ``none``; ``host`` only where ``networks`` lists it.
 
 The caller's names are matched in order (CN, then DNS, e-mail and URI SANs as the
 certificate lists them, see :mod:`jobworker.api.identity`); the first listed one is the
@@ -43,6 +45,7 @@ import structlog
 from jobworker.api.identity import Identity
 from jobworker.errors import ConfigError, PermissionDenied, job_not_found
 from jobworker.hooks import hookimpl
+from jobworker.jobspec import Network
 from jobworker.model import Action, JobStatus
 
 log = structlog.get_logger("jobworker.authz")
@@ -59,13 +62,27 @@ class Role(enum.Enum):
 ROLES: tuple[str, ...] = tuple(role.value for role in Role)
 
 
-_ENTRY_KEYS = {"identity", "role", "run_as"}
+_ENTRY_KEYS = {"identity", "role", "run_as", "networks"}
+#: What ``networks`` may grant: the others need no grant.
+_GRANTABLE = (Network.HOST.value,)
 
 
 @attrs.frozen
 class _Client:
     role: Role
     run_as: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+
+
+def _parse_networks(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(v in _GRANTABLE for v in value):
+        raise ConfigError(
+            f"{where}: networks must be a list of {', '.join(map(repr, _GRANTABLE))}, e.g."
+            ' ["host"] (private and none need no grant)'
+        )
+    return tuple(value)
 
 
 def _parse_run_as(where: str, value: Any) -> tuple[str, ...]:
@@ -89,7 +106,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, _Client]:
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; expected identity, role and run_as"
+            f"{where}: unknown key {unknown[0]!r}; expected identity, role, run_as and networks"
         )
     identity = entry.get("identity")
     if not isinstance(identity, str) or not identity.strip():
@@ -99,7 +116,8 @@ def _parse_entry(path: Path, index: int, entry: Any) -> tuple[str, _Client]:
     if role not in ROLES:
         raise ConfigError(f"{where} ({identity!r}): role {role!r} is not one of {roles}")
     run_as = _parse_run_as(f"{where} ({identity!r})", entry.get("run_as"))
-    return identity, _Client(Role(role), run_as)
+    networks = _parse_networks(f"{where} ({identity!r})", entry.get("networks"))
+    return identity, _Client(Role(role), run_as, networks)
 
 
 @attrs.define(eq=False)
@@ -162,6 +180,12 @@ class Authz:
         """The ``run_as`` list of the job's owner, if the whitelist gives one."""
         client = self.clients.get(owner)
         return client.run_as if client is not None and client.run_as else None
+
+    @hookimpl(specname="jobworker_networks")
+    def networks(self, owner: str) -> tuple[str, ...] | None:
+        """The networks the whitelist grants the job's owner (``networks``), if any."""
+        client = self.clients.get(owner)
+        return client.networks if client is not None and client.networks else None
 
     @hookimpl
     def jobworker_add_options(self, parser: argparse.ArgumentParser) -> None:

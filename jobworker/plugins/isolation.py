@@ -17,6 +17,11 @@ the Quickstart's dev PKI in the user's home is still hidden; it cannot switch ui
 draws none, but the namespace gives each job keyrings and a process count of its own. A
 server that can do neither refuses to start unless ``--no-isolation`` says to run jobs
 with the server's own power.
+
+Jobs get a ``private`` network by default (:mod:`jobworker.backends.local.network`):
+a way out, none to the host nor to the ``--job-network-deny`` networks. ``none`` is a
+loopback alone; ``host`` is the host's own network, for clients the whitelist grants it
+(``networks = ["host"]``) or, for every job, an operator's ``--job-network host``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from jobworker.backends.local.isolation import (
     Account,
     IsolationPlan,
 )
+from jobworker.backends.local.network import Net, PrivateNetwork, parse_cidr
 from jobworker.backends.local.spool import default_root
 from jobworker.backends.local.uids import DEFAULT_RANGE, UidPool, UidRange
 from jobworker.cli.common import argument
@@ -89,7 +95,7 @@ class Isolation:
     enabled: bool = True
     #: One account for every job of clients without ``run_as``; None: a uid per job.
     default_user: str | None = None
-    network: Network = Network.HOST
+    network: Network = Network.PRIVATE
     network_fixed: bool = False
     user_namespace: bool = attrs.field(factory=lambda: os.geteuid() != 0)
     hide: tuple[str, ...] = ()
@@ -98,6 +104,9 @@ class Isolation:
     tmp_size: int | None = DEFAULT_TMP_SIZE
     #: RLIMIT_NPROC of a job with a uid of its own and no ``--pids``; None: none.
     default_pids: int | None = DEFAULT_PIDS
+    network_deny: tuple[Net, ...] = ()
+    #: Found at start-up when ``private`` is the default, else at the first private job.
+    private_network: PrivateNetwork | None = None
     _uids: UidPool | None = None
 
     @property
@@ -143,8 +152,17 @@ class Isolation:
         group.add_argument(
             "--job-network",
             choices=[n.value for n in Network],
-            default=Network.HOST.value,
-            help="network of jobs that ask for none: the host's, or only a loopback",
+            default=Network.PRIVATE.value,
+            help="network of jobs that ask for none: private (their own, a way out but none"
+            " to this host, link-local or --job-network-deny), none (only a loopback), or"
+            " host (this host's, every job: UNSAFE for clients that do not trust each other)",
+        )
+        group.add_argument(
+            "--job-network-deny",
+            action="append",
+            metavar="CIDR",
+            help="private networks reach nothing in CIDR either, e.g. the LAN or a cluster's"
+            " network (repeatable)",
         )
         group.add_argument(
             "--job-network-fixed",
@@ -176,8 +194,10 @@ class Isolation:
             log.warning("isolation_disabled", mode=self.mode)
             return
         self.default_user = getattr(options, "job_user", None)
-        self.network = Network(getattr(options, "job_network", None) or Network.HOST.value)
+        self.network = Network(getattr(options, "job_network", None) or Network.PRIVATE.value)
         self.network_fixed = bool(getattr(options, "job_network_fixed", False))
+        deny = getattr(options, "job_network_deny", None) or ()
+        self.network_deny = tuple(parse_cidr(text) for text in deny)
         self.hide = tuple(_hidden_paths(options))
         self.writable = tuple(getattr(options, "isolation_writable", None) or ())
         self.uid_range = getattr(options, "job_uid_range", None) or self.uid_range
@@ -218,6 +238,10 @@ class Isolation:
                     "--job-user must not be root (it would give every client root); list"
                     ' root in the run_as of the clients that need it: run_as = ["root"]'
                 )
+        if self.network is Network.PRIVATE:
+            self.private_network = PrivateNetwork.find(self.network_deny, self.user_namespace)
+        elif self.network is Network.HOST:
+            log.warning("job_network_host", note="every job shares this host's network")
         log.info("isolation_ready", mode=self.mode, hidden=list(self.hide))
 
     @hookimpl
@@ -239,7 +263,12 @@ class Isolation:
 
     @hookimpl(tryfirst=True)
     def jobworker_isolate(
-        self, job_id: str, spec: JobSpec, owner: str, accounts: Sequence[str] | None
+        self,
+        job_id: str,
+        spec: JobSpec,
+        owner: str,
+        accounts: Sequence[str] | None,
+        networks: Sequence[str] | None,
     ) -> IsolationPlan | None:
         if not self.enabled:
             if spec.user is not None or spec.network is not None:
@@ -249,7 +278,7 @@ class Isolation:
                 )
             log.warning("job_not_isolated", owner=owner, mode=self.mode)
             return None
-        network = self._network(spec)
+        network = self._network(spec, owner, networks)
         account = self._account(job_id, spec, owner, accounts)
         return IsolationPlan(
             account=account,
@@ -259,6 +288,7 @@ class Isolation:
             writable=self.writable,
             tmp_size=self._tmp_size(spec),
             nproc=self._nproc(spec, account),
+            private_network=self._private_network() if network is Network.PRIVATE else None,
         )
 
     def _account(
@@ -303,7 +333,7 @@ class Isolation:
             return spec.limits.pids or self.default_pids
         return None if account.is_root else spec.limits.pids
 
-    def _network(self, spec: JobSpec) -> Network:
+    def _network(self, spec: JobSpec, owner: str, networks: Sequence[str] | None) -> Network:
         if spec.network is None:
             return self.network
         asked = Network(spec.network)
@@ -312,4 +342,17 @@ class Isolation:
                 f"this server runs every job with network {self.network.value}"
                 " (--job-network-fixed)"
             )
+        if asked is Network.HOST and asked is not self.network and "host" not in (networks or ()):
+            raise PermissionDenied(
+                f"{owner!r} may not use the host's network: the whitelist grants it with"
+                ' networks = ["host"]; use --network private (the default) or none'
+            )
         return asked
+
+    def _private_network(self) -> PrivateNetwork:
+        if self.private_network is None:
+            try:
+                self.private_network = PrivateNetwork.find(self.network_deny, self.user_namespace)
+            except ConfigError as err:
+                raise FailedPrecondition(str(err)) from None
+        return self.private_network

@@ -135,7 +135,7 @@ class StartJobRequest(_message.Message):
     user: _builtins.str
     """Unix account to run as; empty: the client's default (whitelist run_as, else --job-user)"""
     network: _builtins.str
-    """"host" | "none" (loopback only); empty: the server's default"""
+    """"private" | "none" (loopback only) | "host"; empty: the server's default"""
     node: _builtins.str
     """cluster backends: run on this node (by name); empty = any"""
     stdin: _builtins.bool

@@ -190,15 +190,21 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
     """Carry out the plan; return in the job's process, ready to exec (see isolation.py)."""
     libc = _Libc()
     flags = int(_plan_value(plan, "ns", "0"))
+    helper = None if pid1 else _net_helper(libc, plan)
+    # The PID namespace waits while the network is set up: nft's process would be its init.
+    later = CLONE_NEWPID if helper is not None else 0
     if not pid1:
         # The launcher's way: namespaces for this process, the PID namespace for its child.
-        libc.check(libc.lib.unshare(flags & ~CLONE_NEWCGROUP), "namespace", "unshare")
+        libc.check(libc.lib.unshare(flags & ~CLONE_NEWCGROUP & ~later), "namespace", "unshare")
     if flags & CLONE_NEWUSER:
         _write_file("/proc/self/setgroups", "deny")
         _write_file("/proc/self/uid_map", f"65534 {_plan_value(plan, 'map_uid')} 1")
         _write_file("/proc/self/gid_map", f"65534 {_plan_value(plan, 'map_gid')} 1")
+    if helper is not None:
+        _connect_network(libc, plan, helper)
+        libc.check(libc.lib.unshare(flags & later), "namespace", "unshare")
     if not pid1 and flags & CLONE_NEWPID:
-        _relay(os.fork())  # the child goes on as PID 1
+        _relay(os.fork(), helper[0] if helper else 0)  # the child goes on as PID 1
     if flags & CLONE_NEWCGROUP:
         # Rooted at the cgroup just joined: the job sees its own cgroup as "/".
         libc.check(libc.lib.unshare(CLONE_NEWCGROUP), "namespace", "cgroup")
@@ -212,14 +218,20 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
     _init(child)
 
 
-def _relay(child: int) -> None:
-    """In the parent of PID 1: wait for it, then end the same way (never returns)."""
+def _relay(child: int, helper: int) -> None:
+    """In the parent of PID 1: wait for it, then end the same way (never returns).
+
+    ``helper``: the job's network helper, if any, ended and reaped first.
+    """
     if child == 0:
         return
     for fd in (0, 1, 2, STATUS_FD, EXIT_FD):
         os.close(fd)
     os.closerange(EXIT_FD + 1, 1 << 20)
     _pid, status = os.waitpid(child, 0)
+    if helper:
+        os.kill(helper, _signal.SIGKILL)
+        os.waitpid(helper, 0)
     if os.WIFSIGNALED(status):
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
@@ -294,6 +306,107 @@ def _loopback_up(libc: _Libc) -> None:
     ifreq[16:18] = flags.to_bytes(2, "little")
     libc.check(libc.lib.ioctl(sock, 0x8914, ifreq), "network", "lo")  # SIOCSIFFLAGS
     os.close(sock)
+
+
+# -- a private network: only jobs whose plan names pasta get here --------------------------
+
+PR_SET_PDEATHSIG, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN = 1, 2, 12
+
+
+def _net_helper(libc: _Libc, plan: list[str]) -> tuple[int, int, int, int] | None:
+    """Before the namespaces exist: a child that stays in the host's, and will run pasta
+    for the job's network namespace once it exists (see network.py). It dies with this
+    process (``PR_SET_PDEATHSIG``). Returns (its pid, go pipe, ready pipe, log), or None
+    when the plan has no private network."""
+    pasta = _plan_value(plan, "pasta")
+    if not pasta:
+        return None
+    launcher = os.getpid()
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    log = os.memfd_create("jobworker-network-log")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc.lib.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != launcher or os.read(go_r, 1) != b"g":
+                os._exit(1)  # the launcher is gone or gave up: nothing to connect
+            keep = [ready_w, os.open(f"/proc/{launcher}/ns/net", os.O_RDONLY)]
+            argv = [pasta, *_plan_values(plan, "pasta_arg"), "-P", f"/proc/self/fd/{ready_w}"]
+            argv += ["--netns", f"/proc/self/fd/{keep[1]}"]
+            if _plan_value(plan, "map_uid"):
+                keep.append(os.open(f"/proc/{launcher}/ns/user", os.O_RDONLY))
+                argv += ["--userns", f"/proc/self/fd/{keep[2]}"]
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) > 2 and int(name) not in keep:
+                    try:
+                        os.close(int(name))
+                    except OSError:
+                        pass  # the descriptor listdir itself used
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            try:
+                os.execv(pasta, argv)
+            except OSError as err:
+                os.write(2, f"cannot execute {pasta}: {err.strerror}\n".encode())
+        finally:
+            os._exit(127)
+    os.close(go_r)
+    os.close(ready_w)
+    return pid, go_w, ready_r, log
+
+
+def _connect_network(libc: _Libc, plan: list[str], helper: tuple[int, int, int, int]) -> None:
+    """In the job's new namespaces, before any of the job runs: the firewall first, then
+    pasta; return once pasta has the namespace connected (it writes its pid then)."""
+    pid, go, ready, log = helper
+    _install_rules(libc, plan, log)
+    os.write(go, b"g")
+    os.close(go)
+    started = os.read(ready, 64).strip()  # one write; pasta keeps the pipe open after it
+    os.close(ready)
+    if not started:
+        os.waitpid(pid, 0)
+        _fail("network", OSError(0, _log_line(log) or "exited"), "pasta")
+    os.close(log)
+
+
+def _install_rules(libc: _Libc, plan: list[str], log: int) -> None:
+    """``nft -f`` the plan's ruleset in this network namespace; nft runs with
+    CAP_NET_ADMIN only (ambient: in a user namespace this process is not uid 0)."""
+    nft = _plan_value(plan, "nft")
+    rules = os.memfd_create("jobworker-nft-rules")
+    os.write(rules, _plan_value(plan, "nft_rules").encode())
+    os.lseek(rules, 0, os.SEEK_SET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(rules, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.closerange(3, 1 << 20)
+            only = 1 << CAP_NET_ADMIN
+            header = (libc.ctypes.c_uint32 * 2)(0x20080522, 0)
+            data = (libc.ctypes.c_uint32 * 6)(only, only, only, 0, 0, 0)
+            libc.lib.capset(header, data)
+            libc.lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN, 0, 0)
+            os.execv(nft, [nft, "-f", "/dev/stdin"])
+        finally:
+            os._exit(127)
+    os.close(rules)
+    _pid, status = os.waitpid(pid, 0)
+    if status != 0:
+        _fail("network", OSError(0, _log_line(log) or f"status {status}"), "nft")
+
+
+def _log_line(log: int) -> str:
+    """The last line a network tool wrote (pasta also logs that syslog is missing)."""
+    os.lseek(log, 0, os.SEEK_SET)
+    lines = [ln for ln in _read_all(log).decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def _drop_privileges(libc: _Libc, plan: list[str]) -> None:
@@ -451,7 +564,10 @@ def zygote() -> None:
         (length,) = struct.unpack(">I", header)
         fields = _decode(sock.recv(length, socket.MSG_WAITALL))
         nplan = int(fields[3])
-        flags = int(_plan_value(fields[4 : 4 + nplan], "ns", "0")) & ~CLONE_NEWCGROUP
+        plan = fields[4 : 4 + nplan]
+        flags = int(_plan_value(plan, "ns", "0")) & ~CLONE_NEWCGROUP
+        if _plan_value(plan, "pasta"):
+            flags = 0  # the launcher's way: its network helper must start outside them
         pid = libc.syscall(clone_nr, clone_parent | sigchld | flags, 0, 0, 0, 0)
         if pid == 0:
             os.setsid()

@@ -11,7 +11,8 @@ applies it between joining the job's containment and ``execve``, in this order:
    nosuid; ``writable`` paths bound back read-write; its own ``/proc``; ``/sys/fs/cgroup``
    showing only the job's cgroup (or nothing); ``hide`` paths covered by an empty
    read-only mount; ``private_tmp`` paths share one fresh tmpfs of ``tmp_size`` bytes;
-   loopback up if the network namespace is new;
+   loopback up if the network namespace is new (a ``private`` network is connected
+   before, by the launcher: see :mod:`jobworker.backends.local.network`);
 3. a child that caps its uid's processes at ``nproc`` (RLIMIT_NPROC), drops to the plan's
    account (groups, gid, uid), empties the capability bounding, inheritable and ambient
    sets for non-root accounts, joins a session keyring of its own (and, for a uid of its
@@ -32,6 +33,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from jobworker.backends.local.network import PrivateNetwork
 from jobworker.jobspec import Limits, Network
 from jobworker.units import format_size
 
@@ -113,11 +115,18 @@ class IsolationPlan:
     #: RLIMIT_NPROC of the job's uid; None: inherited. Only for a uid no other job or
     #: session shares (a dynamic uid, a user namespace), where it bounds this job alone.
     nproc: int | None = None
+    #: The server's means for a ``private`` network (its tools, the operator's deny list).
+    private_network: PrivateNetwork | None = attrs.field(default=None)
+
+    @private_network.validator
+    def _check_private_network(self, _attribute: object, value: PrivateNetwork | None) -> None:
+        if self.network is Network.PRIVATE and value is None:
+            raise ValueError("a private network needs the server's PrivateNetwork")
 
     @property
     def clone_flags(self) -> int:
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
-        if self.network is Network.NONE:
+        if self.network is not Network.HOST:
             flags |= CLONE_NEWNET
         if self.user_namespace:
             flags |= CLONE_NEWUSER
@@ -159,6 +168,8 @@ class IsolationPlan:
         if account.dynamic and not self.user_namespace:
             fields.append("keyrings=empty")
         fields += [f"wrap={a}" for a in self.wrapper]
+        if self.network is Network.PRIVATE and self.private_network is not None:
+            fields += self.private_network.launcher_fields()
         return fields
 
 

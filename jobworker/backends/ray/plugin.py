@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from jobworker.hooks.host import Plugins
 
 #: The hooks called where the job's processes are: a plugin implementing one runs on nodes.
-NODE_HOOKS = ("jobworker_limits_apply", "jobworker_isolate", "jobworker_accounts")
+NODE_HOOKS = (
+    "jobworker_limits_apply",
+    "jobworker_isolate",
+    "jobworker_accounts",
+    "jobworker_networks",
+)
 
 
 def _portable(value: Any) -> bool:
