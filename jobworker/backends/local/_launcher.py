@@ -399,7 +399,8 @@ def _install_rules(libc: _Libc, plan: list[str], log: int) -> None:
     os.close(rules)
     _pid, status = os.waitpid(pid, 0)
     if status != 0:
-        _fail("network", OSError(0, _log_line(log) or f"status {status}"), "nft")
+        exited = f"exit status {os.waitstatus_to_exitcode(status)}"
+        _fail("network", OSError(0, _log_line(log) or exited), "nft")
 
 
 def _log_line(log: int) -> str:
