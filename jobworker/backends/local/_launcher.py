@@ -136,6 +136,7 @@ AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
 SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (the unified table)
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+PR_SET_PDEATHSIG = 1
 EXIT_FD = 4
 RLIMIT_NPROC = 6
 _KEYCTL = {"x86_64": 250, "aarch64": 219}  # keyctl(2)'s syscall number
@@ -204,7 +205,7 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
         _connect_network(libc, plan, helper)
         libc.check(libc.lib.unshare(flags & later), "namespace", "unshare")
     if not pid1 and flags & CLONE_NEWPID:
-        _relay(os.fork(), helper[0] if helper else 0)  # the child goes on as PID 1
+        _relay(libc, helper[0] if helper else 0)  # the child goes on as PID 1
     if flags & CLONE_NEWCGROUP:
         # Rooted at the cgroup just joined: the job sees its own cgroup as "/".
         libc.check(libc.lib.unshare(CLONE_NEWCGROUP), "namespace", "cgroup")
@@ -218,13 +219,29 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
     _init(child)
 
 
-def _relay(child: int, helper: int) -> None:
-    """In the parent of PID 1: wait for it, then end the same way (never returns).
+def _relay(libc: _Libc, helper: int) -> None:
+    """Fork PID 1 and return in it; in this process, wait for it, then end the same way.
 
+    This process is the server's child and stands for PID 1: like it, it ignores the
+    signals a stop sends the job's process group (it ends when PID 1 does); SIGKILL ends
+    it, and PID 1 with it (``PR_SET_PDEATHSIG``), so the kernel ends the namespace.
     ``helper``: the job's network helper, if any, ended and reaped first.
     """
+    everything = _signal.valid_signals()
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, everything)
+    child = os.fork()
     if child == 0:
+        # (A relay killed before this line was killed with its process group, PID 1 too.)
+        libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, "namespace")
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
         return
+    for signum in everything:
+        if signum not in (_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGCHLD):
+            try:
+                _signal.signal(signum, _signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass  # not a signal this platform lets us handle
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
     for fd in (0, 1, 2, STATUS_FD, EXIT_FD):
         os.close(fd)
     os.closerange(EXIT_FD + 1, 1 << 20)
@@ -233,6 +250,7 @@ def _relay(child: int, helper: int) -> None:
         os.kill(helper, _signal.SIGKILL)
         os.waitpid(helper, 0)
     if os.WIFSIGNALED(status):
+        _signal.signal(os.WTERMSIG(status), _signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
 
@@ -310,7 +328,7 @@ def _loopback_up(libc: _Libc) -> None:
 
 # -- a private network: only jobs whose plan names pasta get here --------------------------
 
-PR_SET_PDEATHSIG, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN = 1, 2, 12
+PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN = 2, 12
 
 
 def _net_helper(libc: _Libc, plan: list[str]) -> tuple[int, int, int, int] | None:
