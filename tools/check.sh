@@ -34,6 +34,10 @@ command -v ps >/dev/null || need_apt+=(procps)
 command -v dot >/dev/null || need_apt+=(graphviz)  # docs/architecture.svg is checked
 command -v zsh >/dev/null || need_apt+=(zsh)  # the zsh completion script is checked
 command -v groff >/dev/null || need_apt+=(groff-base)  # the man page is checked
+command -v ip >/dev/null || need_apt+=(iproute2)
+# Jobs' private networks (the default): pasta, and nft for the rules inside them.
+command -v pasta >/dev/null || need_apt+=(passt)
+PATH="$PATH:/usr/sbin:/sbin" command -v nft >/dev/null || need_apt+=(nftables)
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]}"
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; } ||

@@ -17,7 +17,7 @@ import pytest
 from jobworker.backends.local.manager import JobManager
 from jobworker.errors import InvalidArgument
 from jobworker.hooks.host import Plugins
-from jobworker.jobspec import JobSpec, Limits
+from jobworker.jobspec import JobSpec, Limits, Network
 from jobworker.model import Stream, TerminationReason
 from jobworker.plugins.cgroupv2 import CgroupV2Plugin
 from jobworker.plugins.isolation import Isolation
@@ -44,7 +44,9 @@ def with_manager(
         cgroups.setup()
         plugins = Plugins()
         plugins.register(cgroups, name="cgroupv2")
-        plugins.register(Isolation(hide=(str(spool),)), name="isolation")
+        # The VM has no network to give a private one (no route out, no nf_tables module).
+        isolation = Isolation(hide=(str(spool),), network=Network.NONE)
+        plugins.register(isolation, name="isolation")
         manager = JobManager(plugins, spool)
         try:
             return await body(manager)
