@@ -378,12 +378,13 @@ def _net_helper(libc: _Libc, plan: list[str]) -> tuple[int, int, int, int] | Non
 
 
 def _connect_network(libc: _Libc, plan: list[str], helper: tuple[int, int, int, int]) -> None:
-    """In the job's new namespaces, before any of the job runs: the firewall first, then
-    pasta; return once pasta has the namespace connected (it writes its pid then)."""
+    """In the job's new namespaces, before any of the job runs: pasta connects the
+    namespace while nft installs the rules; return once both are done (pasta writes its
+    pid when it is)."""
     pid, go, ready, log = helper
-    _install_rules(libc, plan, log)
     os.write(go, b"g")
     os.close(go)
+    _install_rules(libc, plan)
     started = os.read(ready, 64).strip()  # one write; pasta keeps the pipe open after it
     os.close(ready)
     if not started:
@@ -392,11 +393,12 @@ def _connect_network(libc: _Libc, plan: list[str], helper: tuple[int, int, int, 
     os.close(log)
 
 
-def _install_rules(libc: _Libc, plan: list[str], log: int) -> None:
+def _install_rules(libc: _Libc, plan: list[str]) -> None:
     """``nft -f`` the plan's ruleset in this network namespace; nft runs with
     CAP_NET_ADMIN only (ambient: in a user namespace this process is not uid 0)."""
     nft = _plan_value(plan, "nft")
     rules = os.memfd_create("jobworker-nft-rules")
+    log = os.memfd_create("jobworker-nft-log")
     os.write(rules, _plan_value(plan, "nft_rules").encode())
     os.lseek(rules, 0, os.SEEK_SET)
     pid = os.fork()
@@ -419,6 +421,7 @@ def _install_rules(libc: _Libc, plan: list[str], log: int) -> None:
     if status != 0:
         exited = f"exit status {os.waitstatus_to_exitcode(status)}"
         _fail("network", OSError(0, _log_line(log) or exited), "nft")
+    os.close(log)
 
 
 def _log_line(log: int) -> str:
