@@ -94,7 +94,7 @@ def test_status_json_has_the_documented_fields(cli: Cli) -> None:
     ]  # fmt: skip
     uid = status["uid"]  # the server runs as root: a uid of the job's own
     assert status["user"] == f"job-{uid}" and 61184 <= uid <= 65519
-    assert status["isolation"] == f"namespaces, user job-{uid}({uid}), network host"
+    assert status["isolation"] == f"namespaces, user job-{uid}({uid}), network private"
     assert status["job_id"] == job_id
     assert (status["state"], status["reason"], status["exit_code"]) == ("exited", "exited", 0)
     assert (status["command"], status["args"]) == ("sh", ["-c", "echo $GREETING"])
@@ -177,7 +177,7 @@ def test_plugins_json_lists_authz() -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [row["name"] for row in rows] == ["authz", "isolation"]
-    assert rows[1]["mode"].startswith("namespaces (pid, mount, ipc, uts, cgroup; network host)")
+    assert rows[1]["mode"].startswith("namespaces (pid, mount, ipc, uts, cgroup; network private)")
     assert "jobworker_isolate" in rows[1]["hooks"]
     assert isinstance(rows[0]["version"], str)
     assert "jobworker_authorize" in rows[0]["hooks"]

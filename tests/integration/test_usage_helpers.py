@@ -14,7 +14,7 @@ import pytest
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spawn import Spawner
 from jobworker.hooks.host import Plugins
-from jobworker.jobspec import JobSpec
+from jobworker.jobspec import JobSpec, Network
 from jobworker.plugins.isolation import Isolation
 from jobworker.usage import UsageSample
 
@@ -39,13 +39,15 @@ def _session_rss(session: int, leave_out: set[int]) -> int:
     return total
 
 
-def _sample(isolated: bool, zygote: bool, spool: Path) -> tuple[UsageSample, int, int]:
+def _sample(
+    isolated: bool, zygote: bool, spool: Path, network: Network = Network.PRIVATE
+) -> tuple[UsageSample, int, int]:
     """The job's newest sample once its three processes run, the resident bytes of every
     process of its session (jobworker's included), and how many processes that is."""
 
     async def body() -> tuple[UsageSample, int, int]:
         plugins = Plugins()
-        isolation = Isolation()
+        isolation = Isolation(network=network)
         if not isolated:
             isolation.jobworker_configure(argparse.Namespace(no_isolation=True))
         plugins.register(isolation, name="isolation")
@@ -84,15 +86,18 @@ def _in_session(name: str, session: int) -> bool:
     return int(raw[raw.rfind(b")") + 2 :].split()[3]) == session
 
 
+@pytest.mark.parametrize("network", [Network.NONE, Network.PRIVATE], ids=lambda n: n.value)
 @pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "launcher"])
 def test_an_isolated_job_counts_its_command_not_jobworkers_init(
-    zygote: bool, tmp_path: Path
+    zygote: bool, network: Network, tmp_path: Path
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("isolation as root: the server's own mode on a production host")
-    sample, everything, count = _sample(True, zygote, tmp_path)
+    sample, everything, count = _sample(True, zygote, tmp_path, network)
     assert sample.pids == 3
-    assert count == (4 if zygote else 5)  # PID 1 (and the relay) are there, not counted
+    # PID 1 (and the relay, and a private network's pasta beside PID 1) are there, not
+    # counted; a private network always has the relay.
+    assert count == {Network.NONE: 4 if zygote else 5, Network.PRIVATE: 6}[network]
     # PID 1 is a Python interpreter (about 9 MiB resident): it is not in the figure.
     assert sample.memory_bytes < everything - 4 * MIB, (sample, everything)
     assert sample.cpu_usec >= 0

@@ -124,6 +124,12 @@ class IsolationPlan:
             raise ValueError("a private network needs the server's PrivateNetwork")
 
     @property
+    def relayed(self) -> bool:
+        """Whether a relay forks PID 1 even when the zygote starts the job: a private
+        network's helper must be forked before the job's namespaces exist."""
+        return self.network is Network.PRIVATE
+
+    @property
     def clone_flags(self) -> int:
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
         if self.network is not Network.HOST:

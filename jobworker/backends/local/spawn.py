@@ -372,7 +372,7 @@ class Spawner:
                 stderr=err_r,
                 exit_report=ex_r,
                 stdin=in_w,
-                helpers=0 if plan is None else 1 if by_zygote else 2,
+                helpers=0 if plan is None else 1 if by_zygote and not plan.relayed else 2,
             )
             pid = pidfd = out_r = err_r = ex_r = in_w = -1  # ownership passes to the caller
             return spawned
