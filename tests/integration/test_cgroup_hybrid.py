@@ -256,10 +256,11 @@ def test_isolated_job_cannot_leave_its_cgroup(
             # "armed" may arrive before sh has forked sleep: give it a moment.
             for _ in range(100):
                 procs = (root / job.job_id / "cgroup.procs").read_text().split()
-                if len(procs) >= 3:
+                if len(procs) >= 5:
                     break
                 await asyncio.sleep(0.05)
-            assert str(job.pid) in procs and len(procs) == 3  # PID 1, sh, sleep
+            # The relay, PID 1 and pasta (its private network), sh, sleep.
+            assert str(job.pid) in procs and len(procs) == 5
             began = time.monotonic()
             result = await manager.stop(job.job_id, by="admin", grace=0.5)
             assert result.escalated and time.monotonic() - began < 0.5 + 5
