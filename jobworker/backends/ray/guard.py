@@ -64,9 +64,10 @@ def guard(records: Path, agent: int | None, raylet: int | None) -> list[str]:
     if agent is not None and raylet is not None:
         select.select([agent, raylet], [], [])  # a pidfd turns readable when its process exits
     _signal(agent, signal.SIGSTOP)
-    killed = ProcRecords(records).sweep()
-    _signal(agent, signal.SIGKILL)
-    return killed
+    try:
+        return ProcRecords(records).sweep()
+    finally:
+        _signal(agent, signal.SIGKILL)  # never left stopped
 
 
 def main() -> None:
