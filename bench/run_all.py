@@ -18,6 +18,7 @@ BENCHMARKS = [
     "bench_stalled.py",
     "bench_spool_stall.py",
     "bench_flood.py",
+    "bench_connections.py",
     "bench_restore.py",
     "bench_ssh.py",
     "bench_client.py",
