@@ -57,6 +57,8 @@ FDS_PER_JOB = 8
 FDS_BASE = 256
 #: How often :class:`PeerGate` looks at the open connections.
 GATE_PERIOD = 0.25
+#: How long :class:`PeerGate` waits after a pass failed.
+GATE_RETRY = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -265,7 +267,6 @@ class PeerGate:
         self._spared: dict[tuple[str, int], int] = {}
         self._passes = 0
         self._task: asyncio.Task[None] | None = None
-        self.cut = 0
 
     def authenticated(self, peer: str) -> None:
         """The connection of ``peer`` (grpc's ``context.peer()``) carried an authenticated
@@ -298,7 +299,6 @@ class PeerGate:
         if not extra:
             return 0
         done = await asyncio.to_thread(shut_down, {c.inode for c in extra})
-        self.cut += done
         peers = collections.Counter(c.peer for c in extra)
         log.warning(
             "connections_over_peer_limit",
@@ -310,9 +310,10 @@ class PeerGate:
 
     async def _run(self) -> None:
         while True:
+            pause = GATE_PERIOD
             try:
                 await self.enforce()
-            except OSError as err:
-                log.error("peer_gate_failed", error=str(err), consequence="no per-peer limit")
-                return
-            await asyncio.sleep(GATE_PERIOD)
+            except OSError as err:  # out of descriptors for a moment, say: try again later
+                log.error("peer_gate_failed", error=str(err), retry_in=GATE_RETRY)
+                pause = GATE_RETRY
+            await asyncio.sleep(pause)
