@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,9 +32,21 @@ from tests.serverfixtures import RPC_TIMEOUT_S, RunningServer, start_job, wait_e
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches jobs to their uids: root")
 
-#: A uid of no account, for servers with a range of one (the lock file keeps other
-#: servers of this host off it while a test holds it).
-LONE_UID = 60877
+
+def _lone_uid() -> int:
+    """A uid of no account for servers with a range of one, one per test process: runs
+    of this file side by side (suites of several people on one host) draw different ones,
+    and the host's lock file keeps any other server off it while a test holds it."""
+    for offset in range(1000):
+        uid = 59000 + (os.getpid() + offset) % 1000
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise AssertionError("every uid of 59000-59999 is an account here")
+
+
+LONE_UID = _lone_uid()
 
 #: keyctl(2) and add_key(2) from inside a job, through ctypes; each prints what it got
 #: (a serial, the bytes read, or -errno).
@@ -158,12 +171,14 @@ async def output(manager: JobManager, job_id: str) -> str:
     return b"".join(chunks).decode()
 
 
-async def start_when_free(manager: JobManager, spec: JobSpec, seconds: float = 20) -> JobStatus:
+async def start_when_free(
+    manager: JobManager, spec: JobSpec, owner: str = "bob", seconds: float = 20
+) -> JobStatus:
     """Start ``spec`` once the lone uid is back (its checks run after the job ends)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            return await manager.start(spec, "bob")
+            return await manager.start(spec, owner)
         except ResourceExhausted:
             if time.monotonic() > deadline:
                 raise
@@ -185,7 +200,7 @@ def test_a_reused_uid_starts_with_empty_keyrings_its_last_job_could_not_lock(
 
     async def body() -> None:
         async with lone_uid_manager(tmp_path) as manager:
-            first = await manager.start(keys_job(plant), "alice")
+            first = await start_when_free(manager, keys_job(plant), "alice")
             u, us, keep, lock, readback = (await output(manager, first.job_id)).split()
             assert (keep, lock, readback) == (f"-{EACCES}", f"-{EACCES}", "b'hunter2'")
             steal = f"print(read({u}), read({us}), read(USER), read(USER_SESSION))"
@@ -236,7 +251,7 @@ def test_a_uid_is_not_reused_while_a_process_of_its_last_job_lives(tmp_path: Pat
 
     async def body() -> None:
         async with lone_uid_manager(tmp_path) as manager:
-            first = await manager.start(JobSpec("sleep", ("600",)), "alice")
+            first = await start_when_free(manager, JobSpec("sleep", ("600",)), "alice")
             setpriv = ["setpriv", f"--reuid={LONE_UID}", f"--regid={LONE_UID}", "--clear-groups"]
             straggler = subprocess.Popen([*setpriv, "sleep", "600"])
             try:
@@ -262,7 +277,9 @@ def test_a_uid_is_not_reused_while_it_owns_a_file_in_a_writable_directory(
 ) -> None:
     async def body() -> None:
         async with lone_uid_manager(tmp_path, str(job_tmp_path)) as manager:
-            first = await manager.start(JobSpec("touch", (f"{job_tmp_path}/mine",)), "alice")
+            first = await start_when_free(
+                manager, JobSpec("touch", (f"{job_tmp_path}/mine",)), "alice"
+            )
             await manager.wait(first.job_id)
             assert (job_tmp_path / "mine").stat().st_uid == LONE_UID
             await asyncio.sleep(1.5)

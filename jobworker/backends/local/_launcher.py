@@ -487,9 +487,7 @@ def _own_keyrings(libc: _Libc, plan: list[str]) -> None:
         if ctypes.get_errno() == 38 and not empty:  # ENOSYS: a kernel without keys
             return
         libc.check(-1, "keyring", "session")
-    if not empty:
-        return
-    for ring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
+    for ring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING) if empty else ():
         ring_id = ctypes.c_long(ring)
         text = ctypes.create_string_buffer(256)
         size = libc.lib.syscall(number, KEYCTL_DESCRIBE, ring_id, text, ctypes.c_ulong(256))
@@ -500,8 +498,8 @@ def _own_keyrings(libc: _Libc, plan: list[str]) -> None:
             result = libc.lib.syscall(number, KEYCTL_SETPERM, ring_id, perm)
             libc.check(result, "keyring", "setperm")
         libc.check(libc.lib.syscall(number, KEYCTL_CLEAR, ring_id), "keyring", "clear")
-    # As pam_keyinit does: the user keyring reachable from the session, so its keys are
-    # the job's to use (possessed).
+    # As pam_keyinit does for a login: the user keyring reachable from the session, so the
+    # keys in it are the job's to use (possessed).
     user, session = ctypes.c_long(KEY_SPEC_USER_KEYRING), ctypes.c_long(KEY_SPEC_SESSION_KEYRING)
     libc.check(libc.lib.syscall(number, KEYCTL_LINK, user, session), "keyring", "link")
 
