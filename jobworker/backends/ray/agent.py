@@ -139,7 +139,7 @@ def ray_addresses() -> list[str]:
     import ray
 
     node = ray._private.worker.global_worker.node
-    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call, unused-ignore]  # typed only with ray installed
     found = {info["NodeManagerAddress"] for info in nodes}
     if node is not None:
         found.add(node.gcs_address.rsplit(":", 1)[0])
