@@ -52,7 +52,8 @@ METADATA = "169.254.169.254"
 DENIED = "203.0.113.7"
 DENIED_NET = "203.0.113.0/24"
 
-#: Connects to each "name=host:port" argument; prints {name: what it read, or the errno}.
+#: Connects to each "name=host:port" (or "name=@abstract unix socket") argument; prints
+#: {name: what it read, or the errno}.
 PROBE = """
 import errno, json, socket, sys
 seen = {}
@@ -60,7 +61,13 @@ for item in sys.argv[1:]:
     name, _, target = item.partition("=")
     host, _, port = target.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=3) as conn:
+        if target.startswith("@"):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(3)
+            conn.connect("\\0" + target[1:])
+        else:
+            conn = socket.create_connection((host, int(port)), timeout=3)
+        with conn:
             seen[name] = conn.recv(64).decode().strip()
     except OSError as err:
         seen[name] = errno.errorcode.get(err.errno, str(err))
@@ -77,6 +84,7 @@ class Outside:
     outside: str  # the outside server's address
     loopback_port: int  # a service of the host's on 127.0.0.1
     host_port: int  # a service of the host's on its veth address
+    abstract: str  # an abstract unix socket of the host's (they follow network namespaces)
 
     def targets(self) -> list[str]:
         return [
@@ -85,6 +93,7 @@ class Outside:
             f"host_address={self.host_side}:{self.host_port}",
             f"metadata={METADATA}:{OUTSIDE_PORT}",
             f"denied={DENIED}:{OUTSIDE_PORT}",
+            f"abstract=@{self.abstract}",
         ]
 
 
@@ -104,7 +113,13 @@ def _serve(sock: socket.socket, answer: bytes) -> None:
 
 
 def _listen(address: str, answer: bytes) -> socket.socket:
-    sock = socket.create_server((address, 0))
+    """A TCP service on ``address`` or, for "@NAME", on the abstract unix socket NAME."""
+    if address.startswith("@"):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind("\0" + address[1:])
+        sock.listen()
+    else:
+        sock = socket.create_server((address, 0))
     threading.Thread(target=_serve, args=(sock, answer), daemon=True).start()
     return sock
 
@@ -144,13 +159,19 @@ def outside() -> Iterator[Outside]:
             text=True,
         )
         assert server.stdout is not None and server.stdout.readline() == "up\n"
-        listeners = [_listen("127.0.0.1", b"host-loopback\n"), _listen(host_side, b"host-own\n")]
+        abstract = f"jobworker-test-{os.getpid()}"
+        listeners = [
+            _listen("127.0.0.1", b"host-loopback\n"),
+            _listen(host_side, b"host-own\n"),
+            _listen(f"@{abstract}", b"host-abstract\n"),
+        ]
         yield Outside(
             namespace,
             host_side,
             out_side,
             listeners[0].getsockname()[1],
             listeners[1].getsockname()[1],
+            abstract,
         )
     finally:
         for sock in listeners:
@@ -221,6 +242,7 @@ def test_a_private_job_reaches_the_outside_only(server: RunningServer, outside: 
         "host_address": REFUSED,
         "metadata": REFUSED,
         "denied": REFUSED,
+        "abstract": "ECONNREFUSED",  # the host's abstract sockets are another namespace's
     }
     status, _ = run_job(server, "alice", "true")
     assert status.isolation.endswith("network private")
@@ -239,6 +261,7 @@ def test_host_network_needs_a_grant(server: RunningServer, outside: Outside) -> 
         "host_address": "host-own",
         "metadata": f"outside-{METADATA}",
         "denied": f"outside-{DENIED}",
+        "abstract": "host-abstract",
     }
 
 
@@ -419,4 +442,5 @@ def test_a_server_that_is_not_root_gives_the_same_default(outside: Outside, tmp_
         "host_address": REFUSED,
         "metadata": REFUSED,
         "denied": REFUSED,
+        "abstract": "ECONNREFUSED",  # the host's abstract sockets are another namespace's
     }
