@@ -298,6 +298,10 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
     code = status.shell_exit_code
     if status.reason is TerminationReason.NODE_LOST:
         raise JobworkerError(f"job {job_id} was lost with its node {status.node}")
+    if status.reason is TerminationReason.LOST:
+        raise JobworkerError(
+            f"job {job_id} was lost across a server restart; the server's log says why"
+        )
     if code is None:
         raise JobworkerError(f"job {job_id}'s output ended but it is still {status.state.value}")
     return code
