@@ -519,3 +519,17 @@ def _ingest_processes_of(source: Path) -> list[int]:
         if b"jobworker-ingest" in argv and str(source).encode() in argv:
             found.append(int(entry.name))
     return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_follower_gets_unavailable_when_the_server_goes(
+    live: Callable[..., LiveServer], signum: int
+) -> None:
+    server = live("--no-isolation")
+    job = server.start("sh", "-c", "echo first; exec sleep 1000")
+    chunks = server.output(job)
+    assert next(chunks).data == b"first\n"
+    server.kill(signum)
+    with pytest.raises(grpc.RpcError) as ended:
+        next(chunks)
+    assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
