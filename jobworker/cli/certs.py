@@ -17,7 +17,7 @@ from typing import Any
 from jobworker.api import certs
 from jobworker.api.pki import CRL_VALIDITY, PkiPaths, default_server_names, init_pki
 from jobworker.api.tlsfiles import DEV_CLIENT, TlsFiles, default_pki_dir
-from jobworker.api.wire import DEFAULT_ADDRESS, with_default_port
+from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.cli.common import argument, for_terminal, print_json
 from jobworker.plugins.authz import ROLES
 
@@ -181,9 +181,15 @@ def _init(options: argparse.Namespace) -> int:
             f" (`jobworker certs renew-server --dir {_q(paths.directory)} --host NAME"
             " --ip ADDR` re-issues it)"
         )
-    listen = next((with_default_port(ip) for ip in options.ip), DEFAULT_ADDRESS)
+    # Clients dial the certificate's names: listen where they lead (loopback by default).
+    if options.ip:
+        listen, where = with_default_port(options.ip[0]), ""
+    elif options.host:
+        listen, where = f"0.0.0.0:{DEFAULT_PORT}", " (every interface; --ip names one)"
+    else:
+        listen, where = DEFAULT_ADDRESS, ""
     server = paths.server()
-    print("\nstart the server:")
+    print(f"\nstart the server{where}:")
     print(
         f"  jobworker serve --listen {listen} --tls-cert {_q(server.cert)}"
         f" --tls-key {_q(server.key)} --tls-ca {_q(server.ca)} --tls-crl {_q(paths.crl)}"

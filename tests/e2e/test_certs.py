@@ -181,6 +181,9 @@ def test_a_host_the_certificate_does_not_name_is_named_in_the_error(
         "certs", "init", "--dir", str(directory), "--host", "jobs.example.com", env=env
     )
     assert made.returncode == 0, made.stderr
+    # A host name alone: the suggested server listens where that name may lead.
+    assert b"start the server (every interface; --ip names one):" in made.stdout
+    assert b"jobworker serve --listen 0.0.0.0:50051 " in made.stdout
     server = start_server(
         f"--tls-cert={directory / 'server.pem'}",
         f"--tls-key={directory / 'server-key.pem'}",
