@@ -533,3 +533,23 @@ def test_a_follower_gets_unavailable_when_the_server_goes(
     with pytest.raises(grpc.RpcError) as ended:
         next(chunks)
     assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_job_whose_spool_is_gone_is_lost_and_killed(live: Callable[..., LiveServer]) -> None:
+    server = live("--no-isolation")
+    job = server.start("sh", "-c", "echo started; exec sleep 1000")
+    next(iter(server.output(job)))
+    pid = server.status(job).pid
+    server.kill()
+    (server.spool / LIVE_RUN / f"{job}.out").unlink()
+    server.restart()
+    _wait_until(lambda: server.status(job).status == "exited")
+    status = server.status(job)
+    assert (status.reason, status.output_truncated) == ("lost", True)
+    [refusal] = server.events("job_not_adopted")
+    assert "its spool is gone" in str(refusal["reason"])
+    _wait_until(lambda: not _alive(pid))
+    with pytest.raises(grpc.RpcError) as cut:
+        server.wait(job)
+    assert cut.value.code() is grpc.StatusCode.DATA_LOSS
+    assert "the loss of its spool file while no server ran" in str(cut.value.details())

@@ -190,10 +190,7 @@ class JobOutput:
         self, job: Job, found: HandedOver | None, ingest_process: IngestProcess | None
     ) -> None:
         seen: int | None = None
-        cut: str | None = (
-            "the ingest process was gone when the server restarted: what the job wrote"
-            " since is lost"
-        )
+        cut: str | None = "the loss of the ingest process while no server ran"
         if found is not None:
             seen, cut = found.seen, found.cut
         # Off the loop: a long log has many records to count.

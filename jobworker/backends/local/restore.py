@@ -94,7 +94,7 @@ def adopt(record: JobRecord, directory: Path, plugins: Plugins, budget: SpoolBud
     if output is None:
         lost.append("its spool is gone")
         output = OutputLog(directory / record.spool, max_bytes=record.max_output_bytes)
-        output.cut("the spool file was gone when the server restarted")
+        output.cut("the loss of its spool file while no server ran")
     if exit_report < 0:
         exit_report = os.memfd_create("jobworker-exit", os.MFD_CLOEXEC)
     job = _job(record, output, containment, pidfd, exit_report)
