@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from jobworker.errors import JobworkerError
 from jobworker.jobspec import IoLimit, JobSpec, Limits
 from jobworker.model import ExitInfo, ResourceUsage, TerminationReason
 
@@ -176,7 +177,8 @@ class JobRecord:
             )
         try:
             return cls._from_v1(data)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, JobworkerError) as err:
+            # JobworkerError: a spec or limits this version's rules refuse.
             raise RecordError(f"record {path} is damaged: {err!r}") from None
 
     @classmethod
