@@ -4,6 +4,7 @@ process, and what happens when it is killed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -378,3 +379,39 @@ def test_hundreds_of_short_jobs_whose_pipes_are_dropped_at_once_lose_nothing(
         assert (m.ingest_pid is None) is (where == "server threads")
 
     run(tmp_path, body, plugins)
+
+
+@pytest.mark.parametrize("where", ["ingest process", "server threads"])
+def test_a_shutdown_that_gives_up_on_a_job_leaves_no_reader_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # An escaped process holds the job's pipes, and the shutdown's wait for the job is
+    # shorter than the job's drain: the shutdown cancels the job's clean-up, which then
+    # drops the pipes after ingestion was closed. That made a new reader that never knew
+    # them ("KeyError: '9 is not registered'" in its thread, which then ran on) and left
+    # their descriptors open; now whoever read a pipe closes it when it is closed.
+    monkeypatch.setattr("jobworker.backends.local.ending.KILL_TIMEOUT", 0.2)
+    plugins = Plugins()
+    if where == "server threads":
+        plugins.register(Counter(), "counter")
+    escaped: list[int] = []
+    its_pipes: set[str] = set()
+
+    async def body(m: JobManager) -> None:
+        job = await m.start(JobSpec("sh", ("-c", "setsid sleep 60 & echo $!")), "alice")
+        first = await anext(m.follow(job.job_id))
+        escaped.append(int(first.data))
+        its_pipes.update(os.readlink(f"/proc/{escaped[0]}/fd/{fd}") for fd in (1, 2))
+
+    try:
+        run(tmp_path, body, plugins)
+    finally:
+        for pid in escaped:
+            os.kill(pid, signal.SIGKILL)
+    assert not ingest_threads_here()
+    assert len(its_pipes) == 2 and all(p.startswith("pipe:") for p in its_pipes)
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not its_pipes & ours

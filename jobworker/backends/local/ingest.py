@@ -99,6 +99,7 @@ class Ingest:
         self._lock = threading.Lock()
         self._requests: list[Callable[[], None]] = []
         self._stopping = False
+        self._closed = False  # close() was called: drops have nothing left to do
         # The writer's queue, in read order; its condition shares the lock.
         self._queue: collections.deque[tuple[Pipe, bytes]] = collections.deque()
         self._queued = 0
@@ -143,6 +144,9 @@ class Ingest:
         stopped; ``pipe.keep`` then says whether it was (not if its end came first: then
         it was read whole, and closed)."""
         done: asyncio.Future[None] = self._loop.create_future()
+        if self._closed:  # close() ended every pipe
+            done.set_result(None)
+            return done
 
         def drop() -> None:
             with self._lock:
@@ -163,9 +167,16 @@ class Ingest:
         return done
 
     def close(self) -> None:
-        """Stop both threads (every job has ended: nothing is registered any more)."""
+        """Stop both threads. Pipes still read (a shutdown that gave up on a job) are
+        ended and closed here, what was read of them written first; a later
+        :meth:`drop` has nothing left to do."""
+        self._closed = True
         self._request(lambda: None, stop=True)
         self._reader.join()
+        # The reader is gone: this thread may use the selector now.
+        left = [key.data for key in self._selector.get_map().values() if key.fd != self._wake_r]
+        for pipe in left + list(self._paused):
+            self._end(pipe)
         with self._lock:
             self._queue_ready.notify()
         self._writer.join()

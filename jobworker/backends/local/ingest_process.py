@@ -236,6 +236,11 @@ class IngestProcess:
             sock.close()  # the helper exits at end-of-file, or waits for the next server
         if detach:
             return
+        # Pipes a shutdown gave up on: the helper stops reading them; our copies go.
+        pipes = list(self._pipes.values())
+        self._pipes.clear()
+        for pipe in pipes:
+            self._eof(pipe)
         if pid is not None and _reap(pid, EXIT_TIMEOUT) is None:
             log.error("ingest_process_kill", pid=pid, waited=EXIT_TIMEOUT)
             _kill(pid)

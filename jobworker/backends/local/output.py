@@ -221,12 +221,14 @@ class JobOutput:
         return self._ingest
 
     async def drop(self, pipe: Pipe | RemotePipe) -> None:
-        """Stop reading ``pipe`` and close it, whoever reads it."""
+        """Stop reading ``pipe`` and close it, whoever reads it. After :meth:`close` (a
+        job whose clean-up a shutdown cancelled), whoever read it has closed it: never
+        a new reader that never knew the pipe."""
         if isinstance(pipe, RemotePipe):
-            assert self._ingest_process is not None
-            await self._ingest_process.drop(pipe)
-        else:
-            await self._threads().drop(pipe)
+            if self._ingest_process is not None:
+                await self._ingest_process.drop(pipe)
+        elif self._ingest is not None:
+            await self._ingest.drop(pipe)
 
     def remove(self, job: Job) -> None:
         """Delete the job's spooled output (it is evicted, or the server stops)."""
