@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `tox -e mutation`: mutmut over the code where a silent regression would hurt most: the
-# output log, identity, authorization, and the job manager's stop and exit paths. What is
-# mutated and which tests judge it is [tool.mutmut] in pyproject.toml; docs/testing.md
-# has the last result. Slow (about 40 minutes on 2 cores), so not part of CI.
+# output log, identity, authorization, the job spec's checks, and the job manager's start,
+# stop and exit paths. What is mutated and which tests judge it is [tool.mutmut] in
+# pyproject.toml; docs/testing.md has the last result. Slow (an hour or more on 2 cores),
+# so not part of CI.
 # Extra arguments replace the list of mutants to run (mutmut's name patterns).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ if ((${#targets[@]} == 0)); then
     "jobworker.plugins.authz.*"
     "jobworker.backends.local.ending.*" # supervise, _reap, _settle, exit_info, terminate
     "jobworker.model.x_describe_end__*"
+    "jobworker.jobspec.x__check_spec__*" # what a job may ask for (validate_spec before)
+    "jobworker.backends.local.manager.x*JobManager*start*" # start, start_as, _start
     "jobworker.backends.local.manager.x*JobManager*stop__*"
     "jobworker.backends.local.manager.x*JobManager*_supervise__*"
     "jobworker.backends.local.manager.x*JobManager*_finish__*"
