@@ -289,6 +289,9 @@ def test_a_uid_is_not_reused_while_it_owns_a_file_in_a_writable_directory(
             second = await start_when_free(manager, JobSpec("ls", ("-A", str(job_tmp_path))))
             assert second.uid == LONE_UID
             assert await output(manager, second.job_id) == ""
+            # Empty because the directory is, not because ls could not read it.
+            listed = await manager.wait(second.job_id)
+            assert listed.exit is not None and listed.exit.exit_code == 0
 
     run(body)
 
