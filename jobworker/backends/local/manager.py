@@ -346,7 +346,11 @@ class JobManager:
         output pipes come back from the previous ingest process in a task of their own."""
         running = []
         for record in restore.read_records(self._spool_dir):
-            job = restore.adopt(record, self._spool_dir, self._plugins, self._output.budget)
+            try:
+                job = restore.adopt(record, self._spool_dir, self._plugins, self._output.budget)
+            except OSError as err:  # one job the system will not let us read: not the rest
+                log.error("job_adoption_failed", job_id=record.job_id, error=str(err))
+                continue
             if job is None:
                 remove_files(self._spool_dir, record.job_id)
                 continue
