@@ -7,11 +7,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from jobworker.backends.local.manager import JobManager
+from jobworker.backends.local.sampling import _helper_usage
 from jobworker.backends.local.spawn import Spawner
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec, Network
@@ -107,3 +112,52 @@ def test_a_job_without_isolation_has_nothing_to_leave_out(tmp_path: Path) -> Non
     sample, everything, count = _sample(False, True, tmp_path)
     assert sample.pids == count == 3
     assert abs(sample.memory_bytes - everything) < MIB
+
+
+#: A relay's shape: two children (PID 1 and pasta, say), one of them with a child of its
+#: own (the command). Each writes its pid once it runs.
+TREE = """
+import os, time
+def say():  # one write per line: four processes share the pipe
+    os.write(1, b"%d\\n" % os.getpid())
+def child(grandchild):
+    if os.fork() == 0:
+        if grandchild and os.fork() == 0:
+            say(); time.sleep(60)
+        say(); time.sleep(60)
+child(True); child(False)
+say(); time.sleep(60)
+"""
+
+
+def test_the_helper_levels_of_a_tree_are_counted_from_a_cgroups_figures() -> None:
+    """What is taken off a cgroup's memory.current and pids.current: the top levels."""
+    tree = subprocess.Popen(
+        [sys.executable, "-c", TREE], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert tree.stdout is not None
+        pids = {int(tree.stdout.readline()) for _ in range(4)}
+        assert tree.pid in pids
+        time.sleep(0.2)  # every one is past its print, in its sleep
+        rss = {pid: _rss_pages(pid) for pid in pids}
+        children = set(_children(tree.pid))
+        grandchild = (pids - children - {tree.pid}).pop()
+        assert _helper_usage(tree.pid, 1) == (rss[tree.pid], 1)
+        assert _helper_usage(tree.pid, 2) == (rss[tree.pid] + sum(rss[c] for c in children), 3)
+        assert _helper_usage(tree.pid, 0) == (0, 0)
+        assert grandchild not in children
+    finally:
+        os.killpg(tree.pid, signal.SIGKILL)
+        tree.wait()
+        assert tree.stdout is not None
+        tree.stdout.close()
+
+
+def _rss_pages(pid: int) -> int:
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(raw[raw.rfind(b")") + 2 :].split()[21])
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

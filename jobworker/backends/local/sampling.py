@@ -124,20 +124,23 @@ def _parse_stat(raw: bytes) -> tuple[int, int, int, int]:
     return int(f[1]), int(f[3]), int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]), int(f[21])
 
 
-def _helper_pages(pid: int, helpers: int) -> int:
-    """Resident pages of jobworker's own ``helpers`` processes at the top of a job's tree,
-    from the job's pid down (each has one child: the next)."""
-    pages = 0
-    for _ in range(helpers):
-        raw = read_small(f"/proc/{pid}/stat")
-        if raw is None:
-            break
-        pages += _parse_stat(raw)[3]
-        children = (read_small(f"/proc/{pid}/task/{pid}/children") or b"").split()
-        if not children:
-            break
-        pid = int(children[0])
-    return pages
+def _helper_usage(pid: int, levels: int) -> tuple[int, int]:
+    """Resident pages and number of jobworker's own processes: the top ``levels`` levels
+    of the job's tree, from its pid down (:attr:`Spawned.helpers`)."""
+    pages = count = 0
+    level = [pid]
+    for _ in range(levels):
+        below: list[int] = []
+        for member in level:
+            raw = read_small(f"/proc/{member}/stat")
+            if raw is None:
+                continue
+            pages += _parse_stat(raw)[3]
+            count += 1
+            children = read_small(f"/proc/{member}/task/{member}/children") or b""
+            below += [int(child) for child in children.split()]
+        level = below
+    return pages, count
 
 
 class ProcTable:
@@ -179,8 +182,9 @@ class ProcTable:
         CPU counts the processes' own time and that of children they reaped (a shell's
         finished commands); memory is the sum of resident set sizes; IO is at most
         :data:`SLOW_TICKS` - 1 ticks old per process. ``helpers`` gives, per session, how
-        many of jobworker's own processes head it (:attr:`Spawned.helpers`): their memory
-        and their count are left out, their CPU kept (an init's reaped orphans are the job's).
+        many levels at the top of its tree are jobworker's own (:attr:`Spawned.helpers`):
+        their memory and count are left out, their CPU kept (an init's reaped orphans are
+        the job's).
         """
         helpers = helpers or {}
         wanted = set(sessions)
@@ -434,12 +438,12 @@ def sample_jobs(jobs: dict[str, _Tracked], procs: ProcTable) -> dict[str, UsageS
             sample = tracked.self_sampling.sample_usage()
             if sample is not None and tracked.helpers:
                 # The cgroup counts jobworker's own processes too: take them out.
-                pages = _helper_pages(tracked.pid, tracked.helpers)
+                pages, count = _helper_usage(tracked.pid, tracked.helpers)
                 memory, pids = sample.memory_bytes, sample.pids  # None: unreadable, stays so
                 sample = attrs.evolve(
                     sample,
                     memory_bytes=None if memory is None else max(0, memory - pages * _PAGE_SIZE),
-                    pids=None if pids is None else max(0, pids - tracked.helpers),
+                    pids=None if pids is None else max(0, pids - count),
                 )
             if sample is not None:
                 out[job_id] = sample

@@ -68,9 +68,10 @@ class Spawned:
     exit_report: int
     #: Non-blocking write end of the job's stdin pipe; -1 when stdin is /dev/null.
     stdin: int = -1
-    #: jobworker's own processes at the top of the job's tree, which usage leaves out: an
-    #: isolated job's PID 1 (the job's pid), and above it, when the launcher started it
-    #: rather than the zygote, the relay that forked it (then the job's pid is the relay).
+    #: How many levels at the top of the job's process tree are jobworker's own, which
+    #: usage leaves out: 1 for an isolated job's PID 1 (the job's pid); 2 when the launcher
+    #: rather than the zygote started it: the relay (the job's pid), then PID 1 and, for a
+    #: private network, ``pasta`` beside it. 0: the job's pid is the user's command.
     helpers: int = 0
 
     def abandon(self) -> None:
