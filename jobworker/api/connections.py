@@ -89,7 +89,9 @@ class ConnectionLimits:
 
 def raise_file_limit(limits: ConnectionLimits, max_running: int) -> ConnectionLimits:
     """Lift the soft ``RLIMIT_NOFILE`` to the hard one, and return ``limits`` with at most
-    as many connections as fit beside the jobs' reserve (a warning says when fewer)."""
+    as many connections as fit beside the jobs' reserve; when the limit is too low for
+    both, connections keep a quarter of it (at least the per-peer cap) and a warning says
+    that jobs may run short of descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -98,18 +100,19 @@ def raise_file_limit(limits: ConnectionLimits, max_running: int) -> ConnectionLi
     log.info("file_limit", nofile=hard, reserved_for_jobs=reserve)
     if limits.max_connections <= room:
         return limits
-    if room < limits.max_connections_per_peer:
-        raise ConfigError(
-            f"RLIMIT_NOFILE is {hard}, too few for --max-jobs {max_running} ({reserve} kept"
-            " for jobs) and connections: raise it (ulimit -n, LimitNOFILE=) or lower --max-jobs"
-        )
+    floor = min(limits.max_connections, max(hard // 4, limits.max_connections_per_peer))
+    connections = max(room, floor)
     log.warning(
         "connections_capped",
-        max_connections=room,
+        max_connections=connections,
         asked=limits.max_connections,
-        reason=f"RLIMIT_NOFILE is {hard} and {reserve} are kept for --max-jobs {max_running}",
+        reason=f"RLIMIT_NOFILE is {hard}, and {reserve} are kept for --max-jobs {max_running}",
+        consequence=None
+        if room >= floor
+        else f"{max_running} running jobs could run out of descriptors: raise the limit"
+        " (LimitNOFILE= in the unit, ulimit -Hn) or lower --max-jobs",
     )
-    return attrs.evolve(limits, max_connections=room)
+    return attrs.evolve(limits, max_connections=connections)
 
 
 # -- the per-peer gate ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ the scenarios of tests/integration/test_cgroup_root_owner.py, run inside the tes
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,12 @@ __all__ = [
     "test_a_second_server_on_a_held_root_refuses_to_start_and_touches_nothing",
     "test_two_servers_on_nested_roots_keep_each_others_jobs",
 ]
+
+
+@pytest.fixture(autouse=True)
+def loopback() -> None:
+    """The VM boots with its loopback down; the servers listen on 127.0.0.1."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 @pytest.fixture

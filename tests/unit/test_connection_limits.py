@@ -1,0 +1,59 @@
+"""The server's open-file limit: raised to the hard limit, connections fitted beside the
+jobs' reserve, and a low limit never stops the server from starting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jobworker.api.connections import Connection, ConnectionLimits, surplus
+from jobworker.errors import ConfigError
+
+PROBE = textwrap.dedent(
+    """
+    import resource, sys
+    from jobworker.api.connections import ConnectionLimits, raise_file_limit
+    hard = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    limits = raise_file_limit(ConnectionLimits(), int(sys.argv[2]))
+    print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], limits.max_connections)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("hard", "max_jobs", "expected"),
+    [
+        (20000, 1000, "20000 1024"),  # room for all: the default stands
+        (4096, 100, "4096 1024"),  # 256 + 8 x 100 kept for jobs, 3040 left
+        (4096, 1000, "4096 1024"),  # jobs' reserve above the limit: a quarter of it
+        (1024, 1000, "1024 256"),
+    ],
+)
+def test_the_file_limit_is_raised_and_connections_fit(
+    hard: int, max_jobs: int, expected: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(hard), str(max_jobs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines()[-1] == expected  # after the log lines
+
+
+def test_a_peer_cap_above_the_total_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--max-connections-per-peer must be at least 1"):
+        ConnectionLimits(max_connections=10, max_connections_per_peer=11)
+
+
+def test_the_surplus_is_each_addresses_newest_unauthenticated() -> None:
+    held = [Connection("10.0.0.1", port, inode) for inode, port in enumerate(range(1000, 1005))]
+    other = [Connection("10.0.0.2", 2000, 99)]
+    spared = {("10.0.0.1", 1004)}  # the newest, but it carried an authenticated RPC
+    cut = surplus(held + other, 2, spared)
+    assert [c.port for c in cut] == [1002, 1003]
