@@ -174,13 +174,6 @@ class UidPool:
             os.close(self._lock_fd)  # every lock of ours goes with it
             self._lock_fd = -1
 
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    def held(self, job_id: str) -> int | None:
-        return self._held.get(job_id)
-
     def allocate(self, job_id: str) -> int:
         """A uid for ``job_id``, now its alone; ResourceExhausted when none is free."""
         if self._lock_fd < 0:
