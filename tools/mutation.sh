@@ -21,7 +21,7 @@ if ((${#targets[@]} == 0)); then
     "jobworker.backends.local.manager.x*JobManager*stop__*"
     "jobworker.backends.local.manager.x*JobManager*_supervise__*"
     "jobworker.backends.local.manager.x*JobManager*_finish__*"
-    "jobworker.backends.local.manager.x*JobManager*_evict__*"
+    "jobworker.backends.local.table.*" # the quota per client and eviction
     "jobworker.backends.local.manager.x*JobManager*shutdown__*"
     "jobworker.backends.local.manager.x*JobManager*wait__*"
   )

@@ -158,7 +158,7 @@ def test_per_job_series_stay_while_the_job_is_retained(
     )
     manager = metrics.manager
     assert isinstance(manager, JobManager)
-    manager._retain_finished = 0  # the next listing evicts every finished job
+    manager._table.retain_finished = 0  # the next listing evicts every finished job
     alice.ListJobs(pb.ListJobsRequest(), timeout=RPC_TIMEOUT_S)
     assert not [key for key in scrape(url) if ("job_id", job) in key[1]]
 

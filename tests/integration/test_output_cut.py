@@ -194,7 +194,7 @@ def test_followers_that_gave_up_leave_no_waiter(api_pki: PkiPaths, tmp_path: Pat
         job_id = start_job(alice, "sleep", "60")  # writes nothing
 
         async def waiters() -> int:
-            return len(keeper.manager._jobs[job_id].log._waiters)
+            return len(keeper.manager._table.jobs[job_id].log._waiters)
 
         calls = [alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=60) for _ in range(50)]
         deadline = time.monotonic() + 20

@@ -1,12 +1,7 @@
 """The job manager: starts, tracks, streams and stops jobs, all on one asyncio loop.
 
-Jobs live in memory by id. A finished job is retained (with its spooled output) until the
-retention bound evicts it, so a long-running server does not grow without limit.
-
-Clients share the server fairly: each owner may have at most ``max_running_per_client``
-jobs starting or running, and when more than ``retain_finished`` finished jobs are kept,
-the one evicted is the oldest of the owner with the most finished jobs retained, so a
-client that floods the server only ever evicts its own history.
+Jobs live in memory by id, retained after their end until evicted; how clients share them
+(a quota per owner, eviction of the biggest owner's oldest) is :mod:`.table`.
 
 A job is over when its main process has exited, every other process of its containment
 has been killed and is gone, and both output pipes are drained (:mod:`.ending`): only then
@@ -18,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import collections
 import contextvars
 import time
 from collections.abc import AsyncIterator
@@ -41,13 +35,12 @@ from jobworker.backends.local.record import (
 )
 from jobworker.backends.local.sampling import UsageSampler
 from jobworker.backends.local.spawn import Spawned, Spawner
+from jobworker.backends.local.table import JobTable
 from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobworkerError,
-    client_full,
     job_not_found,
-    server_full,
 )
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
@@ -92,18 +85,10 @@ class JobManager:
         self._live = live_restore
         self._spool_dir = spool_dir
         self.default_grace = default_grace
-        self._max_running = max_running
-        self._max_per_client = max_running_per_client or max_running
-        self._retain_finished = retain_finished
-        self._retain_seconds = retain_seconds
-        self._jobs: dict[str, Job] = {}
-        # Finished job ids of each owner, oldest first, and how many there are in all.
-        self._finished: dict[str, collections.deque[str]] = {}
-        self._finished_count = 0
-        # Jobs starting or running, by owner (the per-client quota).
-        self._active: collections.Counter[str] = collections.Counter()
+        self._table = JobTable(
+            max_running, max_running_per_client or max_running, retain_finished, retain_seconds
+        )
         self._supervisors: set[asyncio.Task[None]] = set()
-        self._starting = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -128,13 +113,13 @@ class JobManager:
     # -- queries -------------------------------------------------------------------------
 
     def _lookup(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
+        job = self._table.jobs.get(job_id)
         if job is None:
             raise job_not_found(job_id)
         return job
 
     def find(self, job_id: str) -> JobStatus | None:
-        job = self._jobs.get(job_id)
+        job = self._table.jobs.get(job_id)
         return None if job is None else job.snapshot()
 
     def get(self, job_id: str) -> JobStatus:
@@ -142,7 +127,7 @@ class JobManager:
 
     def list(self) -> list[JobStatus]:
         self._evict()
-        return [job.snapshot() for job in self._jobs.values()]
+        return [job.snapshot() for job in self._table.jobs.values()]
 
     async def usage(self, job_id: str, last: int = 0) -> JobUsage:
         """The job's usage samples (see :mod:`jobworker.usage`); NotFound if unknown."""
@@ -159,7 +144,7 @@ class JobManager:
         return [
             (job.snapshot(), s)
             for j, s in self._usage.latest()
-            if (job := self._jobs.get(j)) is not None
+            if (job := self._table.jobs.get(j)) is not None
         ]
 
     @property
@@ -169,7 +154,7 @@ class JobManager:
 
     @property
     def running(self) -> int:
-        return len(self._jobs) - self._finished_count + self._starting
+        return self._table.running
 
     # -- start ---------------------------------------------------------------------------
 
@@ -207,13 +192,9 @@ class JobManager:
                 " --node needs a cluster backend (serve --plugin ray)"
             )
         self._evict()
-        if self.running >= self._max_running:
-            raise server_full(self.running, self._max_running)
-        if self._active[owner] >= self._max_per_client:
-            raise client_full(owner, self._active[owner], self._max_per_client)
+        self._table.check_room(owner)
         spec = self._plugins.pre_spawn(job_id, spec, owner)
-        self._starting += 1
-        self._active[owner] += 1
+        self._table.admit(owner)
         self._idle.clear()
         try:
             containment = self._plugins.limits_apply(job_id, spec)
@@ -250,11 +231,11 @@ class JobManager:
                 await asyncio.to_thread(containment.release)
                 raise
         except BaseException:
-            self._release_slot(owner)
+            self._table.release(owner)
             raise
         finally:
-            self._starting -= 1
-            if self._starting == 0:
+            self._table.starting -= 1
+            if self._table.starting == 0:
                 self._idle.set()
         containment.attach(spawned.pid)
         user, uid, isolation = isolation_summary(plan)
@@ -275,7 +256,7 @@ class JobManager:
             stdin=spawned.stdin,
             record=record,
         )
-        self._jobs[job_id] = job
+        self._table.jobs[job_id] = job
         self._usage.track(job_id, spawned.pid, containment, spawned.helpers)
         self._output.connect(job, spawned.stdout, spawned.stderr, ingest_process)
         self._watch(job)
@@ -354,14 +335,12 @@ class JobManager:
             if job is None:
                 remove_files(self._spool_dir, record.job_id)
                 continue
-            self._jobs[job.job_id] = job
             if job.done.is_set():
                 self._output.adopt_finished(job)
-                self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
-                self._finished_count += 1
+                self._table.add_finished(job)
                 continue
             running.append(job)
-            self._active[job.owner] += 1
+            self._table.add_running(job)
             if job.pidfd >= 0:
                 self._usage.track(job.job_id, job.pid, job.containment)
             self._watch(job)
@@ -369,7 +348,7 @@ class JobManager:
         log.info(
             "jobs_restored",
             running=len(running),
-            finished=self._finished_count,
+            finished=self._table.finished,
             lost=sum(1 for job in running if job.lost is not None),
         )
         self._evict()
@@ -377,7 +356,7 @@ class JobManager:
     def _detach(self) -> None:
         """Leave every job running for the next server (``--live-restore``): their
         records, spools and exit reports stay; followers get UNAVAILABLE."""
-        for job in self._jobs.values():
+        for job in self._table.jobs.values():
             job.detached = True
             job.log.detach()
         for task in self._supervisors:
@@ -409,10 +388,9 @@ class JobManager:
         if job.record is not None:
             self._record_end(job, job.record)
         job.done.set()
-        self._release_slot(job.owner)
+        self._table.release(job.owner)
         self._usage.finished(job.job_id)
-        self._finished.setdefault(job.owner, collections.deque()).append(job.job_id)
-        self._finished_count += 1
+        self._table.add_finished(job)
         final = job.snapshot()
         log.info(
             "job_exited",
@@ -442,29 +420,11 @@ class JobManager:
         if job.record is not None:
             remove_files(self._spool_dir, job.job_id)
 
-    def _release_slot(self, owner: str) -> None:
-        self._active[owner] -= 1
-        if not self._active[owner]:
-            del self._active[owner]
-
     def _evict(self) -> None:
-        """Drop finished jobs past ``retain_seconds``, then, while more than
-        ``retain_finished`` are kept, the oldest of the owner who has the most."""
-        cutoff = time.time() - self._retain_seconds
-        for owner, ids in list(self._finished.items()):
-            while ids and (self._jobs[ids[0]].ended_at or 0) <= cutoff:
-                self._evict_oldest_of(owner)
-        while self._finished_count > self._retain_finished:
-            self._evict_oldest_of(max(self._finished, key=lambda o: len(self._finished[o])))
-
-    def _evict_oldest_of(self, owner: str) -> None:
-        ids = self._finished[owner]
-        job = self._jobs.pop(ids.popleft())
-        if not ids:
-            del self._finished[owner]
-        self._finished_count -= 1
-        self._usage.forget(job.job_id)
-        self._remove(job)
+        """Drop the finished jobs :meth:`.JobTable.evict` picks, and their files."""
+        for job in self._table.evict(time.time()):
+            self._usage.forget(job.job_id)
+            self._remove(job)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -504,7 +464,9 @@ class JobManager:
         await self._idle.wait()
         if self._live:
             self._detach()
-        running = [] if self._live else [j for j in self._jobs.values() if not j.done.is_set()]
+        running = (
+            [] if self._live else [j for j in self._table.jobs.values() if not j.done.is_set()]
+        )
         await asyncio.gather(
             *(self.stop(j.job_id, by="server-shutdown", grace=grace) for j in running)
         )
@@ -516,12 +478,10 @@ class JobManager:
                     "job_unkillable_at_shutdown", task=task.get_name(), waited=ending.KILL_TIMEOUT
                 )
                 task.cancel()
-        for job in self._jobs.values():
+        for job in self._table.jobs.values():
             if not self._live:
                 self._remove(job)
         await self._usage.close()
-        self._jobs.clear()
-        self._finished.clear()
-        self._finished_count = 0
+        self._table.clear()
         self._spawner.close()
         self._output.close(detach=self._live)
