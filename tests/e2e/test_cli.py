@@ -60,12 +60,33 @@ def test_run_separates_stdout_and_stderr_byte_for_byte(cli: Cli, job_tmp_path: P
 
 
 def test_logs_follow_gets_everything_of_a_running_job(cli: Cli) -> None:
-    script = "i=0; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); sleep 0.05; done"
-    job_id = cli.ok("start", "--", "sh", "-c", script).strip()
-    assert cli.status(job_id)["state"] == "running"
-    followed = cli("logs", "-f", "--", job_id)
+    # The job waits on its stdin after its first line, however slow the machine: the
+    # follower is attached to a running job before the rest comes.
+    script = "echo line 0; read go; i=1; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); done"
+    job_id = cli.ok("start", "-i", "--", "sh", "-c", script).strip()
     expected = "".join(f"line {i}\n" for i in range(40)).encode()
-    assert (followed.returncode, followed.stdout, followed.stderr) == (0, expected, b"")
+    with subprocess.Popen(
+        [JOBWORKER, "logs", "-f", "--", job_id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli.env("alice"),
+    ) as follower:
+        try:
+            assert follower.stdout is not None
+            assert follower.stdout.readline() == b"line 0\n"
+            assert cli.status(job_id)["state"] == "running"
+            written = subprocess.run(
+                [JOBWORKER, "write", "--", job_id],
+                input=b"go\n",
+                env=cli.env("alice"),
+                capture_output=True,
+                timeout=COMMAND_TIMEOUT_S,
+            )
+            assert written.returncode == 0, written.stderr
+            rest, err = follower.communicate(timeout=COMMAND_TIMEOUT_S)
+        finally:
+            follower.kill()
+    assert (follower.returncode, b"line 0\n" + rest, err) == (0, expected, b"")
     assert cli.status(job_id)["reason"] == "exited"
     # Without -f: what exists now, which is everything once the job is over.
     assert cli("logs", "--", job_id).stdout == expected

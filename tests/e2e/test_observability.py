@@ -140,6 +140,15 @@ class Terminal:
             assert time.monotonic() < deadline, "top did not exit"
             if select.select([self.master], [], [], 0.1)[0]:
                 self.output += os.read(self.master, 65536)
+        # What it wrote last may still wait in the terminal: its exit says nothing of that.
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                part = os.read(self.master, 65536)
+            except OSError:  # EIO: nothing more, and no process holds the terminal
+                break
+            if not part:
+                break
+            self.output += part
         return self.proc.returncode
 
     def restored(self) -> bool:
