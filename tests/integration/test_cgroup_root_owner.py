@@ -35,7 +35,9 @@ def root() -> Iterator[Path]:
 
 
 def _serve(pki: PkiPaths, tmp_path: Path, name: str, root: Path) -> ServeProcess:
-    extra = ("--plugin", "cgroupv2", "--cgroup-root", str(root))
+    # No network for the jobs: these tests also run in the test VM, which has none to give
+    # (no route out, no tun or nf_tables module for a private one).
+    extra = ("--plugin", "cgroupv2", "--cgroup-root", str(root), "--job-network", "none")
     return ServeProcess(pki, tmp_path / f"spool-{name}", tmp_path / f"{name}.log", extra=extra)
 
 
