@@ -18,9 +18,11 @@ import pytest
 from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.test_cgroup_hybrid import UNIFIED, _force_remove, _skip_reason
-from tests.integration.test_reliability import ServeProcess, alive, job_pids
+from tests.integration.test_reliability import ServeProcess, alive
 from tests.jobpaths import JOB_VISIBLE_ROOT
-from tests.serverfixtures import RPC_TIMEOUT_S, start_job
+
+#: Generous: the same tests run in the VM, where Python is many times slower (TCG).
+RPC_S = 60.0
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
@@ -62,12 +64,13 @@ def _serve_failing(pki: PkiPaths, tmp_path: Path, root: Path, listen: str) -> st
 
 def _running_job(server: ServeProcess) -> tuple[str, int]:
     alice = server.stub("alice")
-    job_id = start_job(alice, "sleep", "600")
-    return job_id, job_pids(alice, [job_id])[0]
+    request = pb.StartJobRequest(command="sleep", args=["600"])
+    job_id: str = alice.StartJob(request, timeout=RPC_S).job_id
+    return job_id, alice.GetStatus(pb.JobRequest(job_id=job_id), timeout=RPC_S).pid
 
 
 def _still_running(server: ServeProcess, job_id: str, pid: int) -> bool:
-    status = server.stub("alice").GetStatus(pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+    status = server.stub("alice").GetStatus(pb.JobRequest(job_id=job_id), timeout=RPC_S)
     return status.status == "running" and alive(pid)
 
 
