@@ -23,6 +23,7 @@ import grpc
 from jobworker.api.tlsfiles import TlsFiles
 from jobworker.backends.local.cgroupfs import mark_ours
 from jobworker.backends.local.handover import take_over
+from jobworker.backends.local.ingest_helper import HANDOVER_SOCKET
 from jobworker.backends.local.spool import LIVE_RUN
 from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
@@ -108,10 +109,14 @@ class LiveServer:
                 self.stub.StopJob(
                     pb.JobRequest(job_id=job.job_id, grace_seconds=0), timeout=RPC_TIMEOUT_S
                 )
+        helpers = _ingest_processes_of(Path(__file__).resolve().parents[2], self.server.process.pid)
         self.kill(signal.SIGTERM)
+        if helpers:  # it listens once it has seen its server go: wait for that
+            _wait_until(lambda: (self.spool / LIVE_RUN / HANDOVER_SOCKET).exists())
         handed = asyncio.run(take_over(self.spool / LIVE_RUN))
         for log in (handed or {}).values():
             log.close()
+        _wait_until(lambda: not any(_alive(pid) for pid in helpers))
 
 
 @pytest.fixture
@@ -509,14 +514,17 @@ def test_an_upgrade_adopts_the_jobs_of_the_older_version(
     _wait_until(lambda: not _ingest_processes_of(older_version))  # it handed over and left
 
 
-def _ingest_processes_of(source: Path) -> list[int]:
+def _ingest_processes_of(source: Path, parent: int | None = None) -> list[int]:
+    """The ingest processes running ``source``'s code (children of ``parent``, if given)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
             continue
-        if b"jobworker-ingest" in argv and str(source).encode() in argv:
+        ours = b"jobworker-ingest" in argv and str(source).encode() in argv
+        if ours and parent in (None, ppid):
             found.append(int(entry.name))
     return found
 
