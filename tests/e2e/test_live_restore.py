@@ -23,7 +23,6 @@ import grpc
 from jobworker.api.tlsfiles import TlsFiles
 from jobworker.backends.local.cgroupfs import mark_ours
 from jobworker.backends.local.handover import take_over
-from jobworker.backends.local.ingest_helper import HANDOVER_SOCKET
 from jobworker.backends.local.spool import LIVE_RUN
 from jobworker.client import channel_credentials
 from jobworker.v1 import jobworker_pb2 as pb
@@ -111,8 +110,6 @@ class LiveServer:
                 )
         helpers = _ingest_processes_of(Path(__file__).resolve().parents[2], self.server.process.pid)
         self.kill(signal.SIGTERM)
-        if helpers:  # it listens once it has seen its server go: wait for that
-            _wait_until(lambda: (self.spool / LIVE_RUN / HANDOVER_SOCKET).exists())
         handed = asyncio.run(take_over(self.spool / LIVE_RUN))
         for log in (handed or {}).values():
             log.close()

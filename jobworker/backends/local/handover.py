@@ -6,6 +6,7 @@ ingest process a previous server left running (its side is ``hand_over`` in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 import attrs
 
 from jobworker.backends.local.ingest_helper import (
-    HANDOVER_SOCKET,
+    handover_socket_pid,
     receive_message,
     run_dir_path,
 )
@@ -24,6 +25,8 @@ from jobworker.model import Stream
 
 #: How long the previous server's helper may take to spool what it read and hand over.
 HANDOVER_TIMEOUT = 30.0
+#: The socket of the first version with live restore (1c2d5f3): bound once its server went.
+FIRST_HANDOVER_SOCKET = "ingest.sock"
 
 
 @attrs.frozen
@@ -43,19 +46,38 @@ class HandedOver:
                 os.close(fd)
 
 
-async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
+async def take_over(run_dir: Path, own_helper: int | None = None) -> dict[str, HandedOver] | None:
     """Every log of the helper a previous server left in ``run_dir`` (live restore), by
-    id; None when no helper waits there (it died, or none was left)."""
-    loop = asyncio.get_running_loop()
+    id; None when no helper waits there (it died, or none was left). ``own_helper``: the
+    pid of this server's own helper, whose socket is there too but is not for it."""
     directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.setblocking(False)
+    try:
+        for name in sorted(os.listdir(directory)):
+            pid = handover_socket_pid(name)
+            if name != FIRST_HANDOVER_SOCKET and (pid is None or pid == own_helper):
+                continue
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with sock:
+                sock.setblocking(False)
+                address = run_dir_path(directory, name)
+                try:
+                    await asyncio.get_running_loop().sock_connect(sock, address)
+                except ConnectionRefusedError:  # a helper that died: nobody listens
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(address)
+                    continue
+                except FileNotFoundError:
+                    continue
+                return await _take(sock)
+        return None
+    finally:
+        os.close(directory)
+
+
+async def _take(sock: socket.socket) -> dict[str, HandedOver]:
+    loop = asyncio.get_running_loop()
     logs: dict[str, HandedOver] = {}
     try:
-        try:
-            await loop.sock_connect(sock, run_dir_path(directory, HANDOVER_SOCKET))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
         await loop.sock_sendall(sock, b'{"t": "handover"}')
         async with asyncio.timeout(HANDOVER_TIMEOUT):
             while True:
@@ -71,9 +93,6 @@ async def take_over(run_dir: Path) -> dict[str, HandedOver] | None:
         for handed in logs.values():
             handed.close()
         raise
-    finally:
-        sock.close()
-        os.close(directory)
 
 
 async def _receive_one(

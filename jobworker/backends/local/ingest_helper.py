@@ -9,7 +9,8 @@ framing both ends use is here too.
 **Live restore** (``serve --live-restore``, the helper started with ``--live RUN_DIR``).
 When its server goes (it stops, or dies), the helper stays: it keeps reading every job's
 pipes into their spools, so a job never blocks on a full pipe nor loses a byte while no
-server runs, and it listens on :data:`HANDOVER_SOCKET` in the run directory. The next
+server runs, and it answers on its socket in the run directory (``ingest-<pid>.sock``,
+listening from its start, so that a next server however quick finds it). The next
 server connects and sends ``handover``: the helper stops reading every pipe once what it
 read is spooled, sends, per log, ``log`` (the bytes the job wrote and why the log was cut,
 which its spool cannot tell) with the pipes not at their end and the job's stdin if it is
@@ -31,6 +32,7 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,20 @@ MESSAGE_MAX = 1 << 20
 #: Descriptors one message carries, at most (a job's spool file, its two output pipes and
 #: its stdin).
 FDS_MAX = 4
-#: Where a helper left by its server waits for the next one, in the live run directory.
-HANDOVER_SOCKET = "ingest.sock"
+#: How the socket a helper listens on for the next server (live restore) is named, in the
+#: live run directory: the prefix, then the helper's pid, then the suffix.
+HANDOVER_PREFIX, HANDOVER_SUFFIX = "ingest-", ".sock"
+
+
+def handover_socket_name(pid: int) -> str:
+    return f"{HANDOVER_PREFIX}{pid}{HANDOVER_SUFFIX}"
+
+
+def handover_socket_pid(name: str) -> int | None:
+    """The pid in a hand-over socket's name; None for any other name."""
+    number = name.removeprefix(HANDOVER_PREFIX).removesuffix(HANDOVER_SUFFIX)
+    framed = name.startswith(HANDOVER_PREFIX) and name.endswith(HANDOVER_SUFFIX)
+    return int(number) if framed and number.isdigit() else None
 
 
 def run_dir_path(directory_fd: int, name: str) -> str:
@@ -276,45 +290,55 @@ def main(argv: list[str]) -> None:
 async def _run(sock: socket.socket, read_size: int, budget: SpoolBudget, live: Path | None) -> None:
     loop = asyncio.get_running_loop()
     helper = _Helper(loop, sock, read_size, budget)
-    loop.add_reader(sock.fileno(), helper.receive)
-    helper.tell({"t": "ready"})
-    try:
-        await helper.finished
-        loop.remove_reader(sock.fileno())
-        if live is not None:
-            # Reports to the server that is gone fail (EPIPE) and are dropped meanwhile.
-            await _wait_for_next_server(helper, live)
-    finally:
-        helper.close()
-        sock.close()
+    with contextlib.ExitStack() as stack:
+        # Listening from the start, so a next server that comes however soon finds it; it
+        # is answered once this helper has seen its own server go.
+        listener = None if live is None else stack.enter_context(_handover_socket(live))
+        loop.add_reader(sock.fileno(), helper.receive)
+        helper.tell({"t": "ready"})
+        try:
+            await helper.finished
+            loop.remove_reader(sock.fileno())
+            if listener is not None:
+                # Reports to the server that is gone fail (EPIPE) and are dropped meanwhile.
+                log.info("ingest_waiting_for_server", run_dir=str(live))
+                await _wait_for_next_server(helper, listener)
+        finally:
+            helper.close()
+            sock.close()
 
 
-async def _wait_for_next_server(helper: _Helper, run_dir: Path) -> None:
-    """Listen in ``run_dir`` until a server of this uid asks for the hand-over; do it."""
-    loop = asyncio.get_running_loop()
+@contextlib.contextmanager
+def _handover_socket(run_dir: Path) -> Iterator[socket.socket]:
+    """This helper's listening socket in ``run_dir``, removed when it exits."""
     directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    address = run_dir_path(directory, handover_socket_name(os.getpid()))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        address = run_dir_path(directory, HANDOVER_SOCKET)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
+            os.unlink(address)  # a helper of this pid before the reboot
         listener.bind(address)
         listener.listen(4)
         listener.setblocking(False)
-        log.info("ingest_waiting_for_server", socket=str(run_dir / HANDOVER_SOCKET))
-        while True:
-            peer, _ = await loop.sock_accept(listener)
-            with peer:
-                if peer_uid(peer) != os.getuid():
-                    continue
-                request = await loop.sock_recv(peer, 64)
-                if request != b'{"t": "handover"}':
-                    continue
-                peer.setblocking(True)
-                await helper.hand_over(peer)
-                return
+        yield listener
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(run_dir_path(directory, HANDOVER_SOCKET))
+            os.unlink(address)
         os.close(directory)
+
+
+async def _wait_for_next_server(helper: _Helper, listener: socket.socket) -> None:
+    """Until a server of this uid asks for the hand-over; then do it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        peer, _ = await loop.sock_accept(listener)
+        with peer:
+            if peer_uid(peer) != os.getuid():
+                continue
+            request = await loop.sock_recv(peer, 64)
+            if request != b'{"t": "handover"}':
+                continue
+            peer.setblocking(True)
+            await helper.hand_over(peer)
+            return

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import attrs
 import structlog
 
 from jobworker.backends.local.handover import HandedOver, take_over
@@ -171,7 +172,7 @@ class JobOutput:
     async def _take_over(self, jobs: list[Job]) -> None:
         try:
             try:
-                handed = await take_over(self._spool_dir)
+                handed = await take_over(self._spool_dir, self.ingest_pid)
             except (OSError, TimeoutError, ValueError, KeyError) as err:
                 log.error("ingest_take_over_failed", error=str(err))
                 handed = None
@@ -195,7 +196,8 @@ class JobOutput:
             seen, cut = found.seen, found.cut
         # Off the loop: a long log has many records to count.
         state = await asyncio.to_thread(scan, job.log.fd, seen, cut)
-        job.log.adopt(state)
+        # The marks up to what adoption scanned are the log's already.
+        job.log.adopt(attrs.evolve(state, marks=tuple(m for m in state.marks if m > job.log.size)))
         self._published(job)
         if found is not None and found.stdin >= 0:
             job.stdin = found.stdin

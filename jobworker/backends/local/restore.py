@@ -95,6 +95,10 @@ def adopt(record: JobRecord, directory: Path, plugins: Plugins, budget: SpoolBud
         lost.append("its spool is gone")
         output = OutputLog(directory / record.spool, max_bytes=record.max_output_bytes)
         output.cut("the loss of its spool file while no server ran")
+    else:
+        # What is spooled so far, at once: a follower resuming at its offset must find it
+        # (the previous ingest process may still be writing; its hand-over says the rest).
+        output.adopt(scan(output.fd, None, None))
     if exit_report < 0:
         exit_report = os.memfd_create("jobworker-exit", os.MFD_CLOEXEC)
     job = _job(record, output, containment, pidfd, exit_report)
