@@ -214,7 +214,9 @@ def test_unknown_plugin_is_one_line_saying_how_to_install_it(pki: Pki) -> None:
         "jobworker: error: unknown plugin 'no-such-plugin': neither built in nor installed;"
         " install the package that provides it next to jobworker (`"
     )
-    assert line.split("`")[1].endswith("/python3 -m pip install PACKAGE")  # jobworker's own
+    # jobworker's own interpreter, whatever its venv names it (tox's is `python`, venv's `python3`)
+    interpreter, _, rest = line.split("`")[1].partition(" ")
+    assert rest == "-m pip install PACKAGE" and os.access(interpreter, os.X_OK), line
     assert "; plugins are usually named jobworker-no-such-plugin) (available: authz, " in line
     assert result.stderr.count(b"\n") == 1
     assert result.stdout == b""
