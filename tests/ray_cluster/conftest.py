@@ -219,11 +219,11 @@ def serve_command(
 
 @pytest.fixture(scope="session")
 def start_front(serve_command: MakeServe, ray_pki: PkiPaths) -> Iterator[StartFront]:
-    """Start a front server (arguments as ``serve_command``); every one is stopped at the
-    end."""
+    """Start a front server (arguments as ``serve_command``), once it has found the
+    cluster's nodes unless ``discovered=False``; every one is stopped at the end."""
     started: list[Front] = []
 
-    def start(*extra: str, **where: object) -> Front:
+    def start(*extra: str, discovered: bool = True, **where: object) -> Front:
         command = serve_command(*extra, **where)
         with command.log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -233,7 +233,10 @@ def start_front(serve_command: MakeServe, ray_pki: PkiPaths) -> Iterator[StartFr
         front = Front(process, command.address, command.log_path, command.audit_path, ray_pki)
         started.append(front)
         deadline = time.monotonic() + FRONT_START_TIMEOUT_S
-        while '"server_started"' not in front.log():
+        # The server answers at once; ``discovered``: also wait for its first look at the
+        # cluster's nodes (tests that expect every node and its jobs known).
+        ready = ['"server_started"', *(['"ray_nodes_discovered"'] if discovered else [])]
+        while not all(event in front.log() for event in ready):
             if process.poll() is not None or time.monotonic() > deadline:
                 front.terminate()
                 pytest.fail(f"the front server did not start:\n{front.log()}")

@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,7 +48,7 @@ from jobworker.backends.ray.agent import (
 )
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.nodes import Node, Unreachable, call
-from jobworker.backends.ray.placement import Placer, named
+from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
 from jobworker.errors import (
@@ -82,6 +84,8 @@ READ_BYTES = 8 << 20
 RETRY_SECONDS = 0.5
 #: How often the front looks for nodes that joined the cluster.
 DISCOVER_SECONDS = 5.0
+#: How long a start waits for a node to take it when none has joined yet.
+NODE_WAIT_SECONDS = 10.0
 #: Longest wait for one node's running jobs' usage (``ListUsage``, what ``jobworker top``
 #: asks every second): a node slower than that is left out of the answer.
 USAGE_LIST_TIMEOUT = 5.0
@@ -147,7 +151,10 @@ class RayBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
-        self._discovering = asyncio.Lock()
+        #: Set to have the discovery loop look at once (a start waits for a node).
+        self._wake = asyncio.Event()
+        #: Set (and replaced) after each look at the cluster: starts waiting for a node.
+        self._looked = asyncio.Event()
         #: Set once joined: whether the cluster turned away a caller without its token.
         self._authenticated = True
         self._allow_unauthenticated = allow_unauthenticated
@@ -158,8 +165,9 @@ class RayBackend:
     async def connect(
         cls, address: str, plugins: Plugins, agent_config: AgentConfig, **kwargs: Any
     ) -> RayBackend:
-        """Join the cluster at ``address`` (the head's GCS ``HOST:PORT``) as a driver, start
-        or find an agent on every alive node, and learn the jobs they run.
+        """Join the cluster at ``address`` (the head's GCS ``HOST:PORT``) as a driver; the
+        agents of its nodes are started or found, and their jobs learnt, in the background
+        (:meth:`_discover_forever`), so that the server answers at once at any cluster size.
 
         A cluster that does not authenticate is refused (see :func:`.auth.check_cluster`)
         unless ``allow_unauthenticated``."""
@@ -172,7 +180,7 @@ class RayBackend:
             _join(address)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
-        await backend._discover()
+        # Discovery runs in the background: the server answers while agents start.
         backend._spawn(backend._discover_forever(), "ray-discover")
         return backend
 
@@ -183,38 +191,61 @@ class RayBackend:
         return task
 
     async def _discover_forever(self) -> None:
+        """Look for new nodes at once, then every ``DISCOVER_SECONDS`` or when a start
+        waits for a node (:meth:`_await_nodes`)."""
+        first = True
         while not self._closing:
-            await asyncio.sleep(DISCOVER_SECONDS)
             try:
                 await self._discover()
             except Exception:
                 log.exception("ray_discover_failed")
+            if first:
+                log.info("ray_nodes_discovered", nodes=self.nodes)
+                first = False
+            looked, self._looked = self._looked, asyncio.Event()
+            looked.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), DISCOVER_SECONDS)
+            self._wake.clear()
+
+    async def _await_nodes(self, deadline: float) -> bool:
+        """Wait for the next look at the cluster, until ``deadline`` (monotonic); whether
+        there is time left to try again."""
+        looked = self._looked
+        self._wake.set()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(looked.wait(), left)
+        return time.monotonic() < deadline
 
     async def _discover(self) -> None:
-        """An agent on every alive node not known yet (one look at a time)."""
-        async with self._discovering:
-            await self._discover_once()
-
-    async def _discover_once(self) -> None:
+        """An agent on every alive node not known yet: all greeted at once."""
         import ray
 
         nodes = await asyncio.to_thread(ray.nodes)
-        for info in nodes:
-            node_id = info["NodeID"]
-            if not info["Alive"] or node_id in self._nodes:
-                continue
-            name = info.get("NodeName") or info["NodeManagerAddress"]
-            agent = self._agent_handle(node_id, name)
-            node = Node(node_id, name, agent, dict(info["Resources"]))
-            try:
-                hello = await call(agent.hello.remote(), node)
-            except JobworkerError as err:
-                log.warning("agent_unavailable", node=name, error=str(getattr(err, "error", err)))
-                continue
-            self._nodes[node_id] = node
-            log.info("node_joined", node=name, node_id=node_id, agent_pid=hello["pid"],
-                     stale_jobs_killed=hello["swept"])  # fmt: skip
-            node.watcher = self._spawn(self._watch(node), f"ray-watch-{name}")
+        new = [n for n in nodes if n["Alive"] and n["NodeID"] not in self._nodes]
+        await asyncio.gather(*(self._greet(info) for info in new))
+
+    async def _greet(self, info: dict[str, Any]) -> None:
+        """Start or find the agent of the node ``info`` describes; the node takes jobs once
+        its agent answers."""
+        node_id = info["NodeID"]
+        name = info.get("NodeName") or info["NodeManagerAddress"]
+        agent = self._agent_handle(node_id, name)
+        node = Node(node_id, name, agent, dict(info["Resources"]))
+        try:
+            hello = await call(agent.hello.remote(), node)
+            first: PollReply = await call(agent.poll.remote(-1, 0), node)  # its jobs, at once
+        except JobworkerError as err:
+            log.warning("agent_unavailable", node=name, error=str(getattr(err, "error", err)))
+            return
+        self._table.merge(node, first)
+        self._nodes[node_id] = node
+        log.info("node_joined", node=name, node_id=node_id, agent_pid=hello["pid"],
+                 stale_jobs_killed=hello["swept"])  # fmt: skip
+        node.watcher = self._spawn(self._watch(node, first.version), f"ray-watch-{name}")
 
     def _agent_handle(self, node_id: str, name: str) -> Any:
         import ray
@@ -234,11 +265,11 @@ class RayBackend:
 
     # -- the picture of every node's jobs ---------------------------------------------------
 
-    async def _watch(self, node: Node) -> None:
-        """Long-poll one agent until the node is lost or the backend closes."""
+    async def _watch(self, node: Node, since: int) -> None:
+        """Long-poll one agent (from version ``since``) until the node is lost or the
+        backend closes."""
         import ray
 
-        since = -1
         while not self._closing:
             try:
                 reply: PollReply = await call(node.agent.poll.remote(since, POLL_SECONDS), node)
@@ -322,9 +353,7 @@ class RayBackend:
 
     async def _launch(self, job_id: str, spec: JobSpec, owner: str) -> tuple[JobStatus, Node]:
         """Place the job and have its node's agent start it."""
-        if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
-            await self._discover()  # a node that joined since the last look
-        node, placement = await self._placer.place(job_id, spec)
+        node, placement = await self._place(job_id, spec)
         try:
             status: JobStatus = await call(
                 node.agent.start.remote(job_id, attrs.evolve(spec, node=None), owner, placement),
@@ -336,6 +365,20 @@ class RayBackend:
                 await asyncio.to_thread(release_placement, placement)
             raise
         return status, node
+
+    async def _place(self, job_id: str, spec: JobSpec) -> tuple[Node, str | None]:
+        """Place the job. One pinned to a node the front does not know waits for a fresh
+        look at the cluster; one that no known node takes (none has joined yet) waits for
+        one up to ``NODE_WAIT_SECONDS``, then is refused with UNAVAILABLE (retry later)."""
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
+            await self._await_nodes(deadline)  # a node that joined since the last look
+        while True:
+            try:
+                return await self._placer.place(job_id, spec)
+            except NoNode:
+                if not await self._await_nodes(deadline):
+                    raise
 
     # -- output ----------------------------------------------------------------------------
 

@@ -20,8 +20,13 @@ import attrs
 
 from jobworker.backends.ray.nodes import Node, gib
 from jobworker.backends.ray.table import JobTable
-from jobworker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from jobworker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from jobworker.jobspec import JobSpec
+
+
+class NoNode(Unavailable):
+    """No known node takes the job yet: one may join (the front discovers it), so the
+    client is told to retry."""
 
 
 def describe_ask(ask: dict[str, float]) -> str:
@@ -63,11 +68,12 @@ class Placer:
             nodes = [n for n in live if _takes_jobs(n)]
             if live and not nodes:
                 names = ", ".join(sorted(n.name for n in live))
-                raise FailedPrecondition(
-                    f"no node takes unpinned jobs (none has a CPU: {names}); pin one with --node"
+                raise NoNode(
+                    f"no node takes unpinned jobs yet (none has a CPU: {names});"
+                    " retry once a worker node has joined, or pin one with --node"
                 )
         if not nodes:
-            raise FailedPrecondition("no node of the Ray cluster is available; retry later")
+            raise NoNode("no node of the Ray cluster is available yet; retry in a few seconds")
         ask: dict[str, float] = {}
         if spec.limits.cpu:
             ask["CPU"] = spec.limits.cpu
