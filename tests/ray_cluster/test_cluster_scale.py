@@ -36,7 +36,7 @@ def test_a_front_started_before_its_nodes_answers_then_runs_on_a_node_that_joins
     assert list(alice.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == []
     # No node takes unpinned jobs yet: the start waits a bounded time, then is told to retry.
     with pytest.raises(grpc.RpcError) as refused:
-        start_job(alice, "true")
+        alice.StartJob(pb.StartJobRequest(command="true"), timeout=60)
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "retry" in refused.value.details()
 

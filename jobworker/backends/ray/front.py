@@ -85,7 +85,7 @@ RETRY_SECONDS = 0.5
 #: How often the front looks for nodes that joined the cluster.
 DISCOVER_SECONDS = 5.0
 #: How long a start waits for a node to take it when none has joined yet.
-NODE_WAIT_SECONDS = 10.0
+NODE_WAIT_SECONDS = 5.0
 #: Longest wait for one node's running jobs' usage (``ListUsage``, what ``jobworker top``
 #: asks every second): a node slower than that is left out of the answer.
 USAGE_LIST_TIMEOUT = 5.0
