@@ -147,7 +147,7 @@ class RayBackend:
         self._starting: collections.Counter[str] = collections.Counter()
         self._nodes: dict[str, Node] = {}
         self._table = JobTable(plugins)
-        self._placer = Placer(self._nodes, self._table, placement_timeout)
+        self._placer = Placer(self._nodes, placement_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
@@ -282,7 +282,7 @@ class RayBackend:
                     return
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            since = reply.version
+            since, node.heard_at = reply.version, time.monotonic()
             self._table.merge(node, reply)
 
     async def _alive(self, node: Node) -> bool:
@@ -310,7 +310,7 @@ class RayBackend:
 
     @property
     def running(self) -> int:
-        return len(self._table.running())
+        return self._table.running_count
 
     @property
     def nodes(self) -> builtins.list[str]:

@@ -8,6 +8,8 @@ purpose (a :class:`~jobworker.errors.JobworkerError`) reaches the caller as itse
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -17,6 +19,13 @@ from jobworker.errors import FailedPrecondition, JobworkerError
 
 #: A call to an agent that takes longer than this is treated as a failed call.
 CALL_TIMEOUT = 30.0
+
+#: A node whose agent has not answered a poll for this long is suspect: no new job goes
+#: there (its long poll answers at least every second while it is well).
+HEARTBEAT_DEADLINE = 5.0
+#: Recent starts count in a node's load with this half-life (seconds): a burst of short
+#: jobs spreads, though each ends before the next heartbeat reports it.
+RECENT_HALF_LIFE = 2.0
 
 _T = TypeVar("_T")
 
@@ -33,6 +42,29 @@ class Node:
     total: dict[str, float]
     lost: bool = False
     watcher: asyncio.Task[None] | None = None
+    #: Its running jobs, kept by the job table as jobs start and end.
+    running: int = 0
+    #: When its agent last answered (monotonic seconds).
+    heard_at: float = attrs.Factory(time.monotonic)
+    #: Starts placed here, decayed to ``starts_at`` (see :data:`RECENT_HALF_LIFE`).
+    starts: float = 0.0
+    starts_at: float = 0.0
+
+    def recent_starts(self, now: float) -> float:
+        return self.starts * math.exp2((self.starts_at - now) / RECENT_HALF_LIFE)
+
+    def placed(self, now: float) -> None:
+        """Count a start placed here (before its agent answers: concurrent starts spread)."""
+        self.starts, self.starts_at = self.recent_starts(now) + 1, now
+
+    def load(self, now: float) -> float:
+        """Running jobs plus recent starts, per CPU: the least loaded node takes the next
+        unpinned job (a bigger node takes proportionally more)."""
+        return (self.running + self.recent_starts(now)) / max(self.total.get("CPU", 0), 1.0)
+
+    def suspect(self, now: float) -> bool:
+        """Whether its agent missed the heartbeat deadline (it may be dying)."""
+        return now - self.heard_at > HEARTBEAT_DEADLINE
 
     def describe(self) -> str:
         cpu = self.total.get("CPU", 0)

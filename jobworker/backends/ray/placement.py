@@ -5,7 +5,11 @@ enforced on the node by its containment plugin), released by the agent when the 
 ``spec.node`` pins the bundle to a node. An ask no node could ever hold is refused at once;
 one that does not fit now is refused after ``timeout`` (Ray would leave it pending
 forever). Both are RESOURCE_EXHAUSTED, naming the ask and the largest node. A job that
-asks for neither goes to the node with the fewest running jobs.
+asks for neither goes to the least-loaded node (:meth:`.nodes.Node.load`: running jobs
+plus recent starts, per CPU; counted as jobs start and end, no walk of the job table).
+
+A node whose agent missed its heartbeat deadline (:data:`.nodes.HEARTBEAT_DEADLINE`) is
+suspect: it takes no new job, pinned or not (UNAVAILABLE, retry), until it answers again.
 
 A node with no CPU (a head started with ``--num-cpus 0``) takes a job only when it is
 pinned there: Ray would put a memory-only bundle on it, so the bundle's label selector
@@ -15,11 +19,11 @@ excludes such nodes.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import attrs
 
 from jobworker.backends.ray.nodes import Node, gib
-from jobworker.backends.ray.table import JobTable
 from jobworker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from jobworker.jobspec import JobSpec
 
@@ -53,17 +57,23 @@ class Placer:
     """Chooses nodes among ``nodes`` (the front's live set, shared) for new jobs."""
 
     _nodes: dict[str, Node]
-    _table: JobTable
     timeout: float
 
     async def place(self, job_id: str, spec: JobSpec) -> tuple[Node, str | None]:
         """The node for ``spec`` and the name of the placement group holding its share."""
-        live = [n for n in self._nodes.values() if not n.lost]
+        now = time.monotonic()
+        known = [n for n in self._nodes.values() if not n.lost]
+        if spec.node is not None and not named(spec.node, known):
+            names = ", ".join(sorted(n.name for n in known)) or "none"
+            raise InvalidArgument(f"no node named {spec.node!r}; nodes: {names}")
+        live = [n for n in known if not n.suspect(now)]
         if spec.node is not None:
             nodes = named(spec.node, live)
             if not nodes:
-                names = ", ".join(sorted(n.name for n in live)) or "none"
-                raise InvalidArgument(f"no node named {spec.node!r}; nodes: {names}")
+                raise NoNode(
+                    f"node {spec.node} missed its heartbeat (it may be dying): it takes no"
+                    " new job; retry in a few seconds"
+                )
         else:
             nodes = [n for n in live if _takes_jobs(n)]
             if live and not nodes:
@@ -80,8 +90,9 @@ class Placer:
         if spec.limits.memory:
             ask["memory"] = float(spec.limits.memory)
         if not ask:
-            load = self._table.load(nodes)
-            return min(nodes, key=lambda n: (load[n.node_id], -n.total.get("CPU", 0))), None
+            node = min(nodes, key=lambda n: (n.load(now), -n.total.get("CPU", 0)))
+            node.placed(now)
+            return node, None
         largest = max(self._nodes.values(), key=lambda n: (n.total.get("CPU", 0),
                                                            n.total.get("memory", 0)))  # fmt: skip
         fits = [n for n in nodes if all(n.total.get(k, 0) >= v for k, v in ask.items())]
@@ -95,7 +106,7 @@ class Placer:
         if spec.node is not None:
             selector = fits[0].node_id
         else:
-            idle = [n.node_id for n in live if not _takes_jobs(n)]
+            idle = [n.node_id for n in known if not _takes_jobs(n) or n.suspect(now)]
             if idle:
                 selector = f"!in({', '.join(idle)})"
         return await self._reserve(job_id, ask, fits, selector)
@@ -131,4 +142,5 @@ class Placer:
         if node is None:
             remove_placement_group(group)
             raise FailedPrecondition("the node chosen for the job has no agent yet; retry")
+        node.placed(time.monotonic())
         return node, name

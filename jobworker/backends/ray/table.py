@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import time
 
 import attrs
@@ -63,9 +64,16 @@ class JobTable:
 
     _plugins: Plugins
     _jobs: dict[str, Job] = attrs.Factory(dict)
+    #: Running jobs per owner, kept as jobs start and end (a start walks no table).
+    _running: collections.Counter[str] = attrs.Factory(collections.Counter)
 
     def add(self, status: JobStatus, node: Node) -> Job:
         job = self._jobs[status.job_id] = Job(status, node)
+        if status.state is JobState.EXITED:
+            job.done.set()
+        else:
+            self._running[status.owner] += 1
+            node.running += 1
         return job
 
     def find(self, job_id: str) -> Job | None:
@@ -83,16 +91,12 @@ class JobTable:
     def running(self) -> builtins.list[Job]:
         return [job for job in self._jobs.values() if not job.done.is_set()]
 
-    def running_of(self, owner: str) -> int:
-        return sum(1 for job in self.running() if job.status.owner == owner)
+    @property
+    def running_count(self) -> int:
+        return self._running.total()
 
-    def load(self, nodes: builtins.list[Node]) -> dict[str, int]:
-        """Running jobs per node id, for the nodes given."""
-        load = {n.node_id: 0 for n in nodes}
-        for job in self.running():
-            if job.node.node_id in load:
-                load[job.node.node_id] += 1
-        return load
+    def running_of(self, owner: str) -> int:
+        return self._running[owner]
 
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
         # Called from the metrics server's thread: list() copies the values in one step
@@ -105,10 +109,8 @@ class JobTable:
         for status in reply.jobs:
             job = self._jobs.get(status.job_id)
             if job is None:  # started by an earlier front server
-                job = self.add(status, node)
-                if status.state is JobState.EXITED:
-                    job.done.set()
-                else:
+                self.add(status, node)
+                if status.state is not JobState.EXITED:
                     log.info("job_recovered", job_id=status.job_id, node=node.name,
                              owner=status.owner)  # fmt: skip
                 continue
@@ -133,6 +135,10 @@ class JobTable:
     def _ended(self, job: Job) -> None:
         job.done.set()
         status = job.status
+        self._running[status.owner] -= 1
+        if not self._running[status.owner]:
+            del self._running[status.owner]
+        job.node.running -= 1
         assert status.exit is not None
         log.info(
             "job_exited",
