@@ -14,6 +14,12 @@ The same client measures both over mTLS, in alternating rounds:
 
 The cluster uses token authentication, as the front requires.
 
+With ``--front-nodes N,N,...`` it measures instead, for clusters of a head and N 1-CPU
+worker nodes, the front's start-up (until it answers ``ListJobs``, and until its first look
+at the nodes is done: the ``ray_nodes_discovered`` log event) and its idle CPU (its
+process's user + system time over ``IDLE_SECONDS`` with no job), next to the local
+server's in the same run.
+
 Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
 """
 
@@ -28,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import attrs
 from _common import CLIENT, MB, MiB, header, make_pki, ms, parser, percentile, row, workdir
 
 from jobworker.api.pki import PkiPaths
@@ -39,13 +46,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.ray_cluster.cluster import RAY_ENV, local_cluster, token_auth
 
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
+#: How long an idle server's CPU time is measured.
+IDLE_SECONDS = 10.0
+
+
+@attrs.frozen
+class Served:
+    address: str
+    pid: int
+    log_path: Path
+    #: Seconds from its start until it first answered ``ListJobs``.
+    answered_after: float
 
 
 @contextmanager
 def serve(
     pki: PkiPaths, work: Path, name: str, *extra: str, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """``jobworker serve`` on a free port until the block exits; yields its address."""
+) -> Iterator[Served]:
+    """``jobworker serve`` on a free port until the block exits, once it answers."""
     import socket
 
     with socket.socket() as sock:
@@ -54,6 +72,7 @@ def serve(
     files = pki.server()
     log_path = work / f"{name}.log"
     env = {**os.environ, **RAY_ENV, **(env or {}), "JOBWORKER_HOME": str(work / "home")}
+    began = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -74,7 +93,7 @@ def serve(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{log_path.read_text()}") from None
                 time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
+        yield Served(f"127.0.0.1:{port}", proc.pid, log_path, time.perf_counter() - began)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -138,11 +157,54 @@ def measure(
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(pid: int) -> float:
+    """CPU milliseconds per second that an idle server ``pid`` spends."""
+    before = cpu_seconds(pid)
+    time.sleep(IDLE_SECONDS)
+    return (cpu_seconds(pid) - before) / IDLE_SECONDS * 1000
+
+
+def front_scale(sizes: list[int]) -> None:
+    """Front start-up and idle CPU for clusters of ``sizes`` worker nodes, and the local
+    server's in the same run."""
+    header(f"Ray front start-up and idle CPU for {sizes} worker nodes (local server first)")
+    with workdir() as work:
+        pki = make_pki(work / "pki")
+        auth = token_auth(work / "ray-token")
+        with serve(pki, work, "local") as local:
+            row("local: answers after", ms(local.answered_after),
+                f"idle CPU {idle_cpu(local.pid):.1f} ms/s")  # fmt: skip
+        for n in sizes:
+            nodes = [{"name": "head", "num_cpus": 0, "memory": 1 << 30}]
+            nodes += [{"name": f"w{i}", "num_cpus": 1, "memory": 1 << 30} for i in range(n)]
+            with local_cluster(nodes, work / f"ray-{n}.log", env=auth) as cluster:
+                ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
+                began = time.perf_counter()
+                with serve(pki, work, f"front-{n}", *ray_args, "--log-level", "info",
+                           env=auth) as front:  # fmt: skip
+                    while '"ray_nodes_discovered"' not in front.log_path.read_text():
+                        time.sleep(0.05)
+                    discovered = time.perf_counter() - began
+                    row(f"front, {n} nodes: answers after", ms(front.answered_after),
+                        f"all nodes found after {ms(discovered)}",
+                        f"idle CPU {idle_cpu(front.pid):.1f} ms/s")  # fmt: skip
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--starts", type=int, default=200)
     p.add_argument("--stream-mib", type=int, default=256)
+    p.add_argument("--front-nodes", help="N,N,...: measure front start-up and idle CPU only")
     options = p.parse_args()
+    if options.front_nodes:
+        front_scale([int(n) for n in options.front_nodes.split(",")])
+        return
     starts = 60 if options.quick else options.starts
     size = (64 if options.quick else options.stream_mib) * MiB
     rounds = 5
@@ -157,10 +219,10 @@ def main() -> None:
         with local_cluster(nodes, work / "ray.log", env=auth) as cluster:
             ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
             with (
-                serve(pki, work, "local") as local_address,
-                serve(pki, work, "ray", *ray_args, env=auth) as ray_address,
-                JobClient(local_address, pki.client(CLIENT)) as local,
-                JobClient(ray_address, pki.client(CLIENT)) as ray,
+                serve(pki, work, "local") as local_server,
+                serve(pki, work, "ray", *ray_args, env=auth) as ray_server,
+                JobClient(local_server.address, pki.client(CLIENT)) as local,
+                JobClient(ray_server.address, pki.client(CLIENT)) as ray,
             ):
                 results = measure({"local": local, "ray": ray}, starts, size, rounds)
     for kind in ("local", "ray"):
