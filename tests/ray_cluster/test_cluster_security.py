@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,21 @@ from tests.ray_cluster.test_cluster import agent_pid, status, stop
 from tests.serverfixtures import output_of, start_job, wait_exited
 
 #: One gRPC call per target, without a token: the status code each one answers.
+#: From a job: the standard library only (the test's packages may live where a job's
+#: account or its private /tmp cannot reach them). A TCP connection, or why not.
+CONNECT_PROBE = r"""
+import json, socket, sys
+answers = {}
+for name, (address, _method) in json.loads(sys.argv[1]).items():
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        answers[name] = "connected"
+    except OSError as err:
+        answers[name] = type(err).__name__
+print(json.dumps(answers))
+"""
+
 PORT_PROBE = r"""
 import grpc, json, sys
 answers = {}
@@ -89,14 +103,13 @@ print(json.dumps({"found": found, "procs": procs, "files": read, "outcomes": out
 SEARCHED = ["/tmp", "/var/tmp", "/dev/shm", "/run", "/etc", "/root", "/home"]
 
 
-#: The system's Python with this environment's packages (grpc): the test's own
-#: interpreter may live where a job's account cannot reach (pyenv under /root).
+#: The system's Python, running standard-library probes: the test's own interpreter and
+#: packages may live where a job's account cannot reach (pyenv under /root, a clone in /tmp).
 JOB_PYTHON = "/usr/bin/python3"
-JOB_ENV = {"PYTHONPATH": sysconfig.get_path("platlib")}
 
 
 def _run_python(stub: pb_grpc.JobServiceStub, script: str, *args: str, **fields: str) -> str:
-    job_id = start_job(stub, JOB_PYTHON, "-c", script, *args, node="w1", env=JOB_ENV, **fields)
+    job_id = start_job(stub, JOB_PYTHON, "-c", script, *args, node="w1", **fields)
     final = wait_exited(stub, job_id)
     out = output_of(stub, job_id)
     assert (final.reason, final.exit_code) == ("exited", 0), out
@@ -121,14 +134,23 @@ def test_every_ray_port_turns_a_job_away(front: Front, ray_cluster: LocalCluster
         [sys.executable, "-c", PORT_PROBE, targets], capture_output=True, check=True, timeout=60
     )
     assert set(json.loads(here.stdout).values()) == {"UNAUTHENTICATED"}
+    # The job's probe, run here: it connects to every port (so its refusals below are the
+    # job's network, not a probe that cannot connect).
+    here = subprocess.run(
+        [JOB_PYTHON, "-I", "-c", CONNECT_PROBE, targets],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert set(json.loads(here.stdout).values()) == {"connected"}
     # From a job on a node, on the default (private) network: the node's addresses and
     # the cluster's are denied, so no connection at all.
-    default = json.loads(_run_python(alice, PORT_PROBE, targets))
+    default = json.loads(_run_python(alice, CONNECT_PROBE, targets))
     assert default.keys() == json.loads(targets).keys()
-    assert set(default.values()) == {"UNAVAILABLE"}, default
+    assert "connected" not in default.values(), default
     # With --network none: no connection at all.
-    none = json.loads(_run_python(alice, PORT_PROBE, targets, network="none"))
-    assert set(none.values()) == {"UNAVAILABLE"}, none
+    none = json.loads(_run_python(alice, CONNECT_PROBE, targets, network="none"))
+    assert "connected" not in none.values(), none
 
 
 def test_the_token_is_nowhere_a_job_can_read(front: Front, ray_token: RayToken) -> None:
