@@ -64,7 +64,10 @@ def test_status_usage_json_gives_rising_cpu_samples_and_a_chart(cli: Cli) -> Non
     ]  # fmt: skip
     cpu = [s["cpu_usec"] for s in samples]
     assert cpu == sorted(cpu) and cpu[-1] > cpu[0], cpu  # a busy loop burns CPU
-    assert all(s["pids"] >= 1 and s["memory_bytes"] > 0 for s in samples)
+    assert all(s["pids"] >= 1 for s in samples), samples
+    # The first sample is taken as the command starts: on a loaded machine it can land in
+    # the instant of its exec, before the new image has faulted in a page (RSS 0).
+    assert all(s["memory_bytes"] > 0 for s in samples[1:]), samples
     lines = chart.splitlines()
     assert lines[0].startswith(f"job {job_id}: ") and "from proc" in lines[0]
     assert lines[1].startswith("cpu ") and "peak" in lines[1]
