@@ -4,14 +4,19 @@ short jobs over them (on a cluster of this module's own: a head, then nodes adde
 from __future__ import annotations
 
 import collections
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from jobworker.backends.ray.nodes import HEARTBEAT_DEADLINE
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.ray_cluster.cluster import LocalCluster, local_cluster
 from tests.ray_cluster.conftest import FAST_HEALTH_CHECK, GIB, RayToken, StartFront
+from tests.ray_cluster.test_cluster import agent_pid, status, stop
 from tests.serverfixtures import output_of, start_job, wait_exited
 
 LATE_NODES = [{"name": f"late{i}", "num_cpus": 1, "memory": GIB} for i in range(1, 5)]
@@ -49,15 +54,53 @@ def test_a_front_started_before_its_nodes_answers_then_runs_on_a_node_that_joins
     assert '"node_joined"' in front.log() and '"late1"' in front.log()
 
 
+def grow(cluster: LocalCluster, count: int) -> None:
+    """Add late nodes until the cluster has ``count`` of them."""
+    for node in LATE_NODES[:count]:
+        if node["name"] not in cluster.node_ids:
+            cluster.add_node(node)
+
+
 def test_100_short_jobs_spread_over_4_nodes_none_above_twice_its_share(
     bare_cluster: LocalCluster, start_front: StartFront
 ) -> None:
-    for node in LATE_NODES:
-        if node["name"] not in bare_cluster.node_ids:
-            bare_cluster.add_node(node)
+    grow(bare_cluster, len(LATE_NODES))
     front = start_front(ray_address=bare_cluster.address)
     alice = front.stub("alice")
     jobs = [start_job(alice, "true") for _ in range(100)]
     placed = collections.Counter(wait_exited(alice, j).node for j in jobs)
     assert set(placed) == {n["name"] for n in LATE_NODES}, placed
     assert max(placed.values()) <= 2 * 100 // len(LATE_NODES), placed
+
+
+def test_a_node_whose_agent_stops_answering_takes_no_new_job_until_it_answers_again(
+    bare_cluster: LocalCluster, start_front: StartFront
+) -> None:
+    grow(bare_cluster, 2)
+    front = start_front(ray_address=bare_cluster.address)
+    alice = front.stub("alice")
+    probe = start_job(alice, "sleep", "300", node="late1")
+    agent = agent_pid(status(alice, probe).pid)
+    os.kill(agent, signal.SIGSTOP)  # alive to Ray, silent to the front: a dying node
+    try:
+        time.sleep(HEARTBEAT_DEADLINE + 1)  # the deadline is what this test is about
+        with pytest.raises(grpc.RpcError) as refused:
+            alice.StartJob(pb.StartJobRequest(command="true", node="late1"), timeout=60)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "missed its heartbeat" in refused.value.details()
+        # Unpinned starts go elsewhere (one sent to the stopped agent would not answer).
+        elsewhere = [start_job(alice, "true") for _ in range(5)]
+        assert {status(alice, j).node for j in elsewhere} <= {"late2", "late3", "late4"}
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    # Answering again, it takes jobs again (its next poll answers within a second).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            again = start_job(alice, "true", node="late1")
+            break
+        except grpc.RpcError as err:
+            if err.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+    assert wait_exited(alice, again).node == "late1"
+    stop(alice, probe)
