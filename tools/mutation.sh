@@ -12,6 +12,7 @@ targets=("$@")
 if ((${#targets[@]} == 0)); then
   targets=(
     "jobworker.backends.local.outputlog.*"
+    "jobworker.backends.local.spoolwriter.*"
     "jobworker.api.identity.*"
     "jobworker.plugins.authz.*"
     "jobworker.backends.local.ending.*" # supervise, _reap, _settle, exit_info, terminate

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from jobworker.backends.local.outputlog import (
-    CHUNK_MAX,
     FOLLOW_CHUNK_MAX,
     FOLLOW_RAMP_BYTES,
     KEEPING_UP,
     OutputChunk,
     OutputLog,
-    SpoolBudget,
     next_chunk_max,
 )
+from jobworker.backends.local.spoolwriter import CHUNK_MAX, SpoolBudget
 from jobworker.errors import DataLoss, FailedPrecondition, InvalidArgument
 from jobworker.model import Stream
 

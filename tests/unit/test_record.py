@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from jobworker.backends.local.outputlog import OutputLog, scan
+from jobworker.backends.local.outputlog import OutputLog
 from jobworker.backends.local.record import (
     RECORD_VERSION,
     JobEnd,
@@ -21,6 +21,7 @@ from jobworker.backends.local.record import (
     RecordError,
     identify,
 )
+from jobworker.backends.local.spoolwriter import scan
 from jobworker.jobspec import IoLimit, JobSpec, Limits
 from jobworker.model import ExitInfo, ResourceUsage, Stream, TerminationReason
 

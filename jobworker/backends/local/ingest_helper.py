@@ -40,7 +40,7 @@ import attrs
 import structlog
 
 from jobworker.backends.local.ingest import Ingest, Pipe
-from jobworker.backends.local.outputlog import SpoolBudget, SpoolState, SpoolWriter
+from jobworker.backends.local.spoolwriter import SpoolBudget, SpoolState, SpoolWriter
 from jobworker.model import Stream
 
 log = structlog.get_logger("jobworker.backends.local.ingest_helper")

@@ -20,7 +20,7 @@ passed with ``SCM_RIGHTS``:
 * server to helper: ``job`` (a job's spool file, its output cap and its pipes, in one
   message), ``drop`` (stop reading a pipe), ``forget`` (a log was removed: give its budget
   back);
-* helper to server: ``state`` (a log's :class:`~jobworker.backends.local.outputlog.SpoolState`,
+* helper to server: ``state`` (a log's :class:`~jobworker.backends.local.spoolwriter.SpoolState`,
 after each
   write) and ``eof`` (a pipe is closed, after its last state).
 
@@ -57,8 +57,9 @@ from jobworker.backends.local.ingest_helper import (
     MESSAGE_MAX,
     send_message,
 )
-from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState
+from jobworker.backends.local.outputlog import OutputLog
 from jobworker.backends.local.spawn import spawn_helper
+from jobworker.backends.local.spoolwriter import SpoolBudget, SpoolState
 from jobworker.model import Stream
 
 log = structlog.get_logger("jobworker.backends.local.ingest_process")

@@ -22,8 +22,9 @@ from jobworker.backends.local.handover import HandedOver, take_over
 from jobworker.backends.local.ingest import Ingest, Pipe
 from jobworker.backends.local.ingest_process import IngestProcess, RemotePipe
 from jobworker.backends.local.job import Job
-from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, SpoolState, scan
+from jobworker.backends.local.outputlog import OutputLog
 from jobworker.backends.local.spawn import PIPE_SIZE
+from jobworker.backends.local.spoolwriter import SpoolBudget, SpoolState, scan
 from jobworker.errors import FailedPrecondition
 from jobworker.hooks.host import Plugins
 from jobworker.model import Stream

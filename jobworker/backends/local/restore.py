@@ -31,13 +31,14 @@ import structlog
 
 from jobworker.backends.local.containment import Containment, Ended, ProcessGroup
 from jobworker.backends.local.job import Job
-from jobworker.backends.local.outputlog import OutputLog, SpoolBudget, scan
+from jobworker.backends.local.outputlog import OutputLog
 from jobworker.backends.local.record import (
     RECORD_SUFFIX,
     JobRecord,
     RecordError,
     identify,
 )
+from jobworker.backends.local.spoolwriter import SpoolBudget, scan
 from jobworker.errors import JobworkerError
 from jobworker.hooks.host import Plugins
 
