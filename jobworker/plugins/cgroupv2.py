@@ -8,7 +8,8 @@ learnt from ``cgroup.events`` through inotify, never by polling.
 
 :class:`CgroupV2Plugin` is the plugin: ``--plugin cgroupv2`` makes one with no arguments and
 its ``jobworker_configure`` applies the ``--cgroup-*`` options; tests and embedders register
-a ``CgroupV2Plugin(root=...)`` instance directly.
+a ``CgroupV2Plugin(root=...)`` instance directly. How a job's limits become control file writes
+is :mod:`jobworker.plugins.cgrouplimits`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from jobworker.backends.local.cgroupfs import (
     is_ours,
     mark_ours,
     own_cgroup,
-    parse_device,
     read_int,
     write_file,
 )
@@ -45,7 +45,8 @@ from jobworker.backends.local.isolation import DEFAULT_PIDS
 from jobworker.cli.common import argument
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks import hookimpl
-from jobworker.jobspec import IoLimit, JobSpec, Limits
+from jobworker.jobspec import JobSpec, Limits
+from jobworker.plugins.cgrouplimits import MIN_MEMORY, LimitPlanner
 from jobworker.units import format_size, parse_size
 
 log = structlog.get_logger("jobworker.cgroupv2")
@@ -56,43 +57,10 @@ DELEGATED_JOBS = "jobs"
 #: The leaf the server moves itself into when it sits where controllers must be enabled.
 SERVER_LEAF = "jobworker-server"
 CONTROLLERS = ("cpu", "io", "memory", "pids")
-CPU_PERIOD_USEC = 100_000
-MIN_CPU_QUOTA_USEC = 1_000  # cpu.max refuses a smaller quota
-MIN_MEMORY = 1 << 20  # below this even the launcher is OOM-killed
 #: How long start-up and shutdown wait for a killed leftover cgroup to empty.
 LEFTOVER_TIMEOUT = 5.0
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_IO_KEYS = ("rbps", "wbps", "riops", "wiops")
-
-
-# -- the plugin ---------------------------------------------------------------------------
-
-_FLAGS = {
-    "cpu": "--cpu",
-    "cpu_weight": "--cpu-weight",
-    "memory": "--memory",
-    "memory_high": "--memory-high",
-    "pids": "--pids",
-    "io": "the --io-* limits",
-}
-#: The controller each limit needs.
-_CONTROLLER_OF = {
-    "cpu": "cpu",
-    "cpu_weight": "cpu",
-    "memory": "memory",
-    "memory_high": "memory",
-    "pids": "pids",
-    "io": "io",
-}
-
-
-@attrs.frozen
-class _Plan:
-    """What to write into a new job cgroup, decided before it exists."""
-
-    writes: list[tuple[str, str]]
-    applied: Limits
 
 
 def _settings(options: argparse.Namespace) -> dict[str, Any]:
@@ -214,6 +182,7 @@ class CgroupV2Plugin:
         self._lock = RootLock(self.root)
         self._ready = True
         mount = self.mount
+        planner = self._planner()
         unusable = sorted(set(CONTROLLERS) - self._enabled)
         log.info(
             "cgroup_ready",
@@ -222,16 +191,12 @@ class CgroupV2Plugin:
             available=sorted(self._available),
             enabled=sorted(self._enabled),
             unusable=unusable,
-            default_pids=self._pids_default_by(),
+            default_pids=planner.pids_default_by(),
             default_memory=self.default_memory if "memory" in self._enabled else None,
             max_memory=self.max_memory,
             held_by=os.getpid(),
         )
-        refused = [
-            flag
-            for field, flag in _FLAGS.items()
-            if _CONTROLLER_OF[field] in unusable and not (field == "pids" and self.pids_by_rlimit)
-        ]
+        refused = planner.refused_flags()
         if refused:
             log.warning(
                 "cgroup_limits_unenforceable",
@@ -242,14 +207,6 @@ class CgroupV2Plugin:
                 consequence="jobs still get a cgroup (containment, tree-kill); jobs asking"
                 " for these limits are refused",
             )
-
-    def _pids_default_by(self) -> str | None:
-        """Where the pids default is enforced, for the start-up log."""
-        if self.default_pids is None:
-            return None
-        if "pids" in self._enabled:
-            return f"{self.default_pids} (pids.max)"
-        return f"{self.default_pids} (RLIMIT_NPROC)" if self.pids_by_rlimit else None
 
     def claim(self) -> None:
         """:meth:`setup`, then remove the leftovers of the root's previous owner, once:
@@ -402,7 +359,7 @@ class CgroupV2Plugin:
         assert self.root is not None
         if not _JOB_ID.fullmatch(job_id) or job_id == SERVER_LEAF:
             raise InvalidArgument(f"job id {job_id!r} cannot name a cgroup")
-        plan = self._plan(spec.limits)
+        plan = self._planner().plan(spec.limits)
         path = self.root / job_id
         try:
             os.mkdir(path)
@@ -429,116 +386,21 @@ class CgroupV2Plugin:
         log.debug("cgroup_created", cgroup=str(path), limits=plan.writes)
         return cgroup
 
-    def _require(self, fields: list[str]) -> None:
-        """Refuse, naming every limit of ``fields`` this host cannot enforce at once."""
-        missing = [f for f in dict.fromkeys(fields) if _CONTROLLER_OF[f] not in self._enabled]
-        if not missing:
-            return
-        assert self.mount is not None and self.root is not None
-        reasons = []
-        for field in missing:
-            controller = _CONTROLLER_OF[field]
-            if controller in self._available:
-                where = f"could not be enabled under {self.root} (see the server log)"
-            else:
-                where = f"is not available at {self.mount}"
-            reasons.append(
-                f"{field.replace('_', ' ')} (the cgroup v2 {controller!r} controller {where})"
-            )
-        offered = " ".join(sorted(self._available)) or "none"
-        noun = "limit" if len(missing) == 1 else "limits"
-        raise FailedPrecondition(
-            f"this server cannot enforce the {noun} {', '.join(reasons)}; controllers"
-            f" available at {self.mount}: {offered}; run on a cgroup v2 host or drop"
-            f" {', '.join(_FLAGS[f] for f in missing)}"
+    def _planner(self) -> LimitPlanner:
+        assert self.root is not None and self.mount is not None
+        return LimitPlanner(
+            root=self.root,
+            mount=self.mount,
+            available=self._available,
+            enabled=self._enabled,
+            cpus=self.cpus,
+            default_pids=self.default_pids,
+            default_memory=self.default_memory,
+            max_memory=self.max_memory,
+            allow_swap=self.allow_swap,
+            pids_by_rlimit=self.pids_by_rlimit,
+            sys_dev_block=self.sys_dev_block,
         )
-
-    def _plan(self, limits: Limits) -> _Plan:
-        """Check what depends on this host and decide the control file writes, before any
-        mkdir. The values themselves were checked when ``limits`` was built (the model)."""
-        writes: list[tuple[str, str]] = []
-        needs: list[tuple[str, str]] = []  # (controller, Limits field)
-        cpu = None
-        if limits.cpu is not None:
-            if limits.cpu > self.cpus:
-                raise InvalidArgument(
-                    f"cpu {limits.cpu:g} is more than the {self.cpus} CPUs of this host: "
-                    f"ask for at most {self.cpus}"
-                )
-            quota = round(limits.cpu * CPU_PERIOD_USEC)
-            if quota < MIN_CPU_QUOTA_USEC:
-                raise InvalidArgument(
-                    f"cpu {limits.cpu:g} is below the kernel's minimum of "
-                    f"{MIN_CPU_QUOTA_USEC / CPU_PERIOD_USEC:g} cores"
-                )
-            cpu = quota / CPU_PERIOD_USEC
-            writes.append(("cpu.max", f"{quota} {CPU_PERIOD_USEC}"))
-            needs.append(("cpu", "cpu"))
-        if limits.cpu_weight is not None:
-            writes.append(("cpu.weight", str(limits.cpu_weight)))
-            needs.append(("cpu", "cpu_weight"))
-        for field in ("memory", "memory_high"):
-            value = getattr(limits, field)
-            if value is not None and value < MIN_MEMORY:
-                raise InvalidArgument(
-                    f"{field.replace('_', ' ')} {value} bytes is too small: give at least 1M"
-                )
-            if value is not None and self.max_memory is not None and value > self.max_memory:
-                raise InvalidArgument(
-                    f"{field.replace('_', ' ')} {format_size(value)} is above this server's"
-                    f" maximum of {format_size(self.max_memory)} (--cgroup-max-memory):"
-                    f" ask for at most {format_size(self.max_memory)}"
-                )
-        memory = limits.memory
-        if memory is not None:
-            needs.append(("memory", "memory"))
-        elif "memory" in self._enabled:
-            memory = self.default_memory or self.max_memory
-        if memory is not None:
-            writes.append(("memory.max", str(memory)))
-        if limits.memory_high is not None:
-            writes.append(("memory.high", str(limits.memory_high)))
-            needs.append(("memory", "memory_high"))
-        pids = limits.pids
-        if pids is not None and ("pids" in self._enabled or not self.pids_by_rlimit):
-            needs.append(("pids", "pids"))
-        elif pids is not None:
-            pids = None  # RLIMIT_NPROC of the job's uid holds it (the isolation plugin)
-        elif "pids" in self._enabled:
-            pids = self.default_pids
-        if pids is not None:
-            writes.append(("pids.max", str(pids)))
-        io = self._plan_io(limits.io, writes)
-        if io:
-            needs.append(("io", "io"))
-        self._require([field for _controller, field in needs])
-        if "memory" in self._enabled:
-            # Swap would let a job exceed memory.max; oom.group kills the whole job on OOM
-            # instead of leaving it half-killed.
-            if memory is not None and not self.allow_swap:
-                writes.append(("memory.swap.max", "0"))
-            writes.append(("memory.oom.group", "1"))
-        applied = attrs.evolve(limits, cpu=cpu, memory=memory, pids=pids, io=io)
-        return _Plan(writes=writes, applied=applied)
-
-    def _plan_io(
-        self, limits: tuple[IoLimit, ...], writes: list[tuple[str, str]]
-    ) -> tuple[IoLimit, ...]:
-        resolved = []
-        seen: dict[str, str] = {}
-        for limit in limits:
-            device = parse_device(limit.device, sys_dev_block=self.sys_dev_block)
-            if device in seen:
-                raise InvalidArgument(
-                    f"IO device {limit.device!r} is the same disk as {seen[device]!r} "
-                    f"({device}): give each disk once"
-                )
-            seen[device] = limit.device
-            rates = [(key, getattr(limit, key)) for key in _IO_KEYS]
-            given = [(key, value) for key, value in rates if value is not None]
-            writes.append(("io.max", f"{device} " + " ".join(f"{k}={v}" for k, v in given)))
-            resolved.append(attrs.evolve(limit, device=device))
-        return tuple(resolved)
 
     # -- hooks -------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import pytest
 import structlog.testing
 
 from jobworker.backends.local import inotify
-from jobworker.backends.local.cgroupfs import mark_ours
+from jobworker.backends.local.cgroupfs import mark_ours, parse_device
 from jobworker.backends.local.sampling import SLOW_TICKS
 from jobworker.errors import ConfigError, FailedPrecondition, InvalidArgument
 from jobworker.hooks.host import Plugins
@@ -35,7 +35,6 @@ from jobworker.plugins.cgroupv2 import (
     cgroup2_mounts,
     default_root,
     own_cgroup,
-    parse_device,
 )
 
 ALL = ("cpu", "io", "memory", "pids")
