@@ -353,8 +353,9 @@ class JobStatusResponse(_message.Message):
     """the exit code; 128+N when a signal N ended the job"""
     reason: _builtins.str
     """Extensions.
-    "" while running; "exited" | "signaled" | "stopped" | "oom_killed" | "node_lost"
-    (node_lost: the cluster node running the job was lost; exit_code is -1, signal 0)
+    "" while running; "exited" | "signaled" | "stopped" | "oom_killed" | "node_lost" | "lost"
+    (node_lost: the cluster node running the job was lost; lost: a server restarted with
+    --live-restore could not adopt the job nor learn how it ended; both: exit_code -1, signal 0)
     """
     signal: _builtins.int
     """the signal that ended it, 0 if none"""
