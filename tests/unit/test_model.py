@@ -141,3 +141,18 @@ def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
     assert (stream, bytes(view), offset) == ("stderr", data, 1 << 40)
     with pytest.raises(RemoteError, match="undecodable chunk"):
         decode_chunk(raw[:-3])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("", ()), "command is empty: give the program to run"),
+        (("echo", ("a\0b",)), "argument contains a NUL byte, which no process can receive"),
+    ],
+)
+def test_a_refused_spec_says_what_to_change_in_full(
+    args: tuple[str, tuple[str, ...]], message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        JobSpec(*args)
+    assert str(refused.value) == message
