@@ -9,11 +9,11 @@ Where things happen:
   as local ones;
 * on the node (:mod:`.agent`): ``limits_apply`` and isolation, by the node-side plugins.
 
-The front keeps an in-memory picture of every agent's jobs (:mod:`.table`), refreshed by a
-long poll per node (:meth:`.agent.NodeAgent.poll`, at most ``POLL_SECONDS`` apart). A
-failing poll asks the GCS whether the node is alive: once Ray declares it dead (its health
-check, about 15 s by default) or the agent is gone, that node's running jobs end with
-``node_lost``. A restarted front server rebuilds the picture by polling every agent.
+The front keeps an in-memory picture of every agent's jobs (:mod:`.table`). Nodes are
+found, their agents greeted and their long polls (the heartbeats) merged into the picture
+by :mod:`.discovery`; once Ray declares a node dead (its health check, about 15 s by
+default) or its agent is gone, that node's running jobs end with ``node_lost``. A
+restarted front server rebuilds the picture by polling every agent.
 
 Usage samples (:mod:`jobworker.usage`) are taken on the node by the agent's engine, as on a
 single server. ``GetUsage`` asks the job's agent (bounded by ``CALL_TIMEOUT``, like every
@@ -26,10 +26,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
-import contextlib
-import logging
-import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,16 +34,13 @@ import attrs
 import structlog
 
 from jobworker.backends.ray.agent import (
-    NAMESPACE,
     AgentConfig,
-    NodeAgent,
-    PollReply,
     ReadResult,
-    agent_name,
     release_placement,
 )
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
-from jobworker.backends.ray.nodes import Node, Unreachable, call
+from jobworker.backends.ray.discovery import Discovery, join
+from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
 from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
@@ -74,50 +67,15 @@ from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.front")
 
-#: Longest wait of one agent long poll: the heartbeat period.
-POLL_SECONDS = 1.0
 #: How long one follower read waits on the node for new output before asking again.
 FOLLOW_WAIT = 5.0
 #: Bytes pulled from an agent per read (large pieces: each call costs a round trip).
 READ_BYTES = 8 << 20
-#: Pause before retrying a failed agent call (a follower resumes from its offset).
-RETRY_SECONDS = 0.5
-#: How often the front looks for nodes that joined the cluster.
-DISCOVER_SECONDS = 5.0
 #: How long a start waits for a node to take it when none has joined yet.
 NODE_WAIT_SECONDS = 5.0
 #: Longest wait for one node's running jobs' usage (``ListUsage``, what ``jobworker top``
 #: asks every second): a node slower than that is left out of the answer.
 USAGE_LIST_TIMEOUT = 5.0
-
-
-def _join(address: str) -> None:
-    """``ray.init`` as a driver of the cluster at ``address``, with SIGTERM left to the
-    server.
-
-    Called on the main thread, before the server serves (it blocks for about a second):
-    there, Ray puts its own SIGTERM handler (exit at once) and, under it, a crash reporter
-    that prints a C++ stack for every SIGTERM, so that a clean stop would look like a
-    crash. SIGTERM goes back to the server's handler (stop the jobs, then exit); the
-    crash reporter keeps the signals of real crashes.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    main = threading.current_thread() is threading.main_thread()
-    terminate = signal.getsignal(signal.SIGTERM) if main else None
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    finally:
-        if terminate is not None:
-            signal.signal(signal.SIGTERM, terminate)
 
 
 class RayBackend:
@@ -151,10 +109,7 @@ class RayBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
-        #: Set to have the discovery loop look at once (a start waits for a node).
-        self._wake = asyncio.Event()
-        #: Set (and replaced) after each look at the cluster: starts waiting for a node.
-        self._looked = asyncio.Event()
+        self._discovery = Discovery(self._nodes, self._table, agent_config, self._spawn)
         #: Set once joined: whether the cluster turned away a caller without its token.
         self._authenticated = True
         self._allow_unauthenticated = allow_unauthenticated
@@ -167,7 +122,7 @@ class RayBackend:
     ) -> RayBackend:
         """Join the cluster at ``address`` (the head's GCS ``HOST:PORT``) as a driver; the
         agents of its nodes are started or found, and their jobs learnt, in the background
-        (:meth:`_discover_forever`), so that the server answers at once at any cluster size.
+        (:meth:`.discovery.Discovery.run`), so that the server answers at once at any cluster size.
 
         A cluster that does not authenticate is refused (see :func:`.auth.check_cluster`)
         unless ``allow_unauthenticated``."""
@@ -177,11 +132,11 @@ class RayBackend:
             address, allow_unauthenticated=backend._allow_unauthenticated
         )
         try:
-            _join(address)
+            join(address)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
         # Discovery runs in the background: the server answers while agents start.
-        backend._spawn(backend._discover_forever(), "ray-discover")
+        backend._spawn(backend._discovery.run(), "ray-discover")
         return backend
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
@@ -189,107 +144,6 @@ class RayBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _discover_forever(self) -> None:
-        """Look for new nodes at once, then every ``DISCOVER_SECONDS`` or when a start
-        waits for a node (:meth:`_await_nodes`)."""
-        first = True
-        while not self._closing:
-            try:
-                await self._discover()
-            except Exception:
-                log.exception("ray_discover_failed")
-            if first:
-                log.info("ray_nodes_discovered", nodes=self.nodes)
-                first = False
-            looked, self._looked = self._looked, asyncio.Event()
-            looked.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), DISCOVER_SECONDS)
-            self._wake.clear()
-
-    async def _await_nodes(self, deadline: float) -> bool:
-        """Wait for the next look at the cluster, until ``deadline`` (monotonic); whether
-        there is time left to try again."""
-        looked = self._looked
-        self._wake.set()
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(looked.wait(), left)
-        return time.monotonic() < deadline
-
-    async def _discover(self) -> None:
-        """An agent on every alive node not known yet: all greeted at once."""
-        import ray
-
-        nodes = await asyncio.to_thread(ray.nodes)
-        new = [n for n in nodes if n["Alive"] and n["NodeID"] not in self._nodes]
-        await asyncio.gather(*(self._greet(info) for info in new))
-
-    async def _greet(self, info: dict[str, Any]) -> None:
-        """Start or find the agent of the node ``info`` describes; the node takes jobs once
-        its agent answers."""
-        node_id = info["NodeID"]
-        name = info.get("NodeName") or info["NodeManagerAddress"]
-        agent = self._agent_handle(node_id, name)
-        node = Node(node_id, name, agent, dict(info["Resources"]))
-        try:
-            hello = await call(agent.hello.remote(), node)
-            first: PollReply = await call(agent.poll.remote(-1, 0), node)  # its jobs, at once
-        except JobworkerError as err:
-            log.warning("agent_unavailable", node=name, error=str(getattr(err, "error", err)))
-            return
-        self._table.merge(node, first)
-        self._nodes[node_id] = node
-        log.info("node_joined", node=name, node_id=node_id, agent_pid=hello["pid"],
-                 stale_jobs_killed=hello["swept"])  # fmt: skip
-        node.watcher = self._spawn(self._watch(node, first.version), f"ray-watch-{name}")
-
-    def _agent_handle(self, node_id: str, name: str) -> Any:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        remote_agent = ray.remote(NodeAgent)
-        return remote_agent.options(
-            name=agent_name(node_id),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=0,
-            max_concurrency=10_000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(attrs.evolve(self._agent_config, node_name=name))
-
-    # -- the picture of every node's jobs ---------------------------------------------------
-
-    async def _watch(self, node: Node, since: int) -> None:
-        """Long-poll one agent (from version ``since``) until the node is lost or the
-        backend closes."""
-        import ray
-
-        while not self._closing:
-            try:
-                reply: PollReply = await call(node.agent.poll.remote(since, POLL_SECONDS), node)
-            except Unreachable as err:
-                if isinstance(err.error, ray.exceptions.ActorDiedError) or not await self._alive(
-                    node
-                ):
-                    del self._nodes[node.node_id]
-                    self._table.lose(node, str(err.error))
-                    return
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            since, node.heard_at = reply.version, time.monotonic()
-            self._table.merge(node, reply)
-
-    async def _alive(self, node: Node) -> bool:
-        import ray
-
-        nodes = await asyncio.to_thread(ray.nodes)
-        return any(n["NodeID"] == node.node_id and n["Alive"] for n in nodes)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -305,7 +159,8 @@ class RayBackend:
 
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
         """The newest sample of every job still kept, with its status (the metrics
-        plugin's per-job series): as fresh as the agents' heartbeats (:data:`POLL_SECONDS`)."""
+        plugin's per-job series): as fresh as the agents' heartbeats
+        (:data:`.discovery.POLL_SECONDS`)."""
         return self._table.latest_usage()
 
     @property
@@ -314,7 +169,7 @@ class RayBackend:
 
     @property
     def nodes(self) -> builtins.list[str]:
-        return sorted(node.name for node in self._nodes.values())
+        return self._discovery.names
 
     # -- start -----------------------------------------------------------------------------
 
@@ -372,12 +227,12 @@ class RayBackend:
         one up to ``NODE_WAIT_SECONDS``, then is refused with UNAVAILABLE (retry later)."""
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
-            await self._await_nodes(deadline)  # a node that joined since the last look
+            await self._discovery.await_nodes(deadline)  # a node that joined since the last look
         while True:
             try:
                 return await self._placer.place(job_id, spec)
             except NoNode:
-                if not await self._await_nodes(deadline):
+                if not await self._discovery.await_nodes(deadline):
                     raise
 
     # -- output ----------------------------------------------------------------------------
@@ -519,6 +374,7 @@ class RayBackend:
         ``live_restore``), then leave the cluster. The agents stay: they are the nodes'
         engines, ready for the next front server."""
         self._closing = True
+        self._discovery.close()
         running = [] if self._live_restore else self._table.running()
         results = await asyncio.gather(
             *(self.stop(j.status.job_id, by="server-shutdown", grace=grace) for j in running),

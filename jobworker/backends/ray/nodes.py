@@ -27,6 +27,9 @@ HEARTBEAT_DEADLINE = 5.0
 #: jobs spreads, though each ends before the next heartbeat reports it.
 RECENT_HALF_LIFE = 2.0
 
+#: Pause before retrying a failed agent call (a follower resumes from its offset).
+RETRY_SECONDS = 0.5
+
 _T = TypeVar("_T")
 
 
