@@ -83,6 +83,12 @@ def main() -> None:
                     "python -c pass": ([sys.executable, "-c", "pass"], None),
                     'python -c "import grpc"': ([sys.executable, "-c", "import grpc"], None),
                     "jobworker run -- true": ([jobworker, "run", "--", "true"], env),
+                    # The same client, a job with no network to set up (no pasta): what is
+                    # left of the round trip once a private network's start is taken out.
+                    "jobworker run --network none -- true": (
+                        [jobworker, "run", "--network", "none", "--", "true"],
+                        env,
+                    ),
                     "ssh 127.0.0.1 true": ([*ssh, "true"], None),
                 }
                 if options.baseline_src is not None:
@@ -114,6 +120,9 @@ def main() -> None:
             f"{figures[run] / figures[grpc]:.2f}",
         )
     row(f"wall: run / ssh (target < {MAX_RATIO_TO_SSH})", f"{wall[run] / wall[ssh_]:.2f}")
+    bare = "jobworker run --network none -- true"
+    row("wall: run --network none / import grpc", f"{wall[bare] / wall[grpc]:.2f}")
+    row("wall: run --network none / ssh", f"{wall[bare] / wall[ssh_]:.2f}")
     if options.baseline_src is not None:
         new = wall["python -m jobworker run -- true"]
         old = wall[f"  the same, baseline {options.baseline_src.name}"]
