@@ -398,7 +398,12 @@ def test_a_shutdown_that_gives_up_on_a_job_leaves_no_reader_and_no_descriptor(
     its_pipes: set[str] = set()
 
     async def body(m: JobManager) -> None:
-        job = await m.start(JobSpec("sh", ("-c", "setsid sleep 60 & echo $!")), "alice")
+        # The job prints the pid of the process that becomes `sleep` only once it has left
+        # the job's process group: `$(...)` ends when that process, already in a session of
+        # its own, moves its stdout from the substitution's pipe to the job's (fd 3). A job
+        # ending first would take it with the group (it did: 1 run in 20 in CI).
+        script = "exec 3>&1; pid=$(setsid sh -c 'echo $$; exec sleep 60 1>&3' &); echo $pid"
+        job = await m.start(JobSpec("sh", ("-c", script)), "alice")
         first = await anext(m.follow(job.job_id))
         escaped.append(int(first.data))
         its_pipes.update(os.readlink(f"/proc/{escaped[0]}/fd/{fd}") for fd in (1, 2))

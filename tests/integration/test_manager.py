@@ -680,7 +680,11 @@ def test_job_ends_although_an_escaped_process_holds_its_output(tmp_path: Path) -
     escaped: list[int] = []
 
     async def body(m: JobManager) -> None:
-        job = await m.start(sh("setsid sleep 60 & echo $!"), "a")
+        # The pid is printed once that process has left the job's group (see
+        # test_ingest_process's shutdown test): the job cannot take it with it by ending first.
+        job = await m.start(
+            sh("exec 3>&1; pid=$(setsid sh -c 'echo $$; exec sleep 60 1>&3' &); echo $pid"), "a"
+        )
         first = await anext(m.follow(job.job_id))
         escaped.append(int(first.data))
         started = time.monotonic()
