@@ -135,6 +135,15 @@ class Counter:
         self.seen += len(data)
 
 
+def ingestion_in(where: str) -> Plugins:
+    """Plugins that leave ingestion in the ingest process, or (an output observer) keep it
+    in the server's threads: the two places a test parametrized on ``where`` runs it."""
+    plugins = Plugins()
+    if where == "server threads":
+        plugins.register(Counter(), "counter")
+    return plugins
+
+
 def test_an_output_chunk_observer_keeps_ingestion_in_the_server(tmp_path: Path) -> None:
     plugins = Plugins()
     counter = Counter()
@@ -356,9 +365,7 @@ def test_hundreds_of_short_jobs_whose_pipes_are_dropped_at_once_lose_nothing(
     # fails a test on a thread's exception). Before drops read what the pipes held,
     # 8-45 jobs of 400 lost output here.
     monkeypatch.setattr("jobworker.backends.local.ending.PIPE_DRAIN_TIMEOUT", 0)
-    plugins = Plugins()
-    if where == "server threads":
-        plugins.register(Counter(), "counter")
+    plugins = ingestion_in(where)
 
     async def body(m: JobManager) -> None:
         slots = asyncio.Semaphore(60)
@@ -391,9 +398,7 @@ def test_a_shutdown_that_gives_up_on_a_job_leaves_no_reader_and_no_descriptor(
     # them ("KeyError: '9 is not registered'" in its thread, which then ran on) and left
     # their descriptors open; now whoever read a pipe closes it when it is closed.
     monkeypatch.setattr("jobworker.backends.local.ending.KILL_TIMEOUT", 0.2)
-    plugins = Plugins()
-    if where == "server threads":
-        plugins.register(Counter(), "counter")
+    plugins = ingestion_in(where)
     escaped: list[int] = []
     its_pipes: set[str] = set()
 
