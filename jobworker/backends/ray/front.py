@@ -92,11 +92,8 @@ class RayBackend:
         max_running: int = 1000,
         max_running_per_client: int | None = None,
         allow_unauthenticated: bool = False,
-        live_restore: bool = False,
     ) -> None:
-        """``live_restore``: :meth:`shutdown` leaves the jobs running on their nodes."""
         self._plugins = plugins
-        self._live_restore = live_restore
         self._agent_config = agent_config
         self.default_grace = default_grace
         self._max_running = max_running
@@ -370,19 +367,15 @@ class RayBackend:
     # -- shutdown --------------------------------------------------------------------------
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Stop every running job (the local semantics of SIGTERM; none with
-        ``live_restore``), then leave the cluster. The agents stay: they are the nodes'
-        engines, ready for the next front server."""
+        """Leave the cluster, stopping none of its jobs (whatever ``--live-restore`` says):
+        the cluster's jobs outlive any one front server, since other front servers serve
+        them too, and the next one finds them. The agents stay: they are the nodes'
+        engines."""
         self._closing = True
         self._discovery.close()
-        running = [] if self._live_restore else self._table.running()
-        results = await asyncio.gather(
-            *(self.stop(j.status.job_id, by="server-shutdown", grace=grace) for j in running),
-            return_exceptions=True,
-        )
-        for job, result in zip(running, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("job_stop_failed", job_id=job.status.job_id, error=str(result))
+        log.info("ray_jobs_left_running", running_jobs=self.running,
+                 consequence="the jobs go on on their nodes; other front servers, and the"
+                 " next one started, serve them")  # fmt: skip
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

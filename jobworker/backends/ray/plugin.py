@@ -130,5 +130,4 @@ class RayPlugin:
             default_grace=config.default_grace,
             max_running=config.max_running,
             max_running_per_client=config.max_running_per_client,
-            live_restore=config.live_restore,
         )
