@@ -23,7 +23,11 @@ CAP_NET_ADMIN over the namespace (nor any user namespace that owns it).
 * ``-f``: it stays the launcher's child, killed when the job's launcher exits
   (``PR_SET_PDEATHSIG``), and it writes its pid (``-P``) once the namespace is ready;
 * ``--runas 0`` when the server is root: it would drop to ``nobody``, which may not join
-  a namespace root created.
+  a namespace root created;
+* ``--no-netns-quit``: it would otherwise watch the directory of the namespace's path
+  (``/proc/self/fd``) with inotify, to quit when the path goes; its launcher kills it
+  instead, and tearing that watch down made its exit, on every job's end, 36 -> 20 ms
+  (p50 here).
 
 The launcher's side is in :mod:`jobworker.backends.local._launcher` (``_net_helper``,
 ``_connect_network``); this module builds what it needs as data.
@@ -56,6 +60,7 @@ PASTA_OPTIONS = (
     "--config-net",
     *("-t", "none", "-u", "none", "-T", "none", "-U", "none"),
     "--no-map-gw",
+    "--no-netns-quit",
 )
 #: Where the tools are on Debian, for a server whose PATH lacks the sbin directories.
 _SEARCH_PATH = os.pathsep.join(("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"))
