@@ -110,6 +110,8 @@ class LocalCluster:
 
     def __init__(self, keeper: subprocess.Popen[str], info: dict[str, Any]) -> None:
         self._keeper = keeper
+        #: The keeper process: every process of the cluster is below it.
+        self.keeper_pid = keeper.pid
         self.address: str = info["address"]
         self.node_ids: dict[str, str] = info["node_ids"]
         self.raylets: dict[str, int] = info["raylets"]
