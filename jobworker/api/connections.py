@@ -10,10 +10,11 @@ limits"):
   ``grpc.max_allowed_incoming_connections``: grpc closes the one past it as soon as it
   accepts it);
 * at most ``max_connections_per_peer`` not yet authenticated from one address: grpc has no
-  such limit, so :class:`PeerGate` lists the server's connections with the kernel's
-  ``sock_diag`` netlink interface a few times a second and shuts the newest of a peer's
-  surplus down, sparing every connection that has carried an authenticated RPC (the
-  admission step tells it, :meth:`PeerGate.authenticated`); a flood from one address can
+  such limit, so :class:`PeerGate` looks at the server's socket descriptors a few times a
+  second and, whenever one is new, lists the server's connections with the kernel's
+  ``sock_diag`` netlink interface and shuts the newest of a peer's surplus down, sparing
+  every connection that has carried an authenticated RPC (the admission step tells it,
+  :meth:`PeerGate.authenticated`); a flood from one address can
   then never hold the slots everyone else needs, and never cuts a client that proved who
   it is;
 * a connection lives at most ``max_connection_age`` seconds (grpc's
@@ -211,19 +212,26 @@ def surplus(
     return cut
 
 
-def _socket_fds(inodes: set[int]) -> Iterator[tuple[int, int]]:
-    """``(fd, inode)`` of this process's descriptors of the sockets ``inodes``."""
+def _socket_fds() -> Iterator[tuple[int, int]]:
+    """``(fd, inode)`` of each of this process's socket descriptors."""
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
             target = os.readlink(f"/proc/self/fd/{name}")
-            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            if target.startswith("socket:["):
                 yield int(name), int(target[8:-1])
+
+
+def socket_inodes() -> set[int]:
+    """The inodes of this process's sockets: a connection grpc accepted is one of them."""
+    return {inode for _fd, inode in _socket_fds()}
 
 
 def shut_down(inodes: set[int]) -> int:
     """Shut down this process's sockets ``inodes`` (grpc then closes them); how many."""
     done = 0
-    for fd, inode in _socket_fds(inodes):
+    for fd, inode in _socket_fds():
+        if inode not in inodes:
+            continue
         try:
             copy = os.dup(fd)
         except OSError:
@@ -269,6 +277,10 @@ class PeerGate:
         #: Authenticated connections, with the pass during which each was reported.
         self._spared: dict[tuple[str, int], int] = {}
         self._passes = 0
+        #: The server's sockets as of the last listing: until one is new, no peer can
+        #: have gone over its share, and the listing (a walk of the kernel's whole TCP
+        #: table, about 2 ms here) is skipped.
+        self._known: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     def authenticated(self, peer: str) -> None:
@@ -290,9 +302,13 @@ class PeerGate:
 
     async def enforce(self) -> int:
         """One pass: shut the surplus down; how many connections were."""
+        sockets = socket_inodes()
+        if sockets <= self._known:
+            return 0  # no connection accepted since the last listing
         self._passes += 1
         listing = self._passes
         connections = await asyncio.to_thread(established, self._port)
+        self._known = sockets
         # Forget the closed ones; one reported while the kernel listed may not be listed.
         open_now = {(c.peer, c.port) for c in connections}
         for address, reported in list(self._spared.items()):

@@ -3,13 +3,15 @@ jobs' reserve, and a low limit never stops the server from starting."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from jobworker.api.connections import Connection, ConnectionLimits, surplus
+from jobworker.api.connections import Connection, ConnectionLimits, PeerGate, surplus
 from jobworker.errors import ConfigError
 
 PROBE = textwrap.dedent(
@@ -57,3 +59,33 @@ def test_the_surplus_is_each_addresses_newest_unauthenticated() -> None:
     spared = {("10.0.0.1", 1004)}  # the newest, but it carried an authenticated RPC
     cut = surplus(held + other, 2, spared)
     assert [c.port for c in cut] == [1002, 1003]
+
+
+def test_the_gate_lists_connections_only_when_a_socket_is_new() -> None:
+    """An idle server's gate costs a look at its descriptors, not a walk of the kernel's
+    TCP table; a new connection (a new socket) makes the next pass list, and a peer's
+    surplus is shut down."""
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            port = listener.getsockname()[1]
+            gate = PeerGate(per_peer=2)
+            gate.start(port)
+            await gate.stop()  # passes are driven by hand below
+            await gate.enforce()
+            listed = gate._passes
+            assert await gate.enforce() == 0
+            assert gate._passes == listed, "nothing new, yet the connections were listed"
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            accepted = [listener.accept()[0] for _ in clients]
+            try:
+                assert await gate.enforce() == 1  # the newest of three from one address
+                assert gate._passes == listed + 1
+                assert clients[2].recv(1) == b""  # its server side was shut down
+            finally:
+                for sock in clients + accepted:
+                    sock.close()
+
+    asyncio.run(scenario())
