@@ -12,5 +12,5 @@ if bad:
 PY
 python -m grpc_tools.protoc -Iproto \
   --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
-  proto/jobworker/v1/jobworker.proto
+  proto/jobworker/v1/jobworker.proto proto/jobworker/v1/node.proto
 touch jobworker/v1/__init__.py

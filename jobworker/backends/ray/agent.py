@@ -19,7 +19,8 @@ addresses (the GCS's, every node's it knows at start) to the networks a job's pr
 network may not reach (``--job-network-deny``).
 
 A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed by the front
-(:mod:`.stdin`).
+(:mod:`.stdin`); its output leaves by the agent's own port (:meth:`NodeAgent.output_port`,
+:mod:`.outputport`), not through Ray.
 
 Calls are plain values (attrs objects of :mod:`jobworker.model` and
 :mod:`jobworker.usage`, pickled by Ray); errors are
@@ -43,6 +44,7 @@ import structlog
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
 from jobworker.backends.ray.guard import start_guard
+from jobworker.backends.ray.outputport import AgentPort, PortInfo
 from jobworker.backends.ray.stdin import INPUT_IDLE_SECONDS, InputSession
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.errors import FailedPrecondition
@@ -87,15 +89,6 @@ class PollReply:
     jobs: list[JobStatus]
     evicted: list[str] = attrs.field(factory=list)
     usage: dict[str, UsageSample] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class ReadResult:
-    """Output from an offset: ``(stream, data, offset after)`` triples; ``at_end`` once
-    nothing more will come (followed: the job is over; not followed: what existed)."""
-
-    chunks: list[tuple[int, bytes, int]]
-    at_end: bool
 
 
 class _Events:
@@ -173,6 +166,7 @@ class NodeAgent:
         self._changed_at: dict[str, int] = {}
         self._inputs: dict[int, InputSession] = {}
         self._next_input = 0
+        self._port: AgentPort | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -299,34 +293,16 @@ class NodeAgent:
         newest = {u.job_id: u.samples[-1] for u in await manager.running_usage(last=1) if u.samples}
         return PollReply(self._version, reported, evicted, newest)
 
-    async def read(
-        self, job_id: str, offset: int, max_bytes: int, wait: float, follow: bool
-    ) -> ReadResult:
-        """Output of ``job_id`` from ``offset``: up to about ``max_bytes`` of what exists, or
-        (``follow``) the next chunk within ``wait`` seconds."""
+    async def output_port(self, front_cert: bytes) -> PortInfo:
+        """Where this node's output port listens and its certificate, pinning the calling
+        front's ``front_cert``; the port starts at the first call (:mod:`.outputport`)."""
         manager = self._ready()
-        chunks: list[tuple[int, bytes, int]] = []
-        size = 0
-        existing = manager.follow(job_id, offset, follow=False)
-        async with contextlib.aclosing(existing):  # type: ignore[type-var]
-            async for chunk in existing:
-                chunks.append((int(chunk.stream), chunk.data, chunk.offset))
-                size += len(chunk.data)
-                if size >= max_bytes:
-                    break
-        if chunks:
-            return ReadResult(chunks, at_end=False)
-        if not follow or manager.get(job_id).state is JobState.EXITED:
-            return ReadResult([], at_end=True)
-        live = manager.follow(job_id, offset, follow=True)
-        async with contextlib.aclosing(live):  # type: ignore[type-var]
-            try:
-                chunk = await asyncio.wait_for(anext(live), wait)
-            except StopAsyncIteration:
-                return ReadResult([], at_end=True)
-            except TimeoutError:
-                return ReadResult([], at_end=False)
-        return ReadResult([(int(chunk.stream), chunk.data, chunk.offset)], at_end=False)
+        if self._port is None:
+            import ray
+
+            host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call, unused-ignore]
+            self._port = AgentPort(host, manager.follow)
+        return await self._port.open(front_cert)
 
     async def input_begin(self, job_id: str) -> int:
         """Become the writer of ``job_id``'s stdin (errors as :meth:`JobManager.write_input`:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,14 +34,11 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.backends.ray.agent import (
-    AgentConfig,
-    ReadResult,
-    release_placement,
-)
+from jobworker.backends.ray.agent import AgentConfig, release_placement
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
+from jobworker.backends.ray.outputport import PortClient, PortUnavailable, stream_output
 from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
@@ -59,7 +57,6 @@ from jobworker.model import (
     JobStatus,
     OutputChunk,
     StopResult,
-    Stream,
     describe_end,
     new_job_id,
 )
@@ -67,10 +64,6 @@ from jobworker.usage import JobUsage, UsageSample
 
 log = structlog.get_logger("jobworker.ray.front")
 
-#: How long one follower read waits on the node for new output before asking again.
-FOLLOW_WAIT = 5.0
-#: Bytes pulled from an agent per read (large pieces: each call costs a round trip).
-READ_BYTES = 8 << 20
 #: How long a start waits for a node to take it when none has joined yet.
 NODE_WAIT_SECONDS = 5.0
 #: Longest wait for one node's running jobs' usage (``ListUsage``, what ``jobworker top``
@@ -107,6 +100,7 @@ class RayBackend:
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
         self._discovery = Discovery(self._nodes, self._table, agent_config, self._spawn)
+        self._ports = PortClient()
         #: Set once joined: whether the cluster turned away a caller without its token.
         self._authenticated = True
         self._allow_unauthenticated = allow_unauthenticated
@@ -237,9 +231,9 @@ class RayBackend:
     def follow(
         self, job_id: str, offset: int = 0, follow: bool = True
     ) -> AsyncIterator[OutputChunk]:
-        """Output of ``job_id`` from ``offset``, pulled from its node's agent. A transient
-        agent error is retried from the last offset; a lost node ends the stream with
-        FAILED_PRECONDITION (its spool was on that node)."""
+        """Output of ``job_id`` from ``offset``, streamed from its node's agent port
+        (:mod:`.outputport`). A failed connection is retried from the last offset; a lost
+        node ends the stream with FAILED_PRECONDITION (its spool was on that node)."""
         job = self._table.lookup(job_id)
         if job.output_lost:
             self._raise_lost(job, offset)
@@ -252,27 +246,32 @@ class RayBackend:
         )
 
     async def _follow(self, job: Job, offset: int, follow: bool) -> AsyncIterator[OutputChunk]:
-        agent, job_id = job.node.agent, job.status.job_id
+        job_id = job.status.job_id
         while True:
             try:
-                result: ReadResult = await call(
-                    agent.read.remote(job_id, offset, READ_BYTES, FOLLOW_WAIT, follow), job.node
-                )
+                channel = await self._ports.channel(job.node)
             except Unreachable:
-                if job.output_lost:
-                    self._raise_lost(job, offset)
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            for tag, data, after in result.chunks:
-                yield OutputChunk(Stream(tag), data, after)
-                offset = after
-            if result.at_end:
-                if follow:
-                    # The end of a followed stream means the job is over: its status
-                    # says so before the follower hears of the end (the agent's poll
-                    # reports the exit at once).
-                    await job.done.wait()
-                return
+                channel = None
+            if channel is not None:
+                chunks = stream_output(channel, job_id, offset, follow)
+                try:
+                    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                        async for chunk in chunks:
+                            yield chunk
+                            offset = chunk.offset
+                except PortUnavailable as err:
+                    log.info("output_port_retry", node=job.node.name, job_id=job_id, error=str(err))
+                    await self._ports.forget(job.node, channel)
+                else:
+                    if follow:
+                        # The end of a followed stream means the job is over: its status
+                        # says so before the follower hears of the end (the agent's poll
+                        # reports the exit at once).
+                        await job.done.wait()
+                    return
+            if job.output_lost:
+                self._raise_lost(job, offset)
+            await asyncio.sleep(RETRY_SECONDS)
 
     async def _relay(self, job_id: str) -> None:
         """Feed ``output_chunk`` observers with a cluster job's output, as the local
@@ -379,6 +378,7 @@ class RayBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._ports.close()
         import ray
 
         await asyncio.to_thread(ray.shutdown)

@@ -1,0 +1,276 @@
+"""Job output over each node agent's own gRPC port, instead of through Ray's object store.
+
+A Ray actor call's result travels through the node's object store and the front's, which
+held a followed stream to 20-35% of a local one. So each agent serves its jobs' output
+on a port of its own (:class:`AgentPort`, ``NodeOutput`` in proto/jobworker/v1/node.proto:
+the public ``JobRequest`` and ``JobOutputChunk``, the same offsets), and the front
+relays it (:class:`PortClient`).
+
+Who may connect is settled over Ray's own token-authenticated actor calls, the channel
+both ends already trust: every agent and every front makes a fresh key pair and a
+self-signed certificate when it starts (:class:`SelfSigned`, in memory only), and the
+front's first call for a node's output (:meth:`AgentPort.open`) hands the agent the
+front's certificate and gets the agent's back. Each end then pins the other's: the
+agent's server takes only the certificates of the fronts that asked as client roots
+(``require_client_auth``; a peer with any other certificate, or none, fails the
+handshake), and the front's channel takes only that agent's certificate as its root, with
+the name in it as the target name. Jobs are never given either key. Each RPC is checked
+again on the agent: TLS 1.3 and a pinned front's certificate.
+
+The port listens on the address Ray announces for the node (its private address), never
+on every address; a job's private network is denied the node's own addresses (see
+docs/cluster.md), so a job on the node cannot even reach it.
+"""
+
+from __future__ import annotations
+
+# First: grpc reads how to refuse TLS 1.2 once, when it is imported.
+from jobworker.api.grpcenv import grpc  # isort: split
+
+import collections
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import attrs
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from jobworker.api.wire import decode_chunk, encode_chunk
+from jobworker.backends.ray.nodes import Node, call
+from jobworker.errors import JobworkerError, Unauthenticated, error_from_code, wire_code
+from jobworker.model import OutputChunk, Stream
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import node_pb2
+
+log = structlog.get_logger("jobworker.ray.outputport")
+
+SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeOutput"].full_name
+_STREAM_OUTPUT = f"/{SERVICE}/StreamOutput"
+#: The name in every agent's certificate, which the front's channel expects (each agent is
+#: told apart by its pinned certificate, not by a name).
+AGENT_NAME = "jobworker-agent"
+FRONT_NAME = "jobworker-front"
+#: Fronts whose certificates an agent keeps pinned; the oldest is dropped beyond that (a
+#: front that comes back asks again, :meth:`PortClient.follow`).
+PINNED_FRONTS = 64
+#: A certificate lives as long as its process; this only has to outlast that.
+_VALIDITY = timedelta(days=3650)
+_BACKDATE = timedelta(minutes=5)
+_TLS13 = b"TLSv1.3"
+_STREAMS = {stream.label: stream for stream in Stream}
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of the certificate's DER, in hex: how a pinned certificate is named."""
+    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+@attrs.frozen
+class SelfSigned:
+    """A fresh ECDSA P-256 key and a self-signed certificate for ``name``, kept in memory."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def new(cls, name: str, usage: x509.ObjectIdentifier) -> SelfSigned:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        start = datetime.now(UTC) - _BACKDATE
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+@attrs.frozen
+class PortInfo:
+    """Where an agent's port is and the certificate it presents (what the front pins)."""
+
+    address: str
+    cert_pem: bytes
+
+
+#: Output of a job on the agent's engine: ``(job_id, offset, follow)`` as
+#: :meth:`JobManager.follow`.
+Follow = Callable[[str, int, bool], AsyncIterator[OutputChunk]]
+
+
+class AgentPort:
+    """The agent's side: a grpc.aio server on the agent's event loop, started by the first
+    front that asks (:meth:`open`)."""
+
+    def __init__(self, host: str, follow: Follow) -> None:
+        self._host = host
+        self._follow = follow
+        self._identity = SelfSigned.new(AGENT_NAME, ExtendedKeyUsageOID.SERVER_AUTH)
+        #: Pinned fronts by fingerprint, oldest first.
+        self._fronts: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._server: grpc.aio.Server | None = None
+        self._address = ""
+
+    async def open(self, front_cert: bytes) -> PortInfo:
+        """Pin ``front_cert`` (a front's, handed over a Ray call) for the connections that
+        follow; start the server on first use. Where to connect, and what to pin."""
+        self._pin(front_cert)
+        if self._server is None:
+            credentials = grpc.dynamic_ssl_server_credentials(
+                self._configuration(), self._fetch, require_client_authentication=True
+            )
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((self._handlers(),))
+            port = server.add_secure_port(f"{self._host}:0", credentials)
+            await server.start()
+            self._server, self._address = server, f"{self._host}:{port}"
+            log.info("output_port_listening", address=self._address)
+        return PortInfo(self._address, self._identity.cert_pem)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)
+
+    def _pin(self, cert_pem: bytes) -> None:
+        name = fingerprint(cert_pem)
+        with self._lock:
+            known = name in self._fronts
+            self._fronts[name] = cert_pem
+            self._fronts.move_to_end(name)
+            while len(self._fronts) > PINNED_FRONTS:
+                self._fronts.popitem(last=False)
+            if not known and self._server is not None:
+                self._pending = self._configuration()
+        if not known:
+            log.info("output_port_front_pinned", front=name)
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        roots = b"".join(self._fronts.values())
+        return grpc.ssl_server_certificate_configuration(
+            [(self._identity.key_pem, self._identity.cert_pem)], root_certificates=roots
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc asks before each handshake (on its own thread) whether the pins changed."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        # Chunks leave encoded by hand (as the public service sends them): no serializer.
+        stream = grpc.unary_stream_rpc_method_handler(
+            self._stream_output, request_deserializer=pb.JobRequest.FromString
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"StreamOutput": stream})
+
+    def _check_peer(self, context: grpc.aio.ServicerContext) -> None:
+        auth = context.auth_context()
+        if tuple(auth.get("ssl_tls_version", ())) != (_TLS13,):
+            raise Unauthenticated("the node's output port takes TLS 1.3 only")
+        certs = auth.get("x509_pem_cert", ())
+        if not certs or fingerprint(certs[0]) not in self._fronts:
+            raise Unauthenticated("the node's output port serves only its pinned front servers")
+
+    async def _stream_output(
+        self, request: pb.JobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        try:
+            self._check_peer(context)
+            chunks = self._follow(request.job_id, request.offset, not request.no_follow)
+            async for chunk in chunks:
+                yield encode_chunk(chunk)
+        except JobworkerError as err:
+            code = grpc.StatusCode[wire_code(err) or "INTERNAL"]
+            if isinstance(err, Unauthenticated):
+                log.warning("output_port_refused", peer=context.peer(), reason=str(err))
+            await context.abort(code, str(err))
+
+
+class PortClient:
+    """The front's side: one channel per node's agent port, over which every follower of
+    that node's jobs streams; made at the first follower, by asking the agent over Ray."""
+
+    def __init__(self) -> None:
+        self._identity = SelfSigned.new(FRONT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def channel(self, node: Node) -> grpc.aio.Channel:
+        """The channel to ``node``'s agent port, pinning the agent's certificate (raises
+        :class:`~.nodes.Unreachable` when the agent does not answer)."""
+        known = self._channels.get(node.node_id)
+        if known is not None:
+            return known
+        info: PortInfo = await call(node.agent.output_port.remote(self._identity.cert_pem), node)
+        known = self._channels.get(node.node_id)  # another follower's ask came back first
+        if known is not None:
+            return known
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=info.cert_pem,
+            private_key=self._identity.key_pem,
+            certificate_chain=self._identity.cert_pem,
+        )
+        options = [("grpc.ssl_target_name_override", AGENT_NAME)]
+        channel = grpc.aio.secure_channel(info.address, credentials, options=options)
+        self._channels[node.node_id] = channel
+        return channel
+
+    async def forget(self, node: Node, channel: grpc.aio.Channel) -> None:
+        """Drop ``node``'s ``channel`` after it failed: the next follower asks the agent
+        again (a new agent has a new port and certificate; an agent may have dropped the
+        front's pin). A newer channel another follower made stays."""
+        if self._channels.get(node.node_id) is channel:
+            del self._channels[node.node_id]
+        await channel.close(None)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(None)
+
+
+class PortUnavailable(Exception):
+    """The agent's port could not be reached (or refused the front): ask the agent again."""
+
+
+async def stream_output(
+    channel: grpc.aio.Channel, job_id: str, offset: int, follow: bool
+) -> AsyncIterator[OutputChunk]:
+    """A job's output from its agent's port; the agent's refusals (NOT_FOUND,
+    INVALID_ARGUMENT, DATA_LOSS...) as the errors they are, a failed connection as
+    :class:`PortUnavailable`."""
+    method = channel.unary_stream(
+        _STREAM_OUTPUT, request_serializer=pb.JobRequest.SerializeToString
+    )
+    call = method(pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow))
+    try:
+        async for raw in call:
+            label, data, after = decode_chunk(raw)
+            yield OutputChunk(_STREAMS[label], bytes(data), after)
+    except grpc.aio.AioRpcError as err:
+        code = err.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+            raise PortUnavailable(f"{code.name}: {err.details()}") from err
+        raise error_from_code(code.name, err.details() or code.name) from None
+    finally:
+        call.cancel()
