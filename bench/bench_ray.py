@@ -9,6 +9,10 @@ The same client measures both over mTLS, in alternating rounds:
 * StartJob of ``true`` until it runs: without limits (the agent's round trip), and, on
   the cluster, with ``--cpu 0.1`` (a placement group per job, released when it ends);
 * the output of ``head -c SIZE /dev/zero`` followed live from the start, in MB/s;
+* with ``--followers N,N,...`` instead (nothing else), the same stream
+  followed by N follower processes at once (``_follower.py``, each with its own
+  connection, started before the job): total MB/s, every follower's bytes over the time
+  until the last one had its last byte;
 * SIZE bytes written to the stdin of ``wc -c`` (``WriteInput``, in the CLI's pieces of 256 KiB)
   until the job has them all, in MB/s.
 
@@ -35,7 +39,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
-from _common import CLIENT, MB, MiB, header, make_pki, ms, parser, percentile, row, workdir
+from _common import (
+    CLIENT,
+    MB,
+    MiB,
+    followers,
+    header,
+    make_pki,
+    ms,
+    parser,
+    percentile,
+    row,
+    workdir,
+)
 
 from jobworker.api.pki import PkiPaths
 from jobworker.cli.client import INPUT_CHUNK
@@ -122,6 +138,19 @@ def stream_rate(client: JobClient, size: int) -> float:
     return size / took / MB
 
 
+def followed_rate(served: Served, pki: PkiPaths, client: JobClient, size: int, count: int) -> float:
+    """Total MB/s of ``count`` follower processes following ``head -c size /dev/zero``."""
+    group = followers(served.address, pki, count)
+    try:
+        began = group.go(client.start("head", ["-c", str(size), "/dev/zero"]))
+        results = group.results()
+    finally:
+        group.kill()
+    assert all(r["bytes"] == size for r in results), results
+    last = max(began + r["seconds"] for r in results)  # each counts from its own call
+    return count * size / (last - began) / MB
+
+
 def stdin_rate(client: JobClient, size: int) -> float:
     """MB/s of writing ``size`` bytes to ``wc -c``'s stdin, until it counted them all."""
     piece = bytes(INPUT_CHUNK)
@@ -196,19 +225,32 @@ def front_scale(sizes: list[int]) -> None:
                         f"idle CPU {idle_cpu(front.pid):.1f} ms/s")  # fmt: skip
 
 
-def main() -> None:
-    p = parser(__doc__ or "")
-    p.add_argument("--starts", type=int, default=200)
-    p.add_argument("--stream-mib", type=int, default=256)
-    p.add_argument("--front-nodes", help="N,N,...: measure front start-up and idle CPU only")
-    options = p.parse_args()
-    if options.front_nodes:
-        front_scale([int(n) for n in options.front_nodes.split(",")])
-        return
-    starts = 60 if options.quick else options.starts
-    size = (64 if options.quick else options.stream_mib) * MiB
-    rounds = 5
-    header(f"Ray backend vs local engine: {starts} starts, {rounds} x {size // MiB} MiB streams")
+def stream_only(size: int, counts: list[int], rounds: int) -> None:
+    """The stream with each number of followers in ``counts``, local server and front
+    alternating round by round; best and median total MB/s and the front's share."""
+    header(f"output stream: {rounds} rounds of {size // MiB} MiB, followers {counts}")
+    found: dict[tuple[str, int], list[float]] = {}
+    with cluster_and_servers() as (pki, servers, clients):
+        for _ in range(rounds):
+            for count in counts:
+                for kind in servers:
+                    rate = followed_rate(servers[kind], pki, clients[kind], size, count)
+                    found.setdefault((kind, count), []).append(rate)
+    for count in counts:
+        best = {kind: max(found[kind, count]) for kind in ("local", "ray")}
+        for kind in ("local", "ray"):
+            rates = sorted(found[kind, count])
+            row(f"{count} follower(s), {kind}: MB/s total", f"best {best[kind]:.0f}",
+                f"median {rates[len(rates) // 2]:.0f}")  # fmt: skip
+        share = best["ray"] / best["local"]
+        row(f"{count} follower(s): ray / local (best)", f"{share:.0%}",
+            "target >= 70%: " + ("met" if share >= 0.7 else "NOT met"))  # fmt: skip
+
+
+@contextmanager
+def cluster_and_servers() -> Iterator[tuple[PkiPaths, dict[str, Served], dict[str, JobClient]]]:
+    """A head and a 2-CPU worker node, a local server and a front on the cluster, and a
+    client of each."""
     nodes = [
         {"name": "head", "num_cpus": 0, "memory": 1 << 30},
         {"name": "worker", "num_cpus": 2, "memory": 4 << 30},
@@ -224,7 +266,29 @@ def main() -> None:
                 JobClient(local_server.address, pki.client(CLIENT)) as local,
                 JobClient(ray_server.address, pki.client(CLIENT)) as ray,
             ):
-                results = measure({"local": local, "ray": ray}, starts, size, rounds)
+                yield pki, {"local": local_server, "ray": ray_server}, {"local": local, "ray": ray}
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--starts", type=int, default=200)
+    p.add_argument("--stream-mib", type=int, default=256)
+    p.add_argument("--front-nodes", help="N,N,...: measure front start-up and idle CPU only")
+    p.add_argument("--followers", help="N,N,...: measure only the stream, with N followers")
+    p.add_argument("--rounds", type=int, default=5)
+    options = p.parse_args()
+    if options.front_nodes:
+        front_scale([int(n) for n in options.front_nodes.split(",")])
+        return
+    size = (64 if options.quick else options.stream_mib) * MiB
+    rounds = options.rounds
+    if options.followers:
+        stream_only(size, [int(n) for n in options.followers.split(",")], rounds)
+        return
+    starts = 60 if options.quick else options.starts
+    header(f"Ray backend vs local engine: {starts} starts, {rounds} x {size // MiB} MiB streams")
+    with cluster_and_servers() as (_, _, clients):
+        results = measure(clients, starts, size, rounds)
     for kind in ("local", "ray"):
         for key, label in (("start", "StartJob `true`"), ("start_cpu", "StartJob --cpu 0.1")):
             if not results[kind][key]:

@@ -29,6 +29,7 @@ from jobworker.api.grpcenv import grpc  # isort: split
 
 import collections
 import hashlib
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -73,7 +74,10 @@ def fingerprint(cert_pem: bytes) -> str:
 
 @attrs.frozen
 class SelfSigned:
-    """A fresh ECDSA P-256 key and a self-signed certificate for ``name``, kept in memory."""
+    """A fresh ECDSA P-256 key and a self-signed certificate for ``name``, kept in memory.
+
+    Each one's subject is unique (``name`` and a random tag): an agent pins several
+    fronts' certificates as roots, and a TLS library looks a root up by subject."""
 
     cert_pem: bytes
     key_pem: bytes
@@ -81,7 +85,8 @@ class SelfSigned:
     @classmethod
     def new(cls, name: str, usage: x509.ObjectIdentifier) -> SelfSigned:
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        unique = f"{name} {secrets.token_hex(8)}"
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, unique)])
         start = datetime.now(UTC) - _BACKDATE
         cert = (
             x509.CertificateBuilder()
