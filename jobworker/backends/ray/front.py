@@ -46,6 +46,7 @@ from jobworker.errors import (
     FailedPrecondition,
     InvalidArgument,
     JobworkerError,
+    Unavailable,
     client_full,
     server_full,
 )
@@ -271,6 +272,11 @@ class RayBackend:
                     return
             if job.output_lost:
                 self._raise_lost(job, offset)
+            if self._closing:
+                raise Unavailable(
+                    f"the server is stopping; the job goes on: resume from offset {offset}"
+                    " on another server of the cluster"
+                )
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _relay(self, job_id: str) -> None:

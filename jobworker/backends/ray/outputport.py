@@ -56,13 +56,27 @@ _STREAM_OUTPUT = f"/{SERVICE}/StreamOutput"
 #: told apart by its pinned certificate, not by a name).
 AGENT_NAME = "jobworker-agent"
 FRONT_NAME = "jobworker-front"
-#: Fronts whose certificates an agent keeps pinned; the oldest is dropped beyond that (a
-#: front that comes back asks again, :meth:`PortClient.follow`).
+#: Fronts whose certificates an agent keeps pinned; the oldest is dropped beyond that (its
+#: handshake then fails, and its followers ask the agent again, which pins it anew).
 PINNED_FRONTS = 64
 #: A certificate lives as long as its process; this only has to outlast that.
 _VALIDITY = timedelta(days=3650)
 _BACKDATE = timedelta(minutes=5)
 _TLS13 = b"TLSv1.3"
+#: The front pings a quiet connection (a job that writes nothing for a while) this often
+#: and drops it when no answer comes within the timeout: a node that vanished without
+#: closing its connections (power, network) ends its followers' streams, which then ask
+#: the agent again and learn that the node is lost.
+KEEPALIVE_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+_CHANNEL_OPTIONS = [
+    ("grpc.ssl_target_name_override", AGENT_NAME),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+]
+#: The agent lets the front ping that often (grpc's default would answer pings more
+#: frequent than every 5 minutes with GOAWAY).
+_SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
 _STREAMS = {stream.label: stream for stream in Stream}
 
 
@@ -145,17 +159,13 @@ class AgentPort:
             credentials = grpc.dynamic_ssl_server_credentials(
                 self._configuration(), self._fetch, require_client_authentication=True
             )
-            server = grpc.aio.server()
+            server = grpc.aio.server(options=_SERVER_OPTIONS)
             server.add_generic_rpc_handlers((self._handlers(),))
             port = server.add_secure_port(f"{self._host}:0", credentials)
             await server.start()
             self._server, self._address = server, f"{self._host}:{port}"
             log.info("output_port_listening", address=self._address)
         return PortInfo(self._address, self._identity.cert_pem)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            await self._server.stop(None)
 
     def _pin(self, cert_pem: bytes) -> None:
         name = fingerprint(cert_pem)
@@ -235,8 +245,7 @@ class PortClient:
             private_key=self._identity.key_pem,
             certificate_chain=self._identity.cert_pem,
         )
-        options = [("grpc.ssl_target_name_override", AGENT_NAME)]
-        channel = grpc.aio.secure_channel(info.address, credentials, options=options)
+        channel = grpc.aio.secure_channel(info.address, credentials, options=_CHANNEL_OPTIONS)
         self._channels[node.node_id] = channel
         return channel
 
@@ -254,6 +263,13 @@ class PortClient:
             await channel.close(None)
 
 
+_RETRIED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
 class PortUnavailable(Exception):
     """The agent's port could not be reached (or refused the front): ask the agent again."""
 
@@ -267,15 +283,16 @@ async def stream_output(
     method = channel.unary_stream(
         _STREAM_OUTPUT, request_serializer=pb.JobRequest.SerializeToString
     )
-    call = method(pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow))
+    rpc = method(pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow))
     try:
-        async for raw in call:
+        async for raw in rpc:
             label, data, after = decode_chunk(raw)
             yield OutputChunk(_STREAMS[label], bytes(data), after)
     except grpc.aio.AioRpcError as err:
         code = err.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+        # CANCELLED: the channel was closed under the stream (another follower saw it fail).
+        if code in _RETRIED:
             raise PortUnavailable(f"{code.name}: {err.details()}") from err
         raise error_from_code(code.name, err.details() or code.name) from None
     finally:
-        call.cancel()
+        rpc.cancel()
