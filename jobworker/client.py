@@ -44,13 +44,37 @@ MAX_MESSAGE_BYTES = 64 << 20
 MAX_REQUEST_BYTES = 4 << 20
 #: Jobs per ListJobs page: a page of full statuses stays far below MAX_MESSAGE_BYTES.
 LIST_PAGE_SIZE = 500
+_IDEMPOTENT = ("GetStatus", "ListJobs", "StopJob", "StreamOutput", "GetUsage", "ListUsage")
 
 
-def unavailable_message(target: str, details: str) -> str:
+def failover_service_config() -> str:
+    """The channel's service config for a target naming several servers (a cluster's
+    front servers, docs/cluster.md): keep to one (``pick_first``: a job started through
+    it is known there at once) until it goes down, then take the next; calls that change
+    nothing (and StopJob, which answers a finished job without error) are tried again."""
+    import json  # only for such targets: the light client does not pay for it otherwise
+
+    retry = {
+        "maxAttempts": 4,
+        "initialBackoff": "0.2s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    methods = [{"service": "jobworker.v1.JobService", "method": m} for m in _IDEMPOTENT]
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"pick_first": {}}],
+            "methodConfig": [{"name": methods, "retryPolicy": retry}],
+        }
+    )
+
+
+def unavailable_message(target: str, details: str, server_name: str | None = None) -> str:
     """One line a person can act on for grpc's UNAVAILABLE ``details`` (C-core words)."""
     lowered = details.lower()
     if "hostname verification" in lowered:  # the chain is good, the names are not
-        host = target.rsplit(":", 1)[0].strip("[]")
+        host = server_name or target.rsplit(":", 1)[0].strip("[]")
         return (
             f"the server at {target} has a certificate that does not name the host dialled"
             f" ({host}): dial a name it lists, or re-issue it with `jobworker certs"
@@ -99,8 +123,11 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
 
 
 class JobClient:
-    """A connection to one jobworker server, authenticated by a client certificate.
+    """A connection to a jobworker server, authenticated by a client certificate.
 
+    ``target`` is ``HOST:PORT``, or a gRPC target naming several servers (a cluster's
+    fronts: ``ipv4:ADDR:PORT,ADDR:PORT``, ``dns:///NAME:PORT``; see
+    :func:`jobworker.api.wire.dial_target`), of which one is used until it fails.
     ``server_name`` overrides the name checked against the server's certificate (by
     default the host part of ``target``). Use it as a context manager, or call ``close``.
     Raises :class:`jobworker.errors.ConfigError` at construction for unusable TLS files.
@@ -114,6 +141,9 @@ class JobClient:
         ]
         if server_name is not None:
             options.append(("grpc.ssl_target_name_override", server_name))
+        if "," in target or target.startswith("dns:"):
+            options.append(("grpc.service_config", failover_service_config()))
+        self.server_name = server_name
         self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
         self._stub = pb_grpc.JobServiceStub(self._channel)
         # Chunks as raw bytes, decoded by hand (wire.decode_chunk): every byte passes here.
@@ -138,7 +168,7 @@ class JobClient:
         code: grpc.StatusCode = err.code()
         details = err.details() or code.name
         if code is grpc.StatusCode.UNAVAILABLE:
-            return errors.Unavailable(unavailable_message(self.target, details))
+            return errors.Unavailable(unavailable_message(self.target, details, self.server_name))
         return errors.error_from_code(code.name, details)
 
     def start(

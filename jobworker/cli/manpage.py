@@ -16,7 +16,15 @@ import sys
 from jobworker import __version__
 
 _ENVIRONMENT = (
-    ("JOBWORKER_SERVER", "The server a client command dials, HOST[:PORT] (--server)."),
+    (
+        "JOBWORKER_SERVER",
+        "The server a client command dials, HOST[:PORT], or several IP addresses, comma"
+        "-separated (--server).",
+    ),
+    (
+        "JOBWORKER_SERVER_NAME",
+        "The name the server's certificate must list, if not the host dialled (--server-name).",
+    ),
     ("JOBWORKER_TLS_CERT", "The client certificate (--tls-cert)."),
     ("JOBWORKER_TLS_KEY", "The client certificate's private key (--tls-key)."),
     ("JOBWORKER_TLS_CA", "The CA bundle the server certificate must be signed by (--tls-ca)."),

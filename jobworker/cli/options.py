@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobworker.api.tlsfiles import DEV_CLIENT, PkiFiles, TlsFiles, default_pki_dir, given_files
-from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
+from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, dial_target
 from jobworker.cli.common import Parser, argument
 from jobworker.client import JobClient
 from jobworker.errors import UsageError
@@ -77,7 +77,14 @@ def connection_options() -> Parser:
         "--server",
         metavar="HOST[:PORT]",
         help=f"server address (env JOBWORKER_SERVER; default {DEFAULT_ADDRESS}; port"
-        f" {DEFAULT_PORT} when not given)",
+        f" {DEFAULT_PORT} when not given); several, comma-separated IP addresses (a"
+        " cluster's front servers): the next is used when one is down",
+    )
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the server's certificate must list, when it is not the host dialled"
+        " (env JOBWORKER_SERVER_NAME; needed for several --server hosts)",
     )
     for _dest, flag, env in _CLIENT_TLS:
         group.add_argument(flag, type=Path, metavar="FILE", help=f"PEM file (env {env})")
@@ -175,7 +182,9 @@ def _client_tls(options: argparse.Namespace) -> TlsFiles:
 
 def connect(options: argparse.Namespace) -> JobClient:
     server = options.server or os.environ.get("JOBWORKER_SERVER") or DEFAULT_ADDRESS
-    return JobClient(with_default_port(server), _client_tls(options))
+    name = options.server_name or os.environ.get("JOBWORKER_SERVER_NAME") or None
+    target, name = dial_target(server, name)
+    return JobClient(target, _client_tls(options), server_name=name)
 
 
 def limits_from_options(options: argparse.Namespace) -> Limits | None:
