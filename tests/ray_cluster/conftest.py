@@ -218,10 +218,19 @@ def serve_command(
 
 
 @pytest.fixture(scope="session")
-def start_front(serve_command: MakeServe, ray_pki: PkiPaths) -> Iterator[StartFront]:
+def started_fronts() -> list[Front]:
+    """Every front server the session started (a job's end is recorded by one of them:
+    the first to report it, docs/cluster.md)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def start_front(
+    serve_command: MakeServe, ray_pki: PkiPaths, started_fronts: list[Front]
+) -> Iterator[StartFront]:
     """Start a front server (arguments as ``serve_command``), once it has found the
     cluster's nodes unless ``discovered=False``; every one is stopped at the end."""
-    started: list[Front] = []
+    started = started_fronts
 
     def start(*extra: str, discovered: bool = True, **where: object) -> Front:
         command = serve_command(*extra, **where)

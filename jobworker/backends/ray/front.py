@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,8 @@ import structlog
 from jobworker.backends.ray.agent import AgentConfig, release_placement
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
-from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
+from jobworker.backends.ray.ledger import SWEEP_SECONDS, ledger_handle
+from jobworker.backends.ray.nodes import CALL_TIMEOUT, RETRY_SECONDS, Node, Unreachable, call
 from jobworker.backends.ray.outputport import PortClient, PortUnavailable, stream_output
 from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
@@ -55,6 +55,7 @@ from jobworker.jobspec import JobSpec
 from jobworker.model import (
     InputChunk,
     InputResult,
+    JobState,
     JobStatus,
     OutputChunk,
     StopResult,
@@ -92,12 +93,16 @@ class RayBackend:
         self.default_grace = default_grace
         self._max_running = max_running
         self._max_per_client = max_running_per_client or max_running
-        #: Starts between admission and the agent's answer, per owner (counted in quotas).
-        self._starting: collections.Counter[str] = collections.Counter()
+        #: The cluster's count of running jobs (:mod:`.ledger`), set once joined.
+        self._ledger: Any = None
+        #: How long a reservation may wait for its agent's answer: the longest start.
+        self._start_bound = placement_timeout + NODE_WAIT_SECONDS + CALL_TIMEOUT
         self._nodes: dict[str, Node] = {}
-        self._table = JobTable(plugins)
+        self._table = JobTable(self._job_ended, self._jobs_learnt)
         self._placer = Placer(self._nodes, placement_timeout)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Reports of ends to the ledger (awaited, not cancelled, at shutdown).
+        self._reports: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
         self._discovery = Discovery(self._nodes, self._table, agent_config, self._spawn)
@@ -127,14 +132,19 @@ class RayBackend:
             join(address)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
+        backend._ledger = await asyncio.to_thread(ledger_handle)
+        backend._ledger.watch_nodes.remote(SWEEP_SECONDS)
         # Discovery runs in the background: the server answers while agents start.
         backend._spawn(backend._discovery.run(), "ray-discover")
         return backend
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+    def _spawn(
+        self, coro: Any, name: str, tasks: set[asyncio.Task[None]] | None = None
+    ) -> asyncio.Task[None]:
+        tasks = self._tasks if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     # -- queries ---------------------------------------------------------------------------
@@ -172,31 +182,87 @@ class RayBackend:
         try:
             if self._closing:
                 raise FailedPrecondition("the server is shutting down; retry on another server")
-            if self.running + self._starting.total() >= self._max_running:
-                raise server_full(self.running, self._max_running)
-            active = self._table.running_of(owner) + self._starting[owner]
-            if active >= self._max_per_client:
-                raise client_full(owner, active, self._max_per_client)
-            spec = self._plugins.pre_spawn(job_id, spec, owner)
-            if not self._authenticated:
-                log.warning("ray_cluster_unauthenticated", job_id=job_id,
-                            consequence=UNAUTHENTICATED_RISK)  # fmt: skip
-            self._starting[owner] += 1
+            await self._reserve(job_id, owner)
             try:
+                spec = self._plugins.pre_spawn(job_id, spec, owner)
+                if not self._authenticated:
+                    log.warning("ray_cluster_unauthenticated", job_id=job_id,
+                                consequence=UNAUTHENTICATED_RISK)  # fmt: skip
                 status, node = await self._launch(job_id, spec, owner)
-            finally:
-                self._starting[owner] -= 1
+            except BaseException:
+                self._ledger.release.remote(job_id)
+                raise
         except JobworkerError as err:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)
             raise
-        self._table.add(status, node)
+        self._ledger.hold.remote(job_id, node.node_id)
+        if self._table.find(job_id) is None:  # else its node's poll brought it already
+            self._table.add(status, node)
         log.info("job_started", job_id=job_id, owner=owner, command=spec.command,
                  node=node.name, pid=status.pid)  # fmt: skip
         self._plugins.job_started(status)
         if self._relay_output:
             self._spawn(self._relay(job_id), f"ray-relay-{job_id}")
         return status
+
+    async def _reserve(self, job_id: str, owner: str) -> None:
+        """Take a slot of ``--max-jobs`` and ``--max-jobs-per-client`` in the cluster's
+        ledger, where every front server's jobs count."""
+        refused = await self._ask_ledger(
+            self._ledger.reserve.remote(
+                job_id, owner, self._max_running, self._max_per_client, self._start_bound
+            )
+        )
+        if refused is not None:
+            total, mine = refused
+            if total >= self._max_running:
+                raise server_full(total, self._max_running)
+            raise client_full(owner, mine, self._max_per_client)
+
+    async def _ask_ledger(self, ref: Any) -> Any:
+        import ray
+
+        try:
+            return await asyncio.wait_for(ref, CALL_TIMEOUT)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            raise Unavailable(
+                "the cluster's job ledger (an actor on the Ray head) does not answer"
+                f" ({type(err).__name__}); retry shortly"
+            ) from err
+
+    def _job_ended(self, status: JobStatus) -> None:
+        self._spawn(self._report_end(status), f"ray-end-{status.job_id}", self._reports)
+
+    async def _report_end(self, status: JobStatus) -> None:
+        """Give the job's slot back; the first front server to report the end writes its
+        ``job_exited`` record (``on_exit``), so that each end is recorded once."""
+        try:
+            first = await self._ask_ledger(self._ledger.end.remote(status.job_id))
+        except Unavailable as err:
+            log.warning("ledger_unreachable", job_id=status.job_id, error=str(err),
+                        consequence="its end is recorded here, maybe by others too")  # fmt: skip
+            first = True
+        if first:
+            self._plugins.on_exit(status)
+
+    def _jobs_learnt(self, node: Node, statuses: builtins.list[JobStatus]) -> None:
+        self._spawn(self._adopt(node, statuses), "ray-adopt", self._reports)
+
+    async def _adopt(self, node: Node, statuses: builtins.list[JobStatus]) -> None:
+        """Have the ledger count jobs this front found on ``node``; write the records of
+        those that ended while no front server watched."""
+        running = {s.job_id: s.owner for s in statuses if s.state is not JobState.EXITED}
+        ended = {s.job_id: s for s in statuses if s.state is JobState.EXITED}
+        ask = self._ledger.adopt.remote(node.node_id, running, list(ended))
+        try:
+            unreported = await self._ask_ledger(ask)
+        except Unavailable as err:
+            log.warning("ledger_unreachable", jobs=len(statuses), error=str(err),
+                        consequence="these jobs are not counted in the quotas")  # fmt: skip
+            return
+        for job_id in unreported:
+            self._plugins.on_exit(ended[job_id])
 
     async def _launch(self, job_id: str, spec: JobSpec, owner: str) -> tuple[JobStatus, Node]:
         """Place the job and have its node's agent start it."""
@@ -381,6 +447,8 @@ class RayBackend:
         log.info("ray_jobs_left_running", running_jobs=self.running,
                  consequence="the jobs go on on their nodes; other front servers, and the"
                  " next one started, serve them")  # fmt: skip
+        if self._reports:  # ends already seen: their records, and the ledger's slots
+            await asyncio.wait(self._reports, timeout=CALL_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -17,6 +17,7 @@ import asyncio
 import builtins
 import collections
 import time
+from collections.abc import Callable
 
 import attrs
 import structlog
@@ -24,7 +25,6 @@ import structlog
 from jobworker.backends.ray.agent import PollReply
 from jobworker.backends.ray.nodes import Node
 from jobworker.errors import FailedPrecondition, job_not_found
-from jobworker.hooks.host import Plugins
 from jobworker.model import ExitInfo, JobState, JobStatus, TerminationReason
 from jobworker.usage import JobUsage, UsageRing, UsageSample
 
@@ -60,9 +60,12 @@ class Job:
 
 @attrs.define(eq=False)
 class JobTable:
-    """Every job the front knows of, by id; ``on_exit`` observers hear each end once."""
+    """Every job the front knows of, by id. ``ended_hook`` hears each end this front sees,
+    once; ``learnt_hook`` the jobs a poll brought that the table did not know (started by
+    another front server, or before this one)."""
 
-    _plugins: Plugins
+    _ended_hook: Callable[[JobStatus], None]
+    _learnt_hook: Callable[[Node, builtins.list[JobStatus]], None]
     _jobs: dict[str, Job] = attrs.Factory(dict)
     #: Running jobs per owner, kept as jobs start and end (a start walks no table).
     _running: collections.Counter[str] = attrs.Factory(collections.Counter)
@@ -95,9 +98,6 @@ class JobTable:
     def running_count(self) -> int:
         return self._running.total()
 
-    def running_of(self, owner: str) -> int:
-        return self._running[owner]
-
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
         # Called from the metrics server's thread: list() copies the values in one step
         # (no Python code runs meanwhile), so the loop adding a job cannot break it.
@@ -106,15 +106,19 @@ class JobTable:
     # -- the agents' reports ----------------------------------------------------------------
 
     def merge(self, node: Node, reply: PollReply) -> None:
+        learnt = []
         for status in reply.jobs:
             job = self._jobs.get(status.job_id)
-            if job is None:  # started by an earlier front server
+            if job is None:  # started by another front server, or an earlier one
                 self.add(status, node)
+                learnt.append(status)
                 if status.state is not JobState.EXITED:
                     log.info("job_recovered", job_id=status.job_id, node=node.name,
                              owner=status.owner)  # fmt: skip
                 continue
             self.update(job, status)
+        if learnt:
+            self._learnt_hook(node, learnt)
         for job_id in reply.evicted:
             job = self._jobs.get(job_id)
             if job is not None and job.node is node and job.done.is_set():
@@ -148,7 +152,7 @@ class JobTable:
             exit_code=status.exit.exit_code,
             signal=status.exit.signal,
         )
-        self._plugins.on_exit(status)
+        self._ended_hook(status)
 
     def lose(self, node: Node, why: str) -> None:
         """End ``node``'s running jobs with ``node_lost`` (the node is gone)."""
