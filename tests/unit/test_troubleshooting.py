@@ -83,7 +83,7 @@ def _modules() -> Iterator[Path]:
 def _module_strings(path: Path) -> dict[str, str]:
     """The module-level string constants a message may name, imported ones included."""
     name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
-    if name.endswith(".__main__") or name.endswith("._launcher"):
+    if name.endswith(".__main__"):
         return {}
     module = importlib.import_module(name)
     return {

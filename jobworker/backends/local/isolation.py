@@ -1,9 +1,10 @@
 """What isolating a job means: the plan the launcher carries out in the job's first process.
 
-A plan is data, not code: the launcher (``_launcher.py``) runs with no imports beyond the
-interpreter's built-ins, so plugins cannot run Python in the child. Instead the
-``jobworker_isolate`` hook builds an :class:`IsolationPlan` on the server, and the launcher
-applies it between joining the job's containment and ``execve``, in this order:
+A plan is data, not code: the launcher (``_launcher.py`` and the ``_launcher_*.py`` modules
+it loads) runs with no imports beyond the interpreter's built-ins, so plugins cannot run
+Python in the child. Instead the ``jobworker_isolate`` hook builds an
+:class:`IsolationPlan` on the server, and the launcher applies it between joining the job's
+containment and ``execve``, in this order:
 
 1. new namespaces (user when the server is not root, then mount, PID, IPC, UTS, network;
    the cgroup namespace right after joining the job's cgroup, so it is rooted there);

@@ -29,8 +29,8 @@ CAP_NET_ADMIN over the namespace (nor any user namespace that owns it).
   instead, and tearing that watch down made its exit, on every job's end, 36 -> 20 ms
   (p50 here).
 
-The launcher's side is in :mod:`jobworker.backends.local._launcher` (``_net_helper``,
-``_connect_network``); this module builds what it needs as data.
+The launcher's side is in :mod:`jobworker.backends.local._launcher_net` (``net_helper``,
+``connect_network``); this module builds what it needs as data.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Starting a job's process without forking the server.
 
 The server never forks (grpcio's threads make ``fork`` and ``preexec_fn`` unsafe,
-grpc/grpc#37259). Two ways in, both ending in :func:`jobworker.backends.local._launcher.launch`,
-which
-joins the job's containment and ``execve``s the command:
+grpc/grpc#37259). Two ways in, both ending in
+:func:`jobworker.backends.local._launcher_main.launch`, which joins the job's containment
+and ``execve``s the command:
 
 * the **zygote**: a single-threaded helper process, ``posix_spawn``ed once, that copies
   itself per job with ``clone(CLONE_PARENT)`` so the job is still the server's child

@@ -14,7 +14,7 @@ A uid that fails a check stays out of the pool; it is checked again when another
 or when the pool runs dry. Keys are the one thing that outlives every process of a uid
 (the kernel keeps a uid's user keyrings until reboot): the next job's launcher empties them
 before the command runs, and takes the right to change their permissions away, so that no
-job can leave them unclearable (see ``_launcher.py``).
+job can leave them unclearable (see ``_launcher_isolate.py``).
 
 Free uids are handed out oldest-released first, so a uid rests as long as the range
 allows. Allocation is a ``popleft`` and one non-blocking lock on the event loop; the checks
