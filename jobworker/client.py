@@ -12,6 +12,11 @@
 Protobuf stays in this module: callers get attrs views and :mod:`jobworker.model` values.
 Every failed call raises the :mod:`jobworker.errors` class of its gRPC status code, with the
 server's message, so callers never handle ``grpc.RpcError``.
+
+Starting a job and following it to its end (``jobworker run``) speak protobuf through
+:mod:`jobworker.api.codec`, by hand; the generated classes, the model and attrs are
+imported by the first call that needs them, so a client that runs one job pays for grpc
+and little more (docs/performance.md, "The client's start-up").
 """
 
 from __future__ import annotations
@@ -20,22 +25,27 @@ from __future__ import annotations
 from jobworker.api.grpcenv import grpc  # isort: split
 
 import builtins
+import functools
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
-
-import attrs
+from typing import TYPE_CHECKING, Any, Self
 
 from jobworker import errors
-from jobworker.api import wire
+from jobworker.api import codec
+from jobworker.api.codec import JobEnd
 from jobworker.api.tlsfiles import TlsFiles, load_material
-from jobworker.jobspec import Limits
-from jobworker.model import InputResult, JobState, JobStatusView, ListQuery, StopView
-from jobworker.usage import JobUsage
-from jobworker.v1 import jobworker_pb2 as pb
-from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
-__all__ = ["MAX_MESSAGE_BYTES", "JobClient", "JobStatusView", "StopView"]
+if TYPE_CHECKING:
+    from jobworker.jobspec import Limits
+    from jobworker.model import InputResult, JobState, JobStatusView, StopView
+    from jobworker.usage import JobUsage
+    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+
+__all__ = ["MAX_MESSAGE_BYTES", "JobClient", "JobEnd", "JobStatusView", "StopView"]
+
+#: The service's methods, for calls made with bytes (:mod:`jobworker.api.codec`).
+_SERVICE = "/jobworker.v1.JobService"
 
 #: Largest message accepted either way; well above the server's output chunks, small
 #: enough that a misbehaving server cannot make the client allocate without bound.
@@ -127,7 +137,7 @@ class JobClient:
 
     ``target`` is ``HOST:PORT``, or a gRPC target naming several servers (a cluster's
     fronts: ``ipv4:ADDR:PORT,ADDR:PORT``, ``dns:///NAME:PORT``; see
-    :func:`jobworker.api.wire.dial_target`), of which one is used until it fails.
+    :func:`jobworker.api.address.dial_target`), of which one is used until it fails.
     ``server_name`` overrides the name checked against the server's certificate (by
     default the host part of ``target``). Use it as a context manager, or call ``close``.
     Raises :class:`jobworker.errors.ConfigError` at construction for unusable TLS files.
@@ -145,9 +155,17 @@ class JobClient:
             options.append(("grpc.service_config", failover_service_config()))
         self.server_name = server_name
         self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
-        self._stub = pb_grpc.JobServiceStub(self._channel)
-        # Chunks as raw bytes, decoded by hand (wire.decode_chunk): every byte passes here.
-        self._stream_output = self._channel.unary_stream("/jobworker.v1.JobService/StreamOutput")
+        self._start_job = self._channel.unary_unary(f"{_SERVICE}/StartJob")
+        # Chunks as raw bytes, decoded by hand (codec.decode_chunk): every byte passes here.
+        self._stream_output = self._channel.unary_stream(f"{_SERVICE}/StreamOutput")
+
+    @functools.cached_property
+    def _stub(self) -> pb_grpc.JobServiceStub:
+        """The generated stub, for the calls ``run`` does not make: protobuf's runtime is
+        imported on first use."""
+        from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+
+        return pb_grpc.JobServiceStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -189,20 +207,23 @@ class JobClient:
         "private", "none" or "host" (None: the server's default); ``stdin``: keep the job's stdin
         open for :meth:`write_input` (else it reads /dev/null); ``node``: the cluster node
         to run on (cluster backends only)."""
-        request = wire.start_request(command, args, env, cwd, limits, user, network, stdin, node)
-        if (size := request.ByteSize()) > MAX_REQUEST_BYTES:
+        request = codec.start_request(command, args, env, cwd, limits, user, network, stdin, node)
+        if (size := len(request)) > MAX_REQUEST_BYTES:
             raise errors.InvalidArgument(
                 f"the command, its arguments and environment take {size / (1 << 20):.1f} MiB,"
                 f" over the {MAX_REQUEST_BYTES >> 20} MiB a request may carry: pass large data"
                 " through the job's stdin (`jobworker run`, a pipe or -i) or a file"
             )
         try:
-            response: pb.StartJobResponse = self._stub.StartJob(request)
+            response: bytes = self._start_job(request)
         except grpc.RpcError as err:
             raise self._error(err) from None
-        return response.job_id
+        return codec.start_response_job_id(response)
 
     def status(self, job_id: str) -> JobStatusView:
+        from jobworker.api import wire
+        from jobworker.v1 import jobworker_pb2 as pb
+
         try:
             response: pb.JobStatusResponse = self._stub.GetStatus(pb.JobRequest(job_id=job_id))
         except grpc.RpcError as err:
@@ -211,6 +232,9 @@ class JobClient:
 
     def stop(self, job_id: str, grace: float | None = None) -> StopView:
         """Stop a job: SIGTERM, ``grace`` seconds (server default if None), then SIGKILL."""
+        from jobworker.api import wire
+        from jobworker.v1 import jobworker_pb2 as pb
+
         try:
             response: pb.JobResponse = self._stub.StopJob(
                 pb.JobRequest(job_id=job_id, grace_seconds=grace)
@@ -228,6 +252,11 @@ class JobClient:
         """Every job the caller may see (its own; all of them for an admin), oldest first,
         only those in ``state``, of ``owner`` and on cluster node ``node`` when given; fetched
         a page at a time."""
+        import attrs
+
+        from jobworker.api import wire
+        from jobworker.model import ListQuery
+
         query = ListQuery(state=state, owner=owner, node=node, page_size=LIST_PAGE_SIZE)
         views: builtins.list[JobStatusView] = []
         while True:
@@ -253,6 +282,8 @@ class JobClient:
         Blocks while the job does not read (flow control reaches back to ``chunks``);
         returns early, with ``closed`` set, when the job closes its stdin or exits.
         """
+        from jobworker.api import wire
+        from jobworker.v1 import jobworker_pb2 as pb
 
         def messages() -> Iterator[pb.InputChunk]:
             yield pb.InputChunk(job_id=job_id)
@@ -270,6 +301,9 @@ class JobClient:
 
     def usage(self, job_id: str, last: int = 0) -> JobUsage:
         """The job's usage samples, oldest first (the newest ``last`` only; 0: all)."""
+        from jobworker.api import wire
+        from jobworker.v1 import jobworker_pb2 as pb
+
         try:
             response: pb.JobUsage = self._stub.GetUsage(pb.UsageRequest(job_id=job_id, last=last))
         except grpc.RpcError as err:
@@ -278,6 +312,9 @@ class JobClient:
 
     def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
         """Usage samples of every running job the caller may see."""
+        from jobworker.api import wire
+        from jobworker.v1 import jobworker_pb2 as pb
+
         try:
             response: pb.ListUsageResponse = self._stub.ListUsage(pb.ListUsageRequest(last=last))
         except grpc.RpcError as err:
@@ -305,14 +342,43 @@ class JobClient:
         self, job_id: str, offset: int = 0, follow: bool = True
     ) -> Generator[tuple[str, memoryview, int], None, None]:
         """As :meth:`stream`, with ``data`` a view into the received message: no copy, for
-        a caller that only writes it out (``jobworker run`` and ``logs`` do)."""
-        call = self._stream_output(
-            pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow).SerializeToString()
-        )
+        a caller that only writes it out (``jobworker logs`` does)."""
+        request = codec.job_request(job_id, offset, no_follow=not follow)
+        yield from self._chunks(request)
+
+    def follow_to_end(self, job_id: str) -> Generator[tuple[str, memoryview, int], None, JobEnd]:
+        """As :meth:`stream_views` from the first byte, following; the generator returns how
+        the job ended (``jobworker run``): the server sends it after the output, in the
+        same call (a server from before that feature is asked with :meth:`status`)."""
+        end = yield from self._chunks(codec.job_request(job_id, with_status=True))
+        if end is not None:
+            return end
+        view = self.status(job_id)
+        reason = "" if view.reason is None else view.reason.value
+        return JobEnd(job_id, view.state.value, reason, view.shell_exit_code, view.node or "")
+
+    def _chunks(
+        self, request: bytes
+    ) -> Generator[tuple[str, memoryview, int], None, JobEnd | None]:
+        """The chunks of one StreamOutput call; returns the job's end if the server sent it."""
+        call = self._stream_output(request)
         try:
             for raw in call:
-                yield wire.decode_chunk(raw)
+                stream, data, position, end = codec.decode_chunk(raw)
+                if end is not None:
+                    return codec.decode_end(end)
+                yield stream, data, position
+            return None
         except grpc.RpcError as err:
             raise self._error(err) from None
         finally:
             call.cancel()  # no-op after a complete stream; frees the server otherwise
+
+
+def __getattr__(name: str) -> object:
+    """The model's views, re-exported on first use (importing them imports attrs)."""
+    if name in ("JobStatusView", "StopView"):
+        from jobworker import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

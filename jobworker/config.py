@@ -9,13 +9,10 @@ from pathlib import Path
 import attrs
 import structlog
 
+from jobworker.api.address import DEFAULT_ADDRESS
 from jobworker.api.connections import ConnectionLimits
 from jobworker.api.tlsfiles import TlsFiles, given_files
-from jobworker.api.wire import (
-    DEFAULT_ADDRESS,
-    DEFAULT_MAX_OUTPUT_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CLIENT,
-)
+from jobworker.api.wire import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_STREAMS_PER_CLIENT
 from jobworker.errors import ConfigError
 
 log = structlog.get_logger("jobworker.config")

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from jobworker.errors import InvalidArgument
+from jobworker.units import CPU_WEIGHT_RANGE
 
 #: PATH given to a job whose environment does not set one, so ``echo`` resolves as in a shell.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -45,7 +46,6 @@ MAX_ARG_STRLEN = 32 * 4096
 MAX_USER_BYTES = 256
 #: cgroup files take signed 64-bit values; anything larger is a mistake.
 MAX_LIMIT_VALUE = 2**63 - 1
-CPU_WEIGHT_RANGE = (1, 10_000)
 MAX_IO_DEVICES = 64
 MAX_DEVICE_CHARS = 4096
 

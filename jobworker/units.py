@@ -12,6 +12,10 @@ _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[kmgt])(?:i?b)?|b?)
 _MULTIPLIERS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _PER_SECOND = "/s"
 
+#: cgroup v2's ``cpu.weight``: what ``--cpu-weight`` may be (``jobspec.Limits`` checks it;
+#: here, so that the CLI states it without importing the model).
+CPU_WEIGHT_RANGE = (1, 10_000)
+
 
 def parse_size(text: str) -> int:
     """Bytes from ``512K``, ``256M``, ``1.5G``, ``1GiB`` or plain ``1048576``; must be > 0."""

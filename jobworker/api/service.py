@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 
-from jobworker.api import tls, wire
+from jobworker.api import codec, tls, wire
 from jobworker.api.identity import Identity
 from jobworker.api.openstreams import OpenStreams
 from jobworker.backends.base import JobBackend
@@ -138,7 +138,7 @@ class DecodeInHandler(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _pre_encoded(message: bytes | Any) -> bytes:
-    """StreamOutput's chunks arrive encoded already (:func:`jobworker.api.wire.encode_chunk`)."""
+    """StreamOutput's chunks arrive encoded already (:func:`jobworker.api.codec.encode_chunk`)."""
     if isinstance(message, bytes):
         return message
     encoded: bytes = message.SerializeToString()
@@ -359,17 +359,22 @@ class JobService(pb_grpc.JobServiceServicer):
     async def StreamOutput(  # type: ignore[override]  # yields bytes: see _pre_encoded
         self, request: pb.JobRequest, caller: Caller
     ) -> AsyncIterator[bytes]:
-        """Each chunk as the bytes of a JobOutputChunk (see :class:`DecodeInHandler`)."""
+        """Each chunk as the bytes of a JobOutputChunk (see :class:`DecodeInHandler`); asked
+        ``with_status``, a followed job's final status in one more."""
+        job_id, offset = caller.target.job_id, request.offset
         with self._stream_slot(caller.identity):
-            chunks = self.backend.follow(
-                caller.target.job_id, offset=request.offset, follow=not request.no_follow
-            )
+            chunks = self.backend.follow(job_id, offset=offset, follow=not request.no_follow)
             async for chunk in chunks:
                 if self._observe_sent:
-                    self.plugins.output_sent(caller.target.job_id, len(chunk.data))
-                message = wire.encode_chunk(chunk)
+                    self.plugins.output_sent(job_id, len(chunk.data))
+                message, offset = codec.encode_chunk(chunk), chunk.offset
                 del chunk  # a stalled client pins one copy of a chunk, not two
                 yield message
+        if request.with_status and not request.no_follow:
+            status = self.backend.find(job_id)  # None only if retention dropped it meanwhile
+            if status is not None and self._may_see(caller.identity, status):
+                end = pb.JobOutputChunk(offset=offset, status=wire.status_to_pb(status))
+                yield end.SerializeToString()
 
     @contextlib.contextmanager
     def _stream_slot(self, identity: Identity) -> Iterator[None]:
@@ -442,7 +447,8 @@ class JobService(pb_grpc.JobServiceServicer):
         return self.backend
 
     def _may_see(self, identity: Identity, status: JobStatus) -> bool:
-        """Listing filters by the STATUS rule; a hidden job is skipped, not an error."""
+        """Listing filters by the STATUS rule, and a stream's end sends the job's status by
+        it; a hidden job is skipped, not an error (the stream's client asks GetStatus)."""
         try:
             self.plugins.authorize(identity, Action.STATUS, status)
         except JobworkerError:

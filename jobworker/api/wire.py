@@ -1,8 +1,10 @@
 """Protobuf <-> domain, both directions, for every message: the one translation table.
 
 The service (jobworker.api.service) and the client (jobworker.client) are the only modules
-that speak protobuf, and both translate here. Values are validated by the model they
-become (:mod:`jobworker.model`), never here; the wire's own conventions live here:
+that speak protobuf, and both translate here, but for the bytes made and read by hand in
+:mod:`jobworker.api.codec` (output chunks, and ``jobworker run``'s calls). Values are
+validated by the model they become (:mod:`jobworker.model`), never here; the wire's own
+conventions live here:
 
 * 0 (or "") means "not set" where the model says None;
 * ``exit_code`` is 128+N for a job killed by signal N (``JobStatusView.shell_exit_code``),
@@ -12,11 +14,9 @@ become (:mod:`jobworker.model`), never here; the wire's own conventions live her
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import attrs
 
-from jobworker.errors import InvalidArgument, RemoteError, UsageError
+from jobworker.errors import InvalidArgument, RemoteError
 from jobworker.jobspec import IoLimit, JobSpec, Limits
 from jobworker.model import (
     InputChunk,
@@ -25,7 +25,6 @@ from jobworker.model import (
     JobStatus,
     JobStatusView,
     ListQuery,
-    OutputChunk,
     ResourceUsage,
     StopResult,
     StopView,
@@ -33,74 +32,6 @@ from jobworker.model import (
 )
 from jobworker.usage import JobUsage, UsageSample
 from jobworker.v1 import jobworker_pb2 as pb
-
-#: Where a server listens, and a client connects, unless told otherwise.
-DEFAULT_PORT = 50051
-DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
-
-
-def with_default_port(address: str) -> str:
-    """``HOST`` -> ``HOST:50051`` (grpc would dial 443); ``HOST:PORT`` and ``[V6]:PORT``
-    unchanged, a bare IPv6 address bracketed."""
-    if address.startswith("["):
-        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
-    if address.count(":") > 1:  # a bare IPv6 address
-        return f"[{address}]:{DEFAULT_PORT}"
-    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
-
-
-#: gRPC target schemes a ``--server`` value may start with, passed to grpc as they are.
-_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:")
-
-
-def dial_target(servers: str, server_name: str | None = None) -> tuple[str, str | None]:
-    """The gRPC target for ``--server`` and the name the server's certificate must list
-    (None: the host dialled).
-
-    ``HOST[:PORT]`` is one server; ``ADDR[:PORT],ADDR[:PORT],...`` several (a cluster's
-    front servers: IP addresses, one family), dialled as grpc's ``ipv4:``/``ipv6:``
-    target, whose name to verify is their common host or else ``server_name``; a gRPC
-    target (``dns:///NAME:PORT``, ``ipv4:...``) is used as it is. Raises UsageError."""
-    if servers.startswith(_TARGET_SCHEMES):
-        scheme, _, rest = servers.partition(":")
-        if scheme == "dns":
-            return servers, server_name
-        addresses = rest.split(",")
-        target = servers
-    else:
-        addresses = [with_default_port(a.strip()) for a in servers.split(",")]
-        if len(addresses) == 1:
-            return addresses[0], server_name
-        target = f"{_family(servers, addresses)}:{','.join(addresses)}"
-    hosts = {a.rsplit(":", 1)[0].strip("[]") for a in addresses}
-    if server_name is None:
-        if len(hosts) > 1:
-            raise UsageError(
-                f"--server {servers}: several hosts need --server-name NAME (or"
-                " JOBWORKER_SERVER_NAME), the name every one's certificate lists"
-            )
-        server_name = hosts.pop()
-    return target, server_name
-
-
-def _family(servers: str, addresses: Sequence[str]) -> str:
-    """grpc's scheme for a list of IP addresses: ``ipv4`` or ``ipv6``."""
-    import ipaddress
-
-    versions = set()
-    for address in addresses:
-        try:
-            versions.add(ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]")).version)
-        except ValueError:
-            raise UsageError(
-                f"--server {servers}: several servers must be IP addresses ({address} is"
-                " not; grpc resolves one name per target): list their addresses, or give"
-                " one DNS name that resolves to every one as dns:///NAME:PORT"
-            ) from None
-    if len(versions) > 1:
-        raise UsageError(f"--server {servers}: list IPv4 or IPv6 addresses, not both")
-    return f"ipv{versions.pop()}"
-
 
 #: Output a server keeps per job unless told otherwise (``serve --max-output-bytes``).
 DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
@@ -158,57 +89,6 @@ def limits_from_pb(limits: pb.Limits) -> Limits:
 
 
 # -- StartJob -------------------------------------------------------------------------------
-
-
-def _check_utf8(what: str, text: str) -> None:
-    """Refuse text that cannot travel: protobuf strings are UTF-8, and a command line may
-    hold any bytes (Python keeps those that are not UTF-8 as lone surrogates)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as err:
-        bad = text[err.start : err.end]
-        try:
-            raw = bad.encode(errors="surrogateescape")  # the bytes of the command line
-        except UnicodeEncodeError:
-            raw = bad.encode(errors="surrogatepass")  # a surrogate given as such
-        raise UsageError(
-            f"{what} holds bytes that are not UTF-8 ({raw.hex(' ')} at character"
-            f" {err.start + 1}): the API carries text as protobuf strings, which are UTF-8;"
-            " pass the value through a file, or encode it (base64, say) for the job to decode"
-        ) from None
-
-
-def start_request(
-    command: str,
-    args: Sequence[str],
-    env: Mapping[str, str] | None,
-    cwd: str | None,
-    limits: Limits | None,
-    user: str | None = None,
-    network: str | None = None,
-    stdin: bool = False,
-    node: str | None = None,
-) -> pb.StartJobRequest:
-    """The StartJob request; raises ``UsageError`` for text that is not UTF-8."""
-    _check_utf8("the command", command)
-    for number, arg in enumerate(args, 1):
-        _check_utf8(f"argument {number}", arg)
-    for key, value in (env or {}).items():
-        _check_utf8("an environment variable name", key)
-        _check_utf8(f"environment variable {key.encode(errors='replace').decode()}", value)
-    for what, text in (("--cwd", cwd), ("--user", user), ("--network", network), ("--node", node)):
-        _check_utf8(what, text or "")
-    return pb.StartJobRequest(
-        command=command,
-        args=args,
-        env=env or {},
-        cwd=cwd or "",
-        limits=limits_to_pb(limits) if limits is not None else None,
-        user=user or "",
-        network=network or "",
-        stdin=stdin,
-        node=node or "",
-    )
 
 
 def spec_from_pb(request: pb.StartJobRequest) -> JobSpec:
@@ -336,9 +216,6 @@ def stop_from_pb(response: pb.JobResponse) -> StopView:
     )
 
 
-# -- StreamOutput ---------------------------------------------------------------------------
-
-
 # -- GetUsage, ListUsage ----------------------------------------------------------------------
 
 
@@ -381,85 +258,6 @@ def usage_from_pb(usage: pb.JobUsage) -> JobUsage:
             for s in usage.samples
         ),
     )
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: ``stream`` (field 2, length-delimited) of a JobOutputChunk, encoded once per label.
-_STREAM_FIELD = {
-    label: b"\x12" + _varint(len(label)) + label.encode() for label in ("stdout", "stderr")
-}
-
-
-def encode_chunk(chunk: OutputChunk) -> bytes:
-    """``chunk`` as the bytes of a ``JobOutputChunk``, the same bytes protobuf would make.
-
-    By hand because every byte of output passes here: one copy of ``data`` instead of three
-    (into the message, out of it, and into grpc), which the stream's throughput and the
-    memory a slow follower pins both feel. The service sends these bytes as they are.
-    """
-    return b"".join(
-        (
-            b"\x0a",  # data: field 1, length-delimited
-            _varint(len(chunk.data)),
-            chunk.data,
-            _STREAM_FIELD[chunk.stream.label],
-            b"\x18",  # offset: field 3, varint
-            _varint(chunk.offset),
-        )
-    )
-
-
-def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def decode_chunk(raw: bytes) -> tuple[str, memoryview, int]:
-    """``(stream, data, offset)`` of a ``JobOutputChunk``'s bytes; ``data`` is a view into
-    ``raw`` (no copy: the CLI writes it out as it is). Unknown fields are skipped, as
-    protobuf does. Raises RemoteError for bytes that are not a chunk."""
-    view = memoryview(raw)
-    data, stream, offset, pos = view[0:0], "", 0, 0
-    try:
-        while pos < len(raw):
-            key, pos = _read_varint(raw, pos)
-            field, kind = key >> 3, key & 7
-            if kind == 2:
-                length, pos = _read_varint(raw, pos)
-                if pos + length > len(raw):
-                    raise ValueError("truncated field")
-                if field == 1:
-                    data = view[pos : pos + length]
-                elif field == 2:
-                    stream = raw[pos : pos + length].decode()
-                pos += length
-            elif kind == 0:
-                value, pos = _read_varint(raw, pos)
-                if field == 3:
-                    offset = value
-            elif kind in (1, 5):
-                pos += 8 if kind == 1 else 4
-            else:
-                raise ValueError(f"wire type {kind}")
-    except (ValueError, IndexError, UnicodeDecodeError) as err:
-        raise RemoteError("UNKNOWN", f"the server sent an undecodable chunk ({err})") from None
-    return stream, data, offset
 
 
 # -- ListJobs -------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from jobworker.api import certs
+from jobworker.api.address import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.api.pki import CRL_VALIDITY, PkiPaths, default_server_names, init_pki
 from jobworker.api.tlsfiles import DEV_CLIENT, TlsFiles, default_pki_dir
-from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, with_default_port
 from jobworker.cli.common import argument, for_terminal, print_json
 from jobworker.plugins.authz import ROLES
 

@@ -6,21 +6,24 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from jobworker.api.address import DEFAULT_ADDRESS, DEFAULT_PORT, dial_target
 from jobworker.api.tlsfiles import DEV_CLIENT, PkiFiles, TlsFiles, default_pki_dir, given_files
-from jobworker.api.wire import DEFAULT_ADDRESS, DEFAULT_PORT, dial_target
 from jobworker.cli.common import Parser, argument
 from jobworker.client import JobClient
 from jobworker.errors import UsageError
-from jobworker.jobspec import CPU_WEIGHT_RANGE, IoLimit, Limits
 from jobworker.units import (
+    CPU_WEIGHT_RANGE,
     parse_cores,
     parse_count,
     parse_rate,
     parse_size,
     split_device_value,
 )
+
+if TYPE_CHECKING:
+    from jobworker.jobspec import Limits
 
 # Client TLS options: (option dest, flag, environment variable).
 _CLIENT_TLS = (
@@ -188,7 +191,13 @@ def connect(options: argparse.Namespace) -> JobClient:
 
 
 def limits_from_options(options: argparse.Namespace) -> Limits | None:
-    """The limits flags as one ``Limits``; the IO flags of a device merge into one entry."""
+    """The limits flags as one ``Limits``; the IO flags of a device merge into one entry.
+    The model (and attrs) is imported only for a job that has some."""
+    flags = (options.cpu, options.cpu_weight, options.memory, options.memory_high, options.pids)
+    if all(value is None for value in flags) and not options.io:
+        return None
+    from jobworker.jobspec import IoLimit, Limits
+
     io: tuple[IoLimit, ...] = tuple(
         IoLimit(device=device, **fields) for device, fields in (options.io or {}).items()
     )

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jobworker.api.address import DEFAULT_ADDRESS
 from jobworker.api.connections import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTION_AGE,
@@ -16,11 +17,7 @@ from jobworker.api.connections import (
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
 )
 from jobworker.api.tlsfiles import default_pki_dir
-from jobworker.api.wire import (
-    DEFAULT_ADDRESS,
-    DEFAULT_MAX_OUTPUT_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CLIENT,
-)
+from jobworker.api.wire import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_STREAMS_PER_CLIENT
 from jobworker.cli.common import argument
 from jobworker.hooks.host import Plugins
 from jobworker.logconfig import LEVELS, configure_logging

@@ -196,6 +196,7 @@ class JobRequest(_message.Message):
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     NO_FOLLOW_FIELD_NUMBER: _builtins.int
+    WITH_STATUS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     grace_seconds: _builtins.float
     """StopJob: seconds between SIGTERM and SIGKILL; unset = server default."""
@@ -203,6 +204,10 @@ class JobRequest(_message.Message):
     """StreamOutput: resume cursor; the `offset` of the last chunk received (0 = from the start)."""
     no_follow: _builtins.bool
     """StreamOutput: send what exists now and end instead of following the job."""
+    with_status: _builtins.bool
+    """StreamOutput, following: once the job has ended and its output is all sent, one last
+    chunk carries its final status (JobOutputChunk.status): no GetStatus after the stream.
+    """
     def __init__(
         self,
         *,
@@ -210,10 +215,11 @@ class JobRequest(_message.Message):
         grace_seconds: _builtins.float | None = ...,
         offset: _builtins.int = ...,
         no_follow: _builtins.bool = ...,
+        with_status: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds", "job_id", b"job_id", "no_follow", b"no_follow", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds", "job_id", b"job_id", "no_follow", b"no_follow", "offset", b"offset", "with_status", b"with_status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grace_seconds: _TypeAlias = _typing.Literal["grace_seconds"]  # noqa: Y015
     _WhichOneofArgType__grace_seconds: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds"]  # noqa: Y015
@@ -442,21 +448,29 @@ class JobOutputChunk(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     stream: _builtins.str
     """"stdout" | "stderr" """
     offset: _builtins.int
     """resume cursor: pass as JobRequest.offset to continue after this chunk"""
+    @_builtins.property
+    def status(self) -> Global___JobStatusResponse:
+        """Only in the last chunk of a stream asked `with_status` (and then without data, its
+        offset the last chunk's): the job's status once it ended.
+        """
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         stream: _builtins.str = ...,
         offset: _builtins.int = ...,
+        status: Global___JobStatusResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "status", b"status", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

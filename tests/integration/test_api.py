@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,10 +25,12 @@ from jobworker import hookimpl
 from jobworker.api.pki import PkiPaths, write_crl
 from jobworker.api.server import serve
 from jobworker.api.tlsfiles import TlsFiles
+from jobworker.client import JobClient, JobEnd
 from jobworker.config import ServerConfig
-from jobworker.errors import ConfigError
+from jobworker.errors import ConfigError, NotFound
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
+from jobworker.model import Action
 from jobworker.plugins.authz import Authz
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1.jobworker_pb2_grpc import JobServiceStub
@@ -131,6 +134,79 @@ def test_offsets_resume_and_no_follow(api_server: RunningServer) -> None:
     beyond = rpc_error(lambda: list(alice.StreamOutput(pb.JobRequest(job_id=job_id, offset=10**9))))
     assert beyond.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "beyond" in beyond.details()
+
+
+def test_a_followed_stream_asked_with_status_ends_with_the_jobs_status(
+    api_server: RunningServer,
+) -> None:
+    alice = api_server.stub("alice")
+    job_id = start_job(alice, "sh", "-c", "echo out; echo err >&2; exit 3")
+    asked = pb.JobRequest(job_id=job_id, with_status=True)
+    *chunks, end = alice.StreamOutput(asked, timeout=T)
+    assert [(c.stream, c.data, c.HasField("status")) for c in chunks] == [
+        ("stdout", b"out\n", False),
+        ("stderr", b"err\n", False),
+    ]
+    assert (end.data, end.stream, end.offset) == (b"", "", chunks[-1].offset)
+    assert (end.status.status, end.status.reason, end.status.exit_code) == ("exited", "exited", 3)
+    assert end.status == alice.GetStatus(pb.JobRequest(job_id=job_id), timeout=T)
+    # Not asked, or not following: the output alone, as before the field existed.
+    for request in (
+        pb.JobRequest(job_id=job_id),
+        pb.JobRequest(job_id=job_id, with_status=True, no_follow=True),
+    ):
+        assert len(list(alice.StreamOutput(request, timeout=T))) == len(chunks)
+
+
+class _Watcher:
+    """Records the job service's RPCs; refuses the first status read of the jobs in
+    ``hide`` (the one their stream ends with): a server that sends no status there."""
+
+    def __init__(self) -> None:
+        self.hide: set[str] = set()
+        self.rpcs: list[str] = []
+
+    @hookimpl
+    def jobworker_rpc_finished(self, method: str) -> None:
+        self.rpcs.append(method)
+
+    @hookimpl
+    def jobworker_authorize(self, identity: Any, action: Action, job: Any) -> bool | None:
+        if action is Action.STATUS and job is not None and job.job_id in self.hide:
+            self.hide.remove(job.job_id)
+            raise NotFound(f"job {job.job_id} not found")
+        return None
+
+
+def _followed(client: JobClient, job_id: str) -> tuple[list[tuple[str, bytes]], JobEnd]:
+    chunks, output = client.follow_to_end(job_id), []
+    while True:
+        try:
+            stream, data, _offset = next(chunks)
+        except StopIteration as done:
+            return output, done.value
+        output.append((stream, bytes(data)))
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["end-sent", "end-withheld"])
+def test_run_learns_how_the_job_ended_from_the_stream_else_asks(
+    api_pki: PkiPaths, sent: bool
+) -> None:
+    watcher = _Watcher()
+    plugins = authz_plugins(api_pki.authz)
+    plugins.register(watcher, name="watcher")
+    with (
+        running_server(api_pki, plugins=plugins) as server,
+        JobClient(server.address, api_pki.client("alice")) as alice,
+    ):
+        job_id = alice.start("sh", ["-c", "echo out; kill -TERM $$"])
+        if not sent:
+            watcher.hide.add(job_id)
+        watcher.rpcs.clear()
+        output, end = _followed(alice, job_id)
+    assert output == [("stdout", b"out\n")]
+    assert end == JobEnd(job_id, "exited", "signaled", 128 + signal.SIGTERM, "")
+    assert sorted(watcher.rpcs) == (["StreamOutput"] if sent else ["GetStatus", "StreamOutput"])
 
 
 def test_no_follow_returns_what_exists_while_running(api_server: RunningServer) -> None:

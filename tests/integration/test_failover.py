@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from jobworker.api.address import dial_target
 from jobworker.api.pki import PkiPaths
-from jobworker.api.wire import dial_target
 from jobworker.client import JobClient
 from jobworker.errors import Unavailable
 from tests.serverfixtures import make_api_pki, running_server

@@ -1,4 +1,4 @@
-"""``--server`` as a gRPC target (jobworker/api/wire.py ``dial_target``): one address, a
+"""``--server`` as a gRPC target (jobworker/api/address.py ``dial_target``): one address, a
 list of front servers' IP addresses, or a gRPC target, and the name to verify."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jobworker.api.wire import dial_target
+from jobworker.api.address import dial_target
 from jobworker.errors import UsageError
 
 

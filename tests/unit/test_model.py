@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from jobworker import model
-from jobworker.api import wire
+from jobworker.api import codec, wire
 from jobworker.errors import InvalidArgument
 from jobworker.jobspec import MAX_IO_DEVICES, MAX_LIMIT_VALUE, IoLimit, JobSpec, Limits
 from jobworker.model import ExitInfo, JobStatus, JobStatusView, TerminationReason, shell_exit_code
+from jobworker.v1 import jobworker_pb2 as pb
 
 
 def test_limits_cannot_hold_an_invalid_value() -> None:
@@ -77,13 +78,6 @@ def test_limits_survive_the_wire(limits: Limits) -> None:
     assert wire.limits_from_pb(wire.limits_to_pb(limits)) == limits
 
 
-def test_a_start_request_survives_the_wire() -> None:
-    request = wire.start_request("env", ["-0"], {"A": "1"}, "/tmp", LIMITS)
-    assert wire.spec_from_pb(request) == JobSpec(
-        "env", ("-0",), env={"A": "1"}, cwd="/tmp", limits=LIMITS
-    )
-
-
 def _status(exit: ExitInfo | None) -> JobStatus:
     return JobStatus(
         job_id="j",
@@ -117,30 +111,29 @@ def test_the_exit_convention_is_kept_both_ways(
     assert view == JobStatusView.from_status(_status(exit))  # nothing lost on the way
 
 
-@pytest.mark.parametrize("size", [1, 127, 128, 300, 65536, 256 * 1024])
-@pytest.mark.parametrize("offset", [1, 127, 128, 1 << 40])
-def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> None:
-    from jobworker.api.wire import encode_chunk
-    from jobworker.model import OutputChunk, Stream
-    from jobworker.v1 import jobworker_pb2 as pb
-
-    for stream in Stream:
-        chunk = OutputChunk(stream, bytes(range(256)) * (size // 256) + b"x" * (size % 256), offset)
-        expected = pb.JobOutputChunk(data=chunk.data, stream=stream.label, offset=offset)
-        assert encode_chunk(chunk) == expected.SerializeToString()
-
-
-def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
-    from jobworker.api.wire import decode_chunk
-    from jobworker.errors import RemoteError
-    from jobworker.v1 import jobworker_pb2 as pb
-
-    data = bytes(range(256)) * 1000
-    raw = pb.JobOutputChunk(data=data, stream="stderr", offset=1 << 40).SerializeToString()
-    stream, view, offset = decode_chunk(raw + b"\x20\x07\x2a\x01z")  # unknown fields 4, 5
-    assert (stream, bytes(view), offset) == ("stderr", data, 1 << 40)
-    with pytest.raises(RemoteError, match="undecodable chunk"):
-        decode_chunk(raw[:-3])
+@pytest.mark.parametrize(
+    ("exit", "state", "reason", "exit_code"),
+    [
+        (None, "running", "", None),
+        (ExitInfo(TerminationReason.EXITED, exit_code=3), "exited", "exited", 3),
+        (ExitInfo(TerminationReason.EXITED, exit_code=0), "exited", "exited", 0),
+        (ExitInfo(TerminationReason.SIGNALED, signal=signal.SIGKILL), "exited", "signaled", 137),
+        (ExitInfo(TerminationReason.NODE_LOST), "exited", "node_lost", None),
+        (ExitInfo(TerminationReason.LOST), "exited", "lost", None),
+    ],
+)
+def test_the_end_of_a_stream_reads_as_the_view_does(
+    exit: ExitInfo | None, state: str, reason: str, exit_code: int | None
+) -> None:
+    status = _status(exit)
+    reply = wire.status_to_pb(status)
+    chunk = pb.JobOutputChunk(offset=9, status=reply).SerializeToString()
+    stream, data, offset, end = codec.decode_chunk(chunk)
+    assert (stream, bytes(data), offset) == ("", b"", 9)
+    assert end is not None
+    assert codec.decode_end(end) == codec.JobEnd("j", state, reason, exit_code, "")
+    view = JobStatusView.from_status(status)
+    assert (view.state.value, view.shell_exit_code) == (state, exit_code)
 
 
 @pytest.mark.parametrize(

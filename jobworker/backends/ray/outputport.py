@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.api.wire import decode_chunk, encode_chunk
+from jobworker.api.codec import decode_chunk, encode_chunk
 from jobworker.backends.ray.nodes import Node, call
 from jobworker.errors import JobworkerError, Unauthenticated, error_from_code, wire_code
 from jobworker.model import OutputChunk, Stream
@@ -286,7 +286,7 @@ async def stream_output(
     rpc = method(pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow))
     try:
         async for raw in rpc:
-            label, data, after = decode_chunk(raw)
+            label, data, after, _end = decode_chunk(raw)  # no end: never asked with_status
             yield OutputChunk(_STREAMS[label], bytes(data), after)
     except grpc.aio.AioRpcError as err:
         code = err.code()
