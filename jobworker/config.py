@@ -81,7 +81,7 @@ class ServerConfig:
             from jobworker.api.tlsfiles import DEV_CLIENT, default_pki_dir
 
             pki = init_pki(default_pki_dir())
-            files = attrs.evolve(pki.server(), crl=options.tls_crl)
+            files = pki.server()._replace(crl=options.tls_crl)
             if getattr(options, "authz", None) is None:
                 options.authz = pki.authz
             # Plugins see the files in use: the isolation plugin hides them from jobs.

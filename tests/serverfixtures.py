@@ -136,7 +136,7 @@ def running_server(
     ``config_fields`` go to :class:`ServerConfig` as they are (``max_output_bytes=...``).
     Raises what ``serve`` raised, at start-up or when it returns.
     """
-    server_files = attrs.evolve(pki.server(), crl=crl)
+    server_files = pki.server()._replace(crl=crl)
     config = ServerConfig(
         listen=listen,
         tls=server_files,

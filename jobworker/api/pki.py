@@ -85,6 +85,7 @@ class CertAuthority(Issued):
 class PkiPaths(PkiFiles):
     """Where ``init_pki`` put each file, and which of them it created or found."""
 
+    directory: Path
     created: tuple[Path, ...] = ()
     existing: tuple[Path, ...] = ()
 

@@ -16,8 +16,7 @@ import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-
-import attrs
+from typing import NamedTuple, Self
 
 from jobworker.errors import ConfigError, UsageError
 
@@ -40,19 +39,29 @@ def default_pki_dir() -> Path:
     return Path(data_home) / "jobworker" / "pki"
 
 
-def _optional_path(value: str | os.PathLike[str] | None) -> Path | None:
-    return None if value is None else Path(value)
+class _TlsPaths(NamedTuple):
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path | None = None
 
 
-@attrs.frozen
-class TlsFiles:
+class TlsFiles(_TlsPaths):
     """The PEM files of one TLS endpoint: its certificate (chain), its key, the CA
-    bundle that verifies the other side, and optionally a CRL of that CA."""
+    bundle that verifies the other side, and optionally a CRL of that CA. Given as
+    strings or paths, held as paths; ``_replace`` makes a changed copy."""
 
-    cert: Path = attrs.field(converter=Path)
-    key: Path = attrs.field(converter=Path)
-    ca: Path = attrs.field(converter=Path)
-    crl: Path | None = attrs.field(default=None, converter=_optional_path)
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        ca: str | os.PathLike[str],
+        crl: str | os.PathLike[str] | None = None,
+    ) -> Self:
+        optional = None if crl is None else Path(crl)
+        return super().__new__(cls, Path(cert), Path(key), Path(ca), optional)
 
 
 def given_files(
@@ -78,11 +87,14 @@ def given_files(
     return TlsFiles(cert=cert, key=key, ca=ca, crl=crl)
 
 
-@attrs.frozen
 class PkiFiles:
     """Where a PKI directory (``jobworker certs init``) keeps each file."""
 
-    directory: Path
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.directory!r})"
 
     @property
     def ca_cert(self) -> Path:
@@ -126,8 +138,7 @@ class PkiFiles:
         return TlsFiles(cert=self.client_cert(name), key=self.client_key(name), ca=self.ca_cert)
 
 
-@attrs.frozen
-class Material:
+class Material(NamedTuple):
     """The checked PEM bytes grpc takes."""
 
     cert_chain: bytes

@@ -19,11 +19,9 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from jobworker.cli import top
 from jobworker.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -43,7 +41,6 @@ from jobworker.cli.options import (
     job_options,
     limits_from_options,
 )
-from jobworker.client import JobClient
 from jobworker.errors import (
     EXEC_FAILED,
     FailedPrecondition,
@@ -51,25 +48,56 @@ from jobworker.errors import (
     NotFound,
     Unavailable,
 )
-from jobworker.model import JobState, JobStatusView, TerminationReason
 from jobworker.units import parse_seconds
 
+if TYPE_CHECKING:
+    from jobworker.client import JobClient
+    from jobworker.model import JobStatusView
 
-def add_commands(commands: Any) -> None:
-    """Add the client commands to ``commands`` (the subparsers of ``jobworker``)."""
+T = TypeVar("T")
+_Parent = Callable[[], argparse.ArgumentParser]
+
+#: The client commands, in the order ``jobworker --help`` lists them.
+NAMES = ("start", "run", "status", "top", "logs", "stop", "write", "list")
+
+
+def add_commands(commands: Any, names: Iterable[str] = NAMES) -> None:
+    """Add the client commands ``names`` to ``commands`` (the subparsers of ``jobworker``):
+    all of them for ``--help``, only the one it runs otherwise, so that ``run`` builds (and
+    imports) nothing for ``list`` or ``top``."""
     connection = connection_options()
-    job = job_options()
+    job = functools.cache(job_options)  # start and run share it, others never build it
+    adders: dict[str, Callable[[Any, argparse.ArgumentParser, _Parent], None]] = {
+        "start": _add_start,
+        "run": _add_run,
+        "status": _add_status,
+        "top": _add_top,
+        "logs": _add_logs,
+        "stop": _add_stop,
+        "write": _add_write,
+        "list": _add_list,
+    }
+    for name in names:
+        adders[name](commands, connection, job)
+
+
+def _add_start(commands: Any, connection: argparse.ArgumentParser, job: _Parent) -> None:
     start = commands.add_parser(
-        "start", parents=[connection, job], help="start a job and print its id"
+        "start", parents=[connection, job()], help="start a job and print its id"
     )
     start.set_defaults(handler=_client_command(_start))
+
+
+def _add_run(commands: Any, connection: argparse.ArgumentParser, job: _Parent) -> None:
     run = commands.add_parser(
         "run",
-        parents=[connection, job],
+        parents=[connection, job()],
         help="start a job, stream its output and exit with its status",
     )
     run.set_defaults(handler=_client_command(_run))
 
+
+def _add_status(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
     status = commands.add_parser("status", parents=[connection], help="show a job")
     status.add_argument("job_id", metavar="JOB", type=job_id)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -78,8 +106,14 @@ def add_commands(commands: Any) -> None:
     )
     status.set_defaults(handler=_client_command(_status))
 
+
+def _add_top(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
+    from jobworker.cli import top
+
     top.add_command(commands, connection, _client_command)
 
+
+def _add_logs(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
     logs = commands.add_parser("logs", parents=[connection], help="print a job's output")
     logs.add_argument("job_id", metavar="JOB", type=job_id)
     logs.add_argument(
@@ -87,6 +121,8 @@ def add_commands(commands: Any) -> None:
     )
     logs.set_defaults(handler=_client_command(_logs))
 
+
+def _add_stop(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
     stop = commands.add_parser("stop", parents=[connection], help="stop a job")
     stop.add_argument("job_id", metavar="JOB", type=job_id)
     stop.add_argument(
@@ -97,6 +133,8 @@ def add_commands(commands: Any) -> None:
     )
     stop.set_defaults(handler=_client_command(_stop))
 
+
+def _add_write(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
     write = commands.add_parser(
         "write", parents=[connection], help="copy our stdin to a job started with -i"
     )
@@ -107,6 +145,10 @@ def add_commands(commands: Any) -> None:
         help="leave the job's stdin open at our end of input (another write may follow)",
     )
     write.set_defaults(handler=_client_command(_write))
+
+
+def _add_list(commands: Any, connection: argparse.ArgumentParser, _job: _Parent) -> None:
+    from jobworker.model import JobState
 
     listing = commands.add_parser("list", parents=[connection], help="list jobs")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -208,19 +250,26 @@ def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> s
     )
 
 
-def _copy_output(chunks: Iterable[tuple[str, memoryview, int]]) -> None:
-    """Write each chunk to our own stdout or stderr, byte for byte, as it arrives.
-
-    Straight to the descriptors from the received message (nothing else writes to them
-    meanwhile): no copy, and the chunk is out before the next is read.
-    """
+def _copy_output(chunks: Generator[tuple[str, memoryview, int], None, T]) -> T:
+    """Write each chunk to our own stdout or stderr as it arrives (:func:`_write_chunk`);
+    return what ``chunks`` returns."""
     sys.stdout.flush()
     sys.stderr.flush()
-    stdout, stderr = sys.stdout.fileno(), sys.stderr.fileno()
-    for stream, data, _offset in chunks:
-        fd = stderr if stream == "stderr" else stdout
-        while data:
-            data = data[os.write(fd, data) :]
+    while True:
+        try:
+            stream, data, _offset = next(chunks)
+        except StopIteration as end:
+            result: T = end.value
+            return result
+        _write_chunk(stream, data)
+
+
+def _write_chunk(stream: str, data: memoryview) -> None:
+    """Byte for byte, straight to the descriptor from the received message (nothing else
+    writes to it meanwhile): no copy, and the chunk is out before the next is read."""
+    fd = sys.stderr.fileno() if stream == "stderr" else sys.stdout.fileno()
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -275,8 +324,8 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
     if forward:
         _feed_stdin(client, job_id)
     try:
-        with contextlib.closing(client.stream_views(job_id)) as chunks:
-            _copy_output(chunks)
+        with contextlib.closing(client.follow_to_end(job_id)) as chunks:
+            end = _copy_output(chunks)
     except BrokenPipeError:
         # The job is ours alone: leave nothing running behind us, as a shell would.
         client.stop(job_id)
@@ -294,21 +343,21 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         say(f"interrupted: stopped job {job_id}")
         return EXIT_INTERRUPTED
-    status = client.status(job_id)
-    code = status.shell_exit_code
-    if status.reason is TerminationReason.NODE_LOST:
-        raise JobworkerError(f"job {job_id} was lost with its node {status.node}")
-    if status.reason is TerminationReason.LOST:
+    if end.reason == "node_lost":
+        raise JobworkerError(f"job {job_id} was lost with its node {end.node}")
+    if end.reason == "lost":
         raise JobworkerError(
             f"job {job_id} was lost across a server restart; the server's log says why"
         )
-    if code is None:
-        raise JobworkerError(f"job {job_id}'s output ended but it is still {status.state.value}")
-    return code
+    if end.exit_code is None:
+        raise JobworkerError(f"job {job_id}'s output ended but it is still {end.state}")
+    return end.exit_code
 
 
 def _status(client: JobClient, options: argparse.Namespace) -> int:
     if options.usage:
+        from jobworker.cli import top
+
         return top.status_usage(client, options)
     view = client.status(options.job_id)
     if options.json:
@@ -333,6 +382,8 @@ def _human(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if key.endswith("_at"):
+        from datetime import datetime
+
         return datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
     if key == "args":
         return shlex.join(value)
@@ -361,9 +412,9 @@ def _logs(client: JobClient, options: argparse.Namespace) -> int:
             with contextlib.closing(
                 client.stream_views(options.job_id, offset, follow=options.follow)
             ) as chunks:
-                for chunk in chunks:
-                    _copy_output((chunk,))
-                    offset, gone_since = chunk[2], None
+                for stream, data, position in chunks:
+                    _write_chunk(stream, data)
+                    offset, gone_since = position, None
             return 0
         except Unavailable:
             if not options.follow:
@@ -398,6 +449,8 @@ def _outcome(view: JobStatusView) -> str:
 
 
 def _list(client: JobClient, options: argparse.Namespace) -> int:
+    from jobworker.model import JobState
+
     state = JobState(options.state) if options.state else None
     views = client.list(state=state, owner=options.owner, node=options.node)
     if options.quiet:

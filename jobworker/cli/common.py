@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import signal
 import sys
@@ -62,6 +61,8 @@ def say(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
+    import json  # only the commands' --json need it
+
     print(json.dumps(data, indent=2))
 
 

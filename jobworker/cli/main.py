@@ -1,4 +1,4 @@
-"""The entry point: the parser (the client commands' alone for one of them; every command, with
+"""The entry point: the parser (the one client command run, alone; every command, with
 ``serve``'s plugins loaded first, otherwise) and ``main``."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def build_parser(plugins: Plugins | None) -> argparse.ArgumentParser:
     connection needs, without the plugin host (pluggy, ``importlib.metadata``), the PKI
     (``cryptography``) or the server's logging (``structlog``); docs/performance.md.
     """
-    return _parser(plugins)[0]
+    return _parser(plugins, client.NAMES)
 
 
 def reference_parser() -> argparse.ArgumentParser:
@@ -51,8 +51,8 @@ def reference_parser() -> argparse.ArgumentParser:
     return build_parser(plugins)
 
 
-def _parser(plugins: Plugins | None) -> tuple[argparse.ArgumentParser, frozenset[str]]:
-    """:func:`build_parser`, and the names of the client commands."""
+def _parser(plugins: Plugins | None, client_commands: Sequence[str]) -> argparse.ArgumentParser:
+    """:func:`build_parser`, with only ``client_commands`` of the client commands."""
     parser = Parser(prog="jobworker", description="Run Linux commands on a jobworker server.")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
@@ -60,21 +60,19 @@ def _parser(plugins: Plugins | None) -> tuple[argparse.ArgumentParser, frozenset
         from jobworker.cli import serve
 
         serve.add_command(commands, plugins)
-    before = set(commands.choices)
-    client.add_commands(commands)
-    client_commands = frozenset(commands.choices) - before
+    client.add_commands(commands, client_commands)
     if plugins is not None:
         from jobworker.cli import admin
 
         admin.add_commands(commands)
-    return parser, client_commands
+    return parser
 
 
 def _command_line(args: Sequence[str]) -> argparse.ArgumentParser:
-    """The parser ``args`` need: the client commands' alone when ``args`` run one of them."""
-    light, client_commands = _parser(None)
-    if _subcommand(args) in client_commands:
-        return light
+    """The parser ``args`` need: the one client command they run, when they run one."""
+    command = _subcommand(args)
+    if command in client.NAMES:
+        return _parser(None, [command])
     return build_parser(_preload_plugins(args))
 
 
@@ -96,7 +94,7 @@ def _options_after_the_command(args: list[str]) -> list[str]:
     is tried first, so that a client command stays light."""
     if not args or not args[0].startswith("-") or args[0] == "--":
         return args
-    moved = _hoist(_parser(None)[0], args)
+    moved = _hoist(build_parser(None), args)
     if moved is not None:
         return moved
     from jobworker.hooks.host import Plugins

@@ -11,7 +11,6 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import attrs
 import grpc
 import pytest
 from cryptography import x509
@@ -254,7 +253,7 @@ def test_der_crl_accepted(pki: PkiPaths) -> None:
 def test_missing_files_are_named(pki: PkiPaths, tmp_path: Path) -> None:
     files = pki.server()
     for field in ("cert", "key", "ca"):
-        broken = attrs.evolve(files, **{field: tmp_path / f"missing-{field}.pem"})
+        broken = files._replace(**{field: tmp_path / f"missing-{field}.pem"})
         with pytest.raises(ConfigError, match=rf"missing-{field}\.pem does not exist"):
             server_credentials(broken)
 
