@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,8 +313,9 @@ def _comm(pid: int) -> str:
 # -- failure paths: nothing left behind ---------------------------------------------------
 
 
-class BrokenTool:
-    """Points the plan's firewall or pasta at a program that fails."""
+class OtherTool:
+    """Points the plan's firewall or pasta at another program: one that fails, or a slow
+    one."""
 
     def __init__(self, **tools: str) -> None:
         self.tools = tools
@@ -334,13 +336,13 @@ from jobworker.errors import JobworkerError
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
 from jobworker.plugins.isolation import Isolation
-from tests.integration.test_network import BrokenTool
+from tests.integration.test_network import OtherTool
 
 async def main(spool, zygote, tool):
     before = launchers()  # another server's zygote, of the test process
     plugins = Plugins()
     plugins.register(Isolation(), "isolation")
-    plugins.register(BrokenTool(**{tool: "/bin/false"}), "broken")
+    plugins.register(OtherTool(**{tool: "/bin/false"}), "broken")
     manager = JobManager(plugins, Path(spool))
     manager._spawner = Spawner(use_zygote=zygote == "zygote")
     try:
@@ -391,9 +393,9 @@ def test_a_failed_network_leaves_nothing(
     assert lines[-2:] == [f"SpawnError {message}", "left []"], result
 
 
-# -- a server that is not root ----------------------------------------------------------
+# -- probes through a JobManager of its own -------------------------------------------------
 
-UNPRIVILEGED_SERVER = """
+PROBE_SERVER = """
 import asyncio, json, sys
 from pathlib import Path
 from jobworker.backends.local.manager import JobManager
@@ -401,13 +403,16 @@ from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
 from jobworker.plugins.isolation import Isolation
 from jobworker.backends.local.network import parse_cidr
-from tests.integration.test_network import PROBE, DENIED_NET
+from tests.integration.test_network import PROBE, DENIED_NET, OtherTool
 
-async def main(spool, *targets):
+async def main(spool, user_namespace, pasta, *targets):
     plugins = Plugins()
-    # As root this forces what a server that is not root does on its own.
+    # As root, user_namespace forces what a server that is not root does on its own.
     deny = (parse_cidr(DENIED_NET),)
-    plugins.register(Isolation(user_namespace=True, network_deny=deny), "isolation")
+    isolation = Isolation(user_namespace=user_namespace == "yes", network_deny=deny)
+    plugins.register(isolation, "isolation")
+    if pasta:
+        plugins.register(OtherTool(pasta=pasta), "pasta")
     manager = JobManager(plugins, Path(spool))
     try:
         job = await manager.start(JobSpec("python3", ("-c", PROBE, *targets)), "alice")
@@ -422,12 +427,13 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def test_a_server_that_is_not_root_gives_the_same_default(outside: Outside, tmp_path: Path) -> None:
-    """The Quickstart as a normal user: its jobs get the same private network, through
-    pasta in the job's user namespace. Run as root with the user namespace forced, as
-    test_isolation does where nobody cannot execute this interpreter (CI, this host)."""
+def probe_server(
+    outside: Outside, spool: Path, *, user_namespace: bool = False, pasta: str = ""
+) -> tuple[str, dict[str, str]]:
+    """The isolation a job got, and what its probe saw."""
+    yes = "yes" if user_namespace else "no"
     result = subprocess.run(
-        [sys.executable, "-c", UNPRIVILEGED_SERVER, str(tmp_path), *outside.targets()],
+        [sys.executable, "-c", PROBE_SERVER, str(spool), yes, pasta, *outside.targets()],
         capture_output=True,
         text=True,
         timeout=60,
@@ -435,8 +441,20 @@ def test_a_server_that_is_not_root_gives_the_same_default(outside: Outside, tmp_
         cwd=Path(__file__).parents[2],
     )
     lines = result.stdout.splitlines()[-2:]  # after the server's log lines
-    assert lines[0] == "user namespace, user root(0), network private", result
-    assert json.loads(lines[1]) == {
+    assert len(lines) == 2, result
+    try:
+        return lines[0], json.loads(lines[1])
+    except ValueError:
+        raise AssertionError(result) from None
+
+
+def test_a_server_that_is_not_root_gives_the_same_default(outside: Outside, tmp_path: Path) -> None:
+    """The Quickstart as a normal user: its jobs get the same private network, through
+    pasta in the job's user namespace. Run as root with the user namespace forced, as
+    test_isolation does where nobody cannot execute this interpreter (CI, this host)."""
+    isolation, seen = probe_server(outside, tmp_path, user_namespace=True)
+    assert isolation == "user namespace, user root(0), network private"
+    assert seen == {
         "outside": f"outside-{outside.outside}",
         "loopback": "ECONNREFUSED",
         "host_address": REFUSED,
@@ -444,3 +462,18 @@ def test_a_server_that_is_not_root_gives_the_same_default(outside: Outside, tmp_
         "denied": REFUSED,
         "abstract": "ECONNREFUSED",  # the host's abstract sockets are another namespace's
     }
+
+
+def test_the_command_runs_once_pasta_has_connected(outside: Outside, tmp_path: Path) -> None:
+    """pasta starts beside the rest of the job's set-up and PID 1 waits for it before the
+    command's process exists: with a pasta slower than all of that, the command's first
+    connection still goes out (it would meet a namespace with no route, ENETUNREACH)."""
+    real = shutil.which("pasta") or shutil.which("pasta", path="/usr/sbin:/usr/bin")
+    slow = tmp_path / "slow-pasta"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec {real} "$@"\n')
+    slow.chmod(0o755)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    _, seen = probe_server(outside, spool, pasta=str(slow))
+    assert seen["outside"] == f"outside-{outside.outside}"
+    assert (seen["host_address"], seen["metadata"]) == (REFUSED, REFUSED)

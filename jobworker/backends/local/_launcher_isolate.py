@@ -14,7 +14,7 @@ from ._launcher_base import (
     plan_value,
     plan_values,
 )
-from ._launcher_net import connect_network, net_helper
+from ._launcher_net import Network, await_network, connect_network, net_helper
 from ._launcher_pid1 import init, relay
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUSER = 0x00020000, 0x02000000, 0x10000000
@@ -56,8 +56,9 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
         _write_file("/proc/self/setgroups", "deny")
         _write_file("/proc/self/uid_map", f"65534 {plan_value(plan, 'map_uid')} 1")
         _write_file("/proc/self/gid_map", f"65534 {plan_value(plan, 'map_gid')} 1")
+    network: Network | None = None
     if helper is not None:
-        connect_network(libc, plan, helper)
+        network = connect_network(libc, plan, helper)
         libc.check(libc.lib.unshare(flags & later), "namespace", "unshare")
     if not pid1 and flags & CLONE_NEWPID:
         relay(libc, helper[0] if helper else 0)  # the child goes on as PID 1
@@ -67,6 +68,8 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
     _mount_view(libc, plan, in_cgroup)
     if flags & CLONE_NEWNET:
         _loopback_up(libc)
+    if network is not None:
+        await_network(network)
     child = os.fork()
     if child == 0:
         _drop_privileges(libc, plan)

@@ -17,6 +17,8 @@ from ._launcher_base import (
 )
 
 PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN = 2, 12
+#: pasta's ready pipe and its log, as PID 1 waits on them.
+Network = tuple[int, int]
 
 
 def net_helper(libc: Libc, plan: list[str]) -> tuple[int, int, int, int] | None:
@@ -65,18 +67,26 @@ def net_helper(libc: Libc, plan: list[str]) -> tuple[int, int, int, int] | None:
     return pid, go_w, ready_r, log
 
 
-def connect_network(libc: Libc, plan: list[str], helper: tuple[int, int, int, int]) -> None:
-    """In the job's new namespaces, before any of the job runs: pasta connects the
-    namespace while nft installs the rules; return once both are done (pasta writes its
-    pid when it is)."""
-    pid, go, ready, log = helper
+def connect_network(libc: Libc, plan: list[str], helper: tuple[int, int, int, int]) -> Network:
+    """In the job's new namespaces, before any of the job runs: pasta starts connecting the
+    namespace while nft installs the rules; return once the rules are in. pasta's start
+    (15-20 ms, most of it its own initialisation) goes on meanwhile: the job's PID 1
+    builds its filesystem view and then waits for it (:func:`await_network`)."""
+    _pid, go, ready, log = helper
     os.write(go, b"g")
     os.close(go)
     _install_rules(libc, plan)
-    started = os.read(ready, 64).strip()  # one write; pasta keeps the pipe open after it
+    return ready, log
+
+
+def await_network(network: Network) -> None:
+    """In PID 1, before the command's process exists: return once pasta has the namespace
+    connected (it writes its pid then, and keeps the pipe open); fail with its last
+    message if it exited instead."""
+    ready, log = network
+    started = os.read(ready, 64).strip()
     os.close(ready)
-    if not started:
-        os.waitpid(pid, 0)
+    if not started:  # EOF: pasta exited, after writing what it had to say
         fail("network", OSError(0, _log_line(log) or "exited"), "pasta")
     os.close(log)
 

@@ -17,7 +17,10 @@ def relay(libc: Libc, helper: int) -> None:
     This process is the server's child and stands for PID 1: like it, it ignores the
     signals a stop sends the job's process group (it ends when PID 1 does); SIGKILL ends
     it, and PID 1 with it (``PR_SET_PDEATHSIG``), so the kernel ends the namespace.
-    ``helper``: the job's network helper, if any, ended and reaped first.
+    ``helper``: the job's network helper, if any, killed first and left to exit on its
+    own: pasta's exit waits for the kernel to tear its tap device down (an RCU barrier,
+    20 ms or more here), which the job's end need not wait for; it is in the job's
+    cgroup, whose emptying the server still waits for.
     """
     everything = _signal.valid_signals()
     _signal.pthread_sigmask(_signal.SIG_BLOCK, everything)
@@ -40,7 +43,6 @@ def relay(libc: Libc, helper: int) -> None:
     _pid, status = os.waitpid(child, 0)
     if helper:
         os.kill(helper, _signal.SIGKILL)
-        os.waitpid(helper, 0)
     if os.WIFSIGNALED(status):
         _signal.signal(os.WTERMSIG(status), _signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
