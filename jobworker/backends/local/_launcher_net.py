@@ -1,6 +1,7 @@
 """A private network: the launcher's side of :mod:`jobworker.backends.local.network`. Only
 jobs whose plan names pasta get here. A helper forked before the job's namespaces exist
-stays in the host's and runs pasta for them; nft installs the job's rules inside them.
+stays in the host's and runs pasta for them; nft installs the job's rules inside them
+while pasta starts, and the job's PID 1 waits for pasta just before the command's process.
 """
 
 import _signal  # type: ignore[import-not-found]

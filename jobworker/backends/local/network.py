@@ -30,7 +30,15 @@ CAP_NET_ADMIN over the namespace (nor any user namespace that owns it).
   (p50 here).
 
 The launcher's side is in :mod:`jobworker.backends.local._launcher_net` (``net_helper``,
-``connect_network``); this module builds what it needs as data.
+``connect_network``, ``await_network``); this module builds what it needs as data.
+
+What it costs, and where (docs/performance.md, "Private job networks"): pasta's start
+takes 15-20 ms of CPU (it faults in about 30 MiB of its own tables), and its exit waits
+for the kernel to tear its tap device down (an RCU barrier, 20 ms or more). So the rules
+are installed while pasta starts, PID 1 builds the job's filesystem view meanwhile and
+waits for pasta only before the command's process exists, and the job's end does not
+wait for pasta's exit. A warm pool of namespaces connected ahead of time would take
+pasta's start off the start path too; it is not done (docs/performance.md says why).
 """
 
 from __future__ import annotations
