@@ -2,11 +2,12 @@
 
 Starts: the local engine (``JobManager``, zygote, isolation as root) starts ``true`` with
 ``--network private``, ``none`` and ``host`` in alternating rounds; a start is timed
-until the command runs (``manager.start`` returns after its exec), then the job is
-awaited outside the timing. Download: a server in a network namespace the bench creates
-(a veth pair from the host, 198.51.100.0/30 of TEST-NET-2) sends 1 GiB to a job, once
-per network and round; the job reads it to EOF and prints the bytes and seconds it
-measured itself. The same download by a process on the host is the ceiling. Root only.
+until the command runs (``manager.start`` returns after its exec), and until the job's
+end is known (``manager.wait``: what a client running a command waits for too).
+Download: a server in a network namespace the bench creates (a veth pair from the host,
+198.51.100.0/30 of TEST-NET-2) sends 1 GiB to a job, once per network and round; the
+job reads it to EOF and prints the bytes and seconds it measured itself. The same
+download by a process on the host is the ceiling. Root only.
 """
 
 from __future__ import annotations
@@ -123,13 +124,15 @@ def manager_for(network: Network, spool: Path) -> JobManager:
     return JobManager(plugins, spool)
 
 
-async def start_round(manager: JobManager, starts: int) -> list[float]:
+async def start_round(manager: JobManager, starts: int) -> list[tuple[float, float]]:
+    """Seconds until the command runs, and until the job's end is known, per start."""
     samples = []
     for _ in range(starts):
         began = time.perf_counter()
         job = await manager.start(JobSpec("true"), "bench")
-        samples.append(time.perf_counter() - began)
+        started = time.perf_counter() - began
         await manager.wait(job.job_id)
+        samples.append((started, time.perf_counter() - began))
     return samples
 
 
@@ -154,10 +157,11 @@ def host_download(outside: Outside) -> float:
 
 
 async def run(starts: int, rounds: int, size: int, spool: Path) -> None:
+    """The starts, then (unless ``size`` is 0) the downloads."""
     managers = {n: manager_for(n, spool / n.value) for n in NETWORKS}
     for n in NETWORKS:
         (spool / n.value).mkdir()
-    latency: dict[Network, list[float]] = {n: [] for n in NETWORKS}
+    latency: dict[Network, list[tuple[float, float]]] = {n: [] for n in NETWORKS}
     speed: dict[str, list[float]] = {"host process": []}
     speed.update({n.value: [] for n in (Network.PRIVATE, Network.HOST)})
     try:
@@ -166,13 +170,21 @@ async def run(starts: int, rounds: int, size: int, spool: Path) -> None:
         for _ in range(rounds):
             for n in NETWORKS:
                 latency[n] += await start_round(managers[n], starts // rounds)
-        header("start: until the command runs")
-        for n in NETWORKS:
-            values = latency[n]
-            p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-            row(f"--network {n.value} ({len(values)} starts)", "p50", ms(p50), "p99", ms(p99))
-        added = percentile(latency[Network.PRIVATE], 0.5) - percentile(latency[Network.NONE], 0.5)
-        row("private adds (p50, against none)", ms(added))
+        for index, title in enumerate(("start: until the command runs", "until its end is known")):
+            header(f"{title}: `true`")
+            p50 = {n: percentile([s[index] for s in latency[n]], 0.5) for n in NETWORKS}
+            for n in NETWORKS:
+                p99 = percentile([s[index] for s in latency[n]], 0.99)
+                row(
+                    f"--network {n.value} ({len(latency[n])} starts)",
+                    "p50",
+                    ms(p50[n]),
+                    "p99",
+                    ms(p99),
+                )
+            row("private adds (p50, against none)", ms(p50[Network.PRIVATE] - p50[Network.NONE]))
+        if not size:
+            return
         with Outside(size) as outside:
             for _ in range(rounds):
                 speed["host process"].append(host_download(outside))
@@ -192,12 +204,12 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--starts", type=int, default=300, help="per network, over all rounds")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--size-mib", type=int, default=1024, help="0: no download, starts only")
     options = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_network: needs root (network namespaces, a veth pair)")
     starts = 60 if options.quick else options.starts
-    size = (256 if options.quick else options.size_mib) << 20
+    size = (min(256, options.size_mib) if options.quick else options.size_mib) << 20
     configure_logging("error", json=True)
     with workdir() as work:
         asyncio.run(run(starts, options.rounds, size, work))
