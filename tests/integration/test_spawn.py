@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 
-from jobworker.backends.local.spawn import Spawned, Spawner
+from jobworker.backends.local.spawn import LAUNCHER, Spawned, Spawner
 from jobworker.errors import SpawnError
 from jobworker.jobspec import JobSpec
 
@@ -101,3 +103,29 @@ def test_dead_zygote_falls_back_then_recovers() -> None:
         return outs
 
     assert asyncio.run(main()) == [b"1\n", b"2\n", b"3\n"]
+
+
+def test_the_launcher_imports_no_package_and_nothing_slow(tmp_path: Path) -> None:
+    """The launcher loads its own modules by path and imports only what the interpreter has
+    built in or frozen: not the jobworker package (an isolated interpreter has no path to
+    it), nor ``re``, ``enum``, ``json`` or ``importlib``, each milliseconds on every start."""
+    memfd = os.memfd_create("launch")
+    os.write(memfd, "\0".join(["/bin/true", "", "", "0", "0"]).encode())
+    os.lseek(memfd, 0, os.SEEK_SET)
+    status_r, status_w = os.pipe()
+    argv = [sys.executable, "-X", "importtime", "-I", "-S", LAUNCHER]
+    with open(os.devnull, "r+b") as null, open(tmp_path / "importtime", "wb") as err:
+        fds = [memfd, null.fileno(), err.fileno(), status_w, null.fileno(), null.fileno()]
+        actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
+        pid = os.posix_spawn(sys.executable, argv, {}, file_actions=actions)
+    os.close(status_w)
+    os.close(memfd)
+    report = read_all(status_r)
+    os.close(status_r)
+    _, status = os.waitpid(pid, 0)
+    assert (report, status) == (b"", 0)
+    lines = (tmp_path / "importtime").read_text().splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines[1:]}
+    assert "os" in imported, lines  # importtime saw the launcher's own imports
+    slow = ("jobworker", "re", "enum", "json", "signal", "importlib", "warnings")
+    assert {name for name in imported if name.split(".")[0] in slow} == set()
