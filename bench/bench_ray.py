@@ -20,15 +20,20 @@ The cluster uses token authentication, as the front requires.
 
 With ``--front-nodes N,N,...`` it measures instead, for clusters of a head and N 1-CPU
 worker nodes, the front's start-up (until it answers ``ListJobs``, and until its first look
-at the nodes is done: the ``ray_nodes_discovered`` log event) and its idle CPU (its
-process's user + system time over ``IDLE_SECONDS`` with no job), next to the local
-server's in the same run.
+at the nodes is done: the ``ray_nodes_discovered`` log event) and its idle CPU (the CPU
+time of all its threads with no client call, the median of three 10 s windows), next to the local
+server's in the same run. ``--front-jobs N,N,...`` adds, on the largest cluster, the idle
+CPU with N jobs running (``sleep``, spread over its nodes); the slopes per node and per
+running job close the run. ``--baseline-src DIR`` (``git archive REV | tar -x -C DIR``)
+runs that version's front and agents too (``PYTHONPATH``, a cluster of its own each),
+cluster size by cluster size, for before/after figures from one run.
 
 Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,6 +48,7 @@ from _common import (
     CLIENT,
     MB,
     MiB,
+    add_baseline_option,
     followers,
     header,
     make_pki,
@@ -50,6 +56,7 @@ from _common import (
     parser,
     percentile,
     row,
+    versions,
     workdir,
 )
 
@@ -57,13 +64,15 @@ from jobworker.api.pki import PkiPaths
 from jobworker.cli.client import INPUT_CHUNK
 from jobworker.client import JobClient
 from jobworker.jobspec import Limits
+from jobworker.model import JobState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.ray_cluster.cluster import RAY_ENV, local_cluster, token_auth
 
 JOBWORKER = str(Path(sys.executable).with_name("jobworker"))
-#: How long an idle server's CPU time is measured.
+#: How long an idle server's CPU time is measured, in how many windows.
 IDLE_SECONDS = 10.0
+IDLE_WINDOWS = 3
 
 
 @attrs.frozen
@@ -187,42 +196,87 @@ def measure(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of process ``pid`` so far: the sum over its threads of the scheduler's
+    nanosecond count (``/proc/PID/task/*/schedstat``; clock ticks are too coarse for
+    a fraction of a millisecond per second)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def idle_cpu(pid: int) -> float:
-    """CPU milliseconds per second that an idle server ``pid`` spends."""
-    before = cpu_seconds(pid)
-    time.sleep(IDLE_SECONDS)
-    return (cpu_seconds(pid) - before) / IDLE_SECONDS * 1000
+    """CPU milliseconds per second that server ``pid`` spends while no client calls it:
+    the median of ``IDLE_WINDOWS`` windows (a burst of the machine's other work lands in
+    one)."""
+    rates = []
+    for _ in range(IDLE_WINDOWS):
+        before = cpu_seconds(pid)
+        time.sleep(IDLE_SECONDS)
+        rates.append((cpu_seconds(pid) - before) / IDLE_SECONDS * 1000)
+    return sorted(rates)[len(rates) // 2]
 
 
-def front_scale(sizes: list[int]) -> None:
-    """Front start-up and idle CPU for clusters of ``sizes`` worker nodes, and the local
-    server's in the same run."""
-    header(f"Ray front start-up and idle CPU for {sizes} worker nodes (local server first)")
+def run_sleepers(client: JobClient, count: int) -> None:
+    """Start jobs until ``count`` run (``sleep``, left to the front's SIGTERM)."""
+    running = len(client.list(state=JobState.RUNNING))
+    for _ in range(count - running):
+        client.start("sleep", ["3600"])
+
+
+def front_scale(sizes: list[int], jobs: list[int], baseline: Path | None) -> None:
+    """Front start-up and idle CPU for clusters of ``sizes`` worker nodes (and, on the
+    largest, with ``jobs`` running), the local server's in the same run; with
+    ``baseline``, that version's front beside this one's, size by size."""
+    header(f"Ray front start-up and idle CPU for {sizes} worker nodes, {jobs} jobs")
+    idle: dict[str, dict[int, float]] = {}
+    per_jobs: dict[str, dict[int, float]] = {}
     with workdir() as work:
         pki = make_pki(work / "pki")
         auth = token_auth(work / "ray-token")
         with serve(pki, work, "local") as local:
             row("local: answers after", ms(local.answered_after),
-                f"idle CPU {idle_cpu(local.pid):.1f} ms/s")  # fmt: skip
+                f"idle CPU {idle_cpu(local.pid):.2f} ms/s")  # fmt: skip
         for n in sizes:
-            nodes = [{"name": "head", "num_cpus": 0, "memory": 1 << 30}]
-            nodes += [{"name": f"w{i}", "num_cpus": 1, "memory": 1 << 30} for i in range(n)]
-            with local_cluster(nodes, work / f"ray-{n}.log", env=auth) as cluster:
-                ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
-                began = time.perf_counter()
-                with serve(pki, work, f"front-{n}", *ray_args, "--log-level", "info",
-                           env=auth) as front:  # fmt: skip
-                    while '"ray_nodes_discovered"' not in front.log_path.read_text():
-                        time.sleep(0.05)
-                    discovered = time.perf_counter() - began
-                    row(f"front, {n} nodes: answers after", ms(front.answered_after),
-                        f"all nodes found after {ms(discovered)}",
-                        f"idle CPU {idle_cpu(front.pid):.1f} ms/s")  # fmt: skip
+            for name, src in versions(baseline):
+                env = {**auth, **({} if src is None else {"PYTHONPATH": str(src)})}
+                nodes = [{"name": "head", "num_cpus": 0, "memory": 1 << 30}]
+                nodes += [{"name": f"w{i}", "num_cpus": 1, "memory": 1 << 30} for i in range(n)]
+                tag = f"{name}-{n}".replace(" ", "-")
+                with local_cluster(nodes, work / f"ray-{tag}.log", env=env) as cluster:
+                    ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
+                    began = time.perf_counter()
+                    with (
+                        serve(pki, work, f"front-{tag}", *ray_args, "--log-level", "info",
+                              env=env) as front,
+                        JobClient(front.address, pki.client(CLIENT)) as client,
+                    ):  # fmt: skip
+                        while '"ray_nodes_discovered"' not in front.log_path.read_text():
+                            time.sleep(0.05)
+                        discovered = time.perf_counter() - began
+                        idle.setdefault(name, {})[n] = idle_cpu(front.pid)
+                        row(f"{name}, {n} nodes: answers after", ms(front.answered_after),
+                            f"all nodes found after {ms(discovered)}",
+                            f"idle CPU {idle[name][n]:.2f} ms/s")  # fmt: skip
+                        if n != max(sizes):
+                            continue
+                        for count in jobs:
+                            run_sleepers(client, count)
+                            time.sleep(2)  # the starts' own traffic settles
+                            per_jobs.setdefault(name, {})[count] = cpu = idle_cpu(front.pid)
+                            row(f"{name}, {n} nodes, {count} jobs running",
+                                f"idle CPU {cpu:.2f} ms/s")  # fmt: skip
+    for name, by_size in idle.items():
+        if len(sizes) > 1:
+            lo, hi = min(sizes), max(sizes)
+            slope = (by_size[hi] - by_size[lo]) / (hi - lo)
+            row(f"{name}: idle CPU per node", f"{slope * 1000:.0f} us/s")
+        by_count = per_jobs.get(name, {})
+        if len(by_count) > 1:
+            lo, hi = min(by_count), max(by_count)
+            slope = (by_count[hi] - by_count[lo]) / (hi - lo)
+            row(f"{name}: idle CPU per running job", f"{slope * 1000:.1f} us/s")
 
 
 def stream_only(size: int, counts: list[int], rounds: int) -> None:
@@ -274,11 +328,15 @@ def main() -> None:
     p.add_argument("--starts", type=int, default=200)
     p.add_argument("--stream-mib", type=int, default=256)
     p.add_argument("--front-nodes", help="N,N,...: measure front start-up and idle CPU only")
+    p.add_argument("--front-jobs", default="", help="N,N,...: and idle CPU with N jobs running")
+    add_baseline_option(p)
     p.add_argument("--followers", help="N,N,...: measure only the stream, with N followers")
     p.add_argument("--rounds", type=int, default=5)
     options = p.parse_args()
     if options.front_nodes:
-        front_scale([int(n) for n in options.front_nodes.split(",")])
+        sizes = [int(n) for n in options.front_nodes.split(",")]
+        jobs = [int(n) for n in options.front_jobs.split(",") if n]
+        front_scale(sizes, jobs, options.baseline_src)
         return
     size = (64 if options.quick else options.stream_mib) * MiB
     rounds = options.rounds

@@ -383,8 +383,8 @@ def test_the_cli_shows_a_cluster_jobs_usage_and_top_its_node(
 def test_a_front_with_the_metrics_plugin_shows_per_job_series_from_the_nodes(
     start_front: StartFront,
 ) -> None:
-    """The per-job series (CPU, memory, pids) of a job on a node, from the usage its agent's
-    heartbeat carries, on the front's /metrics; gone once the job is no longer kept."""
+    """The per-job series (CPU, memory, pids) of a job on a node, pulled from its agent at
+    each scrape, on the front's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from tests.ray_cluster.conftest import _free_port

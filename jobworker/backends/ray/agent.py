@@ -11,6 +11,13 @@ The agent is the source of truth about its jobs: a restarted front server learns
 by asking (:meth:`NodeAgent.poll`), so the front keeps no state of its own on disk. Its
 jobs die with it, or with its raylet (:mod:`.guard`).
 
+Reports carry only changes, numbered by one version per agent so that any number of
+pollers (fronts) each ask from where they are: a job's start and end, its output's byte
+counts when they grew (looked at every ``OUTPUT_TICK``), and the jobs evicted. A poll
+waits until there is a change or its ``wait`` passes; an idle node's answer is a version
+number and two empty lists. Usage samples travel only when asked for (:meth:`usage`,
+:meth:`running_usage`).
+
 What a job on the node must not see, beyond what the isolation plugin hides on a single
 server: the node's spool (``--ray-spool-dir``, not the front's ``--spool-dir``), Ray's
 token file and Ray's temp directory (logs, and the unix sockets of the raylet and the
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -52,11 +60,19 @@ from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
 from jobworker.model import InputChunk, InputResult, JobState, JobStatus, StopResult
-from jobworker.usage import JobUsage, UsageSample
+from jobworker.usage import JobUsage
 
 log = structlog.get_logger("jobworker.ray.agent")
 
 NAMESPACE = "jobworker"
+#: How often the agent looks for running jobs' output that grew (a change pollers hear):
+#: the lag of ``output_bytes`` on the front.
+OUTPUT_TICK = 1.0
+#: Every this many ticks it drops jobs past retention (reported as evicted).
+EVICT_TICKS = 10
+#: Evictions remembered for pollers behind (a front whose polls failed for a while): a
+#: poller further behind keeps some finished jobs listed until it restarts.
+EVICTIONS_KEPT = 10_000
 
 
 def agent_name(node_id: str) -> str:
@@ -81,14 +97,11 @@ class AgentConfig:
 
 @attrs.frozen
 class PollReply:
-    """Jobs that changed (with the agent's version after them), ids no longer kept, and
-    (heartbeats only) the newest usage sample of each running job, for the front's
-    per-job metrics."""
+    """Jobs that changed (with the agent's version after them) and ids no longer kept."""
 
     version: int
     jobs: list[JobStatus]
     evicted: list[str] = attrs.field(factory=list)
-    usage: dict[str, UsageSample] = attrs.field(factory=dict)
 
 
 class _Events:
@@ -99,6 +112,7 @@ class _Events:
 
     @hookimpl
     def jobworker_job_started(self, status: JobStatus) -> None:
+        self._agent._output_seen[status.job_id] = _output_counts(status)
         self._agent._changed(status.job_id)
 
     @hookimpl
@@ -139,6 +153,11 @@ def ray_addresses() -> list[str]:
     return sorted(found)
 
 
+def _output_counts(status: JobStatus) -> tuple[int, int, bool]:
+    """What of a running job's status grows: a change to report when it did."""
+    return status.output_bytes, status.output_kept_bytes, status.output_truncated
+
+
 def _raylet_pid() -> int | None:
     """The raylet this worker serves: its parent, which started it."""
     parent = os.getppid()
@@ -162,8 +181,14 @@ class NodeAgent:
         self._placements: dict[str, str] = {}
         self._records: ProcRecords | None = None
         self._swept: list[str] = []
-        #: The version at which each retained job last changed (started, ended).
+        #: The version at which each retained job last changed (started, output grew,
+        #: ended), in the order of those versions (a poll reads only the newest).
         self._changed_at: dict[str, int] = {}
+        #: Evicted job ids and the version of their eviction, in that order.
+        self._evicted: dict[str, int] = {}
+        #: Running jobs' output counts as last reported.
+        self._output_seen: dict[str, tuple[int, int, bool]] = {}
+        self._ticker: asyncio.Task[None] | None = None
         self._inputs: dict[int, InputSession] = {}
         self._next_input = 0
         self._port: AgentPort | None = None
@@ -205,16 +230,45 @@ class NodeAgent:
             retain_finished=config.retain_finished,
             retain_seconds=config.retain_seconds,
         )
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(self._manager))
         log.info("agent_ready", node=config.node_name, pid=os.getpid(), spool_dir=str(spool_dir))
         return self._manager
 
     def _changed(self, job_id: str) -> None:
         self._version += 1
+        self._changed_at.pop(job_id, None)  # re-inserted last: the dict stays in version order
         self._changed_at[job_id] = self._version
         if self._wakeup is not None:
             self._wakeup.set()
 
+    async def _tick(self, manager: JobManager) -> None:
+        """Turn what grows without an event (output, retention's evictions) into changes."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(OUTPUT_TICK)
+            for job_id, seen in list(self._output_seen.items()):
+                status = manager.find(job_id)
+                if status is not None and _output_counts(status) != seen:
+                    self._output_seen[job_id] = _output_counts(status)
+                    self._changed(job_id)
+            ticks += 1
+            if ticks % EVICT_TICKS == 0:
+                self._evict(manager)
+
+    def _evict(self, manager: JobManager) -> None:
+        present = {s.job_id for s in manager.list()}  # list() evicts per the retention bounds
+        gone = [j for j in self._changed_at if j not in present]
+        for job_id in gone:
+            del self._changed_at[job_id]
+            self._version += 1
+            self._evicted[job_id] = self._version
+        while len(self._evicted) > EVICTIONS_KEPT:
+            del self._evicted[next(iter(self._evicted))]
+        if gone and self._wakeup is not None:
+            self._wakeup.set()
+
     def _job_over(self, job_id: str) -> None:
+        self._output_seen.pop(job_id, None)
         if self._records is not None:
             self._records.remove(job_id)
         placement = self._placements.pop(job_id, None)
@@ -260,38 +314,22 @@ class NodeAgent:
 
     async def poll(self, since: int, wait: float) -> PollReply:
         """What changed after version ``since``, as soon as something did or after ``wait``
-        seconds: the front's long poll, which is also its heartbeat.
-
-        A reply to a change carries only the jobs that changed (a start does not cost a
-        list of every retained job); a heartbeat (``wait`` passed) also carries the running
-        jobs, whose output grows, and the ids evicted since. ``since`` < 0 asks for all.
-        """
+        seconds: the front's long poll, which is also its heartbeat. ``since`` < 0 asks for
+        every retained job."""
         manager = self._ready()
         assert self._wakeup is not None
-        if since >= 0 and self._version <= since:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), wait)
-            except TimeoutError:
-                return await self._heartbeat(manager, since)
         if since < 0:
-            return await self._heartbeat(manager, since)
-        changed = [manager.find(j) for j, v in self._changed_at.items() if v > since]
-        return PollReply(self._version, [self._on_node(s) for s in changed if s is not None])
-
-    async def _heartbeat(self, manager: JobManager, since: int) -> PollReply:
-        statuses = manager.list()  # also evicts what the retention bounds say
-        present = {s.job_id for s in statuses}
-        evicted = [j for j in self._changed_at if j not in present]
-        for job_id in evicted:
-            del self._changed_at[job_id]
-        reported = [
-            self._on_node(s)
-            for s in statuses
-            if since < 0 or s.state is JobState.RUNNING or self._changed_at.get(s.job_id, 0) > since
-        ]
-        newest = {u.job_id: u.samples[-1] for u in await manager.running_usage(last=1) if u.samples}
-        return PollReply(self._version, reported, evicted, newest)
+            return PollReply(self._version, [self._on_node(s) for s in manager.list()])
+        if self._version <= since:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+        changed = [manager.find(j) for j in _newer(self._changed_at, since)]
+        return PollReply(
+            self._version,
+            [self._on_node(s) for s in changed if s is not None],
+            _newer(self._evicted, since),
+        )
 
     async def output_port(self, front_cert: bytes) -> PortInfo:
         """Where this node's output port listens and its certificate, pinning the calling
@@ -355,6 +393,12 @@ class NodeAgent:
     async def running_usage(self, last: int) -> list[JobUsage]:
         """The newest ``last`` samples (0: all) of every job running on this node."""
         return await self._ready().running_usage(last)
+
+
+def _newer(versions: dict[str, int], since: int) -> list[str]:
+    """The keys of ``versions`` (in version order) whose version is after ``since``."""
+    found = list(itertools.takewhile(lambda item: item[1] > since, reversed(versions.items())))
+    return [key for key, _ in reversed(found)]
 
 
 def release_placement(name: str) -> None:

@@ -5,8 +5,11 @@ background (:class:`Discovery`): at once, every ``DISCOVER_SECONDS``, and whenev
 waits for a node. Each new alive node gets its agent started or found (a detached actor
 named after the node, so a restarted front finds the same one) and greeted: its first
 poll brings the jobs it already runs into the table. From then on one long poll per node
-(at most ``POLL_SECONDS`` apart) is its heartbeat; a failing poll asks the GCS whether the
-node is alive, and a node Ray declares dead, or whose agent is gone, is lost.
+is its heartbeat: it answers as soon as something changed on the node (a job started or
+ended, output grew, a job was evicted: only those) and at least every ``POLL_SECONDS``, so
+an idle node costs the front one tiny answer per ``POLL_SECONDS``. A failing poll asks the
+GCS whether the node is alive, and a node Ray declares dead, or whose agent is gone, is
+lost.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from jobworker.errors import JobworkerError
 
 log = structlog.get_logger("jobworker.ray.front")
 
-#: Longest wait of one agent long poll: the heartbeat period.
-POLL_SECONDS = 1.0
+#: Longest wait of one agent long poll: an idle node's heartbeat period (the suspect
+#: deadline, :data:`.nodes.HEARTBEAT_DEADLINE`, is longer).
+POLL_SECONDS = 10.0
 #: How often the front looks for nodes that joined the cluster.
 DISCOVER_SECONDS = 5.0
 
@@ -145,6 +149,7 @@ class Discovery:
         except JobworkerError as err:
             log.warning("agent_unavailable", node=name, error=str(getattr(err, "error", err)))
             return
+        node.heard_at = time.monotonic()  # greeting a node may take long on a busy machine
         self._table.merge(node, first)
         self._nodes[node_id] = node
         log.info("node_joined", node=name, node_id=node_id, agent_pid=hello["pid"],

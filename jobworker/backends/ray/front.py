@@ -105,6 +105,8 @@ class RayBackend:
         self._reports: set[asyncio.Task[None]] = set()
         self._closing = False
         self._relay_output = plugins.has_impl("jobworker_output_chunk")
+        #: The loop the backend runs on (a scrape's thread hands work to it).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._discovery = Discovery(self._nodes, self._table, agent_config, self._spawn)
         self._ports = PortClient()
         #: Set once joined: whether the cluster turned away a caller without its token.
@@ -125,6 +127,7 @@ class RayBackend:
         unless ``allow_unauthenticated``."""
 
         backend = cls(plugins, agent_config, **kwargs)
+        backend._loop = asyncio.get_running_loop()
         backend._authenticated = await check_cluster(
             address, allow_unauthenticated=backend._allow_unauthenticated
         )
@@ -161,9 +164,24 @@ class RayBackend:
 
     def latest_usage(self) -> builtins.list[tuple[JobStatus, UsageSample]]:
         """The newest sample of every job still kept, with its status (the metrics
-        plugin's per-job series): as fresh as the agents' heartbeats
-        (:data:`.discovery.POLL_SECONDS`)."""
+        plugin's per-job series). Called at each scrape, on the metrics server's thread:
+        the running jobs' newest samples are pulled from the agents then (as ``ListUsage``
+        does: every live node at once, within ``USAGE_LIST_TIMEOUT``), so that no
+        heartbeat carries usage; a job whose node did not answer keeps an earlier one."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not on the loop: it pulls, this thread waits
+            if self._loop is not None and not self._closing:
+                pull = asyncio.run_coroutine_threadsafe(self._pull_newest(), self._loop)
+                try:
+                    pull.result(USAGE_LIST_TIMEOUT + 1)
+                except TimeoutError:
+                    pull.cancel()
         return self._table.latest_usage()
+
+    async def _pull_newest(self) -> None:
+        for job, usage in await self._gather_usage(last=1):
+            job.newest_usage = usage.samples[-1] if usage.samples else job.newest_usage
 
     @property
     def running(self) -> int:
@@ -374,16 +392,22 @@ class RayBackend:
     async def running_usage(self, last: int = 0) -> builtins.list[JobUsage]:
         """The samples of every running job of every node that answers within
         ``USAGE_LIST_TIMEOUT``; a node that does not is left out (and logged)."""
+        found = await self._gather_usage(last)
+        for job, usage in found:
+            self._table.keep_usage(job, usage)
+        return [usage for _, usage in found]
+
+    async def _gather_usage(self, last: int) -> builtins.list[tuple[Job, JobUsage]]:
+        """Every live node's running jobs' samples, each with its job, within
+        ``USAGE_LIST_TIMEOUT``."""
         nodes = [n for n in self._nodes.values() if not n.lost]
         replies = await asyncio.gather(*(self._node_usage(n, last) for n in nodes))
         found = []
         for node, reply in zip(nodes, replies, strict=True):
             for usage in reply:
                 job = self._table.find(usage.job_id)
-                if job is None or job.node is not node:
-                    continue  # started after the front's last look at the node
-                self._table.keep_usage(job, usage)
-                found.append(usage)
+                if job is not None and job.node is node:  # else started since the last poll
+                    found.append((job, usage))
         return found
 
     async def _node_usage(self, node: Node, last: int) -> builtins.list[JobUsage]:

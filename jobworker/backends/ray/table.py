@@ -1,7 +1,8 @@
 """The front's picture of every node's jobs, kept from the agents' long polls.
 
 Each agent's poll (:meth:`.agent.NodeAgent.poll`) is merged here: a job's exit is seen at
-once; ``output_bytes`` of a running job may lag by up to one heartbeat. A job found in a
+once; ``output_bytes`` of a running job may lag by up to a second (the agent's
+``OUTPUT_TICK``). A job found in a
 poll that the front did not start (an earlier front server did) is taken in as it is.
 When a node is lost its running jobs end with ``node_lost``.
 
@@ -54,7 +55,8 @@ class Job:
     done: asyncio.Event = attrs.Factory(asyncio.Event)
     output_lost: bool = False
     usage: KeptUsage | None = None
-    #: The newest sample its agent's heartbeat carried (running jobs; kept once it ends).
+    #: The newest sample pulled from its agent (kept once it ends: a lost node's job
+    #: keeps its last one).
     newest_usage: UsageSample | None = None
 
 
@@ -123,10 +125,6 @@ class JobTable:
             job = self._jobs.get(job_id)
             if job is not None and job.node is node and job.done.is_set():
                 del self._jobs[job_id]
-        for job_id, sample in reply.usage.items():
-            job = self._jobs.get(job_id)
-            if job is not None and job.node is node:
-                job.newest_usage = sample
 
     def update(self, job: Job, status: JobStatus) -> None:
         if job.done.is_set():
@@ -180,6 +178,7 @@ class JobTable:
         if job.usage is None:
             job.usage = KeptUsage(usage.source)
         job.usage.add(usage)
+        job.newest_usage = job.usage.ring.latest
 
     @staticmethod
     def kept_usage(job: Job, last: int) -> JobUsage:
