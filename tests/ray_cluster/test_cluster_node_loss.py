@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
+import threading
 import time
 from pathlib import Path
 
+import attrs
 import grpc
 import pytest
 
@@ -115,3 +118,76 @@ def test_jobs_an_agent_left_without_its_guard_are_swept_by_the_next_agent(
     finally:
         if alive(first):
             os.kill(first, signal.SIGKILL)
+
+
+@attrs.frozen
+class _Start:
+    sent_at: float
+    #: The job id if answered OK, else the refusal's code.
+    job_id: str | None
+    code: grpc.StatusCode | None = None
+
+
+def test_starts_in_flight_as_a_raylet_dies_are_refused_or_moved_never_ok_then_lost(
+    start_front: StartFront, ray_cluster: LocalCluster
+) -> None:
+    """Several clients start jobs (pinned to w3, or anywhere) while w3's raylet is killed:
+    every start w3 answered OK began before its raylet died; the others were moved to
+    another node or refused with a retry. The agent's guard is held stopped meanwhile (a
+    busy machine: the agent outlives its raylet for a while), so that it is the agent's
+    own check that refuses."""
+    front = start_front("--no-isolation")
+    stop_at: list[float] = []  # set once the raylet is dead: the clients go on 3 s more
+    starts: list[_Start] = []
+
+    def client(node: str | None) -> None:
+        stub = front.stub("alice")
+        while not stop_at or time.monotonic() < stop_at[0]:
+            sent_at = time.time()
+            try:
+                job_id = start_job(stub, "sleep", "20", **({"node": node} if node else {}))
+                starts.append(_Start(sent_at, job_id))
+            except grpc.RpcError as err:
+                starts.append(_Start(sent_at, None, err.code()))
+            time.sleep(0.05)
+
+    probe = start_job(front.stub("alice"), "sleep", "20", node="w3")
+    guard = _guard_of(agent_pid(status(front.stub("alice"), probe).pid))
+    os.kill(guard, signal.SIGSTOP)
+    raylet = os.pidfd_open(ray_cluster.raylets["w3"])
+    clients = [threading.Thread(target=client, args=(node,)) for node in ("w3", None, None, None)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for(lambda: any(s.job_id for s in starts), 30, "a first job started")
+        time.sleep(1.0)
+        ray_cluster.kill_raylet("w3")
+        assert select.select([raylet], [], [], 10)[0], "the raylet did not exit"
+        died_at = time.time()
+        stop_at.append(time.monotonic() + 3.0)
+    finally:
+        stop_at.append(0.0)
+        for thread in clients:
+            thread.join(60)
+        os.close(raylet)
+        os.kill(guard, signal.SIGCONT)  # it kills the node's jobs and its agent now
+    alice = front.stub("alice")
+    after = [s for s in starts if s.sent_at > died_at]
+    assert after, "no start was sent after the raylet died"
+    refused = {s.code for s in starts if s.job_id is None}
+    assert refused <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
+                       grpc.StatusCode.INVALID_ARGUMENT}, refused  # fmt: skip
+    on_w3 = []
+    for start in starts:
+        if start.job_id is not None:
+            shown = status(alice, start.job_id)
+            if shown.node == "w3":
+                on_w3.append(shown)
+    assert on_w3, "no job ran on w3 before its raylet died"
+    late = [(s.job_id, s.started_at - died_at) for s in on_w3 if s.started_at >= died_at]
+    assert not late, f"started on w3 after its raylet died, answered OK: {late}"
+    # Unpinned starts after the loss went elsewhere (the node is suspect at once).
+    assert any(s.job_id for s in after), "every start after the raylet died was refused"
+    for shown in on_w3:
+        wait_for(lambda j=shown.job_id: status(alice, j).status == "exited", 30, "node_lost")
+    ray_cluster.add_node(next(n for n in NODES if n["name"] == "w3"))

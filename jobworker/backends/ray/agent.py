@@ -25,6 +25,12 @@ object store). The agent adds these to the plugin's hidden paths, and the cluste
 addresses (the GCS's, every node's it knows at start) to the networks a job's private
 network may not reach (``--job-network-deny``).
 
+A node whose raylet has exited is leaving the cluster (its guard kills its jobs within
+milliseconds; Ray declares it dead only after its health check, about 15 s): from then on
+the agent starts nothing and reports nothing, it raises :class:`NodeGoingAway`. A start
+checks before it spawns and again once the job runs, so that a start answered OK ran
+while its raylet lived.
+
 A job's stdin (:meth:`NodeAgent.input_begin`) is the local engine's, fed by the front
 (:mod:`.stdin`); its output leaves by the agent's own port (:meth:`NodeAgent.output_port`,
 :mod:`.outputport`), not through Ray.
@@ -43,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import select
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +62,7 @@ from jobworker.backends.ray.guard import start_guard
 from jobworker.backends.ray.outputport import AgentPort, PortInfo
 from jobworker.backends.ray.stdin import INPUT_IDLE_SECONDS, InputSession
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
-from jobworker.errors import FailedPrecondition
+from jobworker.errors import FailedPrecondition, Unavailable
 from jobworker.hooks import hookimpl
 from jobworker.hooks.host import Plugins
 from jobworker.jobspec import JobSpec
@@ -78,6 +85,11 @@ EVICTIONS_KEPT = 10_000
 def agent_name(node_id: str) -> str:
     """The detached actor's name: one agent per Ray node id."""
     return f"jobworker-agent-{node_id}"
+
+
+class NodeGoingAway(Unavailable):
+    """The node's raylet has exited: the job was not started (or is being killed with the
+    node's other jobs); the front places an unpinned one elsewhere."""
 
 
 @attrs.frozen
@@ -189,6 +201,10 @@ class NodeAgent:
         #: Running jobs' output counts as last reported.
         self._output_seen: dict[str, tuple[int, int, bool]] = {}
         self._ticker: asyncio.Task[None] | None = None
+        #: A pidfd of the node's raylet (None: not found): readable once it exited.
+        self._raylet: int | None = None
+        #: Jobs whose start has not answered yet: no poll reports them before it does.
+        self._starting: set[str] = set()
         self._inputs: dict[int, InputSession] = {}
         self._next_input = 0
         self._port: AgentPort | None = None
@@ -220,6 +236,8 @@ class NodeAgent:
             log.warning("raylet_not_found", node=config.node_name,
                         consequence="jobs die with the agent, not with the raylet")  # fmt: skip
         start_guard(self._records.directory, os.getpid(), raylet or os.getpid())
+        if raylet is not None:
+            self._raylet = os.pidfd_open(raylet)
         self._plugins = plugins
         self._wakeup = asyncio.Event()
         self._manager = JobManager(
@@ -280,27 +298,42 @@ class NodeAgent:
     def _on_node(self, status: JobStatus) -> JobStatus:
         return attrs.evolve(status, node=self._config.node_name)
 
+    def _check_raylet(self) -> None:
+        """Refuse once the node's raylet has exited (the guard is killing this agent)."""
+        if self._raylet is not None and select.select([self._raylet], [], [], 0)[0]:
+            raise NodeGoingAway(
+                f"node {self._config.node_name} is going away (its raylet exited); retry"
+            )
+
     # -- the engine's surface -------------------------------------------------------------
 
     async def hello(self) -> dict[str, Any]:
         """Readiness check; also runs the start-up sweep. Returns facts for the front's log."""
         self._ready()
+        self._check_raylet()
         return {"node": self._config.node_name, "pid": os.getpid(), "swept": self._swept}
 
     async def start(
         self, job_id: str, spec: JobSpec, owner: str, placement: str | None
     ) -> JobStatus:
         manager = self._ready()
+        self._check_raylet()
         if placement is not None:
             self._placements[job_id] = placement
+        self._starting.add(job_id)
         try:
-            status = await manager.start_as(job_id, spec, owner)
-        except BaseException:
-            if self._placements.pop(job_id, None) is not None and placement is not None:
-                release_placement(placement)
-            raise
-        assert self._records is not None
-        self._records.add(job_id, status.pid)
+            try:
+                status = await manager.start_as(job_id, spec, owner)
+            except BaseException:
+                if self._placements.pop(job_id, None) is not None and placement is not None:
+                    release_placement(placement)
+                raise
+            assert self._records is not None
+            self._records.add(job_id, status.pid)  # from here on the guard kills it too
+            self._check_raylet()
+        finally:
+            self._starting.discard(job_id)
+        self._changed(job_id)  # reported once answered (a poll meanwhile left it out)
         return self._on_node(status)
 
     async def stop(self, job_id: str, by: str, grace: float | None) -> StopResult:
@@ -318,13 +351,18 @@ class NodeAgent:
         every retained job."""
         manager = self._ready()
         assert self._wakeup is not None
+        self._check_raylet()
         if since < 0:
-            return PollReply(self._version, [self._on_node(s) for s in manager.list()])
+            listed = [s for s in manager.list() if s.job_id not in self._starting]
+            return PollReply(self._version, [self._on_node(s) for s in listed])
         if self._version <= since:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
-        changed = [manager.find(j) for j in _newer(self._changed_at, since)]
+            self._check_raylet()
+        changed = [
+            manager.find(j) for j in _newer(self._changed_at, since) if j not in self._starting
+        ]
         return PollReply(
             self._version,
             [self._on_node(s) for s in changed if s is not None],

@@ -27,7 +27,14 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.backends.ray.agent import NAMESPACE, AgentConfig, NodeAgent, PollReply, agent_name
+from jobworker.backends.ray.agent import (
+    NAMESPACE,
+    AgentConfig,
+    NodeAgent,
+    NodeGoingAway,
+    PollReply,
+    agent_name,
+)
 from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
 from jobworker.backends.ray.table import JobTable
 from jobworker.errors import JobworkerError
@@ -180,7 +187,12 @@ class Discovery:
         while not self._closing:
             try:
                 reply: PollReply = await call(node.agent.poll.remote(since, POLL_SECONDS), node)
+            except NodeGoingAway:
+                node.distrust()  # its agent is about to die: Ray will declare the node dead
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
             except Unreachable as err:
+                node.distrust()
                 if isinstance(err.error, ray.exceptions.ActorDiedError) or not await self._alive(
                     node
                 ):

@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import structlog
 
-from jobworker.backends.ray.agent import AgentConfig, release_placement
+from jobworker.backends.ray.agent import AgentConfig, NodeGoingAway, release_placement
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.ledger import SWEEP_SECONDS, ledger_handle
@@ -283,19 +283,35 @@ class RayBackend:
             self._plugins.on_exit(ended[job_id])
 
     async def _launch(self, job_id: str, spec: JobSpec, owner: str) -> tuple[JobStatus, Node]:
-        """Place the job and have its node's agent start it."""
+        """Place the job and have its node's agent start it. A job refused by a node going
+        away is placed once more (that node is suspect now) unless something ties it
+        there (a pin, a placement group): then the refusal (UNAVAILABLE) is the client's."""
         node, placement = await self._place(job_id, spec)
+        try:
+            return await self._start_on(node, placement, job_id, spec, owner), node
+        except NodeGoingAway as err:
+            if spec.node is not None or placement is not None:
+                raise
+            log.warning("job_start_moved", job_id=job_id, node=node.name, error=str(err))
+        node, placement = await self._place(job_id, spec)
+        return await self._start_on(node, placement, job_id, spec, owner), node
+
+    async def _start_on(
+        self, node: Node, placement: str | None, job_id: str, spec: JobSpec, owner: str
+    ) -> JobStatus:
+        """The agent's start; a node that fails the call, or is going away, is suspect."""
         try:
             status: JobStatus = await call(
                 node.agent.start.remote(job_id, attrs.evolve(spec, node=None), owner, placement),
                 node,
             )
-        except Unreachable:
+        except (NodeGoingAway, Unreachable):
+            node.distrust()
             # The agent may never have seen the job: it would not release the share.
             if placement is not None:
                 await asyncio.to_thread(release_placement, placement)
             raise
-        return status, node
+        return status
 
     async def _place(self, job_id: str, spec: JobSpec) -> tuple[Node, str | None]:
         """Place the job. One pinned to a node the front does not know waits for a fresh

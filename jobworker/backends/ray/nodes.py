@@ -69,6 +69,11 @@ class Node:
         """Whether its agent missed the heartbeat deadline (it may be dying)."""
         return now - self.heard_at > HEARTBEAT_DEADLINE
 
+    def distrust(self) -> None:
+        """Suspect it now, until its agent answers a poll again: a call failed, or its
+        agent said the node is going away."""
+        self.heard_at = -math.inf
+
     def describe(self) -> str:
         cpu = self.total.get("CPU", 0)
         return f"{self.name} ({cpu:g} CPU, {gib(self.total.get('memory', 0))} memory)"
