@@ -7,7 +7,10 @@
 * ssh: ``ssh -p PORT 127.0.0.1 true`` against the throw-away sshd of bench_ssh.py (ed25519
   keys, loopback; the system's sshd is never touched).
 
-Runs alternate, one of each per round; medians of the wall time, and of the CPU time the
+Every version's package is byte-compiled first (``compileall``, as ``pip install`` does): a
+checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile its modules anew
+in every run, which a user's installed client never does. Runs alternate, one of each per
+round; medians of the wall time, and of the CPU time the
 command used (user and system: what the client itself costs, less disturbed by other load
 on the machine), and the ratios the client is held to (docs/performance.md, "The
 client's start-up"). ssh's CPU is its client's alone. ``--baseline-src DIR`` (a checkout of an
@@ -17,6 +20,7 @@ against the same server, beside this version's run the same way.
 
 from __future__ import annotations
 
+import compileall
 import os
 import resource
 import statistics
@@ -38,6 +42,8 @@ from _common import (
 )
 from bench_ssh import start_sshd
 
+import jobworker
+
 #: What the client is held to (issue 21): at most this many times ``import grpc`` ...
 MAX_RATIO_TO_GRPC = 1.8
 #: ... and under this share of ``ssh host true``.
@@ -51,9 +57,12 @@ def _children_cpu() -> float:
 
 def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Seconds until ``command`` exited, and the CPU seconds it used (user and system,
-    less disturbed by the machine's other load); it must succeed."""
+    less disturbed by the machine's other load); it must succeed. Its stdin is /dev/null,
+    which ``run`` leaves alone as it does a terminal (from a pipe it would forward it)."""
     cpu, began = _children_cpu(), time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        command, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - began, _children_cpu() - cpu
 
 
@@ -64,7 +73,12 @@ def main() -> None:
     options = p.parse_args()
     rounds = 15 if options.quick else options.rounds
     header(f"a command's round trip: {rounds} rounds, each command once per round")
-    jobworker = str(Path(sys.executable).with_name("jobworker"))
+    program = str(Path(sys.executable).with_name("jobworker"))
+    sources = [Path(jobworker.__file__).parent]
+    if options.baseline_src is not None:
+        sources.append(options.baseline_src / "jobworker")
+    for package in sources:
+        compileall.compile_dir(package, quiet=1)
     with workdir() as work:
         pki = make_pki(work / "pki")
         files = pki.client(CLIENT)
@@ -82,11 +96,11 @@ def main() -> None:
                 commands: dict[str, tuple[list[str], dict[str, str] | None]] = {
                     "python -c pass": ([sys.executable, "-c", "pass"], None),
                     'python -c "import grpc"': ([sys.executable, "-c", "import grpc"], None),
-                    "jobworker run -- true": ([jobworker, "run", "--", "true"], env),
+                    "jobworker run -- true": ([program, "run", "--", "true"], env),
                     # The same client, a job with no network to set up (no pasta): what is
                     # left of the round trip once a private network's start is taken out.
                     "jobworker run --network none -- true": (
-                        [jobworker, "run", "--network", "none", "--", "true"],
+                        [program, "run", "--network", "none", "--", "true"],
                         env,
                     ),
                     "ssh 127.0.0.1 true": ([*ssh, "true"], None),
