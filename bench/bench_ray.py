@@ -28,6 +28,11 @@ running job close the run. ``--baseline-src DIR`` (``git archive REV | tar -x -C
 runs that version's front and agents too (``PYTHONPATH``, a cluster of its own each),
 cluster size by cluster size, for before/after figures from one run.
 
+With ``--fronts`` it measures instead two front servers on one cluster (docs/cluster.md,
+"Many front servers"): StartJob of ``true`` through each (every start reserves its slot in
+the cluster's ledger), the local server's in the same run; how long after a start through
+one front returns the other knows the job (``GetStatus`` until it answers).
+
 Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
 """
 
@@ -63,6 +68,7 @@ from _common import (
 from jobworker.api.pki import PkiPaths
 from jobworker.cli.client import INPUT_CHUNK
 from jobworker.client import JobClient
+from jobworker.errors import NotFound
 from jobworker.jobspec import Limits
 from jobworker.model import JobState
 
@@ -323,6 +329,58 @@ def cluster_and_servers() -> Iterator[tuple[PkiPaths, dict[str, Served], dict[st
                 yield pki, {"local": local_server, "ray": ray_server}, {"local": local, "ray": ray}
 
 
+def known_after(started_through: JobClient, other: JobClient) -> float:
+    """Seconds from a start's answer through one front until the other knows the job."""
+    job = started_through.start("true")
+    began = time.perf_counter()
+    while True:
+        try:
+            other.status(job)
+        except NotFound:
+            continue
+        return time.perf_counter() - began
+
+
+def two_fronts(starts: int, rounds: int) -> None:
+    """StartJob through each of two fronts on one cluster, the local server's in the same
+    run, rounds alternating; how soon the other front knows a job."""
+    header(f"two front servers on one cluster: {starts} starts each, {rounds} rounds")
+    nodes = [
+        {"name": "head", "num_cpus": 0, "memory": 1 << 30},
+        {"name": "worker", "num_cpus": 2, "memory": 4 << 30},
+    ]
+    found: dict[str, list[float]] = {"local": [], "front a": [], "front b": [], "known": []}
+    with workdir() as work:
+        pki = make_pki(work / "pki")
+        auth = token_auth(work / "ray-token")
+        with local_cluster(nodes, work / "ray.log", env=auth) as cluster:
+            ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
+            with (
+                serve(pki, work, "local") as local_server,
+                serve(pki, work, "a", *ray_args, env=auth) as a,
+                serve(pki, work, "b", *ray_args, env=auth) as b,
+                JobClient(local_server.address, pki.client(CLIENT)) as local,
+                JobClient(a.address, pki.client(CLIENT)) as through_a,
+                JobClient(b.address, pki.client(CLIENT)) as through_b,
+            ):
+                clients = {"local": local, "front a": through_a, "front b": through_b}
+                for client in clients.values():
+                    for _ in range(10):  # warm-up
+                        client.start("true")
+                for _ in range(rounds):
+                    for kind, client in clients.items():
+                        found[kind] += timed(lambda c=client: c.start("true"), starts // rounds)
+                    for _ in range(starts // rounds):
+                        found["known"].append(known_after(through_a, through_b))
+    for kind in ("local", "front a", "front b"):
+        samples = found[kind]
+        row(f"StartJob `true` ({kind})", f"p50 {ms(percentile(samples, 0.5))}",
+            f"p99 {ms(percentile(samples, 0.99))}")  # fmt: skip
+    known = found["known"]
+    row("a start through a: known to b after", f"p50 {ms(percentile(known, 0.5))}",
+        f"p99 {ms(percentile(known, 0.99))}")  # fmt: skip
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--starts", type=int, default=200)
@@ -332,7 +390,11 @@ def main() -> None:
     add_baseline_option(p)
     p.add_argument("--followers", help="N,N,...: measure only the stream, with N followers")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fronts", action="store_true", help="measure two fronts on one cluster")
     options = p.parse_args()
+    if options.fronts:
+        two_fronts(60 if options.quick else options.starts, options.rounds)
+        return
     if options.front_nodes:
         sizes = [int(n) for n in options.front_nodes.split(",")]
         jobs = [int(n) for n in options.front_jobs.split(",") if n]
