@@ -123,6 +123,16 @@ class Front:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def foreign_lines(self) -> list[str]:
+        """Lines of its stdout and stderr that are not JSON records (Ray's own output)."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                found.append(line)
+        return found
+
     def audit(self) -> list[dict[str, object]]:
         if not self.audit_path.exists():
             return []

@@ -81,6 +81,7 @@ def test_a_poll_carries_only_the_jobs_that_changed_and_an_idle_one_nothing(
             if not jobs:
                 break  # the end reported, the node quiet again
         assert status(alice, quiet).status == "running"
+        assert front.foreign_lines() == []  # Ray's own lines are JSON events too
     finally:
         poller.stdin.close()
         poller.wait(30)

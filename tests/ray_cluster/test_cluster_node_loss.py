@@ -78,6 +78,9 @@ def test_a_killed_raylets_jobs_die_at_once_then_node_lost_frees_the_quota(
         ray_cluster.add_node(next(n for n in NODES if n["name"] == "w3"))
         back = start_job(alice, "true", node="w3")
         assert wait_exited(alice, back).node == "w3"
+        # What Ray told the front about the loss is in its JSON log, as events of its own.
+        assert '"ray_error_reported"' in front.log()
+        assert front.foreign_lines() == []
     finally:
         for pid in tree:
             if alive(pid):

@@ -51,9 +51,39 @@ DISCOVER_SECONDS = 5.0
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 
+class _RayRecords(logging.Handler):
+    """Ray's Python log records as events of the front's own log (``ray_log``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            fields["exception"] = logging.Formatter().formatException(record.exc_info)
+        log.log(record.levelno, "ray_log", **fields)
+
+
+def _ray_published(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+    """Stands in for Ray's printer of what the cluster publishes to every driver (a node
+    marked dead, a worker killed), which would print plain text to stdout."""
+    log.warning("ray_error_reported", source=data.get("pid"),
+                message="\n".join(data.get("lines", ())))  # fmt: skip
+
+
+def _ray_logs_to_json() -> None:
+    """Keep the front's log all JSON lines: Ray's Python loggers (configured by Ray at
+    import with a plain-text handler) and its published errors become events of ours.
+    Worker output is not forwarded at all (``log_to_driver=False``)."""
+    import ray._private.worker
+
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers[:] = [_RayRecords()]
+    ray_logger.setLevel(logging.WARNING)
+    ray_logger.propagate = False
+    ray._private.worker.print_to_stdstream = _ray_published
+
+
 def join(address: str) -> None:
     """``ray.init`` as a driver of the cluster at ``address``, with SIGTERM left to the
-    server.
+    server and Ray's messages in the front's JSON log (:func:`_ray_logs_to_json`).
 
     Called on the main thread, before the server serves (it blocks for about a second):
     there, Ray puts its own SIGTERM handler (exit at once) and, under it, a crash reporter
@@ -65,6 +95,7 @@ def join(address: str) -> None:
 
     if ray.is_initialized():
         return
+    _ray_logs_to_json()
     main = threading.current_thread() is threading.main_thread()
     terminate = signal.getsignal(signal.SIGTERM) if main else None
     try:
