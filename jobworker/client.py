@@ -362,13 +362,15 @@ class JobClient:
     ) -> Generator[tuple[str, memoryview, int], None, JobEnd | None]:
         """The chunks of one StreamOutput call; returns the job's end if the server sent it."""
         call = self._stream_output(request)
+        end: JobEnd | None = None
         try:
             for raw in call:
-                stream, data, position, end = codec.decode_chunk(raw)
-                if end is not None:
-                    return codec.decode_end(end)
-                yield stream, data, position
-            return None
+                stream, data, position, status = codec.decode_chunk(raw)
+                if status is None:
+                    yield stream, data, position
+                else:  # the last message: read on to the call's own end (OK, not CANCELLED)
+                    end = codec.decode_end(status)
+            return end
         except grpc.RpcError as err:
             raise self._error(err) from None
         finally:

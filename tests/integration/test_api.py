@@ -167,8 +167,8 @@ class _Watcher:
         self.rpcs: list[str] = []
 
     @hookimpl
-    def jobworker_rpc_finished(self, method: str) -> None:
-        self.rpcs.append(method)
+    def jobworker_rpc_finished(self, method: str, code: str) -> None:
+        self.rpcs.append(f"{method} {code}")
 
     @hookimpl
     def jobworker_authorize(self, identity: Any, action: Action, job: Any) -> bool | None:
@@ -206,7 +206,8 @@ def test_run_learns_how_the_job_ended_from_the_stream_else_asks(
         output, end = _followed(alice, job_id)
     assert output == [("stdout", b"out\n")]
     assert end == JobEnd(job_id, "exited", "signaled", 128 + signal.SIGTERM, "")
-    assert sorted(watcher.rpcs) == (["StreamOutput"] if sent else ["GetStatus", "StreamOutput"])
+    calls = ["StreamOutput OK"] if sent else ["GetStatus OK", "StreamOutput OK"]
+    assert sorted(watcher.rpcs) == calls
 
 
 def test_no_follow_returns_what_exists_while_running(api_server: RunningServer) -> None:
