@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,6 +108,34 @@ def test_four_followers_of_a_running_job_get_the_same_bytes(front: Front) -> Non
         data = _stdout(chunks)
         assert len(data) == size
         assert hashlib.sha256(data).hexdigest() == expected
+
+
+def test_a_slow_follower_leaves_the_shared_stream_and_misses_nothing(front: Front) -> None:
+    """Followers of one job share one stream from its node (fanout.py); one that stops
+    reading for a while falls behind the fast one, goes on alone from its offset, and
+    still gets every byte."""
+    alice = front.stub("alice")
+    size = 48 * MiB
+    job_id = start_job(
+        alice, "sh", "-c", "sleep 1; " + RANDOM_WITH_HASH.format(size=size), node="w1"
+    )
+
+    def slow() -> list[pb.JobOutputChunk]:
+        stream = alice.StreamOutput(pb.JobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+        first = next(stream)
+        time.sleep(5)  # its client stops reading: the fast follower runs ahead
+        return [first, *stream]
+
+    with ThreadPoolExecutor(2) as pool:
+        slow_one = pool.submit(slow)
+        fast = _streams(alice, job_id)
+        behind = slow_one.result()
+    for chunks in (fast, behind):
+        data = _stdout(chunks)
+        assert len(data) == size
+        assert hashlib.sha256(data).hexdigest() == _hash_line(fast)
+    alone = [line for line in front.log().splitlines() if '"output_follower_alone"' in line]
+    assert any(job_id in line for line in alone), alone
 
 
 @attrs.frozen

@@ -36,6 +36,7 @@ import structlog
 from jobworker.backends.ray.agent import AgentConfig, NodeGoingAway, release_placement
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
+from jobworker.backends.ray.fanout import Fanout
 from jobworker.backends.ray.ledger import SWEEP_SECONDS, ledger_handle
 from jobworker.backends.ray.nodes import CALL_TIMEOUT, RETRY_SECONDS, Node, Unreachable, call
 from jobworker.backends.ray.outputport import PortClient, PortUnavailable, stream_output
@@ -109,6 +110,7 @@ class RayBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._discovery = Discovery(self._nodes, self._table, agent_config, self._spawn)
         self._ports = PortClient()
+        self._fanout = Fanout()
         #: Set once joined: whether the cluster turned away a caller without its token.
         self._authenticated = True
         self._allow_unauthenticated = allow_unauthenticated
@@ -338,7 +340,10 @@ class RayBackend:
         job = self._table.lookup(job_id)
         if job.output_lost:
             self._raise_lost(job, offset)
-        return self._follow(job, offset, follow)
+        if not follow:
+            return self._follow(job, offset, follow)
+        # Followers of one job share one stream from its node (:mod:`.fanout`).
+        return self._fanout.follow(job_id, offset, lambda at: self._follow(job, at, True))
 
     def _raise_lost(self, job: Job, offset: int) -> None:
         raise FailedPrecondition(
