@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,8 +37,8 @@ from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.fanout import Fanout
 from jobworker.backends.ray.ledger import SWEEP_SECONDS, ledger_handle
-from jobworker.backends.ray.nodes import CALL_TIMEOUT, RETRY_SECONDS, Node, Unreachable, call
-from jobworker.backends.ray.outputport import PortClient, PortUnavailable, stream_output
+from jobworker.backends.ray.nodes import CALL_TIMEOUT, Node, Unreachable, call
+from jobworker.backends.ray.outputport import PortClient, output_lost
 from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
@@ -339,50 +338,13 @@ class RayBackend:
         node ends the stream with FAILED_PRECONDITION (its spool was on that node)."""
         job = self._table.lookup(job_id)
         if job.output_lost:
-            self._raise_lost(job, offset)
-        if not follow:
-            return self._follow(job, offset, follow)
+            raise output_lost(job, offset)
+
+        def stream(at: int, follow: bool = True) -> AsyncIterator[OutputChunk]:
+            return self._ports.follow(job, at, follow, lambda: self._closing)
+
         # Followers of one job share one stream from its node (:mod:`.fanout`).
-        return self._fanout.follow(job_id, offset, lambda at: self._follow(job, at, True))
-
-    def _raise_lost(self, job: Job, offset: int) -> None:
-        raise FailedPrecondition(
-            f"job {job.status.job_id} ran on node {job.node.name}, which was lost with the"
-            f" job's spooled output; the stream ends at offset {offset}"
-        )
-
-    async def _follow(self, job: Job, offset: int, follow: bool) -> AsyncIterator[OutputChunk]:
-        job_id = job.status.job_id
-        while True:
-            try:
-                channel = await self._ports.channel(job.node)
-            except Unreachable:
-                channel = None
-            if channel is not None:
-                chunks = stream_output(channel, job_id, offset, follow)
-                try:
-                    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-                        async for chunk in chunks:
-                            yield chunk
-                            offset = chunk.offset
-                except PortUnavailable as err:
-                    log.info("output_port_retry", node=job.node.name, job_id=job_id, error=str(err))
-                    await self._ports.forget(job.node, channel)
-                else:
-                    if follow:
-                        # The end of a followed stream means the job is over: its status
-                        # says so before the follower hears of the end (the agent's poll
-                        # reports the exit at once).
-                        await job.done.wait()
-                    return
-            if job.output_lost:
-                self._raise_lost(job, offset)
-            if self._closing:
-                raise Unavailable(
-                    f"the server is stopping; the job goes on: resume from offset {offset}"
-                    " on another server of the cluster"
-                )
-            await asyncio.sleep(RETRY_SECONDS)
+        return self._fanout.follow(job_id, offset, stream) if follow else stream(offset, False)
 
     async def _relay(self, job_id: str) -> None:
         """Feed ``output_chunk`` observers with a cluster job's output, as the local

@@ -27,12 +27,15 @@ from __future__ import annotations
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported.
 from jobworker.api.grpcenv import grpc  # isort: split
 
+import asyncio
 import collections
+import contextlib
 import hashlib
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import attrs
 import structlog
@@ -42,9 +45,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.api.codec import decode_chunk, encode_chunk
-from jobworker.backends.ray.nodes import Node, call
-from jobworker.errors import JobworkerError, Unauthenticated, error_from_code, wire_code
-from jobworker.model import OutputChunk, Stream
+from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
+from jobworker.errors import (
+    FailedPrecondition,
+    JobworkerError,
+    Unauthenticated,
+    Unavailable,
+    error_from_code,
+    wire_code,
+)
+from jobworker.model import JobStatus, OutputChunk, Stream
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import node_pb2
 
@@ -129,6 +139,20 @@ class PortInfo:
 
     address: str
     cert_pem: bytes
+
+
+class Job(Protocol):
+    """What following a job needs of the front's :class:`.table.Job` (which this module
+    cannot import: the table imports the agent, which imports this module)."""
+
+    @property
+    def status(self) -> JobStatus: ...
+    @property
+    def node(self) -> Node: ...
+    @property
+    def done(self) -> asyncio.Event: ...
+    @property
+    def output_lost(self) -> bool: ...
 
 
 #: Output of a job on the agent's engine: ``(job_id, offset, follow)`` as
@@ -249,6 +273,45 @@ class PortClient:
         self._channels[node.node_id] = channel
         return channel
 
+    async def follow(
+        self, job: Job, offset: int, follow: bool, stopping: Callable[[], bool]
+    ) -> AsyncIterator[OutputChunk]:
+        """``job``'s output from ``offset`` (see :meth:`RayBackend.follow`): a failed
+        connection is tried again from the last offset, after asking the agent anew; a
+        lost node ends it with FAILED_PRECONDITION, a front that is ``stopping`` with
+        UNAVAILABLE and the offset to resume from."""
+        job_id = job.status.job_id
+        while True:
+            try:
+                channel = await self.channel(job.node)
+            except Unreachable:
+                channel = None
+            if channel is not None:
+                chunks = stream_output(channel, job_id, offset, follow)
+                try:
+                    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+                        async for chunk in chunks:
+                            yield chunk
+                            offset = chunk.offset
+                except PortUnavailable as err:
+                    log.info("output_port_retry", node=job.node.name, job_id=job_id, error=str(err))
+                    await self.forget(job.node, channel)
+                else:
+                    if follow:
+                        # The end of a followed stream means the job is over: its status
+                        # says so before the follower hears of the end (the agent's poll
+                        # reports the exit at once).
+                        await job.done.wait()
+                    return
+            if job.output_lost:
+                raise output_lost(job, offset)
+            if stopping():
+                raise Unavailable(
+                    f"the server is stopping; the job goes on: resume from offset {offset}"
+                    " on another server of the cluster"
+                )
+            await asyncio.sleep(RETRY_SECONDS)
+
     async def forget(self, node: Node, channel: grpc.aio.Channel) -> None:
         """Drop ``node``'s ``channel`` after it failed: the next follower asks the agent
         again (a new agent has a new port and certificate; an agent may have dropped the
@@ -268,6 +331,14 @@ _RETRIED = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.CANCELLED,
 )
+
+
+def output_lost(job: Job, offset: int) -> FailedPrecondition:
+    """The error of a follower whose job's node was lost (its spool was there)."""
+    return FailedPrecondition(
+        f"job {job.status.job_id} ran on node {job.node.name}, which was lost with the"
+        f" job's spooled output; the stream ends at offset {offset}"
+    )
 
 
 class PortUnavailable(Exception):
