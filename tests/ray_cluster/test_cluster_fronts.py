@@ -38,7 +38,7 @@ def stdout_of(stub: pb_grpc.JobServiceStub, job_id: str, follow: bool) -> bytes:
     return b"".join(data for stream, data in chunks if stream == "stdout")
 
 
-def exit_records(fronts: tuple[Front, ...], job_id: str) -> list[dict[str, object]]:
+def exit_records(fronts: list[Front], job_id: str) -> list[dict[str, object]]:
     return [
         record
         for front in fronts
@@ -54,7 +54,7 @@ def pair(start_front: StartFront) -> tuple[Front, Front]:
 
 
 def test_a_job_started_through_one_front_is_listed_followed_fed_and_stopped_through_another(
-    pair: tuple[Front, Front],
+    pair: tuple[Front, Front], started_fronts: list[Front]
 ) -> None:
     a, b = pair
     through_a, through_b = a.stub("alice"), b.stub("alice")
@@ -75,11 +75,14 @@ def test_a_job_started_through_one_front_is_listed_followed_fed_and_stopped_thro
     assert (ended.status, ended.reason) == ("exited", "stopped")
     # Followed through B to its end: byte-exact.
     assert stdout_of(through_b, job_id, follow=True) == wanted
-    # Its start is recorded by the front that started it, its end by one front only.
-    wait_for(lambda: exit_records(pair, job_id), 10, "the job_exited record")
-    time.sleep(2)  # the other front saw the end too: long enough for a second record
-    assert len(exit_records(pair, job_id)) == 1
-    started = [r["job_id"] for f in pair for r in f.audit() if r["audit"] == "job_started"]
+    # Its start is recorded by the front that started it, its end by one front only (of
+    # every front on the cluster: other tests' may be running too).
+    wait_for(lambda: exit_records(started_fronts, job_id), 10, "the job_exited record")
+    time.sleep(2)  # the other fronts saw the end too: long enough for a second record
+    assert len(exit_records(started_fronts, job_id)) == 1
+    started = [
+        r["job_id"] for f in started_fronts for r in f.audit() if r["audit"] == "job_started"
+    ]
     assert started.count(job_id) == 1
     assert job_id in {r["job_id"] for r in a.audit() if r["audit"] == "job_started"}
 

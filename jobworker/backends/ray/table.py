@@ -115,8 +115,8 @@ class JobTable:
                 self.add(status, node)
                 learnt.append(status)
                 if status.state is not JobState.EXITED:
-                    log.info("job_recovered", job_id=status.job_id, node=node.name,
-                             owner=status.owner)  # fmt: skip
+                    log.debug("job_learnt", job_id=status.job_id, node=node.name,
+                              owner=status.owner)  # fmt: skip
                 continue
             self.update(job, status)
         if learnt:
