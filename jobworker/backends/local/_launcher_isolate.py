@@ -47,7 +47,7 @@ def isolate(plan: list[str], pid1: bool, in_cgroup: bool) -> None:
     libc = Libc()
     flags = int(plan_value(plan, "ns", "0"))
     helper = None if pid1 else net_helper(libc, plan)
-    # The PID namespace waits while the network is set up: nft's process would be its init.
+    # The PID namespace waits for the rules: nft's process would be its init.
     later = CLONE_NEWPID if helper is not None else 0
     if not pid1:
         # The launcher's way: namespaces for this process, the PID namespace for its child.
