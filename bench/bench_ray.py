@@ -33,7 +33,8 @@ With ``--fronts`` it measures instead two front servers on one cluster (docs/clu
 the cluster's ledger), the local server's in the same run; how long after a start through
 one front returns the other knows the job (``GetStatus`` until it answers).
 
-Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local.
+Needs the ``ray`` extra. Targets (issue 14): start p50 <= 30 ms, stream >= 50% of local;
+(issue 26, ``--followers 1,4 --stream-mib 100``) each >= 70% of local.
 """
 
 from __future__ import annotations
