@@ -179,7 +179,9 @@ class Discovery:
         its agent answers."""
         node_id = info["NodeID"]
         name = info.get("NodeName") or info["NodeManagerAddress"]
-        agent = self._agent_handle(node_id, name)
+        # Creating (or finding) an actor is a blocking call to the GCS: in a thread, so
+        # that greeting a thousand nodes never holds the event loop (and every client).
+        agent = await asyncio.to_thread(self._agent_handle, node_id, name)
         node = Node(node_id, name, agent, dict(info["Resources"]))
         try:
             hello = await call(agent.hello.remote(), node)
