@@ -43,7 +43,7 @@ log = structlog.get_logger("jobworker.ray.front")
 
 #: Longest wait of one agent long poll: an idle node's heartbeat period (the suspect
 #: deadline, :data:`.nodes.HEARTBEAT_DEADLINE`, is longer).
-POLL_SECONDS = 10.0
+POLL_SECONDS = 15.0
 #: How often the front looks for nodes that joined the cluster.
 DISCOVER_SECONDS = 5.0
 
