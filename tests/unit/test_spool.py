@@ -73,3 +73,21 @@ def test_symlinked_root_is_refused(tmp_path: Path) -> None:
     (tmp_path / "root").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="not a directory"), spool_run(tmp_path / "root"):
         pass
+
+
+def test_a_run_being_made_is_left_to_its_server(tmp_path: Path) -> None:
+    """A run is made under a ``.new-*`` name and named ``run-*`` only once locked: a
+    server starting beside it (here, the reclaim of ``spool_run``) leaves it alone while
+    it is young, even with its lock free, and removes it once it is old (its maker died)."""
+    root = tmp_path / "spool"
+    root.mkdir(mode=0o700)
+    young, old = root / ".new-young", root / ".new-old"
+    for made in (young, old):
+        made.mkdir()
+        (made / ".lock").touch()
+    os.utime(old, (0, 0))
+    with spool_run(root) as run:
+        assert run.name.startswith("run-") and run.parent == root
+        assert young.exists(), "a run being made was removed"
+        assert not old.exists(), "a run its maker left half made was kept"
+        assert not any(p.name.startswith(".new-") and p != young for p in root.iterdir())

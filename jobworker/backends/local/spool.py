@@ -14,11 +14,13 @@ stops: it holds the running jobs' records and output for the next server
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,10 @@ from jobworker.errors import ConfigError
 log = structlog.get_logger("jobworker.backends.local.spool")
 
 _LOCK = ".lock"
+#: The name of a run while it is being made (not yet locked).
+_NEW = ".new-"
+#: A run still being made after this long was left by a server that died making it.
+NEW_RUN_SECONDS = 60.0
 #: The run directory of ``serve --live-restore`` under the spool root.
 LIVE_RUN = "live"
 
@@ -61,24 +67,33 @@ def _prepare_root(root: Path) -> None:
 
 def _reclaim_stale_runs(root: Path) -> None:
     for run in sorted(root.glob("run-*")):
-        try:
-            fd = os.open(run / _LOCK, os.O_RDWR)
-        except FileNotFoundError:
-            continue  # a run being created this instant, or not ours: leave it
-        except OSError as err:
-            log.warning("spool_run_unreadable", run=str(run), error=err.strerror)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            files = sum(1 for p in run.iterdir() if p.name != _LOCK)
-            shutil.rmtree(run)
-            log.info("spool_stale_run_removed", run=str(run), files=files)
-        except BlockingIOError:
-            pass  # a live server's run
-        except OSError as err:
-            log.warning("spool_stale_run_kept", run=str(run), error=err.strerror)
-        finally:
-            os.close(fd)
+        _reclaim(run)
+    for new in root.glob(_NEW + "*"):  # a server that died while making its run
+        with contextlib.suppress(OSError):
+            if new.stat().st_mtime < time.time() - NEW_RUN_SECONDS:
+                _reclaim(new)
+
+
+def _reclaim(run: Path) -> None:
+    """Remove the run ``run`` unless its server lives (holds its lock)."""
+    try:
+        fd = os.open(run / _LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return  # not a run of ours
+    except OSError as err:
+        log.warning("spool_run_unreadable", run=str(run), error=err.strerror)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        files = sum(1 for p in run.iterdir() if p.name != _LOCK)
+        shutil.rmtree(run)
+        log.info("spool_stale_run_removed", run=str(run), files=files)
+    except BlockingIOError:
+        pass  # a live server's run
+    except OSError as err:
+        log.warning("spool_stale_run_kept", run=str(run), error=err.strerror)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -96,10 +111,17 @@ def spool_run(root: Path | None, live: bool = False) -> Iterator[Path]:
         with _live_run(root / LIVE_RUN) as run:
             yield run
         return
-    run = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-    lock = os.open(run / _LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    # Made under a name the reclaimers of other servers do not look at, locked, and only
+    # then named ``run-*``: else one could take the lock in the instant between its
+    # creation and ours, and remove a new run as stale (32 agents starting on one
+    # machine did).
+    new = Path(tempfile.mkdtemp(prefix=_NEW, dir=root))
+    lock = os.open(new / _LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    run = new
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        run = root / ("run-" + new.name.removeprefix(_NEW))
+        new.rename(run)
         yield run
     finally:
         shutil.rmtree(run, ignore_errors=True)
