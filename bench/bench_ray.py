@@ -309,25 +309,28 @@ def stream_only(size: int, counts: list[int], rounds: int) -> None:
 
 
 @contextmanager
-def cluster_and_servers() -> Iterator[tuple[PkiPaths, dict[str, Served], dict[str, JobClient]]]:
-    """A head and a 2-CPU worker node, a local server and a front on the cluster, and a
-    client of each."""
+def cluster_and_servers(
+    fronts: tuple[str, ...] = ("ray",),
+) -> Iterator[tuple[PkiPaths, dict[str, Served], dict[str, JobClient]]]:
+    """A head and a 2-CPU worker node, a local server and a front of each name in
+    ``fronts`` on the cluster, and a client of each (by name; ``local`` first)."""
     nodes = [
         {"name": "head", "num_cpus": 0, "memory": 1 << 30},
         {"name": "worker", "num_cpus": 2, "memory": 4 << 30},
     ]
-    with workdir() as work:
+    with workdir() as work, contextlib.ExitStack() as stack:
         pki = make_pki(work / "pki")
         auth = token_auth(work / "ray-token")
-        with local_cluster(nodes, work / "ray.log", env=auth) as cluster:
-            ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
-            with (
-                serve(pki, work, "local") as local_server,
-                serve(pki, work, "ray", *ray_args, env=auth) as ray_server,
-                JobClient(local_server.address, pki.client(CLIENT)) as local,
-                JobClient(ray_server.address, pki.client(CLIENT)) as ray,
-            ):
-                yield pki, {"local": local_server, "ray": ray_server}, {"local": local, "ray": ray}
+        cluster = stack.enter_context(local_cluster(nodes, work / "ray.log", env=auth))
+        ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
+        servers = {"local": stack.enter_context(serve(pki, work, "local"))}
+        for name in fronts:
+            servers[name] = stack.enter_context(serve(pki, work, name, *ray_args, env=auth))
+        clients = {
+            name: stack.enter_context(JobClient(served.address, pki.client(CLIENT)))
+            for name, served in servers.items()
+        }
+        yield pki, servers, clients
 
 
 def known_after(started_through: JobClient, other: JobClient) -> float:
@@ -346,33 +349,16 @@ def two_fronts(starts: int, rounds: int) -> None:
     """StartJob through each of two fronts on one cluster, the local server's in the same
     run, rounds alternating; how soon the other front knows a job."""
     header(f"two front servers on one cluster: {starts} starts each, {rounds} rounds")
-    nodes = [
-        {"name": "head", "num_cpus": 0, "memory": 1 << 30},
-        {"name": "worker", "num_cpus": 2, "memory": 4 << 30},
-    ]
     found: dict[str, list[float]] = {"local": [], "front a": [], "front b": [], "known": []}
-    with workdir() as work:
-        pki = make_pki(work / "pki")
-        auth = token_auth(work / "ray-token")
-        with local_cluster(nodes, work / "ray.log", env=auth) as cluster:
-            ray_args = ("--plugin", "ray", f"--ray-address={cluster.address}")
-            with (
-                serve(pki, work, "local") as local_server,
-                serve(pki, work, "a", *ray_args, env=auth) as a,
-                serve(pki, work, "b", *ray_args, env=auth) as b,
-                JobClient(local_server.address, pki.client(CLIENT)) as local,
-                JobClient(a.address, pki.client(CLIENT)) as through_a,
-                JobClient(b.address, pki.client(CLIENT)) as through_b,
-            ):
-                clients = {"local": local, "front a": through_a, "front b": through_b}
-                for client in clients.values():
-                    for _ in range(10):  # warm-up
-                        client.start("true")
-                for _ in range(rounds):
-                    for kind, client in clients.items():
-                        found[kind] += timed(lambda c=client: c.start("true"), starts // rounds)
-                    for _ in range(starts // rounds):
-                        found["known"].append(known_after(through_a, through_b))
+    with cluster_and_servers(("front a", "front b")) as (_, _, clients):
+        for client in clients.values():
+            for _ in range(10):  # warm-up
+                client.start("true")
+        for _ in range(rounds):
+            for kind, client in clients.items():
+                found[kind] += timed(lambda c=client: c.start("true"), starts // rounds)
+            for _ in range(starts // rounds):
+                found["known"].append(known_after(clients["front a"], clients["front b"]))
     for kind in ("local", "front a", "front b"):
         samples = found[kind]
         row(f"StartJob `true` ({kind})", f"p50 {ms(percentile(samples, 0.5))}",

@@ -10,7 +10,7 @@ share the machine's load, the cluster's own included). For each server, in this 
 * start-up: from the process's start until it answers ``ListJobs`` (a new TLS client
   every 0.2 s), and for a front until its first look at the nodes is done
   (``ray_nodes_discovered``);
-* idle CPU (user + system time of the server's processes over ``IDLE_SECONDS``, no job);
+* idle CPU (the server process's threads' CPU time, median of three 10 s windows, no job);
 * StartJob of ``true`` with 1 client, then with 8 clients at once (p50/p99 of each call),
   and how many nodes took any of those jobs;
 * ``--running`` ``sleep`` jobs running together: idle CPU again (the per-job slope),
@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import (
     CLIENT,
     MB,
-    cpu_seconds,
-    followers,
     header,
     make_pki,
     ms,
@@ -46,33 +43,15 @@ from _common import (
     row,
     workdir,
 )
-from bench_ray import serve
+from bench_ray import Served, followed_rate, idle_cpu, serve, timed
 
 from jobworker.api.pki import PkiPaths
 from jobworker.client import JobClient
 from tests.ray_cluster.cluster import descendants, local_cluster, token_auth
 
-#: How long an idle server's CPU time is measured.
-IDLE_SECONDS = 10.0
 #: Calls per StartJob measure (for each of 1 and 8 clients).
 STARTS = 200
 CLIENTS = 8
-
-
-def idle_cpu(pid: int) -> float:
-    """CPU milliseconds per second the server ``pid`` (and its ingest process) spends."""
-    before = cpu_seconds(pid)
-    time.sleep(IDLE_SECONDS)
-    return (cpu_seconds(pid) - before) / IDLE_SECONDS * 1000
-
-
-def timed_calls(action: Callable[[], object], count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        began = time.perf_counter()
-        action()
-        samples.append(time.perf_counter() - began)
-    return samples
 
 
 def p50_p99(samples: list[float]) -> str:
@@ -87,7 +66,7 @@ def starts(address: str, pki: PkiPaths, clients: int) -> tuple[list[float], list
         jobs: list[str] = []
         with JobClient(address, pki.client(CLIENT)) as client:
             client.list()
-            samples = timed_calls(lambda: jobs.append(client.start("true")), per_client)
+            samples = timed(lambda: jobs.append(client.start("true")), per_client)
         return samples, jobs
 
     with ThreadPoolExecutor(clients) as pool:
@@ -95,21 +74,10 @@ def starts(address: str, pki: PkiPaths, clients: int) -> tuple[list[float], list
     return [s for r in results for s in r[0]], [j for r in results for j in r[1]]
 
 
-def stream_rate(address: str, pki: PkiPaths, client: JobClient, size: int, count: int) -> float:
-    """MB/s in total of ``count`` follower processes reading a ``size``-byte stream."""
-    group = followers(address, pki, count)
-    began = group.go(client.start("head", ["-c", str(size), "/dev/zero"]))
-    results = group.results()
-    took = time.perf_counter() - began
-    assert all(r["bytes"] == size for r in results), results
-    return size * count / took / MB
-
-
-def measure(
-    label: str, address: str, pid: int, pki: PkiPaths, running: int, size: int
-) -> dict[str, float]:
+def measure(label: str, served: Served, pki: PkiPaths, running: int, size: int) -> dict[str, float]:
     """Every figure of one server; rows are printed as they come."""
     found: dict[str, float] = {}
+    address, pid = served.address, served.pid
     with JobClient(address, pki.client(CLIENT)) as client:
         for _ in range(10):  # warm-up: connections, code paths, the agents' spawn helpers
             client.start("true")
@@ -130,8 +98,8 @@ def measure(
             found["per_job"] = (busy - found["idle"]) / running * 1000  # µs/s per job
             row(f"{label}: idle CPU, {running} running jobs", f"{busy:.1f} ms/s",
                 f"{found['per_job']:.1f} µs/s per running job")  # fmt: skip
-            status = timed_calls(lambda: client.status(random.choice(sleepers)), 200)
-            listing = timed_calls(client.list, 10)
+            status = timed(lambda: client.status(random.choice(sleepers)), 200)
+            listing = timed(client.list, 10)
             table = len(client.list())
             row(f"{label}: GetStatus p50/p99", p50_p99(status),
                 f"ListJobs ({table} jobs) p50 {ms(percentile(listing, 0.5))}")  # fmt: skip
@@ -139,7 +107,7 @@ def measure(
             with ThreadPoolExecutor(CLIENTS) as pool:
                 list(pool.map(lambda j: client.stop(j, grace=0), sleepers))
         for count in (1, 4):
-            rate = stream_rate(address, pki, client, size, count)
+            rate = followed_rate(served, pki, client, size, count)
             found[f"stream{count}"] = rate
             row(f"{label}: {size // MB} MB stream, {count} follower(s)", f"{rate:.0f} MB/s total")
     return found
@@ -190,13 +158,9 @@ def main() -> None:
                             f"all nodes found after {ms(time.perf_counter() - began)}")  # fmt: skip
                         # The local server beside the same cluster: the same machine load.
                         label = f"local, N={n}"
-                        figures[label] = measure(
-                            label, local.address, local.pid, pki, running, size
-                        )
+                        figures[label] = measure(label, local, pki, running, size)
                         label = f"N={n}"
-                        figures[label] = measure(
-                            label, front.address, front.pid, pki, running, size
-                        )
+                        figures[label] = measure(label, front, pki, running, size)
                         per_node = rss_per_node(cluster.keeper_pid, n + 1)
                         row(f"N={n}: cluster memory per node", f"{per_node / 2**20:.0f} MiB RSS")
     summary(figures, sizes)
