@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.api.codec import decode_chunk, encode_chunk
+from jobworker.api.connections import ConnectionLimits
 from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
 from jobworker.errors import (
     FailedPrecondition,
@@ -86,7 +87,13 @@ _CHANNEL_OPTIONS = [
 ]
 #: The agent lets the front ping that often (grpc's default would answer pings more
 #: frequent than every 5 minutes with GOAWAY).
-_SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
+#: The public port's bounds on what a stranger's connection may hold (a handshake within
+#: 5 s, at most 1024 connections, each at most 300 s old): anyone on the node's network can
+#: reach the port, though only pinned fronts get past the handshake.
+_SERVER_OPTIONS = [
+    *ConnectionLimits().grpc_options(),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+]
 _STREAMS = {stream.label: stream for stream in Stream}
 
 
