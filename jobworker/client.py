@@ -346,11 +346,13 @@ class JobClient:
         request = codec.job_request(job_id, offset, no_follow=not follow)
         yield from self._chunks(request)
 
-    def follow_to_end(self, job_id: str) -> Generator[tuple[str, memoryview, int], None, JobEnd]:
-        """As :meth:`stream_views` from the first byte, following; the generator returns how
-        the job ended (``jobworker run``): the server sends it after the output, in the
-        same call (a server from before that feature is asked with :meth:`status`)."""
-        end = yield from self._chunks(codec.job_request(job_id, with_status=True))
+    def follow_to_end(
+        self, job_id: str, offset: int = 0
+    ) -> Generator[tuple[str, memoryview, int], None, JobEnd]:
+        """As :meth:`stream_views`, following; the generator returns how the job ended
+        (``jobworker run``): the server sends it after the output, in the same call (a
+        server from before that feature is asked with :meth:`status`)."""
+        end = yield from self._chunks(codec.job_request(job_id, offset, with_status=True))
         if end is not None:
             return end
         view = self.status(job_id)

@@ -250,18 +250,54 @@ def _start_job(client: JobClient, options: argparse.Namespace, stdin: bool) -> s
     )
 
 
-def _copy_output(chunks: Generator[tuple[str, memoryview, int], None, T]) -> T:
-    """Write each chunk to our own stdout or stderr as it arrives (:func:`_write_chunk`);
-    return what ``chunks`` returns."""
+#: How long ``logs -f`` and ``run`` wait for a server that went away (one restarting with
+#: ``--live-restore``, or a cluster front whose client has another to go to) before they
+#: give up, and how often they try meanwhile.
+RESUME_WINDOW_S = 120.0
+RESUME_PAUSE_S = 0.5
+
+#: A stream from an offset: ``(stream, data, offset after it)`` chunks, returning its end.
+_Opener = Callable[[int], Generator[tuple[str, memoryview, int], None, T]]
+
+
+def _copy_output(open_at: _Opener[T], *, resume: bool) -> T:
+    """Write each chunk of ``open_at(0)`` to our own stdout or stderr as it arrives
+    (:func:`_write_chunk`); return what the stream returns.
+
+    With ``resume``, a stream cut by UNAVAILABLE (its server restarting, or a cluster front
+    going away while others serve on) is opened again from the offset of the last chunk
+    written, every :data:`RESUME_PAUSE_S`, for up to :data:`RESUME_WINDOW_S` without a
+    server: nothing is written twice or skipped (docs/cli.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    offset = 0
+    gone_since: float | None = None
     while True:
         try:
-            stream, data, _offset = next(chunks)
-        except StopIteration as end:
-            result: T = end.value
-            return result
-        _write_chunk(stream, data)
+            with contextlib.closing(open_at(offset)) as chunks:
+                while True:
+                    try:
+                        stream, data, position = next(chunks)
+                    except StopIteration as end:
+                        result: T = end.value
+                        return result
+                    _write_chunk(stream, data)
+                    if gone_since is not None:
+                        say(f"resumed at offset {offset}")
+                    offset, gone_since = position, None
+        except Unavailable:
+            if not resume:
+                raise
+            now = time.monotonic()
+            if gone_since is None:
+                gone_since = now
+                say(
+                    f"the server went away; resuming at offset {offset} on the first server"
+                    f" to answer (waiting up to {RESUME_WINDOW_S:g} s)"
+                )
+            elif now - gone_since > RESUME_WINDOW_S:
+                raise
+            time.sleep(RESUME_PAUSE_S)
 
 
 def _write_chunk(stream: str, data: memoryview) -> None:
@@ -324,8 +360,7 @@ def _run(client: JobClient, options: argparse.Namespace) -> int:
     if forward:
         _feed_stdin(client, job_id)
     try:
-        with contextlib.closing(client.follow_to_end(job_id)) as chunks:
-            end = _copy_output(chunks)
+        end = _copy_output(functools.partial(client.follow_to_end, job_id), resume=True)
     except BrokenPipeError:
         # The job is ours alone: leave nothing running behind us, as a shell would.
         client.stop(job_id)
@@ -396,39 +431,13 @@ def _human(key: str, value: Any) -> str:
     return str(value)
 
 
-#: How long ``logs -f`` waits for a server that went away (one restarting with
-#: ``--live-restore``) before it gives up, and how often it tries meanwhile.
-RESUME_WINDOW_S = 120.0
-RESUME_PAUSE_S = 0.5
-
-
 def _logs(client: JobClient, options: argparse.Namespace) -> int:
-    """With ``-f``, a stream cut by UNAVAILABLE resumes by itself from the last offset
-    received, for up to :data:`RESUME_WINDOW_S` without the server (docs/cli.md)."""
-    offset = 0
-    gone_since: float | None = None
-    while True:
-        try:
-            with contextlib.closing(
-                client.stream_views(options.job_id, offset, follow=options.follow)
-            ) as chunks:
-                for stream, data, position in chunks:
-                    _write_chunk(stream, data)
-                    offset, gone_since = position, None
-            return 0
-        except Unavailable:
-            if not options.follow:
-                raise
-            now = time.monotonic()
-            if gone_since is None:
-                gone_since = now
-                say(
-                    f"the server went away; resuming at offset {offset} once it is back"
-                    f" (waiting up to {RESUME_WINDOW_S:g} s)"
-                )
-            elif now - gone_since > RESUME_WINDOW_S:
-                raise
-            time.sleep(RESUME_PAUSE_S)
+    """With ``-f``, a stream cut by UNAVAILABLE resumes by itself (:func:`_copy_output`)."""
+    _copy_output(
+        lambda offset: client.stream_views(options.job_id, offset, follow=options.follow),
+        resume=options.follow,
+    )
+    return 0
 
 
 def _stop(client: JobClient, options: argparse.Namespace) -> int:
