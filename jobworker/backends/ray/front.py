@@ -36,7 +36,7 @@ from jobworker.backends.ray.agent import AgentConfig, NodeGoingAway, release_pla
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.fanout import Fanout
-from jobworker.backends.ray.ledger import SWEEP_SECONDS, ledger_handle
+from jobworker.backends.ray.ledger import UNTAUGHT, ledger_handle
 from jobworker.backends.ray.nodes import CALL_TIMEOUT, Node, Unreachable, call
 from jobworker.backends.ray.outputport import PortClient, output_lost
 from jobworker.backends.ray.placement import NoNode, Placer, named
@@ -95,6 +95,8 @@ class RayBackend:
         self._max_per_client = max_running_per_client or max_running
         #: The cluster's count of running jobs (:mod:`.ledger`), set once joined.
         self._ledger: Any = None
+        #: The ledger's incarnation this front taught its running jobs (:mod:`.ledger`).
+        self._taught: str | None = None
         #: How long a reservation may wait for its agent's answer: the longest start.
         self._start_bound = placement_timeout + NODE_WAIT_SECONDS + CALL_TIMEOUT
         self._nodes: dict[str, Node] = {}
@@ -137,7 +139,6 @@ class RayBackend:
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
         backend._ledger = await asyncio.to_thread(ledger_handle)
-        backend._ledger.watch_nodes.remote(SWEEP_SECONDS)
         # Discovery runs in the background: the server answers while agents start.
         backend._spawn(backend._discovery.run(), "ray-discover")
         return backend
@@ -215,7 +216,7 @@ class RayBackend:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)
             raise
-        self._ledger.hold.remote(job_id, node.node_id)
+        self._ledger.hold.remote(job_id, owner, node.node_id)
         if self._table.find(job_id) is None:  # else its node's poll brought it already
             self._table.add(status, node)
         log.info("job_started", job_id=job_id, owner=owner, command=spec.command,
@@ -227,12 +228,24 @@ class RayBackend:
 
     async def _reserve(self, job_id: str, owner: str) -> None:
         """Take a slot of ``--max-jobs`` and ``--max-jobs-per-client`` in the cluster's
-        ledger, where every front server's jobs count."""
-        refused = await self._ask_ledger(
-            self._ledger.reserve.remote(
-                job_id, owner, self._max_running, self._max_per_client, self._start_bound
-            )
-        )
+        ledger, where every front server's jobs count; a ledger new to this front (or
+        restarted empty) is taught the running jobs first."""
+        for _ in range(2):
+            refused = await self._ask_ledger(
+                self._ledger.reserve.remote(
+                    job_id, owner, self._max_running, self._max_per_client, self._start_bound,
+                    self._taught,
+                )
+            )  # fmt: skip
+            if refused != UNTAUGHT:
+                break
+            running = {j.status.job_id: (j.status.owner, j.node.node_id)
+                       for j in self._table.running()}  # fmt: skip
+            self._taught = await self._ask_ledger(self._ledger.teach.remote(running))
+            log.info("ray_ledger_taught", jobs=len(running), epoch=self._taught)
+        else:
+            raise Unavailable("the cluster's job ledger (an actor on the Ray head) restarted"
+                              " during this start; retry shortly")  # fmt: skip
         if refused is not None:
             total, mine = refused
             if total >= self._max_running:

@@ -21,8 +21,18 @@ A reservation is made for a job id before the job is placed, and is
   releases the jobs of nodes Ray declared dead (:meth:`Ledger.sweep`: lost while no
   front watched).
 
-The ledger lives in memory: if its process dies Ray restarts it empty, and the jobs
-running then are counted again only as front servers find them (a front's start).
+The ledger lives in memory: if its process dies, Ray restarts it empty (``max_restarts``),
+and it re-learns the jobs running then from the front servers, each of which knows every
+node's running jobs from the agents' heartbeats. Each incarnation has an *epoch* (random,
+made at construction); a front passes the epoch it last taught with every reservation,
+and a ledger that does not recognise it answers :data:`UNTAUGHT` instead of deciding: the
+front teaches it its running jobs (:meth:`Ledger.teach`, idempotent by job id, so every
+front teaching once is harmless) and asks again. Starts in flight across the restart are
+taken in by their :meth:`Ledger.hold`, which carries the owner, and jobs a front learns
+after teaching by :meth:`Ledger.adopt`. The approximation: a front whose discovery has
+not yet found every node teaches what it knows, and the rest counts as discovery finds
+it, as with a front started after its jobs.
+
 Plain class here; :func:`ledger_handle` wraps it with ``ray.remote``.
 """
 
@@ -30,9 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -46,6 +57,8 @@ HEAD_RESOURCE = "node:__internal_head__"
 ENDED_MEMORY_SECONDS = 600.0
 #: How often the ledger looks for lost nodes whose jobs still hold slots.
 SWEEP_SECONDS = 10.0
+#: :meth:`Ledger.reserve`'s answer to a front that has not taught this incarnation.
+UNTAUGHT: Literal["untaught"] = "untaught"
 
 
 @attrs.define
@@ -79,13 +92,24 @@ class Ledger:
         self._pending: dict[str, float] = {}
         #: Ids whose end was reported, with when (oldest first).
         self._ended: dict[str, float] = {}
-        self._watching = False
+        #: This incarnation's (a ledger Ray restarted has another): see the module.
+        self.epoch = secrets.token_hex(8)
+        self._watching: asyncio.Task[None] | None = None
 
     async def reserve(
-        self, job_id: str, owner: str, max_total: int, max_per_client: int, expires_in: float
-    ) -> tuple[int, int] | None:
+        self,
+        job_id: str,
+        owner: str,
+        max_total: int,
+        max_per_client: int,
+        expires_in: float,
+        taught: str | None,
+    ) -> tuple[int, int] | Literal["untaught"] | None:
         """Reserve a slot for ``job_id``; None if reserved, else the cluster's count and
-        the owner's, one of them at its limit."""
+        the owner's, one of them at its limit; :data:`UNTAUGHT` if ``taught`` (the epoch
+        the caller last taught) is not this incarnation's: :meth:`teach` it first."""
+        if taught != self.epoch:
+            return UNTAUGHT
         now = time.monotonic()
         self._lapse(now)
         total, mine = len(self._holds), self._owners[owner]
@@ -96,9 +120,20 @@ class Ledger:
         self._pending[job_id] = now + expires_in
         return None
 
-    async def hold(self, job_id: str, node: str) -> None:
-        """The agent of ``node`` started ``job_id``: its reservation no longer lapses."""
-        self._confirm(job_id, node)
+    async def hold(self, job_id: str, owner: str, node: str) -> None:
+        """The agent of ``node`` started ``job_id``: its reservation no longer lapses (a
+        start reserved before the ledger restarted is taken in)."""
+        self._take(job_id, owner, node)
+
+    async def teach(self, running: Mapping[str, tuple[str, str]]) -> str:
+        """A front's running jobs (id to owner and node), all of which are held (taken in
+        if unknown); the epoch to reserve with. Starts sweeping lost nodes' jobs
+        (:meth:`sweep`) on the first lesson, for the incarnation's life."""
+        for job_id, (owner, node) in running.items():
+            self._take(job_id, owner, node)
+        if self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(self._watch(SWEEP_SECONDS))
+        return self.epoch
 
     async def release(self, job_id: str) -> None:
         """The start of ``job_id`` failed: give its slot back."""
@@ -119,10 +154,7 @@ class Ledger:
         died); ended ones still held are released, and returned: nobody reported their
         end (it came while no front watched), so the caller writes their record."""
         for job_id, owner in running.items():
-            if job_id not in self._holds and job_id not in self._ended:
-                self._holds[job_id] = _Hold(owner)
-                self._owners[owner] += 1
-            self._confirm(job_id, node)
+            self._take(job_id, owner, node)
         unreported = [j for j in ended if j in self._holds]
         for job_id in unreported:
             self._drop(job_id)
@@ -139,12 +171,7 @@ class Ledger:
             self._drop(job_id)  # not remembered: a front that saw the loss still records it
         return dropped
 
-    async def watch_nodes(self, every: float) -> None:
-        """:meth:`sweep` every ``every`` seconds, for the actor's life (each front asks at
-        start-up: a ledger Ray restarted watches again; one loop at a time)."""
-        if self._watching:
-            return
-        self._watching = True
+    async def _watch(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
             await self.sweep()
@@ -153,7 +180,11 @@ class Ledger:
         """Reserved slots per owner (for tests and operators)."""
         return dict(self._owners)
 
-    def _confirm(self, job_id: str, node: str) -> None:
+    def _take(self, job_id: str, owner: str, node: str) -> None:
+        """Hold ``job_id``, running on ``node``: taken in if unknown and not ended."""
+        if job_id not in self._holds and job_id not in self._ended:
+            self._holds[job_id] = _Hold(owner)
+            self._owners[owner] += 1
         hold = self._holds.get(job_id)
         if hold is not None and hold.node is None:
             hold.node = node
