@@ -281,9 +281,9 @@ def _copy_output(open_at: _Opener[T], *, resume: bool) -> T:
                     except StopIteration as end:
                         result: T = end.value
                         return result
-                    _write_chunk(stream, data)
                     if gone_since is not None:
                         say(f"resumed at offset {offset}")
+                    _write_chunk(stream, data)
                     offset, gone_since = position, None
         except Unavailable:
             if not resume:

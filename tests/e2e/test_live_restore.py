@@ -334,27 +334,39 @@ def test_a_restart_under_many_running_jobs_adopts_them_all(
         assert server.status(job).reason == "stopped"
 
 
-def test_logs_follow_resumes_by_itself_across_a_restart(
-    live: Callable[..., LiveServer], pki: Pki
+#: Writes 0..59, one line every 0.1 s, then says so on stderr and exits 7.
+_COUNTING = (
+    "i=0; while [ $i -lt 60 ]; do echo $i; i=$((i+1)); sleep 0.1; done; echo end >&2; exit 7"
+)
+
+
+@pytest.mark.parametrize("command", ["logs", "run"])
+def test_logs_follow_and_run_resume_by_themselves_across_a_restart(
+    live: Callable[..., LiveServer], pki: Pki, command: str
 ) -> None:
     server = live("--no-isolation")
-    job = server.start(
-        "sh", "-c", "i=0; while [ $i -lt 60 ]; do echo $i; i=$((i+1)); sleep 0.1; done"
-    )
+    if command == "logs":
+        argv = ["logs", "-f", server.start("sh", "-c", _COUNTING)]
+    else:
+        argv = ["run", "--", "sh", "-c", _COUNTING]
     env = pki.client_env("alice", server.address)
     follower = subprocess.Popen(
-        [JOBWORKER, "logs", "-f", job],
+        [JOBWORKER, *argv],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(1.0)
+    assert follower.stdout is not None
+    head = follower.stdout.read(4)  # the job runs: its first lines came through
     server.kill(signal.SIGTERM)
     time.sleep(1.0)
     server.restart()
     out, err = follower.communicate(timeout=60)
-    assert follower.returncode == 0, err
-    assert out == b"".join(b"%d\n" % i for i in range(60))
+    assert head + out == b"".join(b"%d\n" % i for i in range(60))
+    # logs exits 0, run with the job's status; the job's stderr, after ours, at its end.
+    assert follower.returncode == (0 if command == "logs" else 7), err
+    assert b"the server went away; resuming at offset" in err
+    assert err.endswith(b"end\n")
 
 
 UNIFIED = Path("/sys/fs/cgroup/unified")

@@ -1,12 +1,16 @@
 """Several front servers on one cluster (docs/cluster.md, "Many front servers"): a job is
 served by every front, its end recorded once, SIGTERM of a front stops nothing, the
-per-client quota holds across fronts (racing starts included), and a client given every
-front's address goes on when one is killed."""
+per-client quota holds across fronts (racing starts included, and across a restart of the
+ledger's actor), and a client given every front's address goes on when one is killed or
+stopped (`logs -f` and `run`, from their offset)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +21,8 @@ import pytest
 from jobworker.api.pki import PkiPaths
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from tests.ray_cluster.conftest import JOBWORKER, Front, StartFront
+from tests.ray_cluster.cluster import LocalCluster
+from tests.ray_cluster.conftest import JOBWORKER, Front, MakeServe, StartFront
 from tests.ray_cluster.test_cluster import alive, cli_at, cli_env, status, stop, wait_for
 from tests.serverfixtures import output_of, start_job, wait_exited
 
@@ -166,6 +171,62 @@ def test_two_starts_racing_through_both_fronts_for_the_last_slot_one_wins(
         stop(stubs[i], job_id)
 
 
+#: A driver of its own, with the cluster's token as a front has: the ledger's counts, then
+#: its actor's process SIGKILLed, then its counts once Ray restarted it (the call fails
+#: until then).
+_LEDGER_KILLER = """
+import json, os, signal, sys, time
+import ray
+from jobworker.backends.ray.agent import NAMESPACE
+from jobworker.backends.ray.ledger import LEDGER_NAME
+ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+ledger = ray.get_actor(LEDGER_NAME, namespace=NAMESPACE)
+before = ray.get(ledger.counts.remote(), timeout=30)
+pid = ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+os.kill(pid, signal.SIGKILL)
+deadline = time.monotonic() + 60
+while True:
+    try:
+        after = ray.get(ledger.counts.remote(), timeout=30)
+        break
+    except ray.exceptions.RayActorError:
+        assert time.monotonic() < deadline, "the ledger was not restarted"
+        time.sleep(0.2)
+again = ray.get(ledger.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+print(json.dumps({"before": before, "after": after, "pids": [pid, again]}))
+"""
+
+
+def test_the_quota_holds_after_the_ledger_restarts_empty(
+    quota_pair: tuple[Front, Front], ray_cluster: LocalCluster, serve_command: MakeServe
+) -> None:
+    a, b = quota_pair
+    bob_a, bob_b = a.stub("bob"), b.stub("bob")
+    first = start_when_free(bob_a, "sleep", "300")
+    wait_for(lambda: first in ids(bob_b), 10, "the job known to the other front")
+    restarted = subprocess.run(
+        [sys.executable, "-c", _LEDGER_KILLER, ray_cluster.address],
+        env=serve_command().env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert restarted.returncode == 0, restarted.stderr
+    counts = json.loads(restarted.stdout)
+    assert counts["before"].get("bob") == 1
+    pid, again = counts["pids"]
+    assert again != pid and "bob" not in counts["after"]  # Ray restarted it, empty
+    # Through either front, bob's next start is refused as before (UNAVAILABLE while the
+    # actor restarts, at most), never allowed: the front taught the new ledger first.
+    for stub in (bob_b, bob_a):
+        deadline = time.monotonic() + 30
+        while (outcome := start_outcome(stub, "true"))[0] != "RESOURCE_EXHAUSTED":
+            assert outcome[0] == "UNAVAILABLE" and time.monotonic() < deadline, outcome
+            time.sleep(0.2)
+        assert "bob has 1 jobs starting or running" in outcome[1]
+    assert all('"ray_ledger_taught"' in front.log() for front in quota_pair)
+    stop(bob_a, first)
+    # Its end reaches the new ledger: allowed again, through the other front.
+    assert wait_exited(bob_b, start_when_free(bob_b, "true")).exit_code == 0
+
+
 def test_a_client_given_both_fronts_keeps_working_when_one_is_killed(
     start_front: StartFront, ray_pki: PkiPaths
 ) -> None:
@@ -197,6 +258,44 @@ def test_a_client_given_both_fronts_keeps_working_when_one_is_killed(
     assert shown.returncode == 0 and b"exited" in shown.stdout, shown.stderr
     ran = cli("run", "--node", "w1", "--", "echo", "through b")
     assert (ran.returncode, ran.stdout) == (0, b"through b\n"), ran.stderr
+
+
+@pytest.fixture(scope="module")
+def standby(start_front: StartFront) -> Front:
+    """A front that stays up while the one a client uses goes."""
+    return start_front()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_run_given_both_fronts_goes_on_from_its_offset_when_its_front_goes(
+    start_front: StartFront, standby: Front, ray_pki: PkiPaths, signum: int
+) -> None:
+    used = start_front()  # first in the list: pick_first keeps to it while it answers
+    both = f"{used.address},{standby.address}"
+    script = "seq 20000; sleep 4; seq 20001 40000; echo done >&2; exit 7"
+    runner = subprocess.Popen(
+        [JOBWORKER, "run", "--node", "w2", "--", "sh", "-c", script],
+        env=cli_env(both, ray_pki), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert runner.stdout is not None
+        head = os.read(runner.stdout.fileno(), 1 << 16)  # through `used`, mid-stream
+        assert head.startswith(b"1\n")
+        if signum == signal.SIGKILL:
+            used.kill()
+        else:
+            used.terminate()  # its followers get UNAVAILABLE; its jobs go on
+        out, err = runner.communicate(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    # The rest through the standby from the offset it had: every byte once, the job's
+    # own exit status, and what happened said on stderr.
+    assert head + out == seq(40000)
+    assert runner.returncode == 7, err
+    assert b"the server went away; resuming at offset " in err
+    assert b"resumed at offset " in err
+    assert err.endswith(b"done\n")
 
 
 def test_sigterm_of_one_front_leaves_every_job_running_and_the_other_serves_them(
