@@ -266,8 +266,8 @@ def _copy_output(open_at: _Opener[T], *, resume: bool) -> T:
 
     With ``resume``, a stream cut by UNAVAILABLE (its server restarting, or a cluster front
     going away while others serve on) is opened again from the offset of the last chunk
-    written, every :data:`RESUME_PAUSE_S`, for up to :data:`RESUME_WINDOW_S` without a
-    server: nothing is written twice or skipped (docs/cli.md)."""
+    written, at once, then every :data:`RESUME_PAUSE_S`, for up to :data:`RESUME_WINDOW_S`
+    without a server: nothing is written twice or skipped (docs/cli.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     offset = 0
@@ -295,7 +295,8 @@ def _copy_output(open_at: _Opener[T], *, resume: bool) -> T:
                     f"the server went away; resuming at offset {offset} on the first server"
                     f" to answer (waiting up to {RESUME_WINDOW_S:g} s)"
                 )
-            elif now - gone_since > RESUME_WINDOW_S:
+                continue  # at once: another server of --server may answer now
+            if now - gone_since > RESUME_WINDOW_S:
                 raise
             time.sleep(RESUME_PAUSE_S)
 
