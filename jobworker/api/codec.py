@@ -12,6 +12,7 @@ The module imports nothing of the model at run time, so it stays as light as the
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -165,10 +166,21 @@ def start_response_job_id(raw: bytes) -> str:
 
 
 def job_request(
-    job_id: str, offset: int = 0, *, no_follow: bool = False, with_status: bool = False
+    job_id: str,
+    offset: int = 0,
+    *,
+    no_follow: bool = False,
+    with_status: bool = False,
+    direct_ok: bool = False,
 ) -> bytes:
     """A ``JobRequest`` for StreamOutput."""
-    return _text(1, job_id) + _number(3, offset) + _number(4, no_follow) + _number(5, with_status)
+    return (
+        _text(1, job_id)
+        + _number(3, offset)
+        + _number(4, no_follow)
+        + _number(5, with_status)
+        + _number(6, direct_ok)
+    )
 
 
 #: ``stream`` (field 2, length-delimited) of a JobOutputChunk, encoded once per label.
@@ -194,13 +206,26 @@ def encode_chunk(chunk: OutputChunk) -> bytes:
     )
 
 
-def decode_chunk(raw: bytes) -> tuple[str, memoryview, int, memoryview | None]:
-    """``(stream, data, offset, end)`` of a ``JobOutputChunk``'s bytes; ``data`` is a view
-    into ``raw`` (no copy: the CLI writes it out as it is), ``end`` the bytes of the job's
-    final ``JobStatusResponse`` in the last chunk of a stream asked ``with_status`` (else
-    None; read it with :func:`decode_end`). Raises RemoteError for bytes that are not a
-    chunk."""
-    data, stream, offset, end = memoryview(raw)[0:0], "", 0, None
+class Chunk(NamedTuple):
+    """A decoded ``JobOutputChunk``: ``data`` a view into the received bytes (no copy: the
+    CLI writes it out as it is); ``status`` the bytes of the job's final
+    ``JobStatusResponse`` in the last chunk of a stream asked ``with_status`` (read it with
+    :func:`decode_end`), ``redirect`` those of an ``OutputRedirect`` (:func:`decode_redirect`)
+    in the one chunk of a stream redirected to the job's node; else None."""
+
+    stream: str
+    data: memoryview
+    offset: int
+    status: memoryview | None
+    redirect: memoryview | None
+
+
+def decode_chunk(raw: bytes) -> Chunk:
+    """The fields of a ``JobOutputChunk``'s bytes; raises RemoteError for bytes that are
+    not a chunk."""
+    data, stream, offset = memoryview(raw)[0:0], "", 0
+    status: memoryview | None = None
+    redirect: memoryview | None = None
     for field, value in _checked_fields(raw, "chunk"):
         if isinstance(value, int):
             if field == 3:
@@ -210,8 +235,52 @@ def decode_chunk(raw: bytes) -> tuple[str, memoryview, int, memoryview | None]:
         elif field == 2:
             stream = _decoded(value)
         elif field == 4:
-            end = value
-    return stream, data, offset, end
+            status = value
+        elif field == 5:
+            redirect = value
+    return Chunk(stream, data, offset, status, redirect)
+
+
+class Redirect(NamedTuple):
+    """Where a job's output is served by its node (``OutputRedirect``): the node agent's
+    port, the certificate to trust there (alone) and the name in it, and the ticket that
+    lets this client's certificate read this job there once."""
+
+    address: str
+    certificate: bytes
+    server_name: str
+    ticket: str
+    #: Seconds the ticket stays good for its first use.
+    expires_in: float
+
+
+def encode_redirect(redirect: Redirect) -> bytes:
+    """A ``JobOutputChunk`` holding only ``redirect``."""
+    message = (
+        _text(1, redirect.address)
+        + (_message(2, redirect.certificate) if redirect.certificate else b"")
+        + _text(3, redirect.server_name)
+        + _text(4, redirect.ticket)
+        + (b"\x29" + struct.pack("<d", redirect.expires_in) if redirect.expires_in else b"")
+    )
+    return _message(5, message)
+
+
+def decode_redirect(raw: bytes | memoryview) -> Redirect:
+    """The :class:`Redirect` of an ``OutputRedirect``'s bytes; raises RemoteError for bytes
+    that are not one, or one without an address, certificate or ticket."""
+    text = {1: "", 3: "", 4: ""}
+    certificate, expires_in = b"", 0.0
+    for field, value in _checked_fields(raw, "redirect"):
+        if field == 2 and isinstance(value, memoryview):
+            certificate = bytes(value)
+        elif field == 5 and isinstance(value, int):
+            expires_in = struct.unpack("<d", value.to_bytes(8, "little"))[0]
+        elif field in text and isinstance(value, memoryview):
+            text[field] = _decoded(value)
+    if not (text[1] and certificate and text[4]):
+        raise RemoteError("UNKNOWN", "the server sent a redirect without an address or ticket")
+    return Redirect(text[1], certificate, text[3], text[4], expires_in)
 
 
 class JobEnd(NamedTuple):

@@ -360,8 +360,17 @@ class JobService(pb_grpc.JobServiceServicer):
         self, request: pb.JobRequest, caller: Caller
     ) -> AsyncIterator[bytes]:
         """Each chunk as the bytes of a JobOutputChunk (see :class:`DecodeInHandler`); asked
-        ``with_status``, a followed job's final status in one more."""
+        ``with_status``, a followed job's final status in one more. Asked ``direct_ok``,
+        one chunk that redirects the client to the job's node instead, where the backend
+        has one (docs/cluster.md, "Direct output")."""
         job_id, offset = caller.target.job_id, request.offset
+        if request.direct_ok:
+            redirect = await self.backend.output_redirect(
+                job_id, caller.certificate, caller.identity.name, self.max_streams_per_client
+            )
+            if redirect is not None:
+                yield codec.encode_redirect(redirect)
+                return
         with self._stream_slot(caller.identity):
             chunks = self.backend.follow(job_id, offset=offset, follow=not request.no_follow)
             async for chunk in chunks:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jobworker.jobspec import JobSpec
 from jobworker.model import InputChunk, InputResult, JobStatus, OutputChunk, StopResult
+
+if TYPE_CHECKING:
+    from jobworker.api.codec import Redirect
 
 
 class JobBackend(Protocol):
@@ -49,6 +52,14 @@ class JobBackend(Protocol):
         self, job_id: str, offset: int = 0, follow: bool = True
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from byte ``offset``; with ``follow`` until the job is over."""
+
+    async def output_redirect(
+        self, job_id: str, client_cert: bytes, client: str, max_streams: int | None
+    ) -> Redirect | None:
+        """Where ``client`` (already admitted to read ``job_id``; ``client_cert`` its
+        certificate, PEM) may read the job's output itself, from the machine that runs it
+        (a cluster node's port, docs/cluster.md "Direct output"); None: through
+        :meth:`follow` (one server has nothing nearer)."""
 
     async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
         """Copy ``chunks`` into the stdin of a job started with ``spec.stdin``.

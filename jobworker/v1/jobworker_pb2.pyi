@@ -197,6 +197,7 @@ class JobRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     NO_FOLLOW_FIELD_NUMBER: _builtins.int
     WITH_STATUS_FIELD_NUMBER: _builtins.int
+    DIRECT_OK_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     grace_seconds: _builtins.float
     """StopJob: seconds between SIGTERM and SIGKILL; unset = server default."""
@@ -208,6 +209,12 @@ class JobRequest(_message.Message):
     """StreamOutput, following: once the job has ended and its output is all sent, one last
     chunk carries its final status (JobOutputChunk.status): no GetStatus after the stream.
     """
+    direct_ok: _builtins.bool
+    """StreamOutput: the client can connect to a cluster node itself. A server whose job's
+    output is served on its node's own port (the Ray backend's, unless turned off) then
+    answers with a single chunk holding `redirect` instead of the output; a client that
+    cannot reach it asks again without this flag (docs/cluster.md, "Direct output").
+    """
     def __init__(
         self,
         *,
@@ -216,10 +223,11 @@ class JobRequest(_message.Message):
         offset: _builtins.int = ...,
         no_follow: _builtins.bool = ...,
         with_status: _builtins.bool = ...,
+        direct_ok: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds", "job_id", b"job_id", "no_follow", b"no_follow", "offset", b"offset", "with_status", b"with_status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "direct_ok", b"direct_ok", "grace_seconds", b"grace_seconds", "job_id", b"job_id", "no_follow", b"no_follow", "offset", b"offset", "with_status", b"with_status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grace_seconds: _TypeAlias = _typing.Literal["grace_seconds"]  # noqa: Y015
     _WhichOneofArgType__grace_seconds: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds"]  # noqa: Y015
@@ -449,6 +457,7 @@ class JobOutputChunk(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    REDIRECT_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     stream: _builtins.str
     """"stdout" | "stderr" """
@@ -460,6 +469,10 @@ class JobOutputChunk(_message.Message):
         offset the last chunk's): the job's status once it ended.
         """
 
+    @_builtins.property
+    def redirect(self) -> Global___OutputRedirect:
+        """Only in the one chunk of a stream asked `direct_ok` that the node serves itself."""
+
     def __init__(
         self,
         *,
@@ -467,14 +480,53 @@ class JobOutputChunk(_message.Message):
         stream: _builtins.str = ...,
         offset: _builtins.int = ...,
         status: Global___JobStatusResponse | None = ...,
+        redirect: Global___OutputRedirect | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["redirect", b"redirect", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "status", b"status", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "redirect", b"redirect", "status", b"status", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobOutputChunk: _TypeAlias = JobOutputChunk  # noqa: Y015
+
+@_typing.final
+class OutputRedirect(_message.Message):
+    """Where to read a job's output from the node that runs it: call NodeOutput.StreamOutput
+    (node.proto) at `address` over TLS 1.3, presenting the same client certificate, trusting
+    `certificate` alone and checking `server_name` in it, with the metadata
+    `jobworker-ticket: <ticket>`. The ticket is good for one call about this job by this
+    client's certificate, within `expires_in_seconds`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    certificate: _builtins.bytes
+    server_name: _builtins.str
+    ticket: _builtins.str
+    expires_in_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        certificate: _builtins.bytes = ...,
+        server_name: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+        expires_in_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate", b"certificate", "expires_in_seconds", b"expires_in_seconds", "server_name", b"server_name", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputRedirect: _TypeAlias = OutputRedirect  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):

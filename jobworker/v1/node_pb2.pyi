@@ -3,8 +3,10 @@
 isort:skip_file
 The cluster backend's node port: each node agent serves its jobs' output to the front
 servers over mutual TLS 1.3, each end pinning the other's self-signed certificate
-(exchanged over Ray's token-authenticated actor calls). Not for clients; see
-docs/cluster.md ("Output").
+(exchanged over Ray's token-authenticated actor calls), and to clients a front
+redirected there (JobOutputChunk.redirect): a client certificate of the fronts' CA and a
+ticket the front had the agent issue for that certificate and job. See docs/cluster.md
+("Output", "Direct output").
 """
 
 from google.protobuf import descriptor as _descriptor

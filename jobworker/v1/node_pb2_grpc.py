@@ -46,7 +46,8 @@ class NodeOutputServicer:
 
     def StreamOutput(self, request, context):
         """A job's output on this node, exactly as JobService.StreamOutput answers it (same
-        offsets, `no_follow` honoured; `grace_seconds` unused): the front relays each chunk.
+        offsets, `no_follow` honoured; `grace_seconds`, `with_status` and `direct_ok` unused):
+        the front relays each chunk, or the redirected client reads them itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

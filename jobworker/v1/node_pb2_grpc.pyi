@@ -3,8 +3,10 @@
 isort:skip_file
 The cluster backend's node port: each node agent serves its jobs' output to the front
 servers over mutual TLS 1.3, each end pinning the other's self-signed certificate
-(exchanged over Ray's token-authenticated actor calls). Not for clients; see
-docs/cluster.md ("Output").
+(exchanged over Ray's token-authenticated actor calls), and to clients a front
+redirected there (JobOutputChunk.redirect): a client certificate of the fronts' CA and a
+ticket the front had the agent issue for that certificate and job. See docs/cluster.md
+("Output", "Direct output").
 """
 
 from collections import abc as _abc
@@ -37,7 +39,8 @@ class NodeOutputStub:
     def __new__(cls, channel: _aio.Channel) -> NodeOutputAsyncStub: ...
     StreamOutput: _grpc.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]
     """A job's output on this node, exactly as JobService.StreamOutput answers it (same
-    offsets, `no_follow` honoured; `grace_seconds` unused): the front relays each chunk.
+    offsets, `no_follow` honoured; `grace_seconds`, `with_status` and `direct_ok` unused):
+    the front relays each chunk, or the redirected client reads them itself.
     """
 
 @_typing.type_check_only
@@ -45,7 +48,8 @@ class NodeOutputAsyncStub(NodeOutputStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamOutput: _aio.UnaryStreamMultiCallable[_jobworker_pb2.JobRequest, _jobworker_pb2.JobOutputChunk]  # type: ignore[assignment]
     """A job's output on this node, exactly as JobService.StreamOutput answers it (same
-    offsets, `no_follow` honoured; `grace_seconds` unused): the front relays each chunk.
+    offsets, `no_follow` honoured; `grace_seconds`, `with_status` and `direct_ok` unused):
+    the front relays each chunk, or the redirected client reads them itself.
     """
 
 class NodeOutputServicer(metaclass=_abc_1.ABCMeta):
@@ -56,7 +60,8 @@ class NodeOutputServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobworker_pb2.JobOutputChunk], _abc.AsyncIterator[_jobworker_pb2.JobOutputChunk]]:
         """A job's output on this node, exactly as JobService.StreamOutput answers it (same
-        offsets, `no_follow` honoured; `grace_seconds` unused): the front relays each chunk.
+        offsets, `no_follow` honoured; `grace_seconds`, `with_status` and `direct_ok` unused):
+        the front relays each chunk, or the redirected client reads them itself.
         """
 
 def add_NodeOutputServicer_to_server(servicer: NodeOutputServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -74,6 +74,7 @@ def test_text_that_is_not_utf8_is_refused_before_sending() -> None:
         {"job_id": "j"},
         {"job_id": "j", "offset": 1 << 40, "no_follow": True},
         {"job_id": "j", "with_status": True},
+        {"job_id": "j", "offset": 5, "with_status": True, "direct_ok": True},
     ],
 )
 def test_a_job_request_is_what_protobuf_reads(fields: dict[str, object]) -> None:
@@ -99,10 +100,33 @@ def test_hand_encoded_chunk_is_what_protobuf_makes(size: int, offset: int) -> No
 def test_hand_decoded_chunk_reads_what_protobuf_writes() -> None:
     data = bytes(range(256)) * 1000
     raw = pb.JobOutputChunk(data=data, stream="stderr", offset=1 << 40).SerializeToString()
-    stream, view, offset, end = codec.decode_chunk(raw + b"\x28\x07\x32\x01z")  # fields 5, 6
-    assert (stream, bytes(view), offset, end) == ("stderr", data, 1 << 40, None)
+    stream, view, offset, end, redirect = codec.decode_chunk(raw + b"\x30\x07\x3a\x01z")  # 6, 7
+    assert (stream, bytes(view), offset, end, redirect) == ("stderr", data, 1 << 40, None, None)
     with pytest.raises(RemoteError, match="undecodable chunk"):
         codec.decode_chunk(raw[:-3])
+
+
+def test_a_redirect_is_what_protobuf_makes_and_reads() -> None:
+    redirect = codec.Redirect("10.0.0.7:41234", b"-----BEGIN CERT", "jobworker-agent", "t0k", 30.0)
+    message = pb.OutputRedirect(
+        address=redirect.address,
+        certificate=redirect.certificate,
+        server_name=redirect.server_name,
+        ticket=redirect.ticket,
+        expires_in_seconds=redirect.expires_in,
+    )
+    raw = codec.encode_redirect(redirect)
+    assert raw == pb.JobOutputChunk(redirect=message).SerializeToString()
+    chunk = codec.decode_chunk(raw)
+    assert (chunk.data.tobytes(), chunk.status) == (b"", None)
+    assert chunk.redirect is not None
+    assert codec.decode_redirect(chunk.redirect) == redirect
+
+
+def test_a_redirect_without_a_ticket_is_refused() -> None:
+    raw = pb.OutputRedirect(address="10.0.0.7:1", certificate=b"c").SerializeToString()
+    with pytest.raises(RemoteError, match="redirect without an address or ticket"):
+        codec.decode_redirect(raw)
 
 
 def test_lost_reasons_are_the_models() -> None:

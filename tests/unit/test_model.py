@@ -128,7 +128,7 @@ def test_the_end_of_a_stream_reads_as_the_view_does(
     status = _status(exit)
     reply = wire.status_to_pb(status)
     chunk = pb.JobOutputChunk(offset=9, status=reply).SerializeToString()
-    stream, data, offset, end = codec.decode_chunk(chunk)
+    stream, data, offset, end, _redirect = codec.decode_chunk(chunk)
     assert (stream, bytes(data), offset) == ("", b"", 9)
     assert end is not None
     assert codec.decode_end(end) == codec.JobEnd("j", state, reason, exit_code, "")

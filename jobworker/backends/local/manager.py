@@ -370,6 +370,12 @@ class JobManager:
         """Output of ``job_id`` from ``offset``; see :meth:`OutputLog.follow`."""
         return self._lookup(job_id).log.follow(offset, follow)
 
+    async def output_redirect(
+        self, job_id: str, client_cert: bytes, client: str, max_streams: int | None
+    ) -> None:
+        """Nothing is nearer the job than this server: its output goes through :meth:`follow`."""
+        return None
+
     async def write_input(self, job_id: str, chunks: AsyncIterator[InputChunk]) -> InputResult:
         """Copy ``chunks`` into the job's stdin; see :func:`.stdin.write_input`."""
         return await stdin.write_input(self._lookup(job_id), chunks)

@@ -56,10 +56,11 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.api.codec import Redirect
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
 from jobworker.backends.ray.guard import start_guard
-from jobworker.backends.ray.outputport import AgentPort, PortInfo
+from jobworker.backends.ray.outputport import AgentPort, PortInfo, TicketGrant
 from jobworker.backends.ray.stdin import INPUT_IDLE_SECONDS, InputSession
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.errors import FailedPrecondition, Unavailable
@@ -372,13 +373,21 @@ class NodeAgent:
     async def output_port(self, front_cert: bytes) -> PortInfo:
         """Where this node's output port listens and its certificate, pinning the calling
         front's ``front_cert``; the port starts at the first call (:mod:`.outputport`)."""
+        return await self._output_port().open(front_cert)
+
+    async def output_ticket(self, front_cert: bytes, grant: TicketGrant) -> Redirect:
+        """A ticket for a client the calling front redirects to this node's output port
+        (:meth:`.outputport.AgentPort.ticket`)."""
+        return await self._output_port().ticket(front_cert, grant)
+
+    def _output_port(self) -> AgentPort:
         manager = self._ready()
         if self._port is None:
             import ray
 
             host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call, unused-ignore]
             self._port = AgentPort(host, manager.follow)
-        return await self._port.open(front_cert)
+        return self._port
 
     async def input_begin(self, job_id: str) -> int:
         """Become the writer of ``job_id``'s stdin (errors as :meth:`JobManager.write_input`:

@@ -32,13 +32,14 @@ from typing import Any
 import attrs
 import structlog
 
+from jobworker.api.codec import Redirect
 from jobworker.backends.ray.agent import AgentConfig, NodeGoingAway, release_placement
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.fanout import Fanout
 from jobworker.backends.ray.ledger import UNTAUGHT, ledger_handle
 from jobworker.backends.ray.nodes import CALL_TIMEOUT, Node, Unreachable, call
-from jobworker.backends.ray.outputport import PortClient, output_lost
+from jobworker.backends.ray.outputport import PortClient, TicketGrant, output_lost
 from jobworker.backends.ray.placement import NoNode, Placer, named
 from jobworker.backends.ray.stdin import pieces
 from jobworker.backends.ray.table import Job, JobTable
@@ -87,8 +88,12 @@ class RayBackend:
         max_running: int = 1000,
         max_running_per_client: int | None = None,
         allow_unauthenticated: bool = False,
+        client_ca: bytes | None = None,
     ) -> None:
         self._plugins = plugins
+        #: The CA of client certificates (PEM), given to agents for redirected clients;
+        #: None: direct output is off and the front relays every stream.
+        self._client_ca = client_ca
         self._agent_config = agent_config
         self.default_grace = default_grace
         self._max_running = max_running
@@ -358,6 +363,22 @@ class RayBackend:
 
         # Followers of one job share one stream from its node (:mod:`.fanout`).
         return self._fanout.follow(job_id, offset, stream) if follow else stream(offset, False)
+
+    async def output_redirect(
+        self, job_id: str, client_cert: bytes, client: str, max_streams: int | None
+    ) -> Redirect | None:
+        """Where ``client`` (admitted to read ``job_id``; ``client_cert`` its certificate)
+        reads the job's output from its node's own port, with a ticket for it
+        (:mod:`.outputport`, "Direct output"); None where the front relays it instead:
+        direct output turned off, the node lost, or its agent not answering."""
+        job = self._table.lookup(job_id)
+        if self._client_ca is None or job.output_lost:
+            return None
+        grant = TicketGrant(job_id, client_cert, client, max_streams, self._client_ca)
+        try:
+            return await self._ports.redirect(job.node, grant)
+        except Unreachable:
+            return None
 
     async def _relay(self, job_id: str) -> None:
         """Feed ``output_chunk`` observers with a cluster job's output, as the local

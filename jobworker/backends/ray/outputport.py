@@ -20,6 +20,20 @@ again on the agent: TLS 1.3 and a pinned front's certificate.
 The port listens on the address Ray announces for the node (its private address), never
 on every address; a job's private network is denied the node's own addresses (see
 docs/cluster.md), so a job on the node cannot even reach it.
+
+**Direct output.** A relay costs the front about what the agent spends sending, which on
+a small host held one follower to about half a local stream. So a client that says it can
+reach nodes (``JobRequest.direct_ok``) is redirected here instead: the front, having
+admitted it as for any stream, has the agent issue a **ticket** (:meth:`AgentPort.ticket`,
+over Ray) bound to the job and to the SHA-256 of the client's certificate, good for one
+call within :data:`TICKET_SECONDS`, and hands it over with the port's address and
+certificate (``OutputRedirect``). The port then also takes client certificates that chain
+to the fronts' CA (handed over with the ticket), and serves a call that presents a valid
+ticket from the certificate it names, for the job it names; with any other certificate,
+or none, or a ticket spent, expired, or for another job or certificate, the call is
+refused. The client's identity was checked by the front (whitelist, revocation,
+authorization) moments before; the ticket carries its per-client stream bound, counted
+here per node.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import contextlib
 import hashlib
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -44,12 +59,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker.api.codec import decode_chunk, encode_chunk
+from jobworker.api.codec import Redirect, decode_chunk, encode_chunk
 from jobworker.api.connections import ConnectionLimits
 from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
 from jobworker.errors import (
     FailedPrecondition,
     JobworkerError,
+    PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     error_from_code,
@@ -95,6 +112,14 @@ _SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
 ]
 _STREAMS = {stream.label: stream for stream in Stream}
+#: How long a ticket waits for its call (a redirected client connects at once).
+TICKET_SECONDS = 30.0
+#: Unspent tickets an agent keeps; beyond that the oldest lapses.
+TICKETS_MAX = 4096
+#: Client CAs an agent trusts at once (one per front deployment; the oldest is dropped).
+CLIENT_CAS_MAX = 8
+#: The call metadata that carries a ticket.
+TICKET_METADATA = "jobworker-ticket"
 
 
 def fingerprint(cert_pem: bytes) -> str:
@@ -162,6 +187,32 @@ class Job(Protocol):
     def output_lost(self) -> bool: ...
 
 
+@attrs.frozen
+class TicketGrant:
+    """What a front asks an agent to let one client read (:meth:`AgentPort.ticket`)."""
+
+    job_id: str
+    #: The client's leaf certificate (PEM), whose fingerprint the ticket is bound to.
+    client_cert: bytes
+    #: The client's identity, for its stream bound.
+    client: str
+    #: Output streams one client may have open on this node (None: no bound).
+    max_streams: int | None
+    #: The CA the client's certificate chains to (the front's ``--tls-ca``, PEM).
+    client_ca: bytes
+
+
+@attrs.frozen
+class _Ticket:
+    job_id: str
+    #: SHA-256 of the client's certificate.
+    holder: str
+    client: str
+    max_streams: int | None
+    #: ``time.monotonic()`` after which it is void.
+    expires: float
+
+
 #: Output of a job on the agent's engine: ``(job_id, offset, follow)`` as
 #: :meth:`JobManager.follow`.
 Follow = Callable[[str, int, bool], AsyncIterator[OutputChunk]]
@@ -177,6 +228,12 @@ class AgentPort:
         self._identity = SelfSigned.new(AGENT_NAME, ExtendedKeyUsageOID.SERVER_AUTH)
         #: Pinned fronts by fingerprint, oldest first.
         self._fronts: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        #: CAs of redirected clients, by fingerprint of their bytes, oldest first.
+        self._client_cas: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        #: Unspent tickets, oldest first.
+        self._tickets: collections.OrderedDict[str, _Ticket] = collections.OrderedDict()
+        #: Open direct streams per client identity.
+        self._direct: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._server: grpc.aio.Server | None = None
@@ -198,21 +255,54 @@ class AgentPort:
             log.info("output_port_listening", address=self._address)
         return PortInfo(self._address, self._identity.cert_pem)
 
+    async def ticket(self, front_cert: bytes, grant: TicketGrant) -> Redirect:
+        """A ticket for ``grant`` (a front that admitted the client asks, over Ray), with
+        where to use it; the port starts, and trusts ``grant.client_ca``, if not yet."""
+        info = await self.open(front_cert)
+        self._trust(self._client_cas, hashlib.sha256(grant.client_ca).hexdigest(),
+                    grant.client_ca, CLIENT_CAS_MAX, "output_port_client_ca_trusted")  # fmt: skip
+        ticket = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        while self._tickets and (
+            len(self._tickets) >= TICKETS_MAX or next(iter(self._tickets.values())).expires < now
+        ):
+            self._tickets.popitem(last=False)
+        self._tickets[ticket] = _Ticket(
+            grant.job_id,
+            fingerprint(grant.client_cert),
+            grant.client,
+            grant.max_streams,
+            now + TICKET_SECONDS,
+        )
+        return Redirect(info.address, info.cert_pem, AGENT_NAME, ticket, TICKET_SECONDS)
+
     def _pin(self, cert_pem: bytes) -> None:
-        name = fingerprint(cert_pem)
+        self._trust(self._fronts, fingerprint(cert_pem), cert_pem, PINNED_FRONTS,
+                    "output_port_front_pinned")  # fmt: skip
+
+    def _trust(
+        self,
+        into: collections.OrderedDict[str, bytes],
+        name: str,
+        cert_pem: bytes,
+        most: int,
+        event: str,
+    ) -> None:
+        """Add ``cert_pem`` to the roots in ``into`` (at most ``most``, the oldest dropped);
+        the next handshake uses the new roots."""
         with self._lock:
-            known = name in self._fronts
-            self._fronts[name] = cert_pem
-            self._fronts.move_to_end(name)
-            while len(self._fronts) > PINNED_FRONTS:
-                self._fronts.popitem(last=False)
+            known = name in into
+            into[name] = cert_pem
+            into.move_to_end(name)
+            while len(into) > most:
+                into.popitem(last=False)
             if not known and self._server is not None:
                 self._pending = self._configuration()
         if not known:
-            log.info("output_port_front_pinned", front=name)
+            log.info(event, fingerprint=name)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        roots = b"".join(self._fronts.values())
+        roots = b"".join([*self._fronts.values(), *self._client_cas.values()])
         return grpc.ssl_server_certificate_configuration(
             [(self._identity.key_pem, self._identity.cert_pem)], root_certificates=roots
         )
@@ -230,27 +320,58 @@ class AgentPort:
         )
         return grpc.method_handlers_generic_handler(SERVICE, {"StreamOutput": stream})
 
-    def _check_peer(self, context: grpc.aio.ServicerContext) -> None:
+    def _admit(self, context: grpc.aio.ServicerContext, job_id: str) -> _Ticket | None:
+        """None for a pinned front; for a redirected client, its ticket (spent now)."""
         auth = context.auth_context()
         if tuple(auth.get("ssl_tls_version", ())) != (_TLS13,):
             raise Unauthenticated("the node's output port takes TLS 1.3 only")
         certs = auth.get("x509_pem_cert", ())
-        if not certs or fingerprint(certs[0]) not in self._fronts:
-            raise Unauthenticated("the node's output port serves only its pinned front servers")
+        if not certs:
+            raise Unauthenticated("the node's output port needs a client certificate")
+        holder = fingerprint(certs[0])
+        if holder in self._fronts:
+            return None
+        given = dict(context.invocation_metadata() or ()).get(TICKET_METADATA)
+        if not isinstance(given, str):
+            given = ""
+        ticket = self._tickets.get(given)
+        if ticket is None or ticket.expires < time.monotonic():
+            raise Unauthenticated(
+                "the node's output port serves a client only with an unspent ticket from a"
+                " front server: ask a front server for the job's output again"
+            )
+        if ticket.holder != holder or ticket.job_id != job_id:
+            raise PermissionDenied("this ticket is for another job or another certificate")
+        del self._tickets[given]
+        if ticket.max_streams is not None and self._direct[ticket.client] >= ticket.max_streams:
+            raise ResourceExhausted(
+                f"{ticket.client} has {self._direct[ticket.client]} output streams open on"
+                f" this node, the most the server allows one client; close some"
+            )
+        return ticket
 
     async def _stream_output(
         self, request: pb.JobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        client = ""
         try:
-            self._check_peer(context)
+            ticket = self._admit(context, request.job_id)
+            if ticket is not None:
+                client = ticket.client
+                self._direct[client] += 1
             chunks = self._follow(request.job_id, request.offset, not request.no_follow)
             async for chunk in chunks:
                 yield encode_chunk(chunk)
         except JobworkerError as err:
             code = grpc.StatusCode[wire_code(err) or "INTERNAL"]
-            if isinstance(err, Unauthenticated):
+            if isinstance(err, Unauthenticated | PermissionDenied):
                 log.warning("output_port_refused", peer=context.peer(), reason=str(err))
             await context.abort(code, str(err))
+        finally:
+            if client:
+                self._direct[client] -= 1
+                if not self._direct[client]:
+                    del self._direct[client]
 
 
 class PortClient:
@@ -327,6 +448,13 @@ class PortClient:
             del self._channels[node.node_id]
         await channel.close(None)
 
+    async def redirect(self, node: Node, grant: TicketGrant) -> Redirect:
+        """Where and how the client of ``grant`` reads its job's output from ``node``
+        itself (raises :class:`~.nodes.Unreachable` when the agent does not answer)."""
+        cert = self._identity.cert_pem
+        redirect: Redirect = await call(node.agent.output_ticket.remote(cert, grant), node)
+        return redirect
+
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
@@ -364,8 +492,8 @@ async def stream_output(
     rpc = method(pb.JobRequest(job_id=job_id, offset=offset, no_follow=not follow))
     try:
         async for raw in rpc:
-            label, data, after, _end = decode_chunk(raw)  # no end: never asked with_status
-            yield OutputChunk(_STREAMS[label], bytes(data), after)
+            chunk = decode_chunk(raw)  # no end, no redirect: never asked for them
+            yield OutputChunk(_STREAMS[chunk.stream], bytes(chunk.data), chunk.offset)
     except grpc.aio.AioRpcError as err:
         code = err.code()
         # CANCELLED: the channel was closed under the stream (another follower saw it fail).

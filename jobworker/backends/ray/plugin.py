@@ -10,6 +10,7 @@ act on the front server only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,15 @@ class RayPlugin:
             " reaches its ports runs code on every node); every job start logs a warning",
         )
         group.add_argument(
+            "--ray-direct-output",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="send clients that can reach the nodes (the CLI says it can) to the job's"
+            " node for its output, with a one-call ticket, instead of relaying it through"
+            " this server (default: on; turn off where clients cannot reach the nodes' private"
+            " addresses, or all traffic must pass the front servers)",
+        )
+        group.add_argument(
             "--ray-spool-dir",
             metavar="DIR",
             help="spool root on every node (default: the per-user default on each node)",
@@ -121,12 +131,17 @@ class RayPlugin:
             retain_finished=config.retain_finished,
             retain_seconds=config.retain_seconds,
         )
+        # Redirected clients' certificates chain to this CA (read once: see docs/cluster.md).
+        client_ca = None
+        if options.ray_direct_output:
+            client_ca = await asyncio.to_thread(Path(config.tls.ca).read_bytes)
         return await RayBackend.connect(
             options.ray_address,
             plugins,
             agent_config,
             placement_timeout=options.ray_placement_timeout,
             allow_unauthenticated=options.ray_allow_unauthenticated,
+            client_ca=client_ca,
             default_grace=config.default_grace,
             max_running=config.max_running,
             max_running_per_client=config.max_running_per_client,
