@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from jobworker import errors
-from jobworker.api import codec
+from jobworker.api import codec, direct
 from jobworker.api.codec import JobEnd
 from jobworker.api.tlsfiles import TlsFiles, load_material
 
@@ -155,10 +155,9 @@ class JobClient:
         direct_output: bool = True,
     ) -> None:
         self.target = target
-        self._tls = tls
         #: Ask to read output from the job's node where the server offers it.
         self._direct_output = direct_output
-        self._node_channels: dict[tuple[str, bytes], grpc.Channel] = {}
+        self._nodes = direct.NodeChannels(tls, MAX_MESSAGE_BYTES)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -194,8 +193,7 @@ class JobClient:
 
     def close(self) -> None:
         self._channel.close()
-        for channel in self._node_channels.values():
-            channel.close()
+        self._nodes.close()
 
     def _error(self, err: grpc.RpcError) -> errors.JobworkerError:
         """The jobworker error for a failed call: same status code, the server's message."""
@@ -383,57 +381,25 @@ class JobClient:
         Where the server redirects to the job's node (a cluster's direct output), the
         chunks come from there; if the node cannot be reached (or the stream from it is
         cut) the rest comes through the server, from the last offset received."""
-        direct = self._direct_output
+        ask_node = self._direct_output
         while True:
             request = codec.job_request(
-                job_id, offset, no_follow=not follow, with_status=with_status, direct_ok=direct
+                job_id, offset, no_follow=not follow, with_status=with_status, direct_ok=ask_node
             )
             got = yield from self._chunks(self._stream_output(request))
             if not isinstance(got, codec.Redirect):
                 return got
-            direct = False  # once: what the node did not send comes through the server
+            ask_node = False  # once: what the node did not send comes through the server
             try:
-                for stream, data, position in self._chunks_from_node(got, job_id, offset, follow):
+                from_node = self._nodes.call(got, job_id, offset, follow)
+                for stream, data, position in self._chunks(from_node, from_node=True):
                     yield stream, data, position
                     offset = position
-            except _NodeUnreachable:
+            except direct.NodeUnreachable:
                 continue
             if not (follow and with_status):
                 return None
             # The job's end, from the server: its stream from here holds only that.
-
-    def _chunks_from_node(
-        self, redirect: codec.Redirect, job_id: str, offset: int, follow: bool
-    ) -> Generator[tuple[str, memoryview, int], None, None]:
-        """The chunks the job's node serves after a redirect; :class:`_NodeUnreachable` if
-        it cannot be reached within :data:`NODE_CONNECT_SECONDS` or the stream is cut."""
-        channel = self._node_channel(redirect)
-        if not _connects(channel, NODE_CONNECT_SECONDS):
-            raise _NodeUnreachable
-        request = codec.job_request(job_id, offset, no_follow=not follow)
-        call = channel.unary_stream(_NODE_STREAM_OUTPUT)(
-            request, metadata=((_TICKET_METADATA, redirect.ticket),)
-        )
-        yield from self._chunks(call, from_node=True)
-
-    def _node_channel(self, redirect: codec.Redirect) -> grpc.Channel:
-        """A channel to a node's output port, trusting its certificate alone (one per port)."""
-        key = (redirect.address, redirect.certificate)
-        channel = self._node_channels.get(key)
-        if channel is None:
-            material = load_material(self._tls)
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=redirect.certificate,
-                private_key=material.key,
-                certificate_chain=material.cert_chain,
-            )
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.ssl_target_name_override", redirect.server_name),
-            ]
-            channel = grpc.secure_channel(redirect.address, credentials, options=options)
-            self._node_channels[key] = channel
-        return channel
 
     def _chunks(
         self, call: Any, from_node: bool = False
@@ -441,7 +407,7 @@ class JobClient:
         """The chunks of one StreamOutput ``call``; returns the job's end if the server sent
         it, or where to read the output instead if it redirected the call. A call to a
         node (``from_node``) that fails as the server could make up for raises
-        :class:`_NodeUnreachable`."""
+        :class:`~jobworker.api.direct.NodeUnreachable`."""
         end: JobEnd | codec.Redirect | None = None
         try:
             for raw in call:
@@ -454,52 +420,11 @@ class JobClient:
                     yield chunk.stream, chunk.data, chunk.offset
             return end
         except grpc.RpcError as err:
-            if from_node and err.code() in _NODE_RETRIED:
-                raise _NodeUnreachable from None
+            if from_node and err.code() in direct.NODE_RETRIED:
+                raise direct.NodeUnreachable from None
             raise self._error(err) from None
         finally:
             call.cancel()  # no-op after a complete stream; frees the server otherwise
-
-
-#: The node port's method (proto/jobworker/v1/node.proto) and ticket (a redirect's).
-_NODE_STREAM_OUTPUT = "/jobworker.v1.NodeOutput/StreamOutput"
-_TICKET_METADATA = "jobworker-ticket"
-#: How long a redirected client tries to reach the node before it reads through the server.
-NODE_CONNECT_SECONDS = 3.0
-#: A node's answers that send the client back to the server (unreachable, cut, or its
-#: ticket refused: spent, expired); any other is the node's answer about the job.
-_NODE_RETRIED = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-)
-
-
-def _connects(channel: grpc.Channel, timeout: float) -> bool:
-    """Whether ``channel`` connects (TCP and TLS) within ``timeout`` seconds: False at its
-    first failure (refused, no route, a certificate not the one pinned), not at the end
-    of grpc's own connect timeout."""
-    import threading
-
-    settled = threading.Event()
-    states: builtins.list[grpc.ChannelConnectivity] = []
-
-    def watch(state: grpc.ChannelConnectivity) -> None:
-        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
-            states.append(state)
-            settled.set()
-
-    channel.subscribe(watch, try_to_connect=True)
-    try:
-        settled.wait(timeout)
-    finally:
-        channel.unsubscribe(watch)
-    return bool(states) and states[0] is grpc.ChannelConnectivity.READY
-
-
-class _NodeUnreachable(Exception):
-    """The job's node could not be read from: read through the server instead."""
 
 
 def __getattr__(name: str) -> object:

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from jobworker.api import codec
+from jobworker.api.direct import TICKET_METADATA
 from jobworker.api.tlsfiles import TlsFiles
-from jobworker.backends.ray.outputport import TICKET_METADATA
 from jobworker.client import JobClient
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.ray_cluster.conftest import JOBWORKER, Front, StartFront
@@ -135,7 +135,7 @@ def test_the_client_library_and_run_read_the_node_and_end_with_the_exit_code(
     with JobClient(front.address, tls) as client:
         got = b"".join(d for s, d, _ in client.stream(job_id) if s == "stdout")
         assert got == data
-        assert client._node_channels, "the library did not read from the node"
+        assert client._nodes, "the library did not read from the node"
     # `jobworker run`: the job's output from its node, then its exit status.
     script = (
         'f=$(mktemp); head -c 3000000 /dev/urandom > "$f"; cat "$f" >&2; sha256sum < "$f"; exit 7'

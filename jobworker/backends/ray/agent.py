@@ -59,8 +59,9 @@ import structlog
 from jobworker.api.codec import Redirect
 from jobworker.backends.local.manager import JobManager
 from jobworker.backends.local.spool import spool_run
+from jobworker.backends.ray.agentport import AgentPort
 from jobworker.backends.ray.guard import start_guard
-from jobworker.backends.ray.outputport import AgentPort, PortInfo, TicketGrant
+from jobworker.backends.ray.outputport import PortInfo, TicketGrant
 from jobworker.backends.ray.stdin import INPUT_IDLE_SECONDS, InputSession
 from jobworker.backends.ray.tree import ProcessTree, ProcRecords
 from jobworker.errors import FailedPrecondition, Unavailable
