@@ -260,11 +260,18 @@ class Followers:
 
 
 def followers(
-    address: str, pki: PkiPaths, count: int, *, mode: str = "read", digest: bool = False
+    address: str,
+    pki: PkiPaths,
+    count: int,
+    *,
+    mode: str = "read",
+    digest: bool = False,
+    relay: bool = False,
 ) -> Followers:
-    """``count`` follower processes, each connected to ``address`` before this returns."""
+    """``count`` follower processes, each connected to ``address`` before this returns;
+    ``relay``: never reading from a cluster's node (direct output), always through it."""
     args = [sys.executable, str(BENCH_DIR / "_follower.py"), address, str(pki.directory)]
-    args += ["--mode", mode] + (["--digest"] if digest else [])
+    args += ["--mode", mode] + (["--digest"] if digest else []) + (["--relay"] if relay else [])
     procs = [
         subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for _ in range(count)

@@ -38,8 +38,10 @@ def bare_chunks(address: str, pki: Path, go: str) -> Iterable[bytes]:
         yield from ch.unary_stream("/bench.Bare/Stream")(str(total).encode())
 
 
-def job_chunks(address: str, pki: Path, job_id: str) -> Iterable[bytes | memoryview]:
-    with JobClient(address, PkiPaths(pki).client(CLIENT)) as client:
+def job_chunks(
+    address: str, pki: Path, job_id: str, relay: bool = False
+) -> Iterable[bytes | memoryview]:
+    with JobClient(address, PkiPaths(pki).client(CLIENT), direct_output=not relay) as client:
         client.list()
         print("ready", flush=True)
         if job_id == "-":
@@ -61,11 +63,14 @@ def main() -> None:
     )
     p.add_argument("--mode", choices=["read", "stall", "bare"], default="read")
     p.add_argument("--digest", action="store_true")
+    p.add_argument(
+        "--relay", action="store_true", help="through the server, never from a cluster's node"
+    )
     options = p.parse_args()
     if options.mode == "bare":
         chunks = iter(bare_chunks(options.address, options.pki, options.job))
     else:
-        chunks = iter(job_chunks(options.address, options.pki, options.job))
+        chunks = iter(job_chunks(options.address, options.pki, options.job, options.relay))
     next(chunks)  # connected
     digest = hashlib.sha256() if options.digest else None
     received = 0

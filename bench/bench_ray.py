@@ -154,9 +154,13 @@ def stream_rate(client: JobClient, size: int) -> float:
     return size / took / MB
 
 
-def followed_rate(served: Served, pki: PkiPaths, client: JobClient, size: int, count: int) -> float:
-    """Total MB/s of ``count`` follower processes following ``head -c size /dev/zero``."""
-    group = followers(served.address, pki, count)
+def followed_rate(
+    served: Served, pki: PkiPaths, client: JobClient, size: int, count: int, relay: bool = False
+) -> float:
+    """Total MB/s of ``count`` follower processes following ``head -c size /dev/zero``
+    (``relay``: through the front, not from the job's node: docs/cluster.md, "Direct
+    output")."""
+    group = followers(served.address, pki, count, relay=relay)
     try:
         began = group.go(client.start("head", ["-c", str(size), "/dev/zero"]))
         results = group.results()
