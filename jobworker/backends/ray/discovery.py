@@ -38,6 +38,7 @@ from jobworker.backends.ray.agent import (
 from jobworker.backends.ray.nodes import RETRY_SECONDS, Node, Unreachable, call
 from jobworker.backends.ray.table import JobTable
 from jobworker.errors import JobworkerError
+from jobworker.logconfig import keep_stderr_json
 
 log = structlog.get_logger("jobworker.ray.front")
 
@@ -70,9 +71,13 @@ def _ray_published(data: dict[str, Any], ignore_prefix: bool = False) -> None:
 
 def _ray_logs_to_json() -> None:
     """Keep the front's log all JSON lines: Ray's Python loggers (configured by Ray at
-    import with a plain-text handler) and its published errors become events of ours.
-    Worker output is not forwarded at all (``log_to_driver=False``)."""
+    import with a plain-text handler) and its published errors become events of ours,
+    and what its C++ core prints to stderr ``ray_core_log`` events
+    (:func:`~jobworker.logconfig.keep_stderr_json`). Worker output is not forwarded at all
+    (``log_to_driver=False``)."""
     import ray._private.worker
+
+    keep_stderr_json("ray_core_log")
 
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers[:] = [_RayRecords()]
