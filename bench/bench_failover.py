@@ -85,7 +85,9 @@ def one_round(pki: PkiPaths, work: Path, auth: dict[str, str], address: str,
               signum: int | None) -> tuple[float, float]:  # fmt: skip
     """(signal -> resumed, longest pause) of one round; without a signal, (0, the pause
     over the same span as a failover's)."""
-    ray_args = ("--plugin", "ray", f"--ray-address={address}")
+    # The used front relays: with direct output (the default) run reads from the job's
+    # node and the front's end does not touch the stream until the job's status.
+    ray_args = ("--plugin", "ray", f"--ray-address={address}", "--no-ray-direct-output")
     with serve(pki, work, f"used-{n}", *ray_args, env=auth) as used:
         files = pki.client(CLIENT)
         env = {
