@@ -1,9 +1,12 @@
-"""A front that answers before its nodes exist, finds nodes that join later, and spreads
-short jobs over them (on a cluster of this module's own: a head, then nodes added)."""
+"""A front that answers before its nodes exist, finds nodes that join later (also once its
+looks have slowed down on a cluster that stayed the same), and spreads short jobs over
+them (on a cluster of this module's own: a head, then nodes added)."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import os
 import signal
 import time
@@ -12,10 +15,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from jobworker.backends.ray.discovery import DISCOVER_MAX_SECONDS, DISCOVER_SECONDS
 from jobworker.backends.ray.nodes import HEARTBEAT_DEADLINE
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.ray_cluster.cluster import LocalCluster, local_cluster
-from tests.ray_cluster.conftest import FAST_HEALTH_CHECK, GIB, RayToken, StartFront
+from tests.ray_cluster.conftest import FAST_HEALTH_CHECK, GIB, Front, RayToken, StartFront
 from tests.ray_cluster.test_cluster import agent_pid, status, stop
 from tests.serverfixtures import output_of, start_job, wait_exited
 
@@ -104,3 +108,34 @@ def test_a_node_whose_agent_stops_answering_takes_no_new_job_until_it_answers_ag
                 raise
     assert wait_exited(alice, again).node == "late1"
     stop(alice, probe)
+
+
+def _joined(front: Front, name: str) -> bool:
+    for line in front.log().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == "node_joined" and record.get("node") == name:
+                return True
+    return False
+
+
+def test_a_node_that_joins_a_quiet_cluster_is_found_within_the_longest_pause(
+    bare_cluster: LocalCluster, start_front: StartFront
+) -> None:
+    grow(bare_cluster, 1)
+    front = start_front(ray_address=bare_cluster.address)
+    # Nothing changes and nothing asks: the pauses between looks double to the longest
+    # (5, 10, 20, then 30 s).
+    pause, quiet = DISCOVER_SECONDS, 0.0
+    while pause < DISCOVER_MAX_SECONDS:
+        quiet, pause = quiet + pause, pause * 2
+    time.sleep(quiet + 1)
+    bare_cluster.add_node({"name": "late5", "num_cpus": 1, "memory": GIB})
+    added = time.monotonic()
+    # Found by a look (no start wakes discovery here), within the longest pause; the
+    # slack is the greeting on a busy machine.
+    while not _joined(front, "late5"):
+        assert time.monotonic() - added < DISCOVER_MAX_SECONDS + 15, "late5 not found"
+        time.sleep(0.2)
+    alice = front.stub("alice")
+    assert wait_exited(alice, start_job(alice, "true", node="late5")).node == "late5"
