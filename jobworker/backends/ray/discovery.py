@@ -76,10 +76,9 @@ DISCOVER_MAX_SECONDS = 30.0
 #: (Ray reads ``RAY_<setting>`` at ``ray.init``; a value the operator set wins). Each
 #: period is a wake-up of Ray's threads, and wake-ups are most of an idle front's CPU:
 #: together these cut about 0.7 ms/s of its 4.5 on the 2-core test host. What they cost:
-#: the front's own Ray calls are not in Ray's task list (``ray list tasks``, the
-#: dashboard's task view: the agents' work stays there, reported by the agents), its
-#: Ray metrics are exported every 60 s instead of 10 s, and its Ray log has no event
-#: loop statistics.
+#: the front's calls to the agents are missing or incomplete in Ray's task list (``ray
+#: list tasks``, the dashboard's task view), its Ray metrics are exported every 60 s
+#: instead of 10 s, and its Ray log has no event loop statistics.
 DRIVER_SETTINGS = {
     "RAY_task_events_report_interval_ms": "0",
     "RAY_metrics_report_interval_ms": "60000",
@@ -169,6 +168,12 @@ def join(address: str) -> None:
             signal.signal(signal.SIGTERM, terminate)
 
 
+def _node_name(info: dict[str, Any]) -> str:
+    """A node's name as jobs pin it: its ``--node-name``, else its address."""
+    name: str = info.get("NodeName") or info["NodeManagerAddress"]
+    return name
+
+
 class Discovery:
     """Finds nodes, greets their agents and watches their heartbeats, keeping ``nodes``
     (shared with the backend and its placer) and the job table up to date."""
@@ -185,6 +190,12 @@ class Discovery:
         self._wake = asyncio.Event()
         #: Set (and replaced) after each look at the cluster: starts waiting for a node.
         self._looked = asyncio.Event()
+        #: Looks begun, and the number of the last one done (a waiter wants one begun
+        #: after it asked: one under way may have listed the nodes before it joined).
+        self._begun = 0
+        self._done = 0
+        #: Names of the nodes whose agents the look under way is greeting.
+        self._greeting: set[str] = set()
         #: Set when a node was lost (it wakes the loop): the next looks come sooner again.
         self._lost = False
 
@@ -203,6 +214,8 @@ class Discovery:
         pause = DISCOVER_SECONDS
         while not self._closing:
             found = True
+            self._begun += 1
+            number = self._begun
             try:
                 found = await self._discover()
             except Exception:
@@ -210,6 +223,7 @@ class Discovery:
             if first:
                 log.info("ray_nodes_discovered", nodes=self.names)
                 first = False
+            self._done = number
             looked, self._looked = self._looked, asyncio.Event()
             looked.set()
             lost, self._lost = self._lost, False
@@ -218,16 +232,20 @@ class Discovery:
                 await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
 
-    async def await_nodes(self, deadline: float) -> bool:
-        """Wait for the next look at the cluster, until ``deadline`` (monotonic); whether
-        there is time left to try again."""
-        looked = self._looked
+    async def await_nodes(self, deadline: float, name: str | None = None) -> bool:
+        """Wait for a look at the cluster begun from now, until ``deadline`` (monotonic),
+        or, if that look is greeting node ``name``'s agent, until the greeting ends
+        (bounded by the agent calls' own timeout: an agent starting on a busy node may
+        take longer than the deadline); whether there is time left to try again."""
+        wanted = self._begun + 1
         self._wake.set()
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(looked.wait(), left)
+        while self._done < wanted:
+            left = deadline - time.monotonic()
+            if left <= 0 and name not in self._greeting:
+                return False
+            looked = self._looked
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(looked.wait(), None if name in self._greeting else left)
         return time.monotonic() < deadline
 
     async def _discover(self) -> bool:
@@ -237,14 +255,18 @@ class Discovery:
 
         nodes = await asyncio.to_thread(ray.nodes)
         new = [n for n in nodes if n["Alive"] and n["NodeID"] not in self._nodes]
-        await asyncio.gather(*(self._greet(info) for info in new))
+        self._greeting = {_node_name(info) for info in new}
+        try:
+            await asyncio.gather(*(self._greet(info) for info in new))
+        finally:
+            self._greeting = set()
         return bool(new)
 
     async def _greet(self, info: dict[str, Any]) -> None:
         """Start or find the agent of the node ``info`` describes; the node takes jobs once
         its agent answers."""
         node_id = info["NodeID"]
-        name = info.get("NodeName") or info["NodeManagerAddress"]
+        name = _node_name(info)
         # Creating (or finding) an actor is a blocking call to the GCS: in a thread, so
         # that greeting a thousand nodes never holds the event loop (and every client).
         agent = await asyncio.to_thread(self._agent_handle, node_id, name)

@@ -334,11 +334,13 @@ class RayBackend:
 
     async def _place(self, job_id: str, spec: JobSpec) -> tuple[Node, str | None]:
         """Place the job. One pinned to a node the front does not know waits for a fresh
-        look at the cluster; one that no known node takes (none has joined yet) waits for
-        one up to ``NODE_WAIT_SECONDS``, then is refused with UNAVAILABLE (retry later)."""
+        look at the cluster (and for that node's greeting, if the look found it); one that
+        no known node takes (none has joined yet) waits for one up to
+        ``NODE_WAIT_SECONDS``, then is refused with UNAVAILABLE (retry later)."""
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         if spec.node is not None and not named(spec.node, builtins.list(self._nodes.values())):
-            await self._discovery.await_nodes(deadline)  # a node that joined since the last look
+            # A node that joined since the last look (and its agent, if it is being greeted).
+            await self._discovery.await_nodes(deadline, spec.node)
         while True:
             try:
                 return await self._placer.place(job_id, spec)
