@@ -204,6 +204,7 @@ def test_the_quota_holds_after_the_ledger_restarts_empty(
     bob_a, bob_b = a.stub("bob"), b.stub("bob")
     first = start_when_free(bob_a, "sleep", "300")
     wait_for(lambda: first in ids(bob_b), 10, "the job known to the other front")
+    lessons = [front.log().count('"ray_ledger_taught"') for front in quota_pair]
     restarted = subprocess.run(
         [sys.executable, "-c", _LEDGER_KILLER, ray_cluster.address],
         env=serve_command().env, capture_output=True, text=True, timeout=120,
@@ -221,7 +222,10 @@ def test_the_quota_holds_after_the_ledger_restarts_empty(
             assert outcome[0] == "UNAVAILABLE" and time.monotonic() < deadline, outcome
             time.sleep(0.2)
         assert "bob has 1 jobs starting or running" in outcome[1]
-    assert all('"ray_ledger_taught"' in front.log() for front in quota_pair)
+    # Each front taught the new ledger once more (its running jobs: bob's among them).
+    assert [front.log().count('"ray_ledger_taught"') for front in quota_pair] == [
+        n + 1 for n in lessons
+    ]
     stop(bob_a, first)
     # Its end reaches the new ledger: allowed again, through the other front.
     assert wait_exited(bob_b, start_when_free(bob_b, "true")).exit_code == 0
