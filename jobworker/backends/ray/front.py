@@ -37,7 +37,7 @@ from jobworker.backends.ray.agent import AgentConfig, NodeGoingAway, release_pla
 from jobworker.backends.ray.auth import UNAUTHENTICATED_RISK, check_cluster
 from jobworker.backends.ray.discovery import Discovery, join
 from jobworker.backends.ray.fanout import Fanout
-from jobworker.backends.ray.ledger import UNTAUGHT, ledger_handle
+from jobworker.backends.ray.ledger import LedgerClient, Lesson
 from jobworker.backends.ray.nodes import CALL_TIMEOUT, Node, Unreachable, call
 from jobworker.backends.ray.outputport import PortClient, TicketGrant, output_lost
 from jobworker.backends.ray.placement import NoNode, Placer, named
@@ -99,9 +99,7 @@ class RayBackend:
         self._max_running = max_running
         self._max_per_client = max_running_per_client or max_running
         #: The cluster's count of running jobs (:mod:`.ledger`), set once joined.
-        self._ledger: Any = None
-        #: The ledger's incarnation this front taught its running jobs (:mod:`.ledger`).
-        self._taught: str | None = None
+        self._ledger = LedgerClient(None)
         #: How long a reservation may wait for its agent's answer: the longest start.
         self._start_bound = placement_timeout + NODE_WAIT_SECONDS + CALL_TIMEOUT
         self._nodes: dict[str, Node] = {}
@@ -143,7 +141,7 @@ class RayBackend:
             join(address)
         except Exception as err:
             raise FailedPrecondition(f"cannot join the Ray cluster at {address}: {err}") from err
-        backend._ledger = await asyncio.to_thread(ledger_handle)
+        backend._ledger = await LedgerClient.join()
         # Discovery runs in the background: the server answers while agents start.
         backend._spawn(backend._discovery.run(), "ray-discover")
         return backend
@@ -215,13 +213,13 @@ class RayBackend:
                                 consequence=UNAUTHENTICATED_RISK)  # fmt: skip
                 status, node = await self._launch(job_id, spec, owner)
             except BaseException:
-                self._ledger.release.remote(job_id)
+                self._ledger.release(job_id)
                 raise
         except JobworkerError as err:
             log.info("job_refused", job_id=job_id, owner=owner, code=err.code, error=str(err))
             self._plugins.start_refused(job_id, spec, owner, err)
             raise
-        self._ledger.hold.remote(job_id, owner, node.node_id)
+        self._ledger.hold(job_id, owner, node.node_id)
         if self._table.find(job_id) is None:  # else its node's poll brought it already
             self._table.add(status, node)
         log.info("job_started", job_id=job_id, owner=owner, command=spec.command,
@@ -233,40 +231,20 @@ class RayBackend:
 
     async def _reserve(self, job_id: str, owner: str) -> None:
         """Take a slot of ``--max-jobs`` and ``--max-jobs-per-client`` in the cluster's
-        ledger, where every front server's jobs count; a ledger new to this front (or
-        restarted empty) is taught the running jobs first."""
-        for _ in range(2):
-            refused = await self._ask_ledger(
-                self._ledger.reserve.remote(
-                    job_id, owner, self._max_running, self._max_per_client, self._start_bound,
-                    self._taught,
-                )
-            )  # fmt: skip
-            if refused != UNTAUGHT:
-                break
-            running = {j.status.job_id: (j.status.owner, j.node.node_id)
-                       for j in self._table.running()}  # fmt: skip
-            self._taught = await self._ask_ledger(self._ledger.teach.remote(running))
-            log.info("ray_ledger_taught", jobs=len(running), epoch=self._taught)
-        else:
-            raise Unavailable("the cluster's job ledger (an actor on the Ray head) restarted"
-                              " during this start; retry shortly")  # fmt: skip
+        ledger, where every front server's jobs count."""
+        limits = (self._max_running, self._max_per_client)
+        refused = await self._ledger.reserve(
+            job_id, owner, limits, self._start_bound, self._running_jobs
+        )
         if refused is not None:
             total, mine = refused
             if total >= self._max_running:
                 raise server_full(total, self._max_running)
             raise client_full(owner, mine, self._max_per_client)
 
-    async def _ask_ledger(self, ref: Any) -> Any:
-        import ray
-
-        try:
-            return await asyncio.wait_for(ref, CALL_TIMEOUT)
-        except (ray.exceptions.RayError, TimeoutError) as err:
-            raise Unavailable(
-                "the cluster's job ledger (an actor on the Ray head) does not answer"
-                f" ({type(err).__name__}); retry shortly"
-            ) from err
+    def _running_jobs(self) -> Lesson:
+        """What this front teaches a ledger it has not taught (:mod:`.ledger`)."""
+        return {j.status.job_id: (j.status.owner, j.node.node_id) for j in self._table.running()}
 
     def _job_ended(self, status: JobStatus) -> None:
         self._spawn(self._report_end(status), f"ray-end-{status.job_id}", self._reports)
@@ -275,7 +253,7 @@ class RayBackend:
         """Give the job's slot back; the first front server to report the end writes its
         ``job_exited`` record (``on_exit``), so that each end is recorded once."""
         try:
-            first = await self._ask_ledger(self._ledger.end.remote(status.job_id))
+            first = await self._ledger.end(status.job_id)
         except Unavailable as err:
             log.warning("ledger_unreachable", job_id=status.job_id, error=str(err),
                         consequence="its end is recorded here, maybe by others too")  # fmt: skip
@@ -291,9 +269,8 @@ class RayBackend:
         those that ended while no front server watched."""
         running = {s.job_id: s.owner for s in statuses if s.state is not JobState.EXITED}
         ended = {s.job_id: s for s in statuses if s.state is JobState.EXITED}
-        ask = self._ledger.adopt.remote(node.node_id, running, list(ended))
         try:
-            unreported = await self._ask_ledger(ask)
+            unreported = await self._ledger.adopt(node.node_id, running, list(ended))
         except Unavailable as err:
             log.warning("ledger_unreachable", jobs=len(statuses), error=str(err),
                         consequence="these jobs are not counted in the quotas")  # fmt: skip

@@ -33,7 +33,8 @@ after teaching by :meth:`Ledger.adopt`. The approximation: a front whose discove
 not yet found every node teaches what it knows, and the rest counts as discovery finds
 it, as with a front started after its jobs.
 
-Plain class here; :func:`ledger_handle` wraps it with ``ray.remote``.
+Plain class here; :func:`ledger_handle` wraps it with ``ray.remote``, and a front server
+speaks to it through :class:`LedgerClient`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
+import structlog
 
 from jobworker.backends.ray.agent import NAMESPACE
+from jobworker.backends.ray.nodes import CALL_TIMEOUT
+from jobworker.errors import Unavailable
+
+log = structlog.get_logger("jobworker.ray.ledger")
 
 LEDGER_NAME = "jobworker-ledger"
 #: The resource only the head node has.
@@ -250,3 +256,70 @@ def ledger_handle() -> Any:
         )
         .remote()
     )
+
+
+#: A front's running jobs, as it teaches them (:meth:`Ledger.teach`): id to owner and node.
+Lesson = Mapping[str, tuple[str, str]]
+
+
+@attrs.define
+class LedgerClient:
+    """A front server's side of the ledger: each call answered within ``CALL_TIMEOUT``
+    (else UNAVAILABLE), and the epoch this front last taught (see the module)."""
+
+    handle: Any
+    _taught: str | None = None
+
+    @classmethod
+    async def join(cls) -> LedgerClient:
+        return cls(await asyncio.to_thread(ledger_handle))
+
+    async def reserve(
+        self,
+        job_id: str,
+        owner: str,
+        limits: tuple[int, int],
+        expires_in: float,
+        running: Callable[[], Lesson],
+    ) -> tuple[int, int] | None:
+        """:meth:`Ledger.reserve` (``limits``: the cluster's and the owner's), teaching a
+        ledger new to this front (or restarted empty) ``running()`` first."""
+        for _ in range(2):
+            answer = await self._ask(
+                self.handle.reserve.remote(job_id, owner, *limits, expires_in, self._taught)
+            )
+            if answer != UNTAUGHT:
+                refused: tuple[int, int] | None = answer
+                return refused
+            lesson = running()
+            self._taught = await self._ask(self.handle.teach.remote(lesson))
+            log.info("ray_ledger_taught", jobs=len(lesson), epoch=self._taught)
+        raise Unavailable(
+            "the cluster's job ledger (an actor on the Ray head) restarted during this"
+            " start; retry shortly"
+        )
+
+    def hold(self, job_id: str, owner: str, node: str) -> None:
+        self.handle.hold.remote(job_id, owner, node)
+
+    def release(self, job_id: str) -> None:
+        self.handle.release.remote(job_id)
+
+    async def end(self, job_id: str) -> bool:
+        first: bool = await self._ask(self.handle.end.remote(job_id))
+        return first
+
+    async def adopt(self, node: str, running: Mapping[str, str], ended: Sequence[str]) -> list[str]:
+        unreported: list[str] = await self._ask(self.handle.adopt.remote(node, running, ended))
+        return unreported
+
+    async def _ask(self, ref: Any) -> Any:
+        import ray
+
+        try:
+            return await asyncio.wait_for(ref, CALL_TIMEOUT)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            raise Unavailable(
+                "the cluster's job ledger (an actor on the Ray head) does not answer"
+                f" ({type(err).__name__}); retry shortly"
+            ) from err
