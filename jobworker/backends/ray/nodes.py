@@ -21,7 +21,8 @@ from jobworker.errors import FailedPrecondition, JobworkerError
 CALL_TIMEOUT = 30.0
 
 #: A node whose agent has not answered a poll for this long is suspect: no new job goes
-#: there (its long poll answers at least every ``discovery.POLL_SECONDS`` while it is well).
+#: there (its long poll answers at least every ``discovery.POLL_SECONDS`` plus
+#: ``discovery.POLL_MIN_SECONDS``, 16 s, while it is well).
 HEARTBEAT_DEADLINE = 20.0
 #: Recent starts count in a node's load with this half-life (seconds): a burst of short
 #: jobs spreads, though each ends before the next heartbeat reports it.
