@@ -4,6 +4,7 @@ jobs' reserve, and a low limit never stops the server from starting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -11,7 +12,14 @@ import textwrap
 
 import pytest
 
-from jobworker.api.connections import Connection, ConnectionLimits, PeerGate, surplus
+from jobworker.api.connections import (
+    GATE_IDLE_PERIOD,
+    GATE_PERIOD,
+    Connection,
+    ConnectionLimits,
+    PeerGate,
+    surplus,
+)
 from jobworker.errors import ConfigError
 
 PROBE = textwrap.dedent(
@@ -87,5 +95,43 @@ def test_the_gate_lists_connections_only_when_a_socket_is_new() -> None:
             finally:
                 for sock in clients + accepted:
                     sock.close()
+
+    asyncio.run(scenario())
+
+
+class _CountedGate(PeerGate):
+    """A gate that counts its passes."""
+
+    passes = 0
+
+    async def enforce(self) -> int:
+        self.passes += 1
+        return await super().enforce()
+
+
+def test_an_idle_gate_slows_to_once_a_second_and_a_new_socket_speeds_it_up() -> None:
+    """An idle server's wake-ups are most of its idle CPU: with no new socket the pause
+    grows from GATE_PERIOD to GATE_IDLE_PERIOD; a new one brings GATE_PERIOD back."""
+    assert GATE_IDLE_PERIOD == 4 * GATE_PERIOD  # the counts below assume 0.25, 0.5, 1 s
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            gate = _CountedGate(per_peer=2)
+            gate.start(listener.getsockname()[1])
+            try:
+                await asyncio.sleep(3.0)
+                assert gate.passes <= 6, gate.passes  # every 0.25 s would be 12
+                # Sockets keep arriving (as a flood's connections would): a pass every
+                # 0.25 s once the first is seen (every 1 s would be 2 or 3 passes).
+                before = gate.passes
+                with contextlib.ExitStack() as arriving:
+                    for _ in range(25):
+                        arriving.enter_context(socket.socket())
+                        await asyncio.sleep(0.1)
+                assert gate.passes - before >= 5, gate.passes - before
+            finally:
+                await gate.stop()
 
     asyncio.run(scenario())
