@@ -357,7 +357,10 @@ def test_logs_follow_and_run_resume_by_themselves_across_a_restart(
         stderr=subprocess.PIPE,
     )
     assert follower.stdout is not None
-    head = follower.stdout.read(4)  # the job runs: its first lines came through
+    # The job runs: its first lines came through. Read from the descriptor, as communicate()
+    # does below: a buffered read could keep more than it returns, and communicate() would
+    # never see those bytes (a line "missing" that the client did write).
+    head = os.read(follower.stdout.fileno(), 1 << 16)
     server.kill(signal.SIGTERM)
     time.sleep(1.0)
     server.restart()
