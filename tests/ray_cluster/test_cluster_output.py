@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -25,7 +26,7 @@ from jobworker.backends.ray.outputport import AGENT_NAME, FRONT_NAME, SERVICE, S
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.ray_cluster.cluster import RAY_ENV, LocalCluster
-from tests.ray_cluster.conftest import Front, RayToken
+from tests.ray_cluster.conftest import Front, RayToken, StartFront
 from tests.ray_cluster.test_cluster_security import CONNECT_PROBE, _run_python
 from tests.serverfixtures import start_job
 
@@ -136,6 +137,30 @@ def test_a_slow_follower_leaves_the_shared_stream_and_misses_nothing(front: Fron
         assert hashlib.sha256(data).hexdigest() == _hash_line(fast)
     alone = [line for line in front.log().splitlines() if '"output_follower_alone"' in line]
     assert any(job_id in line for line in alone), alone
+
+
+def test_a_stopping_front_tells_its_relayed_followers_at_once(
+    start_front: StartFront, front: Front
+) -> None:
+    """SIGTERM of a relaying front ends its followers' calls with UNAVAILABLE and the
+    offset to resume from as it stops, not at the end of its drain: with a drain of 300 s
+    here, the call's 60 s deadline would come first."""
+    relay = start_front("--no-ray-direct-output", "--grace=300")
+    counting = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.05; done"
+    job_id = start_job(relay.stub("alice"), "sh", "-c", counting, node="w1")
+    try:
+        stream = relay.stub("alice").StreamOutput(pb.JobRequest(job_id=job_id), timeout=60)
+        first = next(stream)
+        assert first.data.startswith(b"0\n")
+        relay.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        assert "resume from offset" in (ended.value.details() or "")
+    finally:
+        relay.terminate()
+        front.stub("alice").StopJob(pb.JobRequest(job_id=job_id, grace_seconds=0), timeout=60)
 
 
 @attrs.frozen

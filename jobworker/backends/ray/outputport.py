@@ -298,5 +298,14 @@ async def stream_output(
         if code in _RETRIED:
             raise PortUnavailable(f"{code.name}: {err.details()}") from err
         raise error_from_code(code.name, err.details() or code.name) from None
+    except asyncio.CancelledError:
+        # Not this task's cancellation: the channel closed under the call (the front is
+        # stopping: PortClient.close). grpc.aio raises that into the reader as a
+        # cancellation, which would end the follower's call with no status at all (its
+        # client then waited for the server's whole drain); a failed connection it is.
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise PortUnavailable("the channel to the node was closed") from None
     finally:
         rpc.cancel()
