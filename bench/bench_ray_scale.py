@@ -8,7 +8,7 @@ keeper) and a front on it (``jobworker serve --plugin ray``); the local server
 share the machine's load, the cluster's own included). For each server, in this order:
 
 * start-up: from the process's start until it answers ``ListJobs`` (a new TLS client
-  every 0.2 s), and for a front until its first look at the nodes is done
+  every 0.05 s), and for a front until its first look at the nodes is done
   (``ray_nodes_discovered``);
 * idle CPU (the server process's threads' CPU time, median of three 10 s windows, no job);
 * StartJob of ``true`` with 1 client, then with 8 clients at once (p50/p99 of each call),
