@@ -8,6 +8,7 @@ from __future__ import annotations
 # First: grpc reads how to refuse TLS 1.2 once, when it is imported.
 from jobworker.api.grpcenv import grpc  # isort: split
 
+import asyncio
 import collections
 import hashlib
 import secrets
@@ -100,22 +101,27 @@ class AgentPort:
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._server: grpc.aio.Server | None = None
         self._address = ""
+        self._starting = asyncio.Lock()
 
     async def open(self, front_cert: bytes) -> PortInfo:
         """Pin ``front_cert`` (a front's, handed over a Ray call) for the connections that
         follow; start the server on first use. Where to connect, and what to pin."""
         self._pin(front_cert)
-        if self._server is None:
-            credentials = grpc.dynamic_ssl_server_credentials(
-                self._configuration(), self._fetch, require_client_authentication=True
-            )
-            server = grpc.aio.server(options=_SERVER_OPTIONS)
-            server.add_generic_rpc_handlers((self._handlers(),))
-            port = server.add_secure_port(f"{self._host}:0", credentials)
-            await server.start()
-            self._server, self._address = server, f"{self._host}:{port}"
-            log.info("output_port_listening", address=self._address)
+        async with self._starting:  # two first callers (fronts, tickets): one server
+            if self._server is None:
+                await self._start()
         return PortInfo(self._address, self._identity.cert_pem)
+
+    async def _start(self) -> None:
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._configuration(), self._fetch, require_client_authentication=True
+        )
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((self._handlers(),))
+        port = server.add_secure_port(f"{self._host}:0", credentials)
+        await server.start()
+        self._server, self._address = server, f"{self._host}:{port}"
+        log.info("output_port_listening", address=self._address)
 
     async def ticket(self, front_cert: bytes, grant: TicketGrant) -> Redirect:
         """A ticket for ``grant`` (a front that admitted the client asks, over Ray), with
